@@ -1,0 +1,1615 @@
+"""Progressista: every tqdm bar of every job, live in one browser page.
+
+One file, one asyncio loop, one TCP port: the HTTP API that progress senders POST to,
+the dashboard page, and the ``/ws`` live feed (WebSocket, run by the ``websockets``
+package's Sans-I/O layer). Start it with::
+
+    python progressista.py --port 8000        # or, installed: progressista serve
+
+then open http://localhost:8000/ . The wire protocol is documented in README.md
+("Protocol"); ``progressista --help`` lists every command and setting.
+"""
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import hmac
+import http
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import urllib.parse
+
+__all__ = [
+    "App",
+    "HTTPError",
+    "MemoryStore",
+    "Request",
+    "Response",
+    "Settings",
+    "StoreFull",
+    "Task",
+    "create_app",
+    "main",
+    "validate_update",
+]
+__version__ = "0.3.0"
+
+log = logging.getLogger("progressista")
+
+
+# --- Configuration ---------------------------------------------------------------------
+
+# Limits
+MAX_BODY_BYTES = 1 << 20  # default body limit; --max-body-bytes
+MAX_HEADER_BYTES = 16 * 1024  # request line plus headers
+MAX_BATCH_ITEMS = 1000
+MAX_TASKS = 100_000  # default cap on stored tasks; --max-tasks
+MAX_TASK_ID_CHARS = 256
+MAX_DESC_CHARS = 1000
+MAX_UNIT_CHARS = 32
+MAX_POSTFIX_CHARS = 1000
+MAX_ERROR_CHARS = 2000
+MAX_META_BYTES = 4 * 1024  # meta, as compact JSON
+MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they send small
+LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
+LISTENER_BUFFER_LOW_BYTES = 1 << 20  # ...and gets a fresh snapshot once drained to this
+
+# Timeouts
+HEADER_TIMEOUT_S = 10.0  # from the first byte of a request to the end of its headers
+BODY_TIMEOUT_S = 30.0  # from the end of the headers to the end of the body
+KEEPALIVE_TIMEOUT_S = 75.0  # an idle keep-alive connection is closed after this
+LISTENER_BEHIND_TIMEOUT_S = 30.0  # a listener that stays behind this long is closed
+WS_PING_INTERVAL_S = 20.0  # the Sans-I/O layer sends no pings of its own
+WS_PING_TIMEOUT_S = 20.0  # a listener that leaves a ping unanswered this long is closed
+SHUTDOWN_TIMEOUT_S = 5.0
+REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
+
+# Defaults of PROTOCOL.md
+BROADCAST_INTERVAL_S = 0.1
+STALE_SECONDS = 60.0
+RETENTION_SECONDS = 86400.0
+MAX_TASK_AGE_S = 0.0
+CLEANUP_INTERVAL_S = 1.0
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 8000
+
+ENV_PREFIX = "PROGRESSISTA_"
+INDEX_FILE = "index.html"
+
+
+def _csv(text):
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every server setting, with PROTOCOL.md's defaults. See `Settings.from_env()`."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_tokens: tuple = ()
+    allow_origins: tuple = ()
+    stale_seconds: float = STALE_SECONDS
+    retention_seconds: float = RETENTION_SECONDS
+    max_task_age: float = MAX_TASK_AGE_S
+    cleanup_interval: float = CLEANUP_INTERVAL_S
+    broadcast_interval: float = BROADCAST_INTERVAL_S
+    max_tasks: int = MAX_TASKS
+    max_body_bytes: int = MAX_BODY_BYTES
+    ws_compression: bool = False
+    store: str = "memory://"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides):
+        """Settings from PROGRESSISTA_* variables, then `overrides` (flags win)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for setting in SETTINGS_TABLE:
+            raw = environ.get(ENV_PREFIX + setting.env)
+            if raw is not None and raw.strip() != "":
+                try:
+                    values[setting.name] = setting.parse(raw)
+                except (ValueError, argparse.ArgumentTypeError) as error:
+                    raise ValueError(f"{ENV_PREFIX}{setting.env}={raw!r}: {error}") from None
+        # PROGRESSISTA_API_TOKEN (one) and PROGRESSISTA_API_TOKENS (several) add up.
+        tokens = _csv(environ.get(ENV_PREFIX + "API_TOKEN")) + values.get("api_tokens", ())
+        if tokens:
+            values["api_tokens"] = tokens
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        for key in ("api_tokens", "allow_origins"):
+            if isinstance(values.get(key), str):
+                values[key] = _csv(values[key])
+            elif key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def public(self):
+        """The settings as a JSON-able dict with every token masked."""
+        shown = dataclasses.asdict(self)
+        shown["api_tokens"] = ["***"] * len(self.api_tokens)
+        shown["allow_origins"] = list(self.allow_origins)
+        return shown
+
+
+def _whole(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+
+
+def _real(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+
+
+def _port(text):
+    port = _whole(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, not {text}")
+    return port
+
+
+def _seconds(text):
+    value = _real(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text}")
+    return value
+
+
+def _positive_seconds(text):
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a number of seconds > 0, not 0")
+    return value
+
+
+def _positive_int(text):
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text}")
+    return value
+
+
+def _log_level(text):
+    level = text.strip().lower()
+    if level not in ("debug", "info", "warning", "error", "critical"):
+        raise argparse.ArgumentTypeError("must be one of debug, info, warning, error, critical")
+    return level
+
+
+def _flag(text):
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, not {text}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setting:
+    name: str
+    env: str
+    parse: object
+    help: str
+
+
+SETTINGS_TABLE = (
+    _Setting("host", "HOST", str, "address to listen on"),
+    _Setting("port", "PORT", _port, "TCP port for the API, the dashboard and /ws"),
+    _Setting("api_tokens", "API_TOKENS", _csv,
+             "comma-separated bearer tokens; PROGRESSISTA_API_TOKEN adds one"),
+    _Setting("allow_origins", "ALLOW_ORIGINS", _csv,
+             "comma-separated browser origins allowed cross-origin (CORS and /ws)"),
+    _Setting("stale_seconds", "STALE_SECONDS", _seconds,
+             "a running task with no update this long reads 'stale'; 0 turns it off"),
+    _Setting("retention_seconds", "RETENTION_SECONDS", _seconds,
+             "close/error tasks are deleted this long after their last update; 0 keeps"),
+    _Setting("max_task_age", "MAX_TASK_AGE", _seconds,
+             "any task is deleted after this long without an update; 0 is off"),
+    _Setting("cleanup_interval", "CLEANUP_INTERVAL", _positive_seconds,
+             "seconds between sweeps that apply the three rules above"),
+    _Setting("broadcast_interval", "BROADCAST_INTERVAL", _positive_seconds,
+             "seconds between two coalesced /ws update messages"),
+    _Setting("max_tasks", "MAX_TASKS", _positive_int,
+             "cap on stored tasks; a new task past it is refused with 503"),
+    _Setting("max_body_bytes", "MAX_BODY_BYTES", _positive_int,
+             "largest request body accepted (413 beyond)"),
+    _Setting("ws_compression", "WS_COMPRESSION", _flag,
+             "offer permessage-deflate on /ws (less traffic, more server CPU)"),
+    _Setting("store", "STORE", str, "where tasks live: memory://"),
+    _Setting("log_level", "LOG_LEVEL", _log_level,
+             "debug logs one line per request; info, warning, error"),
+)
+
+
+# --- Tasks (pure: no I/O) --------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """An error answered as ``{"error": message}`` with `status` and extra `headers`."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+class StoreFull(HTTPError):
+    """The store's task cap refuses a new task_id (existing tasks still update)."""
+
+    def __init__(self, max_tasks, task_id):
+        super().__init__(
+            503,
+            f"task limit reached: the server already holds max_tasks={max_tasks} tasks, so "
+            f"new task_id {task_id!r} was refused (existing tasks still update). Delete "
+            "finished tasks (DELETE /tasks?status=close) or raise --max-tasks",
+            headers=[("Retry-After", "5")],
+        )
+
+
+STATUSES = ("running", "stale", "close", "error")
+FINAL_STATUSES = ("close", "error")
+# Old (0.2.x) clients send start/update for a bar in progress.
+STATUS_ALIASES = {"running": "running", "start": "running", "update": "running",
+                  "close": "close", "error": "error"}
+
+
+def _is_number(value):
+    # bool is an int subclass; JSON true is not a number here.
+    return type(value) is float or type(value) is int
+
+
+def _number(value, where, minimum=0.0, nullable=False):
+    if value is None and nullable:
+        return None
+    if not _is_number(value):
+        raise HTTPError(400, f"{where}: must be a number{' or null' if nullable else ''}, "
+                             f"not {type(value).__name__ if value is not None else 'null'}")
+    if not math.isfinite(value) or value < minimum:
+        raise HTTPError(400, f"{where}: must be a finite number >= {minimum:g}, not {value}")
+    return value
+
+
+def _text(value, where, limit, nullable=True):
+    if value is None and nullable:
+        return None
+    if type(value) is not str:
+        raise HTTPError(400, f"{where}: must be a string{' or null' if nullable else ''}")
+    if len(value) > limit:
+        raise HTTPError(400, f"{where}: must be at most {limit} characters, not {len(value)}")
+    return sys.intern(value) if len(value) <= 32 else value
+
+
+def _check_task_id(value, where):
+    if type(value) is not str or not 1 <= len(value) <= MAX_TASK_ID_CHARS:
+        raise HTTPError(400, f"{where}: required, a string of 1 to {MAX_TASK_ID_CHARS} characters")
+    return value
+
+
+def _check_status(value, where):
+    status = STATUS_ALIASES.get(value) if type(value) is str else None
+    if status is None:
+        raise HTTPError(400, f"{where}: must be one of running, close, error "
+                             f"(start and update mean running), not {value!r}")
+    return status
+
+
+def _check_unit_scale(value, where):
+    if type(value) is bool:
+        return value
+    return _number(value, where + " (true, false or a number)")
+
+
+def _check_unit_divisor(value, where):
+    value = _number(value, where)
+    if value == 0:
+        raise HTTPError(400, f"{where}: must be a number > 0")
+    return value
+
+
+def _check_seq(value, where):
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not int:
+        raise HTTPError(400, f"{where}: must be an integer")
+    return value
+
+
+def _check_timestamp(value, where):
+    return _number(value, where, minimum=-math.inf)
+
+
+def _check_meta(value, where):
+    if type(value) is not dict:
+        raise HTTPError(400, f"{where}: must be an object of string keys and scalar values")
+    for key, item in value.items():
+        if item is not None and type(item) not in (str, int, float, bool):
+            raise HTTPError(400, f"{where}.{key}: must be a string, number, true, false or null")
+        if type(item) is float and not math.isfinite(item):
+            raise HTTPError(400, f"{where}.{key}: must be a finite number")
+    size = len(json.dumps(value, separators=(",", ":")))
+    if size > MAX_META_BYTES:
+        raise HTTPError(400, f"{where}: must be at most {MAX_META_BYTES} bytes as JSON, not {size}")
+    return value
+
+
+# field -> check(value, where) returning the value to store; unknown fields are ignored.
+FIELD_CHECKS = {
+    "task_id": _check_task_id,
+    "desc": lambda value, where: _text(value, where, MAX_DESC_CHARS),
+    "n": lambda value, where: _number(value, where),
+    "total": lambda value, where: _number(value, where, nullable=True),
+    "unit": lambda value, where: _text(value, where, MAX_UNIT_CHARS, nullable=False),
+    "unit_scale": _check_unit_scale,
+    "unit_divisor": _check_unit_divisor,
+    "rate": lambda value, where: _number(value, where, nullable=True),
+    "elapsed": lambda value, where: _number(value, where),
+    "postfix": lambda value, where: _text(value, where, MAX_POSTFIX_CHARS),
+    "status": _check_status,
+    "error": lambda value, where: _text(value, where, MAX_ERROR_CHARS),
+    "meta": _check_meta,
+    "seq": _check_seq,
+    "timestamp": _check_timestamp,
+}
+
+
+def validate_update(obj, index=None):
+    """Return the known fields of one update, checked; raise HTTPError(400) naming the
+    first bad field (``tasks[3].n: ...`` when `index` is a batch position)."""
+    prefix = "" if index is None else f"tasks[{index}]."
+    if type(obj) is not dict:
+        raise HTTPError(400, f"{prefix or 'body'}: each update must be a JSON object")
+    if "task_id" not in obj:
+        raise HTTPError(400, f"{prefix}task_id: required, a string of 1 to "
+                             f"{MAX_TASK_ID_CHARS} characters")
+    update = {}
+    for key, value in obj.items():
+        check = FIELD_CHECKS.get(key)
+        if check is not None:  # unknown fields are ignored and not stored
+            update[key] = check(value, prefix + key)
+    return update
+
+
+class Task:
+    """One progress bar as stored. `as_dict(now, stale_after_s)` is the wire form."""
+
+    __slots__ = ("task_id", "desc", "n", "total", "unit", "unit_scale", "unit_divisor",
+                 "rate", "elapsed", "postfix", "status", "error", "meta", "seq",
+                 "timestamp", "created_at", "updated_at")
+
+    def __init__(self, task_id, now):
+        self.task_id = task_id
+        self.desc = None
+        self.n = 0
+        self.total = None
+        self.unit = "it"
+        self.unit_scale = False
+        self.unit_divisor = 1000
+        self.rate = None
+        self.elapsed = None
+        self.postfix = None
+        self.status = "running"
+        self.error = None
+        self.meta = {}
+        self.seq = None
+        self.timestamp = None
+        self.created_at = now
+        self.updated_at = now
+
+    def shown_status(self, now, stale_after_s):
+        """The status a reader sees: a silent running task reads stale between sweeps too."""
+        if (self.status == "running" and stale_after_s
+                and now - self.updated_at >= stale_after_s):
+            return "stale"
+        return self.status
+
+    def as_dict(self, now=None, stale_after_s=0):
+        wire = {name: getattr(self, name) for name in Task.__slots__}
+        if now is not None:
+            wire["status"] = self.shown_status(now, stale_after_s)
+        return wire
+
+    @classmethod
+    def from_dict(cls, stored):
+        """Rebuild a task from `as_dict()` output (persistent stores)."""
+        task = cls(stored["task_id"], stored.get("created_at", 0.0))
+        for name in cls.__slots__:
+            if name in stored:
+                setattr(task, name, stored[name])
+        return task
+
+
+def apply_update(task, update, now):
+    """Apply one validated update to `task` in place; return False when it is ignored.
+
+    An update whose seq is not above the stored one is a retry or arrived out of order:
+    ignoring it means a bar never moves backwards and a closed bar never reopens."""
+    seq = update.get("seq")
+    if seq is not None:
+        if task.seq is not None and seq <= task.seq:
+            return False
+    elif task.timestamp is not None and update.get("timestamp", math.inf) < task.timestamp:
+        return False  # 0.2.x clients send no seq; their timestamp orders them instead
+    for name, value in update.items():
+        setattr(task, name, value)
+    if task.status == "stale" and "status" not in update:
+        task.status = "running"  # any sign of life revives a stale bar
+    task.updated_at = now
+    return True
+
+
+def expired(task, now, lifetimes):
+    """True when a lifetime rule deletes `task` at `now` (PROTOCOL.md "Lifetimes")."""
+    silent_s = now - task.updated_at
+    if lifetimes.max_task_age and silent_s >= lifetimes.max_task_age:
+        return True
+    return (task.status in FINAL_STATUSES and lifetimes.retention_seconds
+            and silent_s >= lifetimes.retention_seconds)
+
+
+class MemoryStore:
+    """Tasks in a dict, oldest first. The narrow interface every store implements:
+
+    apply(updates, now) -> changed task ids   (all or nothing; may raise StoreFull)
+    get(task_id) -> Task or None;  tasks() -> iterable of Task, oldest created first
+    delete(task_ids) -> removed ids;  sweep(now, lifetimes) -> (stale ids, removed ids)
+    health() -> dict;  __len__;  close()
+    """
+
+    kind = "memory"
+
+    def __init__(self, max_tasks=MAX_TASKS):
+        self.max_tasks = max_tasks
+        self.by_id = {}
+
+    def __len__(self):
+        return len(self.by_id)
+
+    def apply(self, updates, now):
+        by_id = self.by_id
+        new_ids = {update["task_id"] for update in updates} - by_id.keys()
+        if new_ids and len(by_id) + len(new_ids) > self.max_tasks:
+            raise StoreFull(self.max_tasks, sorted(new_ids)[0])
+        changed = []
+        for update in updates:
+            task_id = update["task_id"]
+            task = by_id.get(task_id)
+            if task is None:
+                task = by_id[task_id] = Task(task_id, now)
+            if apply_update(task, update, now):
+                changed.append(task_id)
+        return changed
+
+    def get(self, task_id):
+        return self.by_id.get(task_id)
+
+    def tasks(self):
+        return list(self.by_id.values())
+
+    def delete(self, task_ids):
+        by_id = self.by_id
+        return [task_id for task_id in task_ids if by_id.pop(task_id, None) is not None]
+
+    def sweep(self, now, lifetimes):
+        """Mark silent running tasks stale and delete expired ones, as of `now`."""
+        stale_ids, removed_ids = [], []
+        stale_after_s = lifetimes.stale_seconds
+        for task in list(self.by_id.values()):
+            if expired(task, now, lifetimes):
+                removed_ids.append(task.task_id)
+            elif task.shown_status(now, stale_after_s) != task.status:
+                task.status = "stale"
+                stale_ids.append(task.task_id)
+        self.delete(removed_ids)
+        return stale_ids, removed_ids
+
+    def health(self):
+        return {"kind": self.kind, "ok": True}
+
+    def close(self):
+        pass
+
+
+def open_store(url, settings):
+    """The store a ``--store`` URL names."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "memory":
+        return MemoryStore(settings.max_tasks)
+    raise ValueError(f"unknown store {url!r}: use memory://")
+
+
+# --- Live feed (pure: no I/O) ----------------------------------------------------------
+
+
+def _encode(message):
+    # ASCII output: a lone surrogate that json.loads accepted can never break the encode.
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+class Feed:
+    """What changed since the last broadcast, coalesced: the latest state per task wins.
+
+    Every change to the store goes through `changed()` / `removed()`; `take()` turns
+    what is pending into at most one remove and one update message."""
+
+    def __init__(self):
+        self.changed_ids = set()
+        self.removed_ids = set()
+
+    def changed(self, task_ids):
+        self.changed_ids.update(task_ids)
+        self.removed_ids.difference_update(task_ids)
+
+    def removed(self, task_ids):
+        self.removed_ids.update(task_ids)
+        self.changed_ids.difference_update(task_ids)
+
+    def take(self, store, now, stale_after_s):
+        """Return the encoded messages pending (possibly none) and forget them."""
+        messages = []
+        if self.removed_ids:
+            messages.append(_encode({"type": "remove", "ids": sorted(self.removed_ids),
+                                     "now": now}))
+        if self.changed_ids:
+            tasks = {}
+            for task_id in self.changed_ids:
+                task = store.get(task_id)
+                if task is not None:
+                    tasks[task_id] = task.as_dict(now, stale_after_s)
+            if tasks:
+                messages.append(_encode({"type": "update", "tasks": tasks, "now": now}))
+        self.changed_ids = set()
+        self.removed_ids = set()
+        return messages
+
+
+def snapshot_message(store, now, stale_after_s):
+    tasks = {task.task_id: task.as_dict(now, stale_after_s) for task in store.tasks()}
+    return _encode({"type": "snapshot", "tasks": tasks, "now": now})
+
+
+# --- HTTP ------------------------------------------------------------------------------
+
+REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]\Z")
+
+
+class Request:
+    """One parsed HTTP request. `headers` has lower-case names; `query` maps each name to
+    its last value."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
+                 "peer", "started")
+
+    def __init__(self, method, target, version, headers, peer=None):
+        self.method = method
+        self.target = target
+        path, _, query = target.partition("?")
+        self.path = path
+        self.query = dict(urllib.parse.parse_qsl(query, keep_blank_values=True)) if query else {}
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        self.peer = peer
+        self.started = 0.0
+
+    @property
+    def keep_alive(self):
+        connection = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in connection
+        return "close" not in connection
+
+    def json(self):
+        """The body as JSON; 400 for bad JSON, NaN or Infinity."""
+        try:
+            return json.loads(self.body, parse_constant=_reject_constant)
+        except HTTPError:
+            raise
+        except (ValueError, RecursionError) as error:
+            raise HTTPError(400, f"body: invalid JSON ({error})") from None
+
+
+def _reject_constant(name):
+    raise HTTPError(400, f"body: {name} is not allowed: numbers must be finite")
+
+
+def parse_head(head, peer=None):
+    """Parse a request head (without its final blank line); raise HTTPError(400)."""
+    lines = head.split(b"\r\n")
+    request_line = lines[0]
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not REQUEST_LINE.match(request_line):
+        raise HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'")
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise HTTPError(400, f"malformed header line {line[:40]!r}")
+        headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
+    method, target, version = (part.decode("latin-1") for part in parts)
+    return Request(method, target, version, headers, peer)
+
+
+def body_length(request, max_body_bytes):
+    """The declared body length; raise HTTPError for what this server will not read."""
+    if "transfer-encoding" in request.headers:
+        raise HTTPError(411, "chunked bodies are not supported: send a Content-Length")
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return 0
+    if not declared.isdigit():
+        raise HTTPError(400, f"Content-Length must be a whole number, not {declared!r}")
+    length = int(declared)
+    if length > max_body_bytes:
+        raise HTTPError(413, f"body of {length} bytes is over the limit of {max_body_bytes} "
+                             "bytes: send smaller batches")
+    return length
+
+
+class Response:
+    """What a route returns: a status, a body and extra headers."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status=200, body=b"", content_type="application/json", headers=None):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers if headers is not None else []
+
+
+def json_response(payload, status=200, headers=None):
+    return Response(status, _encode(payload), headers=headers)
+
+
+def error_response(error):
+    return json_response({"error": error.message}, error.status, list(error.headers))
+
+
+REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+
+def serialize_response(response, keep_alive, head_only=False):
+    body = response.body
+    lines = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
+             f"Content-Length: {len(body)}\r\n"]
+    if response.content_type:
+        lines.append(f"Content-Type: {response.content_type}\r\n")
+    for name, value in response.headers:
+        lines.append(f"{name}: {value}\r\n")
+    if not keep_alive:
+        lines.append("Connection: close\r\n")
+    lines.append("X-Content-Type-Options: nosniff\r\n\r\n")
+    head = "".join(lines).encode("latin-1")
+    return head if head_only else head + body
+
+
+# --- Routes ----------------------------------------------------------------------------
+
+
+def _token_in(request):
+    authorization = request.headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.query.get("token")
+
+
+def token_ok(request, tokens):
+    """True when `request` carries one of `tokens` (compared in constant time)."""
+    offered = _token_in(request)
+    if not offered:
+        return False
+    offered = offered.encode()
+    # Compare against every token without stopping early, so timing reveals nothing.
+    matches = [hmac.compare_digest(offered, token.encode()) for token in tokens]
+    return any(matches)
+
+
+def own_origins(request):
+    """The origins the request's own host answers to (as sent, and through a proxy)."""
+    hosts = {request.headers.get("host", "")} | set(
+        _csv(request.headers.get("x-forwarded-host", "")))
+    return {f"{scheme}://{host}" for host in hosts if host for scheme in ("http", "https")}
+
+
+def origin_allowed(request, allow_origins):
+    origin = request.headers.get("origin")
+    return (origin is None or "*" in allow_origins or origin in allow_origins
+            or origin in own_origins(request))
+
+
+PUBLIC_PATHS = ("/health", "/")
+HOST_HEADER = re.compile(r"[A-Za-z0-9.\-:\[\]]+\Z")
+
+
+def find_dashboard(filename=INDEX_FILE):
+    """Where index.html is: beside this file, or where pip installed it (data_files)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(here, filename)]
+    for prefix in (sys.prefix, getattr(sys, "base_prefix", sys.prefix),
+                   os.path.join(os.path.expanduser("~"), ".local")):
+        candidates.append(os.path.join(prefix, "share", "progressista", filename))
+    candidates = list(dict.fromkeys(candidates))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path, candidates
+    return None, candidates
+
+
+def load_dashboard():
+    """The page's bytes and the hashes of its inline scripts, or the error to show."""
+    path, candidates = find_dashboard()
+    if path is None:
+        return None, (), "dashboard file index.html not found; looked in: " + ", ".join(
+            candidates)
+    with open(path, "rb") as file:
+        page = file.read()
+    hashes = tuple(
+        "'sha256-" + base64.b64encode(hashlib.sha256(script).digest()).decode() + "'"
+        for script in re.findall(rb"<script>(.*?)</script>", page, re.S))
+    return page, hashes, path
+
+
+def content_security_policy(script_hashes, host):
+    """Only the page's own scripts run, and it connects only to its own origin."""
+    connect = "'self'"
+    if host and HOST_HEADER.match(host):
+        connect += f" ws://{host} wss://{host}"  # older Safari: 'self' omits ws(s)
+    return ("default-src 'none'; script-src " + (" ".join(script_hashes) or "'none'")
+            + "; style-src 'unsafe-inline'; img-src 'self' data:; connect-src " + connect
+            + "; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _seconds_query(request, name):
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise HTTPError(400, f"{name}: must be a number of seconds >= 0, not {raw!r}")
+    return value
+
+
+def _status_query(request):
+    status = request.query.get("status")
+    if status is not None and status not in STATUSES:
+        raise HTTPError(400, f"status: must be one of {', '.join(STATUSES)}, not {status!r}")
+    return status
+
+
+# --- WebSocket -------------------------------------------------------------------------
+
+try:  # keep the file importable for `version` and `--help` when websockets is missing
+    from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+    from websockets.frames import Opcode
+    from websockets.http11 import Request as WSRequest
+    from websockets.protocol import State
+    from websockets.server import ServerProtocol
+except ImportError:  # pragma: no cover - reported by App.start()
+    ServerProtocol = None
+
+
+class Listener:
+    """One /ws client: its Sans-I/O protocol and whether it fell behind."""
+
+    __slots__ = ("connection", "protocol", "behind_since", "ping_sent_at", "ping_payload")
+
+    def __init__(self, connection, protocol):
+        self.connection = connection
+        self.protocol = protocol
+        self.behind_since = None  # loop time it stopped getting messages, while behind
+        self.ping_sent_at = None
+        self.ping_payload = b""
+
+    def send(self, payload):
+        """Send one text message; the bytes go straight to the transport's buffer."""
+        self.protocol.send_text(payload)
+        self.flush()
+
+    def flush(self):
+        transport = self.connection.transport
+        if transport is None:
+            return
+        for data in self.protocol.data_to_send():
+            if data:
+                transport.write(data)
+            else:  # b"": the protocol is done with the stream
+                self.connection.close()
+                return
+
+    def unsent_bytes(self):
+        transport = self.connection.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def receive(self, data):
+        protocol = self.protocol
+        protocol.receive_data(data)
+        for event in protocol.events_received():
+            # Messages from clients are ignored; only a pong matters, to show liveness.
+            if getattr(event, "opcode", None) is Opcode.PONG:
+                self.ping_sent_at = None
+        self.flush()
+        if protocol.state is State.CLOSED:
+            self.connection.close()
+
+    def close(self, code=1001, reason="server shutting down"):
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(code, reason)
+            self.flush()
+
+
+def upgrade_to_websocket(connection, request, head, origins, compression):
+    """Run the /ws handshake on an HTTP connection; return a Listener, or None when the
+    handshake was refused (the refusal has already been written)."""
+    protocol = ServerProtocol(
+        origins=origins,
+        extensions=[ServerPerMessageDeflateFactory()] if compression else None,
+        max_size=MAX_WS_MESSAGE_BYTES,
+        logger=log,
+    )
+    protocol.receive_data(head)
+    events = protocol.events_received()
+    if not events or not isinstance(events[0], WSRequest):
+        connection.fail(HTTPError(400, "malformed WebSocket handshake"))
+        return None
+    response = protocol.accept(events[0])
+    protocol.send_response(response)
+    listener = Listener(connection, protocol)
+    listener.flush()
+    if response.status_code != 101:
+        connection.close()
+        return None
+    return listener
+
+
+# --- Server ----------------------------------------------------------------------------
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection: HTTP/1.1 requests, kept alive, until it becomes a /ws listener.
+
+    Requests are answered in order; while a middleware or async store works on one, reading
+    pauses so that pipelined requests wait their turn."""
+
+    def __init__(self, app):
+        self.app = app
+        self.transport = None
+        self.peer = None
+        self.buffer = bytearray()
+        self.pending = None  # a Request whose head is read and whose body is awaited
+        self.busy = False
+        self.listener = None
+        self.deadline = 0.0
+
+    # asyncio callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        self.app.connections.add(self)
+        self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
+
+    def connection_lost(self, exc):
+        self.app.connections.discard(self)
+        if self.listener is not None:
+            self.app.listeners.discard(self.listener)
+        self.transport = None
+
+    def data_received(self, data):
+        if self.listener is not None:
+            try:
+                self.listener.receive(data)
+            except Exception:  # a protocol error already queued its close frame
+                log.debug("closing /ws listener %s after a protocol error", self.peer,
+                          exc_info=True)
+                self.close()
+            return
+        self.buffer += data
+        if not self.busy:
+            self.process()
+
+    def eof_received(self):
+        if self.listener is not None:
+            self.listener.protocol.receive_eof()
+            self.listener.flush()
+        return False  # close our side too
+
+    # HTTP
+
+    def process(self):
+        """Answer every complete request in the buffer."""
+        buffer = self.buffer
+        app = self.app
+        while self.transport is not None and not self.busy:
+            request = self.pending
+            if request is None:
+                if not buffer:
+                    self.deadline = app.loop.time() + KEEPALIVE_TIMEOUT_S
+                    return
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0 or end > MAX_HEADER_BYTES:
+                    self.await_head()
+                    return
+                head = bytes(buffer[:end])
+                del buffer[:end + 4]
+                try:
+                    request = parse_head(head, self.peer)
+                    request.started = time.perf_counter()
+                    if request.path == "/ws" and request.method == "GET":
+                        self.upgrade(request, head + b"\r\n\r\n")
+                        return
+                    length = body_length(request, app.settings.max_body_bytes)
+                except HTTPError as error:
+                    self.fail(error)
+                    return
+                if length:
+                    if (len(buffer) < length
+                            and "100-continue" in request.headers.get("expect", "").lower()):
+                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    request.body = length  # the length, until the body is read
+                    self.pending = request
+                else:
+                    self.respond(request)
+                    continue
+            length = request.body
+            if len(buffer) < length:
+                self.deadline = app.loop.time() + BODY_TIMEOUT_S
+                return
+            request.body = bytes(buffer[:length])
+            del buffer[:length]
+            self.pending = None
+            self.respond(request)
+
+    def await_head(self):
+        """Wait for the rest of a request head, or refuse one that cannot become valid."""
+        buffer = self.buffer
+        line_end = buffer.find(b"\r\n")
+        first = buffer[:line_end] if line_end >= 0 else buffer[:MAX_HEADER_BYTES]
+        if (not b"A" <= first[:1] <= b"Z"
+                or (line_end >= 0 and not REQUEST_LINE.match(first))):
+            self.fail(HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'"))
+        elif len(buffer) > MAX_HEADER_BYTES:
+            self.fail(HTTPError(431, f"request headers are over the limit of "
+                                     f"{MAX_HEADER_BYTES} bytes"))
+        else:
+            self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
+
+    def respond(self, request):
+        result = self.app.handle(request)
+        if isinstance(result, Response):
+            self.write(request, result)
+            return
+        # A coroutine (middleware, async store): answer when it is done, in order.
+        self.busy = True
+        self.transport.pause_reading()
+        task = self.app.loop.create_task(result)
+        task.add_done_callback(lambda done: self.finish(request, done))
+
+    def finish(self, request, done):
+        self.busy = False
+        if self.transport is None:
+            return
+        self.write(request, self.app.result_of(request, done))
+        if self.transport is not None:
+            self.transport.resume_reading()
+            self.process()
+
+    def write(self, request, response):
+        keep_alive = request.keep_alive
+        self.transport.write(serialize_response(response, keep_alive, request.method == "HEAD"))
+        self.app.log_request(request, response.status)
+        if not keep_alive:
+            self.close()
+
+    def fail(self, error):
+        """Answer an unreadable request with its error and close the connection."""
+        if self.transport is not None:
+            self.transport.write(serialize_response(error_response(error), keep_alive=False))
+            self.close()
+
+    def upgrade(self, request, head):
+        app = self.app
+        response = app.check_websocket(request)
+        if response is not None:
+            self.write(request, response)
+            return
+        listener = upgrade_to_websocket(self, request, head, app.websocket_origins(request),
+                                        app.settings.ws_compression)
+        app.log_request(request, 101 if listener else 403)
+        if listener is None:
+            return
+        self.listener = listener
+        self.deadline = math.inf  # pings watch a listener from now on
+        app.listeners.add(listener)
+        listener.send(app.snapshot())
+        if self.buffer:  # bytes that followed the head belong to the WebSocket
+            rest, self.buffer = bytes(self.buffer), bytearray()
+            self.data_received(rest)
+
+    def close(self):
+        if self.transport is not None:
+            self.transport.close()
+
+
+class App:
+    """The server: settings, store, routes, live feed and connections on one loop.
+
+    Serve it with `run()` (blocking, stops on SIGINT/SIGTERM) or `await start()` and
+    `await stop()` from your own loop. Extend it with `add_middleware()`."""
+
+    def __init__(self, settings, store=None, clock=time.time):
+        self.settings = settings
+        self.clock = clock
+        self.store = store if store is not None else open_store(settings.store, settings)
+        self.feed = Feed()
+        self.middleware = []
+        self.loop = None
+        self.server = None
+        self.port = None
+        self.connections = set()
+        self.listeners = set()
+        self.background = []
+        self.page, self.script_hashes, self.page_source = load_dashboard()
+        self.log_requests = False
+        self.routes = {
+            "/progress": {"POST": self.post_progress},
+            "/tasks": {"GET": self.get_tasks, "DELETE": self.delete_tasks},
+            "/health": {"GET": self.get_health},
+            "/": {"GET": self.get_root},
+            "/static/" + INDEX_FILE: {"GET": self.get_dashboard},
+            "/ws": {"GET": None},
+        }
+
+    # Extension
+
+    def add_middleware(self, middleware):
+        """Wrap request handling: ``async def middleware(request, call_next) -> Response``.
+
+        The first added is the outermost. Return a Response to answer early (e.g. a
+        rejection), or ``await call_next(request)`` to go on. It runs before routing and
+        token checks; raise HTTPError(status, message) for a JSON error."""
+        self.middleware.append(middleware)
+        return middleware
+
+    # Request handling
+
+    def handle(self, request):
+        """A Response, or a coroutine producing one when middleware is installed."""
+        if self.middleware:
+            return self.handle_with_middleware(request)
+        return self.dispatch(request)
+
+    async def handle_with_middleware(self, request):
+        async def innermost(request):
+            result = self.dispatch(request)
+            return await result if asyncio.iscoroutine(result) else result
+
+        call = innermost
+        for middleware in reversed(self.middleware):
+            call = (lambda middleware, call_next:
+                    lambda request: middleware(request, call_next))(middleware, call)
+        try:
+            return await call(request)
+        except HTTPError as error:
+            return error_response(error)
+
+    def result_of(self, request, done):
+        """The Response of a finished handling task; any failure becomes a 500."""
+        try:
+            response = done.result()
+            if not isinstance(response, Response):
+                raise TypeError(f"a middleware returned {type(response).__name__}, "
+                                "not a Response")
+            return response
+        except HTTPError as error:
+            return error_response(error)
+        except Exception:
+            log.error("error answering %s %s", request.method, request.path, exc_info=True)
+            return json_response({"error": "internal server error; see the server log"}, 500)
+
+    def dispatch(self, request):
+        """Route one request. The one catch-all: an unexpected error is logged and
+        answered 500, and the server goes on serving every other connection."""
+        try:
+            path = request.path
+            methods = self.routes.get(path)
+            if methods is None:
+                if path.startswith("/tasks/") and len(path) > len("/tasks/"):
+                    methods = {"GET": self.get_task, "DELETE": self.delete_task}
+                else:
+                    raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
+                                         "or the README for the API")
+            method = "GET" if request.method == "HEAD" else request.method
+            cors = self.cors_headers(request)
+            if method == "OPTIONS":
+                return self.preflight(request, methods, cors)
+            handler = methods.get(method)
+            if handler is None:
+                allow = ", ".join(sorted(methods) + ["OPTIONS"])
+                raise HTTPError(405, f"{request.method} is not allowed on {path}; "
+                                     f"use {allow}", headers=[("Allow", allow)])
+            if method != "GET" and not origin_allowed(request, self.settings.allow_origins):
+                raise HTTPError(403, f"origin {request.headers.get('origin')!r} is not "
+                                     "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS")
+            self.check_token(request)
+            response = handler(request)
+            if cors:
+                response.headers.extend(cors)
+            return response
+        except HTTPError as error:
+            return error_response(error)
+        except Exception:
+            log.error("error answering %s %s", request.method, request.path, exc_info=True)
+            return json_response({"error": "internal server error; see the server log"}, 500)
+
+    def check_token(self, request):
+        if not self.settings.api_tokens:
+            return
+        path = request.path
+        if path in PUBLIC_PATHS or path.startswith("/static/"):
+            return
+        if not token_ok(request, self.settings.api_tokens):
+            raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
+                                 "<token>' or add ?token=<token> to the URL",
+                            headers=[("WWW-Authenticate", "Bearer")])
+
+    def cors_headers(self, request):
+        origin = request.headers.get("origin")
+        allowed = self.settings.allow_origins
+        if origin is None or not allowed or not ("*" in allowed or origin in allowed):
+            return []
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+
+    def preflight(self, request, methods, cors):
+        allow = ", ".join(sorted(name for name in methods) + ["OPTIONS"])
+        if request.headers.get("origin") is not None and not cors:
+            raise HTTPError(403, f"origin {request.headers['origin']!r} is not allowed; "
+                                 "list it in PROGRESSISTA_ALLOW_ORIGINS")
+        return Response(204, content_type=None, headers=cors + [
+            ("Allow", allow),
+            ("Access-Control-Allow-Methods", allow),
+            ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+            ("Access-Control-Max-Age", "600"),
+        ])
+
+    # Routes: one small handler each
+
+    def post_progress(self, request):
+        payload = request.json()
+        if type(payload) is list:
+            if len(payload) > MAX_BATCH_ITEMS:
+                raise HTTPError(400, f"batch of {len(payload)} updates is over the limit of "
+                                     f"{MAX_BATCH_ITEMS}: split it")
+            updates = [validate_update(item, index) for index, item in enumerate(payload)]
+        else:
+            updates = [validate_update(payload)]
+        self.feed.changed(self.store.apply(updates, self.clock()))
+        return Response(200, b'{"ok":true,"accepted":%d}' % len(updates))
+
+    def get_tasks(self, request):
+        status = _status_query(request)
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        tasks = {}
+        for task in self.store.tasks():
+            wire = task.as_dict(now, stale_after_s)
+            if status is None or wire["status"] == status:
+                tasks[task.task_id] = wire
+        return json_response({"tasks": tasks, "now": now})
+
+    def get_task(self, request):
+        task_id = urllib.parse.unquote(request.path[len("/tasks/"):])
+        task = self.store.get(task_id)
+        if task is None:
+            raise HTTPError(404, f"no task {task_id!r}")
+        return json_response(task.as_dict(self.clock(), self.settings.stale_seconds))
+
+    def delete_tasks(self, request):
+        status = _status_query(request)
+        older_than = _seconds_query(request, "older_than")
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        doomed = [task.task_id for task in self.store.tasks()
+                  if (status is None or task.shown_status(now, stale_after_s) == status)
+                  and (older_than is None or now - task.updated_at >= older_than)]
+        removed = self.store.delete(doomed)
+        self.feed.removed(removed)
+        return json_response({"removed": removed})
+
+    def delete_task(self, request):
+        task_id = urllib.parse.unquote(request.path[len("/tasks/"):])
+        removed = self.store.delete([task_id])
+        self.feed.removed(removed)
+        return json_response({"removed": bool(removed)})
+
+    def get_health(self, request):
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        active = sum(1 for task in self.store.tasks()
+                     if task.shown_status(now, stale_after_s) == "running")
+        store = self.store.health()
+        return json_response({"status": "ok" if store.get("ok") else "degraded",
+                              "tasks": len(self.store), "active": active,
+                              "listeners": len(self.listeners), "store": store,
+                              "version": __version__})
+
+    def get_root(self, request):
+        query = request.target.partition("?")[2]
+        location = "/static/" + INDEX_FILE + ("?" + query if query else "")
+        return Response(307, b"", content_type=None, headers=[("Location", location)])
+
+    def get_dashboard(self, request):
+        if self.page is None:
+            raise HTTPError(404, self.page_source)
+        return Response(200, self.page, "text/html; charset=utf-8", headers=[
+            ("Content-Security-Policy",
+             content_security_policy(self.script_hashes, request.headers.get("host"))),
+            ("Cache-Control", "no-cache"),
+            ("Referrer-Policy", "no-referrer"),  # the URL may carry ?token=
+        ])
+
+    # WebSocket
+
+    def check_websocket(self, request):
+        """None when a /ws handshake may go on, else the Response refusing it."""
+        try:
+            self.check_token(request)
+        except HTTPError as error:
+            return error_response(error)
+        return None
+
+    def websocket_origins(self, request):
+        if "*" in self.settings.allow_origins:
+            return None
+        return [None, *sorted(own_origins(request)), *self.settings.allow_origins]
+
+    def snapshot(self):
+        return snapshot_message(self.store, self.clock(), self.settings.stale_seconds)
+
+    def broadcast(self):
+        """Send what changed since the last call to every listener that keeps up."""
+        messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
+        now = self.loop.time()
+        snapshot = None
+        for listener in list(self.listeners):
+            unsent = listener.unsent_bytes()
+            if listener.behind_since is not None:
+                # It missed messages: once it has drained, a fresh snapshot resyncs it.
+                if unsent <= LISTENER_BUFFER_LOW_BYTES:
+                    snapshot = snapshot or self.snapshot()
+                    listener.behind_since = None
+                    listener.send(snapshot)
+                elif now - listener.behind_since > LISTENER_BEHIND_TIMEOUT_S:
+                    log.info("closing /ws listener %s: it stopped reading",
+                             listener.connection.peer)
+                    listener.connection.transport.abort()
+            elif unsent > LISTENER_BUFFER_HIGH_BYTES:
+                listener.behind_since = now  # drop what it has pending, never block
+            else:
+                for message in messages:
+                    listener.send(message)
+
+    # Lifetimes
+
+    def sweep(self):
+        stale_ids, removed_ids = self.store.sweep(self.clock(), self.settings)
+        if stale_ids:
+            self.feed.changed(stale_ids)
+        if removed_ids:
+            self.feed.removed(removed_ids)
+
+    def reap(self):
+        """Close connections past their deadline; ping listeners, drop the silent ones."""
+        now = self.loop.time()
+        for connection in list(self.connections):
+            listener = connection.listener
+            if listener is None:
+                if now > connection.deadline and not connection.busy:
+                    connection.close()
+            elif listener.ping_sent_at is not None:
+                if now - listener.ping_sent_at > WS_PING_TIMEOUT_S:
+                    log.info("closing /ws listener %s: no pong", connection.peer)
+                    connection.transport.abort()
+            elif listener.protocol.state is State.OPEN:
+                listener.ping_sent_at = now
+                listener.protocol.send_ping(os.urandom(4))
+                listener.flush()
+
+    async def every(self, interval_s, work):
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                work()
+            except Exception:
+                log.error("%s failed; will retry", work.__name__, exc_info=True)
+
+    # Logging
+
+    def log_request(self, request, status):
+        if self.log_requests:
+            path = request.target
+            if "token=" in path:  # never log a token
+                path = re.sub(r"token=[^&]*", "token=***", path)
+            log.debug("%s %s %d %.1fms", request.method, path, status,
+                      (time.perf_counter() - request.started) * 1000)
+
+    # Serving
+
+    async def start(self):
+        """Listen on the configured host and port (port 0: any free port; see .port)."""
+        if ServerProtocol is None:
+            raise RuntimeError("the websockets package is missing: pip install websockets")
+        self.loop = asyncio.get_running_loop()
+        self.log_requests = log.isEnabledFor(logging.DEBUG)
+        host = self.settings.host or None
+        self.server = await self.loop.create_server(
+            lambda: Connection(self), host, self.settings.port,
+            reuse_address=True, backlog=1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.background = [
+            self.loop.create_task(self.every(self.settings.broadcast_interval, self.broadcast)),
+            self.loop.create_task(self.every(self.settings.cleanup_interval, self.sweep)),
+            self.loop.create_task(self.every(min(REAP_INTERVAL_S, WS_PING_INTERVAL_S),
+                                             self.reap)),
+        ]
+        self.announce()
+
+    def announce(self):
+        host = self.settings.host
+        shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        if ":" in shown:
+            shown = f"[{shown}]"
+        log.info("Progressista %s listening on %s:%d; dashboard: http://%s:%d/static/%s",
+                 __version__, host or "*", self.port, shown, self.port, INDEX_FILE)
+        if self.page is None:
+            log.warning("%s", self.page_source)
+        if not self.settings.api_tokens and not _is_loopback(host):
+            log.warning("listening on %s without a token: anyone who can reach this port "
+                        "can read and change tasks; set PROGRESSISTA_API_TOKEN or "
+                        "--host 127.0.0.1", host or "all interfaces")
+
+    async def stop(self):
+        """Close every listener with a close frame, free the port, end the loops."""
+        if self.server is None:
+            return
+        self.server.close()
+        for task in self.background:
+            task.cancel()
+        self.broadcast()  # the last changes, before the goodbye
+        for listener in list(self.listeners):
+            listener.close()
+        for connection in list(self.connections):
+            if connection.listener is None and not connection.busy:
+                connection.close()
+        deadline = self.loop.time() + SHUTDOWN_TIMEOUT_S
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        await self.server.wait_closed()
+        self.server = None
+        self.store.close()
+
+    def run(self):
+        """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+        async def serve():
+            await self.start()
+            stopping = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(signum, stopping.set)
+                except (NotImplementedError, RuntimeError):  # Windows, or not main thread
+                    pass
+            await stopping.wait()
+            log.info("shutting down")
+            await self.stop()
+
+        asyncio.run(serve())
+
+
+def _is_loopback(host):
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(store=None, middleware=(), clock=time.time, **settings):
+    """An App from keyword settings (the fields of `Settings`) over the environment.
+
+    `store` replaces the store (any object with MemoryStore's interface); each item of
+    `middleware` is added with `App.add_middleware()`."""
+    app = App(Settings.from_env(**settings), store=store, clock=clock)
+    for item in middleware:
+        app.add_middleware(item)
+    return app
+
+
+# --- Command line ----------------------------------------------------------------------
+
+COMMANDS = ("serve", "demo", "run", "version", "show-config")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line and status 2, as argparse does, without the usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_server_flags(parser):
+    for setting in SETTINGS_TABLE:
+        flag = "--" + setting.name.replace("_", "-")
+        env = ENV_PREFIX + setting.env
+        if setting.name == "api_tokens":
+            parser.add_argument("--api-token", dest="api_tokens", action="append",
+                                help=f"a bearer token clients must send (repeatable); "
+                                     f"env {env}, {ENV_PREFIX}API_TOKEN")
+            continue
+        kind = setting.parse
+        parser.add_argument(flag, dest=setting.name, type=kind, default=None,
+                            metavar=setting.name.upper(),
+                            help=f"{setting.help} [env {env}]")
+
+
+def build_parser():
+    parser = _Parser(
+        prog="progressista",
+        description="Live dashboard for tqdm progress bars. Without a command: serve.",
+        epilog="Run 'progressista COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"progressista {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the server (the default command)")
+    _add_server_flags(serve)
+    config = commands.add_parser("show-config",
+                                 help="print the effective settings as JSON, tokens masked")
+    _add_server_flags(config)
+    commands.add_parser("version", help="print the version")
+
+    demo = commands.add_parser("demo", help="send a few fake bars to a server")
+    demo.add_argument("--bars", type=_positive_int, default=3, help="how many bars (3)")
+    demo.add_argument("--total", type=_positive_int, default=50, help="steps per bar (50)")
+    demo.add_argument("--delay", type=_seconds, default=0.05, help="seconds per step (0.05)")
+    _add_client_flags(demo, only=("--server-url", "--api-token"))
+
+    run = commands.add_parser(
+        "run", help="run a Python program with every tqdm bar sent to the server",
+        usage="progressista run [options] (script.py | -m module) [-- program args]")
+    run.add_argument("-m", dest="module", metavar="MODULE", help="run a module, like python -m")
+    run.add_argument("target", nargs="?", help="the script to run")
+    run.add_argument("program_args", nargs=argparse.REMAINDER,
+                     help="arguments for the program (put them after --)")
+    _add_client_flags(run)
+    return parser
+
+
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, like '{\"job\": \"x\"}'")
+    return value
+
+
+def _add_client_flags(parser, only=None):
+    flags = (
+        ("--server-url", str, "where bars are sent [env PROGRESSISTA_SERVER_URL]"),
+        ("--api-token", str, "bearer token to send [env PROGRESSISTA_API_TOKEN]"),
+        ("--push-every", _seconds,
+         "minimum seconds between two sends of one bar [env PROGRESSISTA_PUSH_INTERVAL]"),
+        ("--request-timeout", _positive_seconds,
+         "seconds before a request is given up [env PROGRESSISTA_REQUEST_TIMEOUT]"),
+        ("--unit", str, "default unit of the bars"),
+        ("--meta", _json_object, "JSON object attached to every bar"),
+        ("--headers", _json_object, "JSON object of extra HTTP headers"),
+    )
+    for flag, kind, help_text in flags:
+        if only is None or flag in only:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def cmd_serve(args):
+    overrides = {setting.name: getattr(args, setting.name, None) for setting in SETTINGS_TABLE}
+    try:
+        settings = Settings.from_env(**overrides)
+    except ValueError as error:
+        print(f"progressista: error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = App(settings)
+    except ValueError as error:
+        print(f"progressista: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        app.run()
+    except OSError as error:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error)
+        return 1
+    return 0
+
+
+def cmd_show_config(args):
+    overrides = {setting.name: getattr(args, setting.name, None) for setting in SETTINGS_TABLE}
+    try:
+        settings = Settings.from_env(**overrides)
+    except ValueError as error:
+        print(f"progressista: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(settings.public(), indent=2))
+    return 0
+
+
+def cmd_demo(args):
+    import progressista_client
+
+    return progressista_client.demo(bars=args.bars, total=args.total, delay=args.delay,
+                                    server_url=args.server_url, token=args.api_token)
+
+
+def cmd_run(args, program_args):
+    import progressista_client
+
+    if bool(args.module) == bool(args.target):
+        print("progressista run: error: give a script or -m module (not both)",
+              file=sys.stderr)
+        return 2
+    return progressista_client.run_program(
+        args.module or args.target, program_args, module=bool(args.module),
+        server_url=args.server_url, token=args.api_token, push_every=args.push_every,
+        request_timeout=args.request_timeout, unit=args.unit, meta=args.meta,
+        headers=args.headers)
+
+
+def main(argv=None):
+    """The command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")  # `python progressista.py --port 8000` means serve
+    program_args = []
+    if argv[0] == "run" and "--" in argv:
+        split = argv.index("--")
+        argv, program_args = argv[:split], argv[split + 1:]
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"progressista {__version__}")
+        return 0
+    if args.command == "show-config":
+        return cmd_show_config(args)
+    if args.command == "demo":
+        return cmd_demo(args)
+    if args.command == "run":
+        return cmd_run(args, (args.program_args or []) + program_args)
+    return cmd_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
