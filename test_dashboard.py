@@ -1,0 +1,467 @@
+"""The dashboard (index.html) in a real browser: headless Chromium driven by Playwright.
+
+Every test talks to a real Progressista server started by `running_server`. Locally the
+tests skip when /usr/bin/chromium or the playwright package is missing; under CI (the
+`CI` environment variable set) that is a failure. A screenshot of a realistic mix of tasks
+is saved to artifacts/dashboard.png.
+
+Playwright's `wait_for_function` evaluates its predicate with `eval`, which the page's
+Content-Security-Policy forbids (as it should), so the tests wait with `expect(...)` on
+locators, or with `wait_for` polling `page.evaluate`, which the CSP does not apply to.
+"""
+
+import base64
+import hashlib
+import pathlib
+import re
+import time
+
+import pytest
+
+from conftest import IN_CI, http, require_binary, running_server, wait_for
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    sync_playwright = None
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HERE = pathlib.Path(__file__).resolve().parent
+ARTIFACTS = HERE / "artifacts"
+VISIBLE_TASK_ROWS = ".row.task:not([hidden])"
+EXPECT_TIMEOUT_MS = 10_000
+
+
+# --- Fixtures and helpers ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        reason = "the playwright Python package is not installed (pip install -e .[test])"
+        if IN_CI:
+            pytest.fail(reason + " - under CI this is a failure, not a skip")
+        pytest.skip(reason)
+    require_binary(CHROMIUM, "Debian chromium")
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One server for the module; `clean_server` empties it before each test."""
+    with running_server(api_tokens=[TOKEN]) as running:
+        yield running
+
+
+@pytest.fixture
+def clean_server(server):
+    status, _, _ = http("DELETE", server.url + "/tasks", headers=AUTH)
+    assert status == 200
+    return server
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page that records console errors and CSP violations."""
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    new_page = context.new_page()
+    new_page.console_errors = []
+    new_page.on("console", lambda message: message.type == "error"
+                and new_page.console_errors.append(message.text))
+    new_page.on("pageerror", lambda error: new_page.console_errors.append(str(error)))
+    yield new_page
+    context.close()
+
+
+def post(server, tasks):
+    status, body, _ = http("POST", server.url + "/progress", tasks, headers=AUTH)
+    assert status == 200, body
+    return body
+
+
+def task(task_id, **fields):
+    return {"task_id": task_id, "desc": task_id, "n": 0, "total": 100, **fields}
+
+
+def open_dashboard(page, server, query=f"?token={TOKEN}", connected="Connected"):
+    response = page.goto(f"{server.url}/static/index.html{query}")
+    if connected:
+        expect(page.locator("#conn")).to_have_text(connected)
+    return response
+
+
+def row(page, text):
+    return page.locator(VISIBLE_TASK_ROWS, has_text=text)
+
+
+def csp_messages(page):
+    return [text for text in page.console_errors if "Content Security Policy" in text]
+
+
+def evaluate_until(page, expression, timeout=5.0, message=None):
+    """Poll a JS expression until it is truthy (page.evaluate is exempt from the CSP)."""
+    return wait_for(lambda: page.evaluate(expression), timeout=timeout, interval=0.05,
+                    message=message or expression)
+
+
+# --- Serving, CSP, formatting -------------------------------------------------------------
+
+
+def test_page_has_one_inline_script_allowed_by_the_csp_and_runs_without_violations(
+        page, clean_server):
+    source = (HERE / "index.html").read_bytes()
+    scripts = re.findall(rb"<script>(.*?)</script>", source, re.S)
+    assert len(scripts) == 1 and b"<script " not in source
+    assert not re.search(rb"<[^>]*\son[a-z]+\s*=", source), "an inline event handler attribute"
+    digest = base64.b64encode(hashlib.sha256(scripts[0]).digest()).decode()
+
+    response = open_dashboard(page, clean_server)
+    policy = response.headers["content-security-policy"]
+    assert f"script-src 'sha256-{digest}'" in policy
+    assert "default-src 'none'" in policy and "unsafe-eval" not in policy
+    post(clean_server, task("csp-check", n=5))
+    expect(row(page, "csp-check")).to_contain_text("5%")
+    assert csp_messages(page) == []
+    assert page.console_errors == []
+
+
+def test_numbers_are_formatted_as_tqdm_formats_them(page, clean_server):
+    tqdm = pytest.importorskip("tqdm").tqdm
+    open_dashboard(page, clean_server)
+    cases = [
+        dict(n=450, total=1000, elapsed=5, rate=90),
+        dict(n=4.5e6, total=1e7, elapsed=65, unit="B", unit_scale=True, unit_divisor=1024, rate=70800),
+        dict(n=37, total=None, elapsed=3700, rate=0.01),
+        dict(n=3, total=10, elapsed=30, unit_scale=2, rate=None),
+        dict(n=12345678, total=None, elapsed=7, unit="B", unit_scale=True, rate=None),
+    ]
+    for case in cases:
+        meter = page.evaluate("t => window.progressista.meterOf(t)", {"unit": "it", **case})
+        line = tqdm.format_meter(case["n"], case["total"], case["elapsed"], rate=case["rate"],
+                                 unit=case.get("unit", "it"), unit_scale=case.get("unit_scale", False),
+                                 unit_divisor=case.get("unit_divisor", 1000))
+        if case["total"]:
+            assert f"{meter['nFmt']}/{meter['totalFmt']} [" in line
+            assert f"{meter['elapsedFmt']}<{meter['remainingFmt']}," in line
+            assert line.lstrip().startswith(meter["percentFmt"])
+        else:
+            assert line.startswith(f"{meter['nFmt']}{meter['unit']} [{meter['elapsedFmt']},")
+        assert re.search(r"[ ,]\s*" + re.escape(meter["rateFmt"].strip()) + r"\]", line), (line, meter)
+
+
+# --- Live updates and states --------------------------------------------------------------
+
+
+def test_posted_task_appears_with_text_percent_and_an_accessible_bar(page, clean_server):
+    open_dashboard(page, clean_server)
+    post(clean_server, task("job-1", desc="Resize images", n=30, total=200, unit="img",
+                            postfix="batch=3", meta={"host": "gpu-7"}))
+    line = row(page, "Resize images")
+    expect(line).to_contain_text("15%")
+    expect(line).to_contain_text("30/200img")
+    expect(line).to_contain_text("batch=3")
+    bar = line.get_by_role("progressbar")
+    expect(bar).to_have_attribute("aria-valuenow", "15")
+    expect(bar).to_have_attribute("aria-label", "Progress of Resize images")
+    expect(page).to_have_title("1 running · Progressista")
+
+
+def test_an_update_moves_the_bar(page, clean_server):
+    post(clean_server, task("mover", n=10, seq=1))
+    open_dashboard(page, clean_server)
+    bar = row(page, "mover").get_by_role("progressbar")
+    expect(bar).to_have_attribute("aria-valuenow", "10")
+    post(clean_server, task("mover", n=75, seq=2))
+    expect(bar).to_have_attribute("aria-valuenow", "75")
+    expect(row(page, "mover")).to_contain_text("75%")
+    assert page.evaluate(
+        "() => getComputedStyle(document.querySelector('.row.task .fill')).transform") != "none"
+
+
+def test_unknown_total_shows_an_indeterminate_bar(page, clean_server):
+    open_dashboard(page, clean_server)
+    post(clean_server, task("open-ended", n=1234, total=None))
+    bar = row(page, "open-ended").get_by_role("progressbar")
+    expect(bar).to_have_class(re.compile(r"\bindeterminate\b"))
+    expect(row(page, "open-ended")).to_contain_text("1234it")
+    assert bar.get_attribute("aria-valuenow") is None
+
+
+def test_close_error_and_stale_are_told_apart_by_words_not_only_colour(page):
+    with running_server(api_tokens=[TOKEN], stale_seconds=1) as server:
+        post(server, [task("finished", n=100, status="close"),
+                      task("broken", n=40, status="error", error="CUDA out of memory"),
+                      task("quiet", n=5)])
+        open_dashboard(page, server)
+        expect(row(page, "finished")).to_contain_text("✓ done")
+        expect(row(page, "broken")).to_contain_text("✖ error")
+        expect(row(page, "broken")).to_contain_text("Error: CUDA out of memory")
+        expect(row(page, "quiet")).to_contain_text("⏸ stale")
+        expect(row(page, "quiet")).to_contain_text("no update for")
+        expect(page.locator("#summary")).to_contain_text("✓ done 1")
+        expect(page.locator("#summary")).to_contain_text("✖ error 1")
+
+
+def test_task_data_is_rendered_as_text_and_runs_nothing_even_without_the_csp(browser, clean_server):
+    # bypass_csp: the page itself must be safe, the CSP is only the second line of defence
+    context = browser.new_context(bypass_csp=True)
+    page = context.new_page()
+    try:
+        attack = '<img src=x onerror="window.__pwned=1">'
+        post(clean_server, task("xss", desc=attack, postfix="<b>bold</b>", unit="<i>u</i>",
+                                meta={"host": "<script>window.__pwned=2</script>"}))
+        open_dashboard(page, clean_server)
+        line = row(page, "onerror")
+        expect(line.locator(".desc")).to_have_text(attack)
+        expect(line).to_contain_text("<b>bold</b>")
+        line.locator("button.info").click()
+        expect(page.locator("#details")).to_contain_text("<script>window.__pwned=2</script>")
+        assert page.locator("#list img, #list b, #list i, #details script").count() == 0
+        assert page.evaluate("() => window.__pwned") is None
+    finally:
+        context.close()
+
+
+# --- Tokens and connection --------------------------------------------------------------
+
+
+def test_token_from_the_root_url_reaches_the_api_and_the_feed(page, clean_server):
+    post(clean_server, task("with-token", n=50))
+    page.goto(f"{clean_server.url}/?token={TOKEN}&q=token")
+    assert page.url.endswith(f"/static/index.html?token={TOKEN}&q=token")
+    expect(page.locator("#conn")).to_have_text("Connected")
+    expect(row(page, "with-token")).to_contain_text("50%")
+
+
+def test_a_wrong_token_shows_a_clear_message(page, clean_server):
+    open_dashboard(page, clean_server, query="?token=wrong", connected=None)
+    expect(page.locator("#conn")).to_contain_text("Unauthorized — check the ?token= in the URL")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(0)
+
+
+def test_stopping_the_server_shows_disconnected_and_a_restart_resyncs(page):
+    with running_server(api_tokens=[TOKEN]) as server:  # stop() is idempotent
+        port = server.port
+        post(server, task("before-restart", n=30))
+        open_dashboard(page, server)
+        expect(row(page, "before-restart")).to_be_visible()
+        server.stop()
+        expect(page.locator("#conn")).to_contain_text(re.compile(r"Disconnected — retrying"))
+        expect(page).to_have_title(re.compile("^⚠"))
+        expect(page.locator("#reconnect")).to_be_visible()
+        with running_server(api_tokens=[TOKEN], port=port) as restarted:
+            post(restarted, task("after-restart", n=60))
+            # no waiting for the backoff; dispatch_event because the retry may win the race
+            page.locator("#reconnect").dispatch_event("click")
+            expect(page.locator("#conn")).to_have_text("Connected")
+            expect(row(page, "after-restart")).to_contain_text("60%")
+            # the snapshot replaced the old state: the restarted server never knew this task
+            expect(row(page, "before-restart")).to_have_count(0)
+
+
+def test_reconnects_by_itself_with_backoff(page):
+    with running_server(api_tokens=[TOKEN]) as server:
+        port = server.port
+        open_dashboard(page, server)
+        server.stop()
+        expect(page.locator("#conn")).to_contain_text("Disconnected")
+        with running_server(api_tokens=[TOKEN], port=port) as restarted:
+            post(restarted, task("came-back", n=1))
+            expect(page.locator("#conn")).to_have_text("Connected", timeout=20_000)
+            expect(row(page, "came-back")).to_be_visible()
+
+
+def test_polling_takes_over_when_websockets_are_unavailable(page, clean_server):
+    page.add_init_script("delete window.WebSocket;")
+    post(clean_server, task("polled", n=20, seq=1))
+    open_dashboard(page, clean_server, connected=re.compile(r"Connected \(polling"))
+    expect(row(page, "polled")).to_contain_text("20%")
+    post(clean_server, task("polled", n=90, seq=2))
+    expect(row(page, "polled")).to_contain_text("90%")
+    assert csp_messages(page) == []
+
+
+# --- Filters, sorting, grouping, actions ----------------------------------------------------
+
+
+def mixed_tasks():
+    return [
+        task("a1", desc="alpha train", n=90, meta={"host": "gpu-1", "job": "17"}),
+        task("a2", desc="alpha eval", n=10, meta={"host": "gpu-2", "job": "17"}),
+        task("b1", desc="beta train", n=50, status="close", meta={"host": "gpu-1", "job": "18"}),
+        task("b2", desc="beta eval", n=30, status="error", error="disk full", meta={"host": "gpu-2"}),
+        task("c1", desc="gamma", n=70, meta={}),
+    ]
+
+
+def test_text_and_status_filters_and_sort_work_and_are_kept_in_the_url(page, clean_server):
+    post(clean_server, mixed_tasks())
+    open_dashboard(page, clean_server)
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(5)
+
+    page.locator("#filter").fill("alpha")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(2)
+    expect(page.locator("#summary")).to_contain_text("showing 2")
+    page.locator("#filter").fill("gpu-2")  # meta is searched too
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(2)
+    page.locator("#filter").fill("")
+    page.locator("#status-filter").select_option("error")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(1)
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_contain_text("beta eval")
+    page.locator("#status-filter").select_option("active")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(3)
+
+    page.locator("#sort").select_option("progress")
+    expect(page.locator(f"{VISIBLE_TASK_ROWS} .desc")).to_have_text(["alpha eval", "gamma", "alpha train"])
+    page.locator("#sort").select_option("name")
+    expect(page.locator(f"{VISIBLE_TASK_ROWS} .desc")).to_have_text(["alpha eval", "alpha train", "gamma"])
+    assert "status=active" in page.url and "sort=name" in page.url and f"token={TOKEN}" in page.url
+
+
+def test_a_shared_url_restores_the_view(page, clean_server):
+    post(clean_server, mixed_tasks())
+    open_dashboard(page, clean_server, query=f"?token={TOKEN}&q=train&status=running&sort=name&group=job")
+    expect(page.locator("#filter")).to_have_value("train")
+    expect(page.locator("#status-filter")).to_have_value("running")
+    expect(page.locator("#sort")).to_have_value("name")
+    expect(page.locator("#group")).to_have_value("job")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(1)
+    expect(page.locator(".row.group:not([hidden])")).to_have_count(1)
+    expect(page.locator(".row.group:not([hidden])")).to_contain_text("job: 17")
+
+
+def test_grouping_by_a_meta_key_shows_per_group_totals_and_folds(page, clean_server):
+    post(clean_server, mixed_tasks())
+    open_dashboard(page, clean_server)
+    expect(page.locator("#group option")).to_have_text(["no grouping", "host", "job"])
+    page.locator("#group").select_option("host")
+    groups = page.locator(".row.group:not([hidden])")
+    expect(groups.locator(".toggle")).to_have_text(["▾ host: gpu-1", "▾ host: gpu-2", "▾ host: (none)"])
+    expect(groups.nth(0)).to_contain_text("2 tasks · ▶ running 1 · ✓ done 1 · 70% done")
+    expect(groups.nth(1)).to_contain_text("2 tasks · ▶ running 1 · ✖ error 1 · 20% done")
+    assert "group=host" in page.url
+
+    groups.nth(0).locator(".toggle").click()
+    expect(groups.nth(0).locator(".toggle")).to_have_attribute("aria-expanded", "false")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(3)
+
+
+def test_clear_finished_and_remove_one_delete_on_the_server(page, clean_server):
+    post(clean_server, mixed_tasks())
+    open_dashboard(page, clean_server)
+    clear = page.locator("#clear-finished")
+    expect(clear).to_have_text("Clear finished (1)")
+    clear.click()
+    expect(row(page, "beta train")).to_have_count(0)
+    expect(clear).to_be_disabled()
+    row(page, "gamma").get_by_role("button", name="Remove gamma").click()
+    expect(row(page, "gamma")).to_have_count(0)
+    _, body, _ = http("GET", clean_server.url + "/tasks", headers=AUTH)
+    assert sorted(body["tasks"]) == ["a1", "a2", "b2"]
+
+
+def test_controls_are_reachable_from_the_keyboard(page, clean_server):
+    post(clean_server, task("keyed", meta={"host": "kb-host", "job": "99"}))
+    open_dashboard(page, clean_server)
+    expect(row(page, "keyed")).to_be_visible()
+    page.locator("body").press("/")
+    expect(page.locator("#filter")).to_be_focused()
+    for _ in range(6):  # filter, status, sort, group, clear finished (disabled: skipped), info
+        if page.evaluate("() => document.activeElement.dataset.action") == "details":
+            break
+        page.keyboard.press("Tab")
+    expect(row(page, "keyed").locator("button.info")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#details")).to_be_visible()
+    expect(page.locator("#details")).to_contain_text("meta.host")
+    expect(page.locator("#details")).to_contain_text("kb-host")
+    page.keyboard.press("Escape")
+    expect(page.locator("#details")).to_be_hidden()
+    expect(row(page, "keyed").locator("button.info")).to_be_focused()
+
+
+# --- Scale ----------------------------------------------------------------------------------
+
+
+def test_two_thousand_tasks_render_windowed_and_the_page_stays_responsive(page, clean_server):
+    tasks = [task(f"bulk-{i:04d}", desc=f"bulk task {i:04d}", n=i % 100,
+                  meta={"host": f"node-{i % 20}"}) for i in range(2000)]
+    post(clean_server, tasks[:1000])
+    post(clean_server, tasks[1000:])
+    open_dashboard(page, clean_server)
+    expect(page.locator("#summary")).to_contain_text("2000 tasks")
+    # only the rows in view exist in the DOM
+    assert page.locator(VISIBLE_TASK_ROWS).count() < 80
+
+    started = time.monotonic()
+    page.locator("#filter").fill("bulk task 1999")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(1)
+    page.locator("#filter").fill("")
+    page.locator("#group").select_option("host")
+    expect(page.locator(".row.group:not([hidden])").first).to_contain_text("100 tasks")
+    page.locator("#group").select_option("")
+    page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
+    expect(row(page, "bulk task 0000")).to_be_visible()  # newest first: the oldest is last
+    elapsed = time.monotonic() - started
+    assert elapsed < 5, f"filter, group and scroll took {elapsed:.1f} s"
+
+    # while 2,000 tasks update, the main thread still answers promptly
+    post(clean_server, [dict(t, n=99, seq=5) for t in tasks[:1000]])
+    started = time.monotonic()
+    page.evaluate("() => new Promise(resolve => requestAnimationFrame(() => resolve(1)))")
+    assert time.monotonic() - started < 1.0
+    expect(row(page, "bulk task 0000")).to_contain_text("99%")
+
+
+# --- Artifact --------------------------------------------------------------------------------
+
+
+def realistic_mix():
+    """Tasks like a day of work on a few machines: training, downloads, ETL, a failure."""
+    now = time.time()
+    mix = [
+        task("train-resnet", desc="train resnet50 · epoch 7/30", n=3120, total=5005, rate=41.7,
+             elapsed=76, postfix="loss=0.412, acc=0.871", meta={"host": "gpu-01", "job": "exp-142"}),
+        task("train-vit", desc="train vit-b16 · epoch 2/10", n=815, total=2502, rate=12.2,
+             elapsed=68, postfix="loss=1.03", meta={"host": "gpu-02", "job": "exp-143"}),
+        task("download", desc="download imagenet shard 14", n=3.7e9, total=6.4e9, unit="B",
+             unit_scale=True, unit_divisor=1024, rate=48e6, elapsed=80,
+             meta={"host": "gpu-01", "job": "prep-9"}),
+        task("etl-crawl", desc="crawl product pages", n=48211, total=None, unit="page", rate=312.4,
+             elapsed=154, meta={"host": "cpu-07", "job": "etl-88"}),
+        task("etl-parse", desc="parse logs 2024-05", n=912, total=912, unit="file", rate=55.1,
+             elapsed=16.5, status="close", meta={"host": "cpu-07", "job": "etl-88"}),
+        task("eval", desc="evaluate checkpoint 12", n=430, total=1000, rate=9.8, elapsed=44,
+             status="error", error="RuntimeError: CUDA out of memory (tried to allocate 2.00 GiB)",
+             meta={"host": "gpu-02", "job": "exp-143"}),
+        task("backup", desc="rsync /data to backup", n=1.2e11, total=3.1e11, unit="B",
+             unit_scale=True, unit_divisor=1024, rate=2.1e8, elapsed=590,
+             meta={"host": "nas-1", "job": "nightly"}),
+        task("render", desc="render frames", n=1440, total=1440, unit="frame", rate=6.0,
+             elapsed=240, status="close", meta={"host": "cpu-03", "job": "video-5"}),
+        task("embed", desc="embed documents", n=77000, total=250000, unit="doc", rate=1200,
+             elapsed=64, postfix="batch=256", meta={"host": "gpu-03", "job": "rag-2"}),
+    ]
+    for item in mix:
+        item["timestamp"] = now
+    return mix
+
+
+def test_screenshot_of_a_realistic_mix_is_saved_as_an_artifact(page, clean_server):
+    post(clean_server, realistic_mix())
+    page.set_viewport_size({"width": 1100, "height": 760})
+    page.emulate_media(reduced_motion="reduce")  # a still image of the indeterminate bar
+    open_dashboard(page, clean_server)
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(9)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "dashboard.png"
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 10_000
