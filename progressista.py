@@ -13,6 +13,8 @@ then open http://localhost:8000/ . The wire protocol is documented in README.md
 import argparse
 import asyncio
 import base64
+import concurrent.futures
+import copy
 import dataclasses
 import hashlib
 import hmac
@@ -24,7 +26,7 @@ import math
 import os
 import re
 import signal
-import socket
+import sqlite3
 import sys
 import time
 import urllib.parse
@@ -36,7 +38,10 @@ __all__ = [
     "Request",
     "Response",
     "Settings",
+    "StoreError",
     "StoreFull",
+    "SqliteStore",
+    "RedisStore",
     "Task",
     "create_app",
     "main",
@@ -231,7 +236,8 @@ SETTINGS_TABLE = (
              "largest request body accepted (413 beyond)"),
     _Setting("ws_compression", "WS_COMPRESSION", _flag,
              "offer permessage-deflate on /ws (less traffic, more server CPU)"),
-    _Setting("store", "STORE", str, "where tasks live: memory://"),
+    _Setting("store", "STORE", str,
+             "where tasks live: memory://, sqlite:///path/to/file.db or redis://host:6379/0"),
     _Setting("log_level", "LOG_LEVEL", _log_level,
              "debug logs one line per request; info, warning, error"),
 )
@@ -526,12 +532,385 @@ class MemoryStore:
         pass
 
 
+# --- Stores that persist: SQLite and Redis (I/O) ---------------------------------------
+
+
+class StoreError(Exception):
+    """A store that cannot be opened; the message says what to fix."""
+
+
+def _task_json(task):
+    return json.dumps(task.as_dict(), separators=(",", ":"))
+
+
+class SqliteStore(MemoryStore):
+    """MemoryStore whose tasks survive a restart, in one SQLite file (WAL mode).
+
+    Reads are served from memory. Changes are marked dirty and written by `flush()`, once
+    per broadcast interval, in one transaction on a writer thread: the loop never waits
+    on the disk. After a restart the lifetimes go on from the stored times."""
+
+    kind = "sqlite"
+
+    def __init__(self, path, max_tasks=MAX_TASKS):
+        super().__init__(max_tasks)
+        self.path = path
+        self.dirty_ids = set()
+        self.deleted_ids = set()
+        self.failed = False
+        self.db = self._connect(path)
+        self._load()
+        # One writer thread owns the connection from here on.
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, "progressista-sqlite")
+
+    @staticmethod
+    def _connect(path):
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL keeps this crash-safe
+            db.execute("CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY, "
+                       "task TEXT NOT NULL, created_at REAL NOT NULL)")
+            db.execute("PRAGMA user_version=1")  # proves the file is writable now
+            return db
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot use SQLite store {path!r}: {error} (is it a "
+                             "writable SQLite database file in an existing folder?)") from None
+
+    def _load(self):
+        try:
+            rows = self.db.execute("SELECT task FROM tasks ORDER BY created_at").fetchall()
+            for (stored,) in rows:
+                task = Task.from_dict(json.loads(stored))
+                self.by_id[task.task_id] = task
+        except (sqlite3.Error, ValueError, KeyError) as error:
+            raise StoreError(f"cannot read SQLite store {self.path!r}: {error}") from None
+
+    def apply(self, updates, now):
+        changed = super().apply(updates, now)
+        self.dirty_ids.update(changed)
+        return changed
+
+    def delete(self, task_ids):
+        removed = super().delete(task_ids)
+        self.deleted_ids.update(removed)
+        self.dirty_ids.difference_update(removed)
+        return removed
+
+    def sweep(self, now, lifetimes):
+        stale_ids, removed_ids = super().sweep(now, lifetimes)
+        self.dirty_ids.update(stale_ids)
+        return stale_ids, removed_ids
+
+    def health(self):
+        return {"kind": self.kind, "ok": not self.failed, "path": self.path}
+
+    def _pending_rows(self):
+        rows = [(task.task_id, _task_json(task), task.created_at)
+                for task in map(self.by_id.get, self.dirty_ids) if task is not None]
+        deleted = [(task_id,) for task_id in self.deleted_ids]
+        self.dirty_ids, self.deleted_ids = set(), set()
+        return rows, deleted
+
+    def _write(self, rows, deleted):
+        with self.db:  # one transaction
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?)", rows)
+            self.db.executemany("DELETE FROM tasks WHERE task_id = ?", deleted)
+
+    async def flush(self):
+        """Write what changed since the last flush, off the loop."""
+        if not self.dirty_ids and not self.deleted_ids:
+            return
+        rows, deleted = self._pending_rows()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.writer, self._write, rows, deleted)
+        except sqlite3.Error as error:
+            # Keep the changes to write them next time; say so once, not every tick.
+            self.dirty_ids.update(row[0] for row in rows if row[0] in self.by_id)
+            self.deleted_ids.update(row[0] for row in deleted)
+            if not self.failed:
+                log.error("cannot write SQLite store %s: %s; will retry", self.path, error)
+            self.failed = True
+        else:
+            if self.failed:
+                log.warning("SQLite store %s is writable again", self.path)
+            self.failed = False
+
+    async def close(self):
+        await self.flush()
+        self.writer.shutdown(wait=True)
+        self.db.close()
+
+
+REDIS_PREFIX = "progressista:"
+REDIS_RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # reconnect backoff, capped at the last
+REDIS_TIMEOUT_S = 2.0
+
+# Write each task only if its seq is newer than the stored one (or either has none), so
+# two servers that receive one bar's updates in a different order agree on the last.
+# KEYS: task keys; ARGV: index key, then per task: seq, created_at, ttl_ms, task_id, json.
+REDIS_WRITE_SCRIPT = """
+local written = {}
+for i, key in ipairs(KEYS) do
+  local base = 1 + (i - 1) * 5
+  local seq, created, ttl, id, body = ARGV[base+1], ARGV[base+2], ARGV[base+3], ARGV[base+4], ARGV[base+5]
+  local stored = redis.call('HGET', key, 'seq')
+  if seq == '' or not stored or stored == '' or tonumber(seq) > tonumber(stored) then
+    redis.call('HSET', key, 'seq', seq, 'task', body)
+    if tonumber(ttl) > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
+    redis.call('ZADD', ARGV[1], 'NX', created, id)
+    written[#written + 1] = id
+  end
+end
+return written
+"""
+
+# The sweeper lease: taken when free, renewed by its holder, so one server sweeps.
+REDIS_LEASE_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def redis_ttl_ms(task, lifetimes):
+    """Server-side expiry for a task's key: Redis deletes it when a lifetime rule would."""
+    limits = []
+    if lifetimes.max_task_age:
+        limits.append(lifetimes.max_task_age)
+    if task.status in FINAL_STATUSES and lifetimes.retention_seconds:
+        limits.append(lifetimes.retention_seconds)
+    # A margin past the sweep, so that the sweeper broadcasts the removal first.
+    return int((min(limits) + 2 * lifetimes.cleanup_interval) * 1000) if limits else 0
+
+
+class RedisStore(MemoryStore):
+    """Tasks in Redis, shared by every server on it; each server mirrors them in memory.
+
+    Writes go to Redis first (503 when it is unreachable) and are published on a channel;
+    every server applies what the others publish, so all show the same tasks. One server
+    at a time holds the sweeper lease and marks stale and expires for all."""
+
+    kind = "redis"
+
+    def __init__(self, url, settings):
+        super().__init__(settings.max_tasks)
+        try:
+            import redis.asyncio as aioredis
+            import redis.exceptions
+        except ImportError:
+            raise StoreError("the redis store needs the redis package: "
+                             "pip install 'progressista[redis]'") from None
+        self.errors = (redis.exceptions.RedisError, OSError)
+        self.url = url
+        self.shown_url = re.sub(r"//[^@/]*@", "//***@", url)  # never log a password
+        self.settings = settings
+        self.client = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                        socket_connect_timeout=REDIS_TIMEOUT_S)
+        self.index_key = REDIS_PREFIX + "tasks"
+        self.channel = REDIS_PREFIX + "events"
+        self.lease_key = REDIS_PREFIX + "sweeper"
+        self.origin = os.urandom(8).hex()
+        self.write_script = self.client.register_script(REDIS_WRITE_SCRIPT)
+        self.lease_script = self.client.register_script(REDIS_LEASE_SCRIPT)
+        self.ok = False
+        self.feed = None
+        self.subscriber = None
+
+    def key(self, task_id):
+        return REDIS_PREFIX + "task:" + task_id
+
+    def health(self):
+        return {"kind": self.kind, "ok": self.ok, "url": self.shown_url}
+
+    def went_down(self, error):
+        if self.ok:
+            log.error("Redis store %s is unreachable: %s; answering 503 to writes until "
+                      "it is back", self.shown_url, error)
+        self.ok = False
+        return HTTPError(503, f"the Redis store is unreachable ({error}); the update was "
+                              "not stored: retry later", headers=[("Retry-After", "2")])
+
+    def came_back(self):
+        if not self.ok:
+            log.info("Redis store %s is reachable", self.shown_url)
+        self.ok = True
+
+    async def open(self, feed):
+        self.feed = feed
+        self.subscriber = asyncio.get_running_loop().create_task(self.follow())
+
+    async def close(self):
+        if self.subscriber is not None:
+            self.subscriber.cancel()
+            await asyncio.gather(self.subscriber, return_exceptions=True)
+        await self.client.aclose()
+
+    async def resync(self):
+        """Replace the mirror with what Redis holds and broadcast the difference."""
+        ids = [task_id.decode() for task_id in await self.client.zrange(self.index_key, 0, -1)]
+        fresh = {}
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            pipe = self.client.pipeline(transaction=False)
+            for task_id in chunk:
+                pipe.hget(self.key(task_id), "task")
+            for task_id, stored in zip(chunk, await pipe.execute()):
+                if stored is not None:
+                    fresh[task_id] = Task.from_dict(json.loads(stored))
+        gone = [task_id for task_id in ids if task_id not in fresh]
+        if gone:  # expired by Redis itself while no server was sweeping
+            await self.client.zrem(self.index_key, *gone)
+        removed = [task_id for task_id in self.by_id if task_id not in fresh]
+        changed = [task_id for task_id, task in fresh.items()
+                   if (self.by_id.get(task_id) is None
+                       or self.by_id[task_id].updated_at != task.updated_at)]
+        self.by_id = fresh
+        self.feed.removed(removed)
+        self.feed.changed(changed)
+
+    async def follow(self):
+        """Mirror what other servers publish; after any outage, resync from Redis."""
+        failures = 0
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                await self.resync()
+                self.came_back()
+                failures = 0
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=1.0)
+                    if message is not None:
+                        self.mirror(json.loads(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except self.errors as error:
+                self.went_down(error)
+            except Exception:
+                log.error("Redis follower failed; restarting it", exc_info=True)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:
+                    pass
+            await asyncio.sleep(REDIS_RETRY_S[min(failures, len(REDIS_RETRY_S) - 1)])
+            failures += 1
+
+    def mirror(self, event):
+        """Apply a change another server published."""
+        if event.get("origin") == self.origin:
+            return
+        changed = []
+        for stored in event.get("changed", ()):
+            task = Task.from_dict(stored)
+            local = self.by_id.get(task.task_id)
+            if local is None or local.seq is None or task.seq is None or task.seq >= local.seq:
+                self.by_id[task.task_id] = task
+                changed.append(task.task_id)
+        self.feed.changed(changed)
+        self.feed.removed(super().delete(event.get("removed", ())))
+
+    async def publish(self, changed_tasks, removed_ids):
+        event = {"origin": self.origin, "changed": [task.as_dict() for task in changed_tasks],
+                 "removed": list(removed_ids)}
+        await self.client.publish(self.channel, json.dumps(event, separators=(",", ":")))
+
+    async def write(self, tasks):
+        keys, args = [], [self.index_key]
+        for task in tasks:
+            keys.append(self.key(task.task_id))
+            args += ["" if task.seq is None else task.seq, task.created_at,
+                     redis_ttl_ms(task, self.settings), task.task_id, _task_json(task)]
+        written = await self.write_script(keys=keys, args=args)
+        return {task_id.decode() for task_id in written}
+
+    async def apply(self, updates, now):
+        """Store in Redis, then in the mirror; all or nothing, 503 when Redis is down."""
+        by_id = self.by_id
+        new_ids = {update["task_id"] for update in updates} - by_id.keys()
+        if new_ids and len(by_id) + len(new_ids) > self.max_tasks:
+            raise StoreFull(self.max_tasks, sorted(new_ids)[0])
+        staged = {}
+        for update in updates:
+            task_id = update["task_id"]
+            task = staged.get(task_id) or by_id.get(task_id)
+            task = copy.copy(task) if task is not None else Task(task_id, now)
+            if apply_update(task, update, now):
+                staged[task_id] = task
+        try:
+            if staged:
+                written = await self.write(staged.values())
+                staged = {task_id: task for task_id, task in staged.items()
+                          if task_id in written}
+                await self.publish(staged.values(), ())
+        except self.errors as error:
+            raise self.went_down(error) from None
+        self.came_back()
+        by_id.update(staged)
+        return list(staged)
+
+    async def delete(self, task_ids):
+        task_ids = list(task_ids)
+        if not task_ids:
+            return []
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            for task_id in task_ids:
+                pipe.delete(self.key(task_id))
+            pipe.zrem(self.index_key, *task_ids)
+            deleted = (await pipe.execute())[:-1]
+            removed = [task_id for task_id, count in zip(task_ids, deleted) if count]
+            if removed:
+                await self.publish((), removed)
+        except self.errors as error:
+            raise self.went_down(error) from None
+        super().delete(removed)
+        return removed
+
+    async def sweep(self, now, lifetimes):
+        """Mark stale and expire for every server, if this one holds the sweeper lease."""
+        try:
+            lease_ms = int(max(3 * lifetimes.cleanup_interval, 1.0) * 1000)
+            if not await self.lease_script(keys=[self.lease_key], args=[self.origin, lease_ms]):
+                return [], []
+            stale = [task for task in self.by_id.values()
+                     if task.shown_status(now, lifetimes.stale_seconds) != task.status]
+            doomed = [task.task_id for task in self.by_id.values() if expired(task, now, lifetimes)]
+            for task in stale:
+                task.status = "stale"
+            if stale:
+                await self.write(stale)
+                await self.publish(stale, ())
+            removed = await self.delete(doomed)
+        except self.errors as error:
+            self.went_down(error)
+            return [], []
+        except HTTPError:  # delete() found Redis down and said so
+            return [], []
+        return [task.task_id for task in stale], removed
+
+
 def open_store(url, settings):
-    """The store a ``--store`` URL names."""
+    """The store a ``--store`` URL names: memory://, sqlite:///path.db or redis://host."""
     scheme = url.split(":", 1)[0].lower()
     if scheme == "memory":
         return MemoryStore(settings.max_tasks)
-    raise ValueError(f"unknown store {url!r}: use memory://")
+    if scheme == "sqlite":
+        path = url[len("sqlite://"):]
+        if not path:
+            raise StoreError("sqlite store needs a path: sqlite:///path/to/file.db")
+        return SqliteStore(path, settings.max_tasks)
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisStore(url, settings)
+    raise StoreError(f"unknown store {url!r}: use memory://, sqlite:///path/to/file.db "
+                     "or redis://host:6379/0")
 
 
 # --- Live feed (pure: no I/O) ----------------------------------------------------------
@@ -1153,6 +1532,8 @@ class App:
                                      "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS")
             self.check_token(request)
             response = handler(request)
+            if not isinstance(response, Response):  # an async store is still at work
+                return self.completed(response, cors)
             if cors:
                 response.headers.extend(cors)
             return response
@@ -1161,6 +1542,26 @@ class App:
         except Exception:
             log.error("error answering %s %s", request.method, request.path, exc_info=True)
             return json_response({"error": "internal server error; see the server log"}, 500)
+
+    @staticmethod
+    async def completed(pending, cors):
+        response = await pending
+        response.headers.extend(cors)
+        return response
+
+    async def recorded(self, pending, record, respond):
+        """Await an async store's answer, send it down the broadcast path, respond."""
+        outcome = await pending
+        record(outcome)
+        return respond(outcome)
+
+    def changing(self, outcome, record, respond):
+        """Send what a store call changed down the broadcast path; the Response, or a
+        coroutine of it when the store is asynchronous (Redis)."""
+        if asyncio.iscoroutine(outcome):
+            return self.recorded(outcome, record, respond)
+        record(outcome)
+        return respond(outcome)
 
     def check_token(self, request):
         if not self.settings.api_tokens:
@@ -1203,8 +1604,9 @@ class App:
             updates = [validate_update(item, index) for index, item in enumerate(payload)]
         else:
             updates = [validate_update(payload)]
-        self.feed.changed(self.store.apply(updates, self.clock()))
-        return Response(200, b'{"ok":true,"accepted":%d}' % len(updates))
+        accepted = Response(200, b'{"ok":true,"accepted":%d}' % len(updates))
+        return self.changing(self.store.apply(updates, self.clock()), self.feed.changed,
+                             lambda changed: accepted)
 
     def get_tasks(self, request):
         status = _status_query(request)
@@ -1232,15 +1634,13 @@ class App:
         doomed = [task.task_id for task in self.store.tasks()
                   if (status is None or task.shown_status(now, stale_after_s) == status)
                   and (older_than is None or now - task.updated_at >= older_than)]
-        removed = self.store.delete(doomed)
-        self.feed.removed(removed)
-        return json_response({"removed": removed})
+        return self.changing(self.store.delete(doomed), self.feed.removed,
+                             lambda removed: json_response({"removed": removed}))
 
     def delete_task(self, request):
         task_id = urllib.parse.unquote(request.path[len("/tasks/"):])
-        removed = self.store.delete([task_id])
-        self.feed.removed(removed)
-        return json_response({"removed": bool(removed)})
+        return self.changing(self.store.delete([task_id]), self.feed.removed,
+                             lambda removed: json_response({"removed": bool(removed)}))
 
     def get_health(self, request):
         now = self.clock()
@@ -1312,11 +1712,13 @@ class App:
     # Lifetimes
 
     def sweep(self):
-        stale_ids, removed_ids = self.store.sweep(self.clock(), self.settings)
-        if stale_ids:
-            self.feed.changed(stale_ids)
-        if removed_ids:
-            self.feed.removed(removed_ids)
+        return self.changing(self.store.sweep(self.clock(), self.settings), self.swept,
+                             lambda outcome: None)
+
+    def swept(self, outcome):
+        stale_ids, removed_ids = outcome
+        self.feed.changed(stale_ids)
+        self.feed.removed(removed_ids)
 
     def reap(self):
         """Close connections past their deadline; ping listeners, drop the silent ones."""
@@ -1339,7 +1741,9 @@ class App:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                work()
+                pending = work()
+                if asyncio.iscoroutine(pending):
+                    await pending
             except Exception:
                 log.error("%s failed; will retry", work.__name__, exc_info=True)
 
@@ -1366,12 +1770,19 @@ class App:
             lambda: Connection(self), host, self.settings.port,
             reuse_address=True, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
+        opening = getattr(self.store, "open", None)
+        if opening is not None:
+            await opening(self.feed)
+        flush = getattr(self.store, "flush", None)
         self.background = [
             self.loop.create_task(self.every(self.settings.broadcast_interval, self.broadcast)),
             self.loop.create_task(self.every(self.settings.cleanup_interval, self.sweep)),
             self.loop.create_task(self.every(min(REAP_INTERVAL_S, WS_PING_INTERVAL_S),
                                              self.reap)),
         ]
+        if flush is not None:  # persistent stores write once per broadcast interval
+            self.background.append(
+                self.loop.create_task(self.every(self.settings.broadcast_interval, flush)))
         self.announce()
 
     def announce(self):
@@ -1410,7 +1821,9 @@ class App:
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.server.wait_closed()
         self.server = None
-        self.store.close()
+        closing = self.store.close()
+        if asyncio.iscoroutine(closing):
+            await closing
 
     def run(self):
         """Serve until SIGINT or SIGTERM, then shut down gracefully."""
@@ -1442,8 +1855,10 @@ def _is_loopback(host):
 def create_app(store=None, middleware=(), clock=time.time, **settings):
     """An App from keyword settings (the fields of `Settings`) over the environment.
 
-    `store` replaces the store (any object with MemoryStore's interface); each item of
-    `middleware` is added with `App.add_middleware()`."""
+    `store` is a store URL, or an object with MemoryStore's interface that replaces the
+    store; each item of `middleware` is added with `App.add_middleware()`."""
+    if isinstance(store, str):  # a store URL, as --store takes
+        settings["store"], store = store, None
     app = App(Settings.from_env(**settings), store=store, clock=clock)
     for item in middleware:
         app.add_middleware(item)
@@ -1546,9 +1961,9 @@ def cmd_serve(args):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = App(settings)
-    except ValueError as error:
+    except StoreError as error:
         print(f"progressista: error: {error}", file=sys.stderr)
-        return 2
+        return 1
     try:
         app.run()
     except OSError as error:
