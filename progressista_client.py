@@ -1,0 +1,1263 @@
+"""Progressista client: tqdm bars that also show live in a Progressista dashboard.
+
+The one-line change::
+
+    from progressista_client import tqdm, trange   # was: from tqdm import tqdm, trange
+
+Every bar still draws where tqdm would draw, and is also sent to the server named by
+``PROGRESSISTA_SERVER_URL`` (default ``http://localhost:8000/progress``). Or change nothing
+and run ``progressista run script.py -- --flags``. One file, standard library only (tqdm
+itself aside, imported only when a bar class is used), so it can be vendored. It speaks the
+wire protocol of PROTOCOL.md v1; the README documents every option.
+
+What it promises: the program's own thread never waits on the network (one background
+sender thread per process sends the latest state of each bar, batched); a server that is
+down, slow or wrong never raises into the program (one warning, then retries with capped
+backoff); the final state of every bar is flushed at exit, waiting a bounded time.
+"""
+
+import atexit
+import collections
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import warnings
+import weakref
+
+__all__ = [
+    "RemoteTqdm", "tqdm", "trange", "make_remote_tqdm", "patch", "unpatch",
+    "Sender", "Endpoint", "make_endpoint", "normalize_server_url", "default_meta",
+    "default_sender", "send_update", "flush", "demo", "run_program",
+]
+__version__ = "1.0.0"
+
+log = logging.getLogger("progressista.client")
+
+# --- Configuration ---
+
+DEFAULT_SERVER_URL = "http://localhost:8000/progress"
+DEFAULT_PUSH_INTERVAL_S = 0.25      # minimum seconds between two sends of one bar
+DEFAULT_REQUEST_TIMEOUT_S = 2.0     # one request is given up after this long
+DEFAULT_FLUSH_TIMEOUT_S = 2.0       # the exit hook waits at most this long for the last sends
+# Well inside the server's default 60 s stale timeout, so only a dead sender goes stale.
+DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
+BACKOFF_INITIAL_S = 0.5             # first retry delay after a failed send
+BACKOFF_MAX_S = 10.0                # retry delays double up to this
+# A loop left early (break, or its body raised) is closed only after this grace, so that an
+# uncaught exception reaching the excepthook can still report it as an error.
+EARLY_CLOSE_HOLD_S = 1.0
+
+# Protocol limits (PROTOCOL.md, "The task"): states are clipped to them, so that one odd bar
+# never gets a whole batch refused.
+MAX_BATCH_TASKS = 1000
+MAX_BATCH_BYTES = 512 * 1024        # well under the server's default 1 MiB body limit
+MAX_TASK_ID_CHARS = 256
+MAX_DESC_CHARS = 1000
+MAX_UNIT_CHARS = 32
+MAX_POSTFIX_CHARS = 1000
+MAX_ERROR_CHARS = 2000
+MAX_META_BYTES = 4096
+MAX_META_VALUE_CHARS = 256
+MAX_RESPONSE_BYTES = 64 * 1024      # we only read the server's short JSON answers
+TRACEBACK_LINES = 6                 # last lines of a traceback kept in an error report
+
+ENV_SERVER_URL = "PROGRESSISTA_SERVER_URL"
+ENV_API_TOKEN = "PROGRESSISTA_API_TOKEN"
+ENV_PUSH_INTERVAL = "PROGRESSISTA_PUSH_INTERVAL"
+ENV_REQUEST_TIMEOUT = "PROGRESSISTA_REQUEST_TIMEOUT"
+ENV_FLUSH_TIMEOUT = "PROGRESSISTA_FLUSH_TIMEOUT"
+ENV_HEARTBEAT_INTERVAL = "PROGRESSISTA_HEARTBEAT_INTERVAL"
+# Set by `progressista run` for the program it watches (and inherited by its children).
+ENV_RUN_DIR = "PROGRESSISTA_RUN_DIR"            # where each process records its open bars
+ENV_PATCH = "PROGRESSISTA_PATCH"                # JSON keyword arguments for patch()
+ENV_CLIENT_PATH = "PROGRESSISTA_CLIENT_PATH"    # this file, loaded by the run's sitecustomize
+
+USER_AGENT = "progressista-client/" + __version__
+FINAL_STATUSES = ("close", "error")
+
+_warned = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key, message, *args):
+    """Log `message` once per process for `key`: a broken setting or server, not a flood."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning(message, *args)
+
+
+def _env_seconds(name, default):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        _warn_once(("env", name), "progressista: ignoring %s=%r (expected seconds >= 0)", name, raw)
+        return default
+    return value
+
+
+# --- URLs, endpoints and task states ---
+
+Endpoint = collections.namedtuple("Endpoint", "url headers timeout")
+Endpoint.__doc__ = "Where and how to send: the /progress URL, HTTP headers (sorted pairs), timeout in s."
+
+
+def normalize_server_url(url):
+    """Return the ``/progress`` endpoint for `url`, given either as a base URL or as the endpoint.
+
+    Raises ValueError for anything that is not an http(s) URL with a host.
+    """
+    parts = urllib.parse.urlsplit(str(url).strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("server_url %r: expected http(s)://host[:port][/progress]" % (url,))
+    path = parts.path.rstrip("/")
+    if not path.endswith("/progress"):
+        path += "/progress"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def make_endpoint(server_url=None, token=None, headers=None, request_timeout=None):
+    """Build an Endpoint from explicit values, falling back to the PROGRESSISTA_* variables."""
+    url = normalize_server_url(server_url or os.environ.get(ENV_SERVER_URL) or DEFAULT_SERVER_URL)
+    all_headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+    all_headers.update({str(k): str(v) for k, v in (headers or {}).items()})
+    token = token or os.environ.get(ENV_API_TOKEN)
+    if token:
+        all_headers["Authorization"] = "Bearer " + token
+    if request_timeout is None:
+        request_timeout = _env_seconds(ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S)
+    return Endpoint(url, tuple(sorted(all_headers.items())), float(request_timeout))
+
+
+def default_meta(environ=None):
+    """Host name, pid, and the scheduler's job id and pod name when one set them."""
+    env = os.environ if environ is None else environ
+    meta = {"host": socket.gethostname(), "pid": os.getpid()}
+    # Each scheduler's job id, then its array index variable (SGE writes "undefined").
+    for job_var, scheduler, index_var in (
+            ("SLURM_JOB_ID", "slurm", "SLURM_ARRAY_TASK_ID"),
+            ("PBS_JOBID", "pbs", "PBS_ARRAYID"),
+            ("LSB_JOBID", "lsf", "LSB_JOBINDEX"),
+            ("JOB_ID", "sge", "SGE_TASK_ID")):
+        if env.get(job_var):
+            meta["scheduler"] = scheduler
+            meta["job_id"] = env[job_var]
+            index = env.get(index_var)
+            if index and index not in ("undefined", "0"):
+                meta["array_index"] = index
+            break
+    pod = env.get("POD_NAME") or (env.get("HOSTNAME") if env.get("KUBERNETES_SERVICE_HOST") else None)
+    if pod:
+        meta["pod"] = pod
+    return meta
+
+
+def _clean_meta(meta):
+    """Meta as the protocol wants it: string keys, JSON scalars, at most 4 KiB."""
+    cleaned = {}
+    for key, value in (meta or {}).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            value = str(value)
+        if isinstance(value, str):
+            value = value[:MAX_META_VALUE_CHARS]
+        cleaned[str(key)[:MAX_META_VALUE_CHARS]] = value
+    while cleaned and len(json.dumps(cleaned)) > MAX_META_BYTES:
+        _warn_once("meta-size", "progressista: meta over %d bytes as JSON; dropping keys", MAX_META_BYTES)
+        cleaned.popitem()
+    return cleaned
+
+
+def _clip(text, limit):
+    if text is None:
+        return None
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def _finite(value, default=None, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return default
+    if minimum is not None and value < minimum:
+        return minimum
+    return value
+
+
+def describe_exception(exc_type, exc, tb):
+    """'Type: message' and the last lines of the traceback, clipped for the `error` field."""
+    head = exc_type.__name__ if exc_type is not None else "Exception"
+    message = str(exc) if exc is not None else ""
+    text = head + (": " + message if message else "")
+    lines = "".join(traceback.format_tb(tb)).rstrip("\n").splitlines() if tb is not None else []
+    if lines:
+        text += "\n" + "\n".join(lines[-TRACEBACK_LINES:])
+    return _clip(text, MAX_ERROR_CHARS)
+
+
+def _time_seq(wall_clock):
+    # Microseconds of wall time: a restarted client, or `run` ending a killed program's
+    # bars, still sends seqs greater than anything sent before.
+    return int(wall_clock() * 1e6)
+
+
+# --- Sender ---
+
+class _Entry:
+    """One queued state: where it goes, and the rules for when it may go."""
+
+    __slots__ = ("endpoint", "state", "push_every", "final", "not_before")
+
+    def __init__(self, endpoint, state, push_every=0.0, final=False, not_before=0.0):
+        self.endpoint = endpoint
+        self.state = state
+        self.push_every = push_every
+        self.final = final
+        self.not_before = not_before
+
+
+class _Outage:
+    __slots__ = ("failures", "retry_at", "flush_id", "reason")
+
+    def __init__(self):
+        self.failures = 0
+        self.retry_at = 0.0
+        self.flush_id = 0
+        self.reason = ""
+
+
+def _urllib_post(url, body, headers, timeout):
+    """POST `body`; return (status, response body). Network failures raise."""
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(MAX_RESPONSE_BYTES)
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read(MAX_RESPONSE_BYTES)
+
+
+def _server_message(body):
+    try:
+        return str(json.loads(body.decode("utf-8", "replace")).get("error", ""))[:200]
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _chunks(entries):
+    """Split entries into batches within the protocol's count and our byte budget."""
+    batch, size = [], 2
+    for entry in entries:
+        encoded = len(json.dumps(entry.state)) + 1
+        if batch and (len(batch) >= MAX_BATCH_TASKS or size + encoded > MAX_BATCH_BYTES):
+            yield batch
+            batch, size = [], 2
+        batch.append(entry)
+        size += encoded
+    if batch:
+        yield batch
+
+
+class Sender:
+    """One daemon thread that delivers the latest state of every task, batched per endpoint.
+
+    `put()` never waits on the network. Each tick sends every due state in one POST per
+    endpoint; a failed endpoint is retried with capped exponential backoff and warned about
+    once per outage. Live tasks are re-sent every `heartbeat_s`. `flush()` waits, bounded,
+    for the queue to drain. `clock`, `wall_clock` and `opener(url, body, headers, timeout)
+    -> (status, body)` are injectable; with `autostart=False` tests drive `tick()` by hand.
+    """
+
+    def __init__(self, *, clock=time.monotonic, wall_clock=time.time, opener=None,
+                 heartbeat_s=None, backoff_initial_s=BACKOFF_INITIAL_S,
+                 backoff_max_s=BACKOFF_MAX_S, run_dir=None, autostart=True):
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._open = opener or _urllib_post
+        if heartbeat_s is None:
+            heartbeat_s = _env_seconds(ENV_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_INTERVAL_S)
+        self.heartbeat_s = heartbeat_s or DEFAULT_HEARTBEAT_INTERVAL_S
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._run_dir = run_dir
+        self._autostart = autostart
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._pending = {}      # task_id -> _Entry; latest wins, but a final is never undone
+        self._live = {}         # task_id -> _Entry last delivered, for tasks not yet final
+        self._last_sent = {}    # task_id -> clock() of its last delivery
+        self._outages = {}      # Endpoint -> _Outage, while its server fails
+        self._seq = 0
+        self._in_flight = 0
+        self._flush_id = 0
+        self._flush_waiters = 0
+        self._version = 0       # bumps on every change, so the run record is written only then
+        self._written_version = 0
+        self._thread = None
+        self._stopped = False
+
+    # Public API
+
+    def put(self, endpoint, state, *, push_every=0.0, final=False, hold_s=0.0):
+        """Queue `state` (a dict with `task_id`) for `endpoint`; the latest state per task wins.
+
+        A final state (close or error) is sent at the next tick; a later non-final state of
+        the same task is ignored. `hold_s` delays a final state (see EARLY_CLOSE_HOLD_S).
+        """
+        task_id = state["task_id"]
+        not_before = self._clock() + hold_s if hold_s else 0.0
+        entry = _Entry(endpoint, state, push_every, final, not_before)
+        with self._lock:
+            queued = self._pending.get(task_id)
+            if queued is not None and queued.final and not final:
+                return  # close and error are final: a late display must not reopen the bar
+            self._pending[task_id] = entry
+            self._version += 1
+        if queued is None or final:
+            self._start()
+            self._wake.set()
+
+    def pending_final(self, task_id):
+        """True while a final state of `task_id` waits to be sent."""
+        with self._lock:
+            entry = self._pending.get(task_id)
+            return entry is not None and entry.final
+
+    def is_down(self, endpoint):
+        """True while the last send to `endpoint` failed (the sender is backing off)."""
+        with self._lock:
+            return endpoint in self._outages
+
+    def flush(self, timeout=None):
+        """Send everything queued, waiting at most `timeout` s; True if nothing is left.
+
+        Backoff and holds are ignored for one attempt per endpoint; an endpoint that fails
+        during the flush is not waited for.
+        """
+        if timeout is None:
+            timeout = _env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if not self._pending and not self._in_flight:
+                return True
+            self._flush_id += 1
+            flush_id = self._flush_id
+            self._flush_waiters += 1
+        try:
+            self._start(force=True)
+            self._wake.set()
+            with self._idle:
+                while self._in_flight or any(
+                        not self._tried_in_flush(entry, flush_id) for entry in self._pending.values()):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._idle.wait(remaining)
+                return not self._pending and not self._in_flight
+        finally:
+            with self._lock:
+                self._flush_waiters -= 1
+
+    def stop(self, timeout=1.0):
+        """Stop the thread (tests); queued states are kept."""
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # The thread
+
+    def _start(self, force=False):
+        if self._thread is not None or self._stopped or not (self._autostart or force):
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="progressista-sender", daemon=True)
+                self._thread.start()
+
+    def _run(self):
+        while not self._stopped:
+            self._wake.clear()
+            try:
+                delay = self.tick()
+            except Exception:
+                # The one broad catch: a bug here must never kill the thread, or bars stop.
+                log.debug("progressista: sender tick failed", exc_info=True)
+                delay = 1.0
+            if self._stopped:
+                break
+            self._wake.wait(delay)
+
+    def tick(self):
+        """Send what is due now; return seconds until something is next due (None: nothing)."""
+        now = self._clock()
+        with self._lock:
+            flush_id = self._flush_id if self._flush_waiters else 0
+            due = self._take_due(now, flush_id)
+            if due:
+                self._in_flight += 1
+        if due:
+            by_endpoint = collections.defaultdict(list)
+            for entry in due:
+                by_endpoint[entry.endpoint].append(entry)
+            try:
+                for endpoint, entries in by_endpoint.items():
+                    self._deliver(endpoint, entries, now, flush_id)
+            finally:
+                with self._lock:
+                    self._version += 1
+                # Recorded before a flush() can return: `run` must never read a stale record.
+                if self._run_dir is not None:
+                    self._write_run_record()
+                with self._lock:
+                    self._in_flight -= 1
+                    self._idle.notify_all()
+        elif self._run_dir is not None:
+            self._write_run_record()
+        with self._lock:
+            return self._next_due(self._clock())
+
+    def _take_due(self, now, flush_id):
+        due = []
+        for task_id, entry in list(self._pending.items()):
+            if self._may_send(entry, task_id, now, flush_id):
+                due.append(self._pending.pop(task_id))
+        due_ids = {entry.state["task_id"] for entry in due}
+        for task_id, entry in self._live.items():
+            if task_id in self._pending or task_id in due_ids:
+                continue
+            if now - self._last_sent.get(task_id, -math.inf) >= self.heartbeat_s and \
+                    self._endpoint_ready(entry.endpoint, now, flush_id):
+                due.append(_Entry(entry.endpoint, self._refreshed(entry.state), entry.push_every))
+        return due
+
+    def _endpoint_ready(self, endpoint, now, flush_id):
+        outage = self._outages.get(endpoint)
+        if outage is None or now >= outage.retry_at:
+            return True
+        return bool(flush_id) and outage.flush_id < flush_id
+
+    def _may_send(self, entry, task_id, now, flush_id):
+        if not self._endpoint_ready(entry.endpoint, now, flush_id):
+            return False
+        if flush_id:
+            return True
+        if entry.not_before and now < entry.not_before:
+            return False
+        return entry.final or now - self._last_sent.get(task_id, -math.inf) >= entry.push_every
+
+    def _tried_in_flush(self, entry, flush_id):
+        outage = self._outages.get(entry.endpoint)
+        return outage is not None and outage.flush_id >= flush_id
+
+    def _next_due(self, now):
+        times = []
+        for task_id, entry in self._pending.items():
+            at = self._last_sent.get(task_id, -math.inf) + (0 if entry.final else entry.push_every)
+            at = max(at, entry.not_before)
+            outage = self._outages.get(entry.endpoint)
+            if outage is not None:
+                at = max(at, outage.retry_at)
+            times.append(at)
+        for task_id, entry in self._live.items():
+            at = self._last_sent.get(task_id, now) + self.heartbeat_s
+            outage = self._outages.get(entry.endpoint)
+            times.append(max(at, outage.retry_at) if outage is not None else at)
+        if not times:
+            return None
+        return max(0.0, min(times) - now)
+
+    def _refreshed(self, state):
+        # A heartbeat re-sends the full state (a restarted server learns the bar back), as a
+        # new update: fresh timestamp, elapsed moved on by the wall time since it was made.
+        wall_now = self._wall_clock()
+        state = dict(state)
+        if isinstance(state.get("elapsed"), (int, float)) and "timestamp" in state:
+            state["elapsed"] = max(0.0, state["elapsed"] + wall_now - state["timestamp"])
+        state["timestamp"] = wall_now
+        return state
+
+    def _next_seq(self):
+        self._seq = max(self._seq + 1, _time_seq(self._wall_clock))
+        return self._seq
+
+    # Delivery
+
+    def _deliver(self, endpoint, entries, now, flush_id):
+        for entry in entries:
+            entry.state = dict(entry.state, seq=self._next_seq())
+        delivered, retry, refused = [], [], []
+        batches = list(_chunks(entries))
+        for index, batch in enumerate(batches):
+            ok, again, never = self._post(endpoint, batch)
+            delivered += ok
+            refused += never
+            if again:
+                # The server is failing: keep this batch and the rest for the next attempt.
+                retry += again + [entry for later in batches[index + 1:] for entry in later]
+                break
+        delivered_ids = {id(entry) for entry in delivered}
+        with self._lock:
+            for entry in delivered + refused:
+                task_id = entry.state["task_id"]
+                self._last_sent[task_id] = now
+                if entry.final:
+                    self._live.pop(task_id, None)
+                    self._last_sent.pop(task_id, None)
+                elif id(entry) in delivered_ids:
+                    self._live[task_id] = entry
+            for entry in retry:
+                self._pending.setdefault(entry.state["task_id"], entry)
+            if retry:
+                outage = self._outages.setdefault(endpoint, _Outage())
+                outage.failures += 1
+                delay = min(self.backoff_initial_s * 2 ** (outage.failures - 1), self.backoff_max_s)
+                outage.retry_at = now + delay
+                outage.flush_id = flush_id
+            elif delivered and endpoint in self._outages:
+                del self._outages[endpoint]
+                log.info("progressista: %s answers again; bars are being delivered", endpoint.url)
+
+    def _post(self, endpoint, entries):
+        """Send one batch; return its entries split as (delivered, to retry, refused for good)."""
+        states = [entry.state for entry in entries]
+        body = json.dumps(states if len(states) > 1 else states[0]).encode("utf-8")
+        try:
+            status, answer = self._open(endpoint.url, body, dict(endpoint.headers), endpoint.timeout)
+        except Exception as error:  # any network failure, timeout, or odd answer
+            self._warn_down(endpoint, "%s: %s" % (type(error).__name__, error))
+            return [], entries, []
+        if 200 <= status < 300:
+            return entries, [], []
+        message = _server_message(answer)
+        if status == 429 or status >= 500:
+            self._warn_down(endpoint, "HTTP %d %s" % (status, message))
+            return [], entries, []
+        if status in (400, 413) and len(entries) > 1:
+            # A batch is all or nothing: split it, so one bad state does not sink the rest.
+            half = len(entries) // 2
+            first, second = self._post(endpoint, entries[:half]), self._post(endpoint, entries[half:])
+            return tuple(a + b for a, b in zip(first, second))
+        _warn_once(("refused", endpoint.url, status),
+                   "progressista: %s refused an update (HTTP %d %s); such updates are dropped",
+                   endpoint.url, status, message)
+        return [], [], entries
+
+    def _warn_down(self, endpoint, reason):
+        with self._lock:
+            outage = self._outages.get(endpoint)
+            first = outage is None or not outage.reason
+            if outage is None:
+                outage = self._outages[endpoint] = _Outage()
+            outage.reason = reason
+        if first:
+            log.warning("progressista: cannot deliver to %s (%s); bars go on locally and are "
+                        "retried in the background", endpoint.url, reason)
+
+    # The record `progressista run` reads when the program it watches is gone
+
+    def _write_run_record(self):
+        with self._lock:
+            if self._version == self._written_version:
+                return
+            self._written_version = self._version
+            record = {}
+            for task_id, entry in list(self._live.items()) + list(self._pending.items()):
+                seq = self._live[task_id].state.get("seq", 0) if task_id in self._live else 0
+                record[task_id] = {"server_url": entry.endpoint.url,
+                                   "state": dict(entry.state, seq=seq)}
+        path = os.path.join(self._run_dir, "bars-%d.json" % os.getpid())
+        try:
+            with open(path + ".tmp", "w") as file:
+                json.dump(record, file)
+            os.replace(path + ".tmp", path)
+        except OSError as error:
+            _warn_once("run-record", "progressista: cannot write %s: %s", path, error)
+
+
+_sender = None
+_sender_lock = threading.Lock()
+
+
+def default_sender():
+    """The process's shared Sender (a forked child gets a new one)."""
+    global _sender
+    sender = _sender
+    if sender is None:
+        with _sender_lock:
+            if _sender is None:
+                _sender = Sender(run_dir=os.environ.get(ENV_RUN_DIR) or None)
+                _install_hooks()
+            sender = _sender
+    return sender
+
+
+def send_update(state, *, server_url=None, token=None, headers=None, request_timeout=None,
+                push_every=None):
+    """Queue one task update (a dict with at least `task_id`) on the shared sender.
+
+    Works without tqdm. A `status` of close or error makes it final. Never blocks.
+    """
+    endpoint = make_endpoint(server_url, token, headers, request_timeout)
+    if push_every is None:
+        push_every = _env_seconds(ENV_PUSH_INTERVAL, DEFAULT_PUSH_INTERVAL_S)
+    state = dict(state)
+    state.setdefault("timestamp", time.time())
+    default_sender().put(endpoint, state, push_every=push_every,
+                         final=state.get("status") in FINAL_STATUSES)
+
+
+def flush(timeout=None):
+    """Deliver what the shared sender holds, waiting at most `timeout` s (default 2)."""
+    sender = _sender
+    return True if sender is None else sender.flush(timeout)
+
+
+# --- Bars ---
+
+_REMOTE_OPTIONS = ("server_url", "task_id", "push_every", "request_timeout", "meta", "headers", "token")
+_open_bars = weakref.WeakSet()      # remote bars not yet ended, for the exception and exit hooks
+_early_closed = weakref.WeakSet()   # bars whose loop stopped early, final state on hold
+_bars_lock = threading.Lock()
+_tqdm_iter_code = None              # tqdm.std.tqdm.__iter__'s code, set when tqdm is loaded
+
+
+class _RemoteBar:
+    """The remote half of a remote tqdm class; use make_remote_tqdm() to build one.
+
+    It hooks `display()`, which tqdm calls only at its own refresh cadence (miniters,
+    mininterval), never `update()` or `__iter__`: the hot loop costs what tqdm's does.
+    """
+
+    _remote_defaults = {}
+
+    def __init__(self, *args, server_url=None, task_id=None, push_every=None,
+                 request_timeout=None, meta=None, headers=None, token=None, **kwargs):
+        defaults = self._remote_defaults
+        for name, value in defaults.items():
+            if name not in _REMOTE_OPTIONS:
+                kwargs.setdefault(name, value)
+        self._remote_sender = None  # tqdm's __init__ displays once; we publish after it
+        super().__init__(*args, **kwargs)
+        if self.disable:
+            return  # a disabled bar (e.g. disable=rank != 0) is neither drawn nor sent
+        try:
+            self._remote_endpoint = make_endpoint(
+                server_url or defaults.get("server_url"), token or defaults.get("token"),
+                dict(defaults.get("headers") or {}, **(headers or {})),
+                request_timeout if request_timeout is not None else defaults.get("request_timeout"))
+        except ValueError as error:
+            _warn_once(("bad-url", str(error)), "progressista: %s; this bar is not sent", error)
+            return
+        if push_every is None:
+            push_every = defaults.get("push_every")
+        if push_every is None:
+            push_every = _env_seconds(ENV_PUSH_INTERVAL, DEFAULT_PUSH_INTERVAL_S)
+        self._remote_push_every = float(push_every)
+        self._remote_task_id = str(task_id)[:MAX_TASK_ID_CHARS] if task_id else uuid.uuid4().hex
+        merged_meta = default_meta()  # the user's keys win
+        merged_meta.update(defaults.get("meta") or {})
+        merged_meta.update(meta or {})
+        self._remote_meta = _clean_meta(merged_meta)
+        self._remote_thread = threading.get_ident()
+        self._remote_error = None
+        self._remote_sender = default_sender()
+        with _bars_lock:
+            _open_bars.add(self)
+        if self.delay <= 0:
+            self._remote_publish()
+
+    @property
+    def task_id(self):
+        """The id this bar has on the server (None if it is not sent)."""
+        return getattr(self, "_remote_task_id", None)
+
+    def display(self, *args, **kwargs):
+        if self._remote_sender is not None and not self.disable:
+            self._remote_publish()
+        return super().display(*args, **kwargs)
+
+    def __exit__(self, exc_type, exc_value, tb):
+        if exc_type is not None and not _is_clean_exit(exc_value):
+            error = describe_exception(exc_type, exc_value, tb)
+            if getattr(self, "_remote_sender", None) is not None:
+                self._remote_error = error
+            else:
+                self._remote_fail_held(error)  # a loop over this bar already closed it
+        return super().__exit__(exc_type, exc_value, tb)
+
+    def close(self):
+        sender = getattr(self, "_remote_sender", None)
+        if sender is None:
+            return super().close()
+        error, hold_s = self._remote_error, 0.0
+        caller = sys._getframe(1)
+        if error is None and caller.f_code is _tqdm_iter_code:
+            # Closed by tqdm's own loop: tell an exception from the iterable apart from the
+            # normal end. GeneratorExit means the loop was left early (break, or its body
+            # raised): hold the close so the excepthook can still turn it into an error.
+            exc = sys.exc_info()[1]
+            if exc is not None and _raised_through(exc, caller):
+                if isinstance(exc, GeneratorExit):
+                    hold_s = EARLY_CLOSE_HOLD_S
+                else:
+                    error = describe_exception(type(exc), exc, exc.__traceback__)
+        try:
+            return super().close()
+        finally:
+            self._remote_end("error" if error else "close", error, hold_s)
+            if hold_s:
+                with _bars_lock:
+                    _early_closed.add(self)
+            if _in_worker_process() and not sender.is_down(self._remote_endpoint):
+                # A multiprocessing worker may be terminated as soon as it returns its
+                # result: wait (bounded) for the final state while the server answers.
+                sender.flush(self._remote_endpoint.timeout)
+
+    # Remote side
+
+    def _remote_state(self, status="running", error=None):
+        fd = self.format_dict
+        n = _finite(fd.get("n"), 0, minimum=0)
+        elapsed = _finite(fd.get("elapsed"), 0.0, minimum=0.0)
+        rate = _finite(fd.get("rate"), minimum=0.0)
+        if rate is None and elapsed > 0:
+            rate = max(0.0, (n - _finite(fd.get("initial"), 0)) / elapsed)
+        desc = fd.get("prefix") or None
+        if desc and desc.endswith(": "):
+            desc = desc[:-2]  # set_description() appends ": " for display only
+        unit_scale = fd.get("unit_scale")
+        state = {
+            "task_id": self._remote_task_id,
+            "desc": _clip(desc, MAX_DESC_CHARS),
+            "n": n,
+            "total": _finite(fd.get("total"), minimum=0),
+            "unit": _clip(fd.get("unit") or "it", MAX_UNIT_CHARS),
+            "unit_scale": unit_scale if isinstance(unit_scale, (bool, int, float)) else bool(unit_scale),
+            "unit_divisor": _finite(fd.get("unit_divisor"), 1000),
+            "rate": rate,
+            "elapsed": elapsed,
+            "postfix": _clip(fd.get("postfix") or None, MAX_POSTFIX_CHARS),
+            "status": status,
+            "meta": self._remote_meta,
+            "timestamp": time.time(),
+        }
+        if error is not None:
+            state["error"] = _clip(error, MAX_ERROR_CHARS)
+        return state
+
+    def _remote_publish(self):
+        try:
+            self._remote_sender.put(self._remote_endpoint, self._remote_state(),
+                                    push_every=self._remote_push_every)
+        except Exception:  # never let reporting break the user's loop
+            _warn_once("publish", "progressista: could not queue a bar update")
+            log.debug("progressista: publish failed", exc_info=True)
+
+    def _remote_end(self, status, error=None, hold_s=0.0):
+        """Hand this bar's final state to the sender; the bar is not sent again."""
+        sender = self._remote_sender
+        if sender is None:
+            return
+        self._remote_sender = None
+        with _bars_lock:
+            _open_bars.discard(self)
+        try:
+            sender.put(self._remote_endpoint, self._remote_state(status, error),
+                       final=True, hold_s=hold_s)
+        except Exception:
+            log.debug("progressista: could not queue a final state", exc_info=True)
+        self._remote_final_sender = sender
+
+    def _remote_fail_held(self, error):
+        """Turn a close still on hold (a loop left early) into `error`; False if none was."""
+        sender = getattr(self, "_remote_final_sender", None)
+        if sender is None or not sender.pending_final(self._remote_task_id):
+            return False
+        sender.put(self._remote_endpoint, self._remote_state("error", error), final=True)
+        return True
+
+
+def _is_clean_exit(exc):
+    return isinstance(exc, GeneratorExit) or (
+        isinstance(exc, SystemExit) and exc.code in (None, 0))
+
+
+def _raised_through(exc, frame):
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame is frame:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _in_worker_process():
+    multiprocessing = sys.modules.get("multiprocessing")
+    return multiprocessing is not None and multiprocessing.parent_process() is not None
+
+
+_remote_classes = {}
+
+
+def make_remote_tqdm(base_class, **defaults):
+    """Return the remote variant of a tqdm class (tqdm.notebook.tqdm, tqdm.asyncio.tqdm, ...).
+
+    It keeps the base class's own display. `defaults` are default keyword arguments for
+    every bar: the remote options (server_url, token, meta, ...) or any of tqdm's.
+    """
+    global _tqdm_iter_code
+    import tqdm.std
+    if _tqdm_iter_code is None:
+        _tqdm_iter_code = tqdm.std.tqdm.__iter__.__code__
+    if not (isinstance(base_class, type) and issubclass(base_class, tqdm.std.tqdm)):
+        raise TypeError("make_remote_tqdm: %r is not a tqdm class" % (base_class,))
+    if issubclass(base_class, _RemoteBar):
+        if not defaults:
+            return base_class
+        defaults = dict(base_class._remote_defaults, **defaults)
+    key = (base_class, json.dumps(defaults, sort_keys=True, default=repr))
+    cls = _remote_classes.get(key)
+    if cls is None:
+        name = base_class.__name__ if issubclass(base_class, _RemoteBar) else \
+            "Remote" + base_class.__name__
+        cls = type(name, (_RemoteBar, base_class), {
+            "_remote_defaults": dict(defaults), "__module__": __name__,
+            "__doc__": (base_class.__doc__ or "") + "\n\nRemote variant: see progressista_client."})
+        _remote_classes[key] = cls
+    return cls
+
+
+def _make_range(bar_class, name="trange"):
+    def remote_range(*args, **kwargs):
+        return bar_class(range(*args), **kwargs)
+    remote_range.__name__ = remote_range.__qualname__ = name
+    remote_range.__doc__ = "Shortcut for %s(range(*args), **kwargs)." % bar_class.__name__
+    return remote_range
+
+
+# --- How a program ends: uncaught exceptions, exit, fork ---
+
+_hooks_installed = False
+_previous_excepthook = None
+_previous_threading_excepthook = None
+
+
+def _install_hooks():
+    global _hooks_installed, _previous_excepthook, _previous_threading_excepthook
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    _previous_excepthook = sys.excepthook
+    sys.excepthook = _excepthook
+    _previous_threading_excepthook = threading.excepthook
+    threading.excepthook = _threading_excepthook
+    atexit.register(_at_exit)
+
+
+def end_bars_with_error(error, thread_ident=None):
+    """End the open bars (of one thread, or all) as `error`, and early-closed ones on hold."""
+    with _bars_lock:
+        bars = list(_open_bars)
+        held = list(_early_closed)
+        _early_closed.clear()
+    for bar in bars:
+        if thread_ident is None or bar._remote_thread == thread_ident:
+            bar._remote_end("error", error)
+    for bar in held:
+        if thread_ident is None or bar._remote_thread == thread_ident:
+            bar._remote_fail_held(error)
+
+
+def _excepthook(exc_type, exc, tb):
+    try:
+        if not issubclass(exc_type, SystemExit):
+            end_bars_with_error(describe_exception(exc_type, exc, tb))
+    except Exception:
+        pass  # reporting must never hide the program's own traceback
+    (_previous_excepthook or sys.__excepthook__)(exc_type, exc, tb)
+
+
+def _threading_excepthook(args):
+    try:
+        if args.exc_type is not SystemExit and args.thread is not None:
+            end_bars_with_error(describe_exception(args.exc_type, args.exc_value, args.exc_traceback),
+                                thread_ident=args.thread.ident)
+    except Exception:
+        pass
+    (_previous_threading_excepthook or threading.__excepthook__)(args)
+
+
+def _at_exit():
+    sender = _sender
+    if sender is None:
+        return
+    if not os.environ.get(ENV_RUN_DIR):
+        # The program is over: a bar it never closed ends where it stands. Under `run`
+        # the watching parent ends them instead, knowing the exit code or signal.
+        with _bars_lock:
+            bars = list(_open_bars)
+        for bar in bars:
+            bar._remote_end("close")
+    sender.flush()
+
+
+def _after_fork_in_child():
+    # The child gets its own sender thread; bars inherited from the parent stay the
+    # parent's (same task ids), so the child neither sends nor ends them.
+    global _sender, _sender_lock, _bars_lock, _open_bars, _early_closed
+    _sender = None
+    _sender_lock = threading.Lock()
+    _bars_lock = threading.Lock()
+    for bar in list(_open_bars):
+        bar._remote_sender = None
+    _open_bars = weakref.WeakSet()
+    _early_closed = weakref.WeakSet()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --- patch() and unpatch() ---
+
+_PATCHED_MODULES = ("tqdm", "tqdm.std", "tqdm.asyncio", "tqdm.autonotebook", "tqdm.auto",
+                    "tqdm.notebook", "tqdm.rich", "tqdm.gui")
+_IMPORTED_BY_PATCH = ("tqdm.std", "tqdm.asyncio", "tqdm.autonotebook", "tqdm.auto", "tqdm.notebook")
+# Each range shortcut, and the class name it wraps in the same module.
+_RANGE_FUNCTIONS = {"trange": "tqdm", "tarange": "tqdm_asyncio", "tnrange": "tqdm_notebook",
+                    "trrange": "tqdm_rich", "tgrange": "tqdm_gui"}
+_patched = []       # (namespace dict, name, original value), in the order they were replaced
+
+
+def patch(**defaults):
+    """Make every tqdm bar the program creates remote, each keeping its own display.
+
+    Replaces the classes and range shortcuts of tqdm, tqdm.std, tqdm.auto, tqdm.autonotebook,
+    tqdm.notebook and tqdm.asyncio (and tqdm.rich, tqdm.gui if imported), and the names
+    other modules already imported from them. `defaults` are as for make_remote_tqdm().
+    """
+    unpatch()
+    std = _import_tqdm_std()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in _IMPORTED_BY_PATCH:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass  # a tqdm without that module, or one whose optional deps fail
+    remote_by_original = {}
+
+    def remote(cls):
+        if cls not in remote_by_original:
+            remote_by_original[cls] = make_remote_tqdm(cls, **defaults)
+        return remote_by_original[cls]
+
+    def replace(namespace, name, value):
+        _patched.append((namespace, name, namespace[name]))
+        namespace[name] = value
+
+    for module_name in _PATCHED_MODULES:
+        module = sys.modules.get(module_name)
+        if module is None:
+            continue
+        namespace = vars(module)
+        originals = dict(namespace)
+        for name, value in originals.items():
+            if isinstance(value, type) and issubclass(value, std.tqdm) \
+                    and not issubclass(value, _RemoteBar):
+                replace(namespace, name, remote(value))
+        for name, class_name in _RANGE_FUNCTIONS.items():
+            cls = originals.get(class_name)
+            if callable(originals.get(name)) and isinstance(cls, type) and issubclass(cls, std.tqdm):
+                replace(namespace, name, _make_range(remote(cls), name))
+    # Modules that did `from tqdm import tqdm` before patch() hold the original class.
+    by_id = {id(cls): remote_cls for cls, remote_cls in remote_by_original.items()}
+    for module_name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if module_name in _PATCHED_MODULES or module_name == __name__ or not isinstance(namespace, dict):
+            continue
+        for name, value in list(namespace.items()):
+            if id(value) in by_id and isinstance(value, type):
+                replace(namespace, name, by_id[id(value)])
+
+
+def unpatch():
+    """Undo patch(): every replaced name gets its original object back."""
+    while _patched:
+        namespace, name, original = _patched.pop()
+        namespace[name] = original
+
+
+def _import_tqdm_std():
+    try:
+        import tqdm.std
+    except ImportError as error:
+        raise ImportError("progressista_client needs the tqdm package for its bars "
+                          "(pip install tqdm); send_update() works without it") from error
+    return tqdm.std
+
+
+class _PatchTqdmOnImport:
+    """Meta path finder for `run`: patch tqdm when, and only if, the program imports it."""
+
+    def __init__(self, defaults):
+        self.defaults = defaults
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tqdm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("tqdm")
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _PatchingLoader(spec.loader, self.defaults)
+        return spec
+
+
+class _PatchingLoader:
+    def __init__(self, loader, defaults):
+        self.loader = loader
+        self.defaults = defaults
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        try:
+            patch(**self.defaults)
+        except Exception as error:
+            sys.stderr.write("progressista: could not patch tqdm: %s\n" % error)
+
+
+def install_run_hook():
+    """Used by `run` at the start of each Python process: patch tqdm when it is imported."""
+    defaults = json.loads(os.environ.get(ENV_PATCH) or "{}")
+    if "tqdm" in sys.modules:
+        patch(**defaults)
+    elif not any(isinstance(finder, _PatchTqdmOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchTqdmOnImport(defaults))
+
+
+# --- demo and run ---
+
+def demo(bars=3, total=50, delay=0.05, server_url=None, token=None):
+    """Send `bars` fake bars to the server, moving to `total` and closing; return an exit status."""
+    endpoint = make_endpoint(server_url, token)
+    sender = default_sender()
+    started = time.time()
+    meta = _clean_meta(dict(default_meta(), demo=True))
+    task_ids = ["demo-%s-%d" % (uuid.uuid4().hex[:8], index + 1) for index in range(bars)]
+    units = ("it", "B", "img")
+    for step in range(total + 1):
+        for index, task_id in enumerate(task_ids):
+            # Each bar has its own pace curve; all of them reach `total` at the last step.
+            n = int(total * (step / total) ** (index + 1)) if total else 0
+            elapsed = time.time() - started
+            final = step == total
+            sender.put(endpoint, {
+                "task_id": task_id, "desc": "demo bar %d" % (index + 1), "n": n,
+                "total": total, "unit": units[index % len(units)],
+                "rate": n / elapsed if elapsed > 0 else None, "elapsed": elapsed,
+                "status": "close" if final else "running", "meta": meta,
+                "timestamp": time.time()}, push_every=0.1, final=final)
+        if step < total:
+            time.sleep(delay)
+    timeout = max(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S), endpoint.timeout + 1)
+    if sender.flush(timeout):
+        print("progressista demo: sent %d bars to %s" % (bars, endpoint.url))
+        return 0
+    sys.stderr.write("progressista demo: could not deliver to %s; is the server running?\n"
+                     % endpoint.url)
+    return 1
+
+
+_SITECUSTOMIZE = '''\
+# Written by progressista run: patches tqdm in every Python process of the watched program.
+import os as _os, sys as _sys
+
+
+def _progressista_start():
+    import importlib.util
+    module = _sys.modules.get("progressista_client")
+    if module is None:
+        spec = importlib.util.spec_from_file_location(
+            "progressista_client", _os.environ["PROGRESSISTA_CLIENT_PATH"])
+        module = importlib.util.module_from_spec(spec)
+        _sys.modules["progressista_client"] = module
+        spec.loader.exec_module(module)
+    module.install_run_hook()
+
+
+def _progressista_chain():
+    # Then run the sitecustomize this one shadows, if there is one.
+    import importlib
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    saved = list(_sys.path)
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != here]
+    mine = _sys.modules.pop("sitecustomize", None)
+    try:
+        importlib.import_module("sitecustomize")
+    except ImportError:
+        if mine is not None:
+            _sys.modules["sitecustomize"] = mine
+    finally:
+        _sys.path[:] = saved
+
+
+try:
+    _progressista_start()
+except Exception as _error:
+    _sys.stderr.write("progressista: could not watch tqdm bars: %s\\n" % (_error,))
+_progressista_chain()
+'''
+
+
+def _reason_for(returncode):
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "signal %d" % -returncode
+        return "killed by %s" % name
+    return "exited with code %d" % returncode
+
+
+def run_program(target, args, module=False, server_url=None, token=None, push_every=None,
+                request_timeout=None, unit=None, meta=None, headers=None):
+    """Run a Python program with tqdm patched and watch it; return its exit code (128+N on signal N).
+
+    Bars still open when it ends are ended: `error` naming the signal or exit code, or
+    `close` after a clean exit. Its child Python processes are patched too.
+    """
+    defaults = {key: value for key, value in (("unit", unit), ("meta", meta), ("headers", headers))
+                if value is not None}
+    run_dir = tempfile.mkdtemp(prefix="progressista-run-")
+    try:
+        with open(os.path.join(run_dir, "sitecustomize.py"), "w") as file:
+            file.write(_SITECUSTOMIZE)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (run_dir, env.get("PYTHONPATH")) if p)
+        env[ENV_RUN_DIR] = run_dir
+        env[ENV_PATCH] = json.dumps(defaults)
+        env[ENV_CLIENT_PATH] = os.path.abspath(__file__)
+        for name, value in ((ENV_SERVER_URL, server_url), (ENV_API_TOKEN, token),
+                            (ENV_PUSH_INTERVAL, push_every), (ENV_REQUEST_TIMEOUT, request_timeout)):
+            if value is not None:
+                env[name] = str(value)
+        command = [sys.executable] + (["-m", target] if module else [target]) + list(args)
+        returncode = _run_watched(command, env)
+        _end_leftover_bars(run_dir, returncode, server_url, token, headers, request_timeout)
+    finally:
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _run_watched(command, env):
+    child = subprocess.Popen(command, env=env)
+    forwarded = {}
+
+    def forward(signum, frame):
+        # A scheduler's SIGTERM to `run` is meant for the program: pass it on and keep watching.
+        try:
+            child.send_signal(signum)
+        except OSError:
+            pass
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None:
+                forwarded[signum] = signal.signal(signum, forward)
+        # Ctrl-C reaches the program directly (same process group); `run` waits for it to end.
+        forwarded[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in forwarded.items():
+            signal.signal(signum, handler)
+
+
+def _end_leftover_bars(run_dir, returncode, server_url, token, headers, request_timeout):
+    records = {}
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("bars-") and name.endswith(".json"):
+            try:
+                with open(os.path.join(run_dir, name)) as file:
+                    records.update(json.load(file))
+            except (OSError, ValueError):
+                continue
+    if not records:
+        return
+    status = "close" if returncode == 0 else "error"
+    error = None if returncode == 0 else "the program " + _reason_for(returncode)
+    sender = Sender(autostart=False)
+    for task_id, record in records.items():
+        state = dict(record["state"])
+        if state.get("status") not in FINAL_STATUSES:
+            state["status"] = status
+            if error:
+                state["error"] = error
+        try:
+            endpoint = make_endpoint(server_url or record.get("server_url"), token, headers,
+                                     request_timeout)
+        except ValueError:
+            continue
+        # Greater than anything the program sent, whichever clock step it was at.
+        sender._seq = max(sender._seq, int(state.pop("seq", 0) or 0))
+        sender.put(endpoint, state, final=True)
+    sender.flush()
+
+
+# Aliases
+# `tqdm` is imported only when a bar class is first used, so that this module imports
+# (and `send_update`, `demo`, `run` work) without it.
+
+def _missing_tqdm(name):
+    def unavailable(*args, **kwargs):
+        _import_tqdm_std()
+    return type(name, (), {"__init__": unavailable, "__module__": __name__,
+                           "__doc__": "Unavailable: tqdm is not installed."})
+
+
+def __getattr__(name):
+    if name not in ("RemoteTqdm", "tqdm", "trange"):
+        raise AttributeError("module %r has no attribute %r" % (__name__, name))
+    try:
+        std = _import_tqdm_std()
+    except ImportError:
+        remote_class = _missing_tqdm("RemoteTqdm")
+    else:
+        remote_class = make_remote_tqdm(std.tqdm)
+        remote_class.__name__ = remote_class.__qualname__ = "RemoteTqdm"
+    globals().update(RemoteTqdm=remote_class, tqdm=remote_class,
+                     trange=_make_range(remote_class, "trange"))
+    return globals()[name]
