@@ -289,6 +289,17 @@ def test_polling_takes_over_when_websockets_are_unavailable(page, clean_server):
     assert csp_messages(page) == []
 
 
+def test_polling_takes_over_when_a_proxy_refuses_the_websocket_but_http_works(page, clean_server):
+    # A WebSocket that always fails, as behind a proxy that does not pass the upgrade
+    page.add_init_script("""window.WebSocket = class {
+        constructor() { setTimeout(() => this.onclose && this.onclose({ code: 1006 }), 10); }
+        close() {}
+    };""")
+    post(clean_server, task("proxied", n=40))
+    open_dashboard(page, clean_server, connected=re.compile(r"Connected \(polling"))
+    expect(row(page, "proxied")).to_contain_text("40%")
+
+
 # --- Filters, sorting, grouping, actions ----------------------------------------------------
 
 
