@@ -555,7 +555,7 @@ class SqliteStore(MemoryStore):
     def __init__(self, path, max_tasks=MAX_TASKS):
         super().__init__(max_tasks)
         self.path = path
-        self.dirty_ids = set()
+        self.dirty_ids = {}  # a dict as an ordered set: new tasks get rows in order
         self.deleted_ids = set()
         self.failed = False
         self.db = self._connect(path)
@@ -579,7 +579,7 @@ class SqliteStore(MemoryStore):
 
     def _load(self):
         try:
-            rows = self.db.execute("SELECT task FROM tasks ORDER BY created_at").fetchall()
+            rows = self.db.execute("SELECT task FROM tasks ORDER BY created_at, rowid").fetchall()
             for (stored,) in rows:
                 task = Task.from_dict(json.loads(stored))
                 self.by_id[task.task_id] = task
@@ -588,18 +588,19 @@ class SqliteStore(MemoryStore):
 
     def apply(self, updates, now):
         changed = super().apply(updates, now)
-        self.dirty_ids.update(changed)
+        self.dirty_ids.update(dict.fromkeys(changed))
         return changed
 
     def delete(self, task_ids):
         removed = super().delete(task_ids)
         self.deleted_ids.update(removed)
-        self.dirty_ids.difference_update(removed)
+        for task_id in removed:
+            self.dirty_ids.pop(task_id, None)
         return removed
 
     def sweep(self, now, lifetimes):
         stale_ids, removed_ids = super().sweep(now, lifetimes)
-        self.dirty_ids.update(stale_ids)
+        self.dirty_ids.update(dict.fromkeys(stale_ids))
         return stale_ids, removed_ids
 
     def health(self):
@@ -609,13 +610,15 @@ class SqliteStore(MemoryStore):
         rows = [(task.task_id, _task_json(task), task.created_at)
                 for task in map(self.by_id.get, self.dirty_ids) if task is not None]
         deleted = [(task_id,) for task_id in self.deleted_ids]
-        self.dirty_ids, self.deleted_ids = set(), set()
+        self.dirty_ids, self.deleted_ids = {}, set()
         return rows, deleted
 
     def _write(self, rows, deleted):
         with self.db:  # one transaction
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?)", rows)
+            # An upsert keeps the row id, which orders tasks created in the same batch.
+            self.db.executemany("INSERT INTO tasks VALUES (?, ?, ?) ON CONFLICT(task_id) "
+                                "DO UPDATE SET task = excluded.task", rows)
             self.db.executemany("DELETE FROM tasks WHERE task_id = ?", deleted)
 
     async def flush(self):
@@ -628,7 +631,7 @@ class SqliteStore(MemoryStore):
                 self.writer, self._write, rows, deleted)
         except sqlite3.Error as error:
             # Keep the changes to write them next time; say so once, not every tick.
-            self.dirty_ids.update(row[0] for row in rows if row[0] in self.by_id)
+            self.dirty_ids.update(dict.fromkeys(row[0] for row in rows if row[0] in self.by_id))
             self.deleted_ids.update(row[0] for row in deleted)
             if not self.failed:
                 log.error("cannot write SQLite store %s: %s; will retry", self.path, error)
@@ -743,13 +746,21 @@ class RedisStore(MemoryStore):
 
     async def open(self, feed):
         self.feed = feed
+        try:  # serve what Redis holds from the first request on
+            await self.resync()
+            self.came_back()
+        except self.errors as error:
+            self.went_down(error)
         self.subscriber = asyncio.get_running_loop().create_task(self.follow())
 
     async def close(self):
         if self.subscriber is not None:
             self.subscriber.cancel()
-            await asyncio.gather(self.subscriber, return_exceptions=True)
-        await self.client.aclose()
+            await asyncio.wait([self.subscriber], timeout=REDIS_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(self.client.aclose(), REDIS_TIMEOUT_S)
+        except (asyncio.TimeoutError, *self.errors):
+            pass  # shutting down: a Redis that does not answer must not hang us
 
     async def resync(self):
         """Replace the mirror with what Redis holds and broadcast the difference."""
@@ -796,9 +807,9 @@ class RedisStore(MemoryStore):
             except Exception:
                 log.error("Redis follower failed; restarting it", exc_info=True)
             finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:
+                try:  # bounded: when cancelled mid-command, aclose() can wait forever
+                    await asyncio.wait_for(pubsub.aclose(), REDIS_TIMEOUT_S)
+                except (asyncio.TimeoutError, *self.errors):
                     pass
             await asyncio.sleep(REDIS_RETRY_S[min(failures, len(REDIS_RETRY_S) - 1)])
             failures += 1
@@ -1773,6 +1784,10 @@ class App:
         opening = getattr(self.store, "open", None)
         if opening is not None:
             await opening(self.feed)
+        # A persistent store may hold tasks whose lifetime ran out while we were down.
+        swept = self.sweep()
+        if asyncio.iscoroutine(swept):
+            await swept
         flush = getattr(self.store, "flush", None)
         self.background = [
             self.loop.create_task(self.every(self.settings.broadcast_interval, self.broadcast)),

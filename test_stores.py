@@ -1,0 +1,338 @@
+"""The persistent stores: SQLite across restarts, Redis across servers.
+
+Redis tests run a real `redis-server` on a free loopback port; they skip locally when it
+is not installed, and fail under CI (where .ci/run installs it).
+"""
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from websockets.sync.client import connect
+
+import progressista
+from conftest import http, require_binary, running_server, wait_for
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Clock:
+    """A wall clock that a test can move forward, standing in for time passing."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self):
+        return time.time() + self.offset
+
+
+def post(server, body, **kwargs):
+    return http("POST", server.url + "/progress", body, **kwargs)
+
+
+def tasks_of(server):
+    status, body, _ = http("GET", server.url + "/tasks")
+    assert status == 200
+    return body["tasks"]
+
+
+def stored_rows(path):
+    with sqlite3.connect(path) as db:
+        return {task_id: json.loads(task)
+                for task_id, task in db.execute("SELECT task_id, task FROM tasks")}
+
+
+# --- SQLite ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    return "sqlite://" + str(tmp_path / "tasks.db")
+
+
+def test_sqlite_tasks_come_back_after_a_restart_with_fields_and_times(db_url):
+    with running_server(store=db_url) as server:
+        post(server, [{"task_id": "train", "desc": "epoch 3", "n": 30, "total": 100,
+                       "unit": "img", "meta": {"host": "node7"}, "seq": 4},
+                      {"task_id": "etl", "n": 5, "status": "close", "seq": 1}])
+        before = tasks_of(server)
+    with running_server(store=db_url) as server:
+        after = tasks_of(server)
+    assert list(after) == ["train", "etl"]
+    for task_id in after:
+        for field in ("desc", "n", "total", "unit", "meta", "seq", "status",
+                      "created_at", "updated_at"):
+            assert after[task_id][field] == before[task_id][field], (task_id, field)
+
+
+def test_sqlite_writes_reach_the_file_while_the_server_runs(db_url):
+    path = db_url[len("sqlite://"):]
+    with running_server(store=db_url, broadcast_interval=0.05) as server:
+        for n in range(20):
+            post(server, {"task_id": "live", "n": n, "seq": n})
+        wait_for(lambda: stored_rows(path).get("live", {}).get("n") == 19,
+                 message="the last update in the SQLite file")
+        http("DELETE", server.url + "/tasks/live")
+        wait_for(lambda: "live" not in stored_rows(path), message="the delete in the file")
+
+
+def test_sqlite_closed_task_past_retention_while_down_is_gone_after_restart(db_url):
+    clock = Clock()
+    with running_server(store=db_url, retention_seconds=60, clock=clock) as server:
+        post(server, [{"task_id": "done", "status": "close"}, {"task_id": "busy", "n": 1}])
+    clock.offset = 120  # the server was down for two minutes
+    with running_server(store=db_url, retention_seconds=60, stale_seconds=0,
+                        clock=clock) as server:
+        assert list(tasks_of(server)) == ["busy"]
+
+
+def test_sqlite_running_task_reads_stale_after_a_restart_from_its_stored_time(db_url):
+    clock = Clock()
+    with running_server(store=db_url, stale_seconds=60, clock=clock) as server:
+        post(server, {"task_id": "quiet", "n": 1})
+    clock.offset = 61
+    with running_server(store=db_url, stale_seconds=60, clock=clock) as server:
+        assert tasks_of(server)["quiet"]["status"] == "stale"
+        post(server, {"task_id": "quiet", "n": 2})
+        assert tasks_of(server)["quiet"]["status"] == "running"
+
+
+def test_sqlite_max_task_age_continues_from_stored_times(db_url):
+    clock = Clock()
+    with running_server(store=db_url, max_task_age=30, clock=clock) as server:
+        post(server, {"task_id": "forgotten", "n": 1})
+    clock.offset = 31
+    with running_server(store=db_url, max_task_age=30, clock=clock) as server:
+        assert tasks_of(server) == {}
+
+
+def serve_and_fail(store_url):
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "progressista.py"), "--host", "127.0.0.1",
+         "--port", "0", "--store", store_url],
+        capture_output=True, text=True, timeout=20)
+
+
+def test_sqlite_corrupt_file_is_a_clear_startup_error(tmp_path):
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a database\n" * 200)
+    result = serve_and_fail("sqlite://" + str(corrupt))
+    assert result.returncode == 1
+    assert "cannot use SQLite store" in result.stderr
+    assert "file is not a database" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sqlite_unwritable_path_is_a_clear_startup_error(tmp_path):
+    result = serve_and_fail("sqlite://" + str(tmp_path / "missing-folder" / "tasks.db"))
+    assert result.returncode == 1
+    assert "unable to open database file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_store_kind_is_a_clear_startup_error():
+    result = serve_and_fail("postgres://db/tasks")
+    assert result.returncode == 1
+    assert "unknown store 'postgres://db/tasks'" in result.stderr
+
+
+def test_health_reports_the_store_kind(db_url):
+    with running_server(store=db_url) as server:
+        health = http("GET", server.url + "/health")[1]
+    assert health["store"]["kind"] == "sqlite"
+    assert health["store"]["ok"] is True
+
+
+# --- Redis -----------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, restartable on that port."""
+
+    def __init__(self, workdir):
+        self.binary = require_binary("redis-server", "Debian's redis-server")
+        self.port = free_port()
+        self.workdir = workdir
+        self.process = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.answers, timeout=10, message="redis-server to answer")
+        return self
+
+    def answers(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+class Listener:
+    """A /ws client that collects every message it receives."""
+
+    def __init__(self, server):
+        self.socket = connect(server.url.replace("http://", "ws://") + "/ws",
+                              max_size=None, proxy=None, legacy=True)
+        self.messages = [json.loads(self.socket.recv(timeout=5))]
+
+    def receive_until(self, predicate, timeout=5.0, message="a /ws message"):
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(predicate(item) for item in self.messages):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out waiting for {message}")
+            try:
+                self.messages.append(json.loads(self.socket.recv(timeout=remaining)))
+            except TimeoutError:
+                pass
+
+    def removals_of(self, task_id):
+        return sum(task_id in item.get("ids", ()) for item in self.messages
+                   if item["type"] == "remove")
+
+    def close(self):
+        self.socket.close()
+
+
+def test_redis_update_posted_to_one_server_shows_on_the_other(redis_server):
+    with running_server(store=redis_server.url) as one, \
+            running_server(store=redis_server.url) as two:
+        listener = Listener(two)
+        try:
+            assert post(one, {"task_id": "shared", "n": 7, "total": 10, "seq": 1})[0] == 200
+            wait_for(lambda: tasks_of(two).get("shared", {}).get("n") == 7,
+                     message="the task on the other server's /tasks")
+            listener.receive_until(
+                lambda item: item["type"] == "update"
+                and item["tasks"].get("shared", {}).get("n") == 7,
+                message="the update on the other server's /ws")
+        finally:
+            listener.close()
+
+
+def test_redis_newer_seq_wins_whichever_server_gets_it(redis_server):
+    with running_server(store=redis_server.url) as one, \
+            running_server(store=redis_server.url) as two:
+        post(one, {"task_id": "bar", "n": 5, "seq": 5})
+        wait_for(lambda: "bar" in tasks_of(two), message="bar on the second server")
+        post(two, {"task_id": "bar", "n": 3, "seq": 3})  # a late retry, via the other
+        post(two, {"task_id": "bar", "n": 9, "seq": 9, "status": "close"})
+        wait_for(lambda: tasks_of(one)["bar"]["n"] == 9, message="seq 9 on the first")
+        assert tasks_of(two)["bar"]["status"] == "close"
+    with running_server(store=redis_server.url) as fresh:
+        assert tasks_of(fresh)["bar"]["n"] == 9  # what Redis itself holds
+
+
+def test_redis_retention_and_max_age_expire_once_for_every_listener(redis_server):
+    settings = dict(store=redis_server.url, retention_seconds=0.3, max_task_age=0.6,
+                    stale_seconds=0, cleanup_interval=0.05)
+    with running_server(**settings) as one, running_server(**settings) as two:
+        listeners = [Listener(one), Listener(two)]
+        try:
+            post(one, [{"task_id": "finished", "status": "close"},
+                       {"task_id": "abandoned", "n": 1}])
+            for listener in listeners:
+                for task_id in ("finished", "abandoned"):
+                    listener.receive_until(
+                        lambda item, task_id=task_id: item["type"] == "remove"
+                        and task_id in item["ids"], message=f"remove of {task_id}")
+            # Give a second sweeper the chance to remove them twice, then count.
+            post(two, {"task_id": "marker", "n": 1})
+            for listener in listeners:
+                listener.receive_until(lambda item: "marker" in item.get("tasks", {}),
+                                       message="the marker update")
+                assert listener.removals_of("finished") == 1
+                assert listener.removals_of("abandoned") == 1
+            assert "finished" not in tasks_of(one) and "finished" not in tasks_of(two)
+        finally:
+            for listener in listeners:
+                listener.close()
+
+
+def test_redis_stale_is_marked_once_and_shown_by_both_servers(redis_server):
+    settings = dict(store=redis_server.url, stale_seconds=0.2, cleanup_interval=0.05)
+    with running_server(**settings) as one, running_server(**settings) as two:
+        listener = Listener(two)
+        try:
+            post(one, {"task_id": "hung", "n": 1})
+            listener.receive_until(
+                lambda item: item["type"] == "update"
+                and item["tasks"].get("hung", {}).get("status") == "stale",
+                message="the stale update")
+            assert tasks_of(one)["hung"]["status"] == "stale"
+        finally:
+            listener.close()
+
+
+def test_redis_outage_gives_503_then_service_resumes_by_itself(redis_server):
+    with running_server(store=redis_server.url) as one, \
+            running_server(store=redis_server.url) as two:
+        assert post(one, {"task_id": "before", "n": 1})[0] == 200
+        redis_server.stop()
+        status, body, headers = post(one, {"task_id": "during", "n": 1})
+        assert status == 503
+        assert "Redis store is unreachable" in body["error"]
+        assert "not stored" in body["error"]
+        health = http("GET", one.url + "/health")[1]
+        assert health["store"] == {"kind": "redis", "ok": False, "url": redis_server.url}
+        assert http("GET", one.url + "/tasks")[0] == 200  # reads still answer
+        redis_server.start()
+        wait_for(lambda: post(one, {"task_id": "after", "n": 1})[0] == 200, timeout=10,
+                 message="writes to succeed again")
+        wait_for(lambda: "after" in tasks_of(two), timeout=10,
+                 message="the other server to follow again")
+        assert http("GET", two.url + "/health")[1]["store"]["ok"] is True
+
+
+def test_redis_store_without_the_redis_package_says_how_to_install_it():
+    code = ("import sys; sys.modules['redis'] = None; sys.modules['redis.asyncio'] = None\n"
+            "import progressista\n"
+            "try:\n"
+            "    progressista.create_app(store='redis://127.0.0.1:1/0')\n"
+            "except progressista.StoreError as error:\n"
+            "    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=HERE, timeout=20)
+    assert "pip install 'progressista[redis]'" in result.stdout, result.stderr
+
+
+def test_redis_ttl_follows_the_lifetimes():
+    settings = progressista.Settings(retention_seconds=10, max_task_age=100,
+                                     cleanup_interval=1)
+    task = progressista.Task("t", now=0.0)
+    assert progressista.redis_ttl_ms(task, settings) == 102_000
+    task.status = "close"
+    assert progressista.redis_ttl_ms(task, settings) == 12_000
+    assert progressista.redis_ttl_ms(task, progressista.Settings(retention_seconds=0)) == 0
