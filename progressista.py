@@ -1906,11 +1906,29 @@ def _add_server_flags(parser):
                             help=f"{setting.help} [env {env}]")
 
 
+def settings_help():
+    """The server flags and their environment variables, for the top-level --help."""
+    rows = []
+    for setting in SETTINGS_TABLE:
+        flag = "--" + setting.name.replace("_", "-")
+        if setting.name == "api_tokens":
+            flag = "--api-token"
+            env = f"{ENV_PREFIX}API_TOKEN, {ENV_PREFIX}API_TOKENS"
+        else:
+            env = ENV_PREFIX + setting.env
+        rows.append(f"  {flag:<22} {env}\n  {'':<22} {setting.help}")
+    return ("server settings (serve, show-config; flags win over the environment):\n"
+            + "\n".join(rows)
+            + "\n\nclient settings (demo, run): PROGRESSISTA_SERVER_URL, PROGRESSISTA_API_TOKEN,"
+            "\n  PROGRESSISTA_PUSH_INTERVAL, PROGRESSISTA_REQUEST_TIMEOUT"
+            "\n\nRun 'progressista COMMAND --help' for a command's options.")
+
+
 def build_parser():
     parser = _Parser(
         prog="progressista",
         description="Live dashboard for tqdm progress bars. Without a command: serve.",
-        epilog="Run 'progressista COMMAND --help' for a command's options.")
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"progressista {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
