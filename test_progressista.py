@@ -7,6 +7,7 @@ through urllib, http.client, raw sockets and a real websockets client; the pure 
 tests that share a module-scoped server do not interfere.
 """
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -17,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -573,6 +575,26 @@ def test_overflowing_number_in_meta_is_400(srv):
     assert status == 400 and "meta" in body["error"]
 
 
+@pytest.mark.parametrize("field", ["n", "total", "elapsed", "timestamp", "unit_divisor"])
+def test_integer_too_big_for_a_float_is_400_naming_the_field(srv, field):
+    huge = "1" + "0" * 400  # a valid JSON integer beyond float range
+    status, body, _ = post(srv, f'{{"task_id": "{new_id()}", "{field}": {huge}}}'.encode())
+    assert status == 400, body
+    assert field in body["error"]
+
+
+def test_deeply_nested_json_is_400(srv):
+    status, body, _ = post(srv, b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and body["error"]
+
+
+def test_lone_surrogate_in_task_id_is_stored_and_listed(srv):
+    status, _, _ = post(srv, b'{"task_id": "odd-\\ud800-id", "n": 1}')
+    assert status == 200
+    status, body, _ = http("GET", srv.url + "/tasks")
+    assert status == 200 and body["tasks"]["odd-\ud800-id"]["n"] == 1
+
+
 @pytest.mark.parametrize("raw", [b"42", b'"text"', b"null", b"true"])
 def test_body_that_is_neither_object_nor_array_is_400(srv, raw):
     assert post(srv, raw)[0] == 400
@@ -745,6 +767,39 @@ def test_server_keeps_serving_others_after_garbage(srv):
         status, _, _ = read_response(other_reader)
     assert status == 200
     assert http("GET", srv.url + "/health")[0] == 200
+
+
+def test_body_over_limit_sent_in_full_still_gets_413(srv):
+    big = json.dumps([{"task_id": "x", "desc": "d" * 1000}] * 1100).encode()
+    assert len(big) > progressista.MAX_BODY_BYTES
+    status, body, _ = post(srv, big)
+    assert status == 413 and body["error"]
+
+
+def test_conflicting_content_lengths_are_400_and_close_the_connection(srv):
+    task_id = new_id()
+    body = json.dumps({"task_id": task_id}).encode()
+    request = (b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\nContent-Length: 3\r\n\r\n" % len(body)) + body
+    with raw_connection(srv, timeout=3) as (sock, reader):
+        sock.sendall(request)
+        status, _, _ = read_response(reader)
+        assert status == 400
+        assert closed_by_server(reader)  # no second, smuggled request is answered
+    assert get_task(srv, task_id)[0] == 404
+
+
+def test_chunked_body_is_refused_with_a_clear_error(srv):
+    with raw_connection(srv, timeout=3) as (sock, reader):
+        sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"f\r\n{\"task_id\":\"a\"}\r\n0\r\n\r\n")
+        status, _, body = read_response(reader)
+    assert status in (400, 411) and "Content-Length" in json.loads(body)["error"]
+
+
+def test_ws_path_without_upgrade_headers_is_refused(srv):
+    status, _, _ = http("GET", srv.url + "/ws")
+    assert status in (400, 426)
 
 
 def test_new_task_past_max_tasks_is_refused_with_503_or_429():
@@ -956,6 +1011,13 @@ def test_request_from_listed_origin_gets_allow_origin_header(cors_srv):
     assert headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
 
 
+def test_error_answer_to_listed_origin_carries_allow_origin_header(cors_srv):
+    status, body, headers = post(cors_srv, {"task_id": new_id(), "n": -1},
+                                 {"Origin": ALLOWED_ORIGIN})
+    assert status == 400
+    assert headers.get("Access-Control-Allow-Origin") == ALLOWED_ORIGIN  # else unreadable
+
+
 def test_post_from_foreign_browser_origin_is_refused_and_stores_nothing(cors_srv):
     task_id = new_id()
     status, _, headers = post(cors_srv, {"task_id": task_id}, {"Origin": FOREIGN_ORIGIN})
@@ -1142,6 +1204,77 @@ def test_other_listeners_keep_getting_updates_while_one_never_reads():
             post_many_big_updates(server, prefix)
             last = f"{prefix}-{40 * 100 - 1}"
             receive_until(ws, updated(last, n=39), timeout=5)
+
+
+def on_server_loop(server, function):
+    """Call function() on the server's own loop thread and return its result."""
+    async def call():
+        return function()
+    return asyncio.run_coroutine_threadsafe(call(), server.loop).result(5)
+
+
+def read_exactly(sock, size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return bytes(data)
+
+
+def read_frame(sock):
+    """One unmasked server-to-client WebSocket frame: (opcode, payload)."""
+    first, second = read_exactly(sock, 2)
+    length = second & 0x7F
+    if length == 126:
+        length = struct.unpack("!H", read_exactly(sock, 2))[0]
+    elif length == 127:
+        length = struct.unpack("!Q", read_exactly(sock, 8))[0]
+    return first & 0x0F, read_exactly(sock, length)
+
+
+def test_listener_that_falls_behind_has_bounded_buffer_and_resyncs_or_is_closed():
+    settings = {"broadcast_interval": 0.02, "max_body_bytes": 8 << 20}
+    with running_server(**settings) as server, stuck_listener(server) as sock:
+        prefix, marker = new_id("flood"), new_id("marker")
+        conn = HTTPConnection("127.0.0.1", server.port, timeout=10)
+        most_unsent = 0
+        for round_ in range(8):  # about 4 MB of task state per round, one round per tick
+            batch = [{"task_id": f"{prefix}-{i}", "n": round_, "desc": "d" * 1000,
+                      "postfix": "p" * 1000, "error": "e" * 2000} for i in range(1000)]
+            conn.request("POST", "/progress", json.dumps(batch),
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            time.sleep(0.03)  # let a broadcast tick pass, as a steady sender would
+            most_unsent = max([most_unsent] + on_server_loop(server, lambda: [
+                listener.unsent_bytes() for listener in server.app.listeners]))
+        conn.close()
+        assert most_unsent < 2 * progressista.LISTENER_BUFFER_HIGH_BYTES
+        post(server, {"task_id": marker, "n": 1})
+        state, deadline = {}, time.monotonic() + 15
+        sock.settimeout(5)
+        while not (state.get(marker, {}).get("n") == 1
+                   and state.get(f"{prefix}-999", {}).get("n") == 7):
+            assert time.monotonic() < deadline, "the listener never caught up"
+            try:
+                opcode, payload = read_frame(sock)
+            except (ConnectionError, socket.timeout):
+                return  # closing a listener that fell behind is allowed too
+            if opcode == 8:
+                return
+            if opcode != 1:
+                continue
+            message = json.loads(payload)
+            if message["type"] == "snapshot":
+                state = dict(message["tasks"])
+            elif message["type"] == "update":
+                state.update(message["tasks"])
+            else:
+                for task_id in message["ids"]:
+                    state.pop(task_id, None)
 
 
 def test_graceful_stop_sends_listeners_close_frame_1001():
