@@ -650,6 +650,7 @@ class SqliteStore(MemoryStore):
 REDIS_PREFIX = "progressista:"
 REDIS_RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # reconnect backoff, capped at the last
 REDIS_TIMEOUT_S = 2.0
+REDIS_POLL_S = 0.2  # how long the follower waits for a message before checking in
 
 # Write each task only if its seq is newer than the stored one (or either has none), so
 # two servers that receive one bar's updates in a different order agree on the last.
@@ -724,6 +725,7 @@ class RedisStore(MemoryStore):
         self.ok = False
         self.feed = None
         self.subscriber = None
+        self.closing = False
 
     def key(self, task_id):
         return REDIS_PREFIX + "task:" + task_id
@@ -754,7 +756,11 @@ class RedisStore(MemoryStore):
         self.subscriber = asyncio.get_running_loop().create_task(self.follow())
 
     async def close(self):
+        self.closing = True
         if self.subscriber is not None:
+            # redis-py can swallow a cancel inside get_message(): ask the follower to
+            # stop at its next poll, and cancel only one that does not.
+            await asyncio.wait([self.subscriber], timeout=REDIS_TIMEOUT_S + REDIS_POLL_S)
             self.subscriber.cancel()
             await asyncio.wait([self.subscriber], timeout=REDIS_TIMEOUT_S)
         try:
@@ -788,16 +794,16 @@ class RedisStore(MemoryStore):
     async def follow(self):
         """Mirror what other servers publish; after any outage, resync from Redis."""
         failures = 0
-        while True:
+        while not self.closing:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
                 await self.resync()
                 self.came_back()
                 failures = 0
-                while True:
+                while not self.closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=1.0)
+                                                       timeout=REDIS_POLL_S)
                     if message is not None:
                         self.mirror(json.loads(message["data"]))
             except asyncio.CancelledError:
@@ -811,8 +817,9 @@ class RedisStore(MemoryStore):
                     await asyncio.wait_for(pubsub.aclose(), REDIS_TIMEOUT_S)
                 except (asyncio.TimeoutError, *self.errors):
                     pass
-            await asyncio.sleep(REDIS_RETRY_S[min(failures, len(REDIS_RETRY_S) - 1)])
-            failures += 1
+            if not self.closing:
+                await asyncio.sleep(REDIS_RETRY_S[min(failures, len(REDIS_RETRY_S) - 1)])
+                failures += 1
 
     def mirror(self, event):
         """Apply a change another server published."""
