@@ -10,10 +10,13 @@ Content-Security-Policy forbids (as it should), so the tests wait with `expect(.
 locators, or with `wait_for` polling `page.evaluate`, which the CSP does not apply to.
 """
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import pathlib
 import re
+import threading
 import time
 
 import pytest
@@ -298,6 +301,80 @@ def test_polling_takes_over_when_a_proxy_refuses_the_websocket_but_http_works(pa
     post(clean_server, task("proxied", n=40))
     open_dashboard(page, clean_server, connected=re.compile(r"Connected \(polling"))
     expect(row(page, "proxied")).to_contain_text("40%")
+
+
+@contextlib.contextmanager
+def path_prefix_proxy(backend_port, prefix=b"/tools/progress"):
+    """A reverse proxy serving the server under `prefix`: strips it and pipes the bytes,
+    WebSocket upgrades included. Yields the proxy's base URL (with the prefix)."""
+
+    async def pipe(reader, writer):
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            writer.write(data)
+            await writer.drain()
+
+    async def handle(client_reader, client_writer):
+        backend_writer = None
+        try:
+            head = await client_reader.readuntil(b"\r\n\r\n")
+            request_line, rest = head.split(b"\r\n", 1)
+            method, target, version = request_line.split(b" ", 2)
+            if not target.startswith(prefix + b"/"):
+                client_writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                return
+            if b"upgrade: websocket" not in head.lower():
+                # one request per connection, so that every request line gets rewritten
+                rest = b"Connection: close\r\n" + re.sub(rb"(?im)^connection:[^\r]*\r\n", b"", rest)
+            backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", backend_port)
+            backend_writer.write(b" ".join([method, target[len(prefix):], version]) + b"\r\n" + rest)
+            pipes = [asyncio.ensure_future(pipe(client_reader, backend_writer)),
+                     asyncio.ensure_future(pipe(backend_reader, client_writer))]
+            _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            for future in pending:
+                future.cancel()
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            for writer in (client_writer, backend_writer):
+                if writer is not None:
+                    writer.close()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    proxy = asyncio.run_coroutine_threadsafe(
+        asyncio.start_server(handle, "127.0.0.1", 0), loop).result(10)
+    try:
+        yield f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}{prefix.decode()}"
+    finally:
+        async def shutdown():
+            proxy.close()
+            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for handler in handlers:
+                handler.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_works_behind_a_reverse_proxy_under_a_path_prefix(page, clean_server):
+    post(clean_server, task("proxied-prefix", n=35))
+    with path_prefix_proxy(clean_server.port) as base:
+        page.goto(f"{base}/static/index.html?token={TOKEN}")
+        expect(page.locator("#conn")).to_have_text("Connected")  # the WebSocket went through the prefix
+        expect(row(page, "proxied-prefix")).to_contain_text("35%")
+        post(clean_server, task("proxied-prefix", n=36, seq=9))
+        expect(row(page, "proxied-prefix")).to_contain_text("36%")
+        row(page, "proxied-prefix").get_by_role("button", name="Remove proxied-prefix").click()
+        expect(row(page, "proxied-prefix")).to_have_count(0)
+    assert http("GET", clean_server.url + "/tasks", headers=AUTH)[1]["tasks"] == {}
+    assert csp_messages(page) == []
 
 
 # --- Filters, sorting, grouping, actions ----------------------------------------------------
