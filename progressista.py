@@ -66,6 +66,7 @@ MAX_POSTFIX_CHARS = 1000
 MAX_ERROR_CHARS = 2000
 MAX_META_BYTES = 4 * 1024  # meta, as compact JSON
 MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they send small
+MAX_DISCARD_BYTES = 64 << 20  # of a refused body, read and dropped so the 413 arrives
 LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
 LISTENER_BUFFER_LOW_BYTES = 1 << 20  # ...and gets a fresh snapshot once drained to this
 
@@ -76,6 +77,7 @@ KEEPALIVE_TIMEOUT_S = 75.0  # an idle keep-alive connection is closed after this
 LISTENER_BEHIND_TIMEOUT_S = 30.0  # a listener that stays behind this long is closed
 WS_PING_INTERVAL_S = 20.0  # the Sans-I/O layer sends no pings of its own
 WS_PING_TIMEOUT_S = 20.0  # a listener that leaves a ping unanswered this long is closed
+DISCARD_TIMEOUT_S = 5.0  # to send the rest of a refused body before we close
 SHUTDOWN_TIMEOUT_S = 5.0
 REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 
@@ -287,8 +289,13 @@ def _number(value, where, minimum=0.0, nullable=False):
     if not _is_number(value):
         raise HTTPError(400, f"{where}: must be a number{' or null' if nullable else ''}, "
                              f"not {type(value).__name__ if value is not None else 'null'}")
-    if not math.isfinite(value) or value < minimum:
-        raise HTTPError(400, f"{where}: must be a finite number >= {minimum:g}, not {value}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        finite = False
+    if not finite or value < minimum:
+        shown = value if finite or type(value) is float else "a number too large"
+        raise HTTPError(400, f"{where}: must be a finite number >= {minimum:g}, not {shown}")
     return value
 
 
@@ -984,6 +991,7 @@ def snapshot_message(store, now, stale_after_s):
 # --- HTTP ------------------------------------------------------------------------------
 
 REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]\Z")
+SINGLE_HEADERS = ("content-length", "host")
 
 
 class Request:
@@ -1038,7 +1046,16 @@ def parse_head(head, peer=None):
         name, colon, value = line.partition(b":")
         if not colon or not name or name != name.strip():
             raise HTTPError(400, f"malformed header line {line[:40]!r}")
-        headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
+        name = name.decode("latin-1").lower()
+        value = value.strip().decode("latin-1")
+        if name in headers:
+            if name in SINGLE_HEADERS:
+                if headers[name] != value:
+                    # Two framings of one body are how requests get smuggled.
+                    raise HTTPError(400, f"conflicting {name} headers")
+                continue
+            value = headers[name] + ", " + value
+        headers[name] = value
     method, target, version = (part.decode("latin-1") for part in parts)
     return Request(method, target, version, headers, peer)
 
@@ -1077,6 +1094,12 @@ def json_response(payload, status=200, headers=None):
 
 def error_response(error):
     return json_response({"error": error.message}, error.status, list(error.headers))
+
+
+def internal_error(request):
+    """Log an unexpected error with its traceback; the client gets a plain 500."""
+    log.error("error answering %s %s", request.method, request.path, exc_info=True)
+    return json_response({"error": "internal server error; see the server log"}, 500)
 
 
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
@@ -1297,6 +1320,7 @@ class Connection(asyncio.Protocol):
         self.busy = False
         self.listener = None
         self.deadline = 0.0
+        self.discarding = 0  # bytes of a refused body still to read before closing
 
     # asyncio callbacks
 
@@ -1313,6 +1337,11 @@ class Connection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data):
+        if self.discarding:
+            self.discarding -= len(data)
+            if self.discarding <= 0:
+                self.close()
+            return
         if self.listener is not None:
             try:
                 self.listener.receive(data)
@@ -1357,7 +1386,8 @@ class Connection(asyncio.Protocol):
                         return
                     length = body_length(request, app.settings.max_body_bytes)
                 except HTTPError as error:
-                    self.fail(error)
+                    declared = request.headers.get("content-length", "") if request else ""
+                    self.fail(error, int(declared) if error.status == 413 else 0)
                     return
                 if length:
                     if (len(buffer) < length
@@ -1418,10 +1448,20 @@ class Connection(asyncio.Protocol):
         if not keep_alive:
             self.close()
 
-    def fail(self, error):
-        """Answer an unreadable request with its error and close the connection."""
-        if self.transport is not None:
-            self.transport.write(serialize_response(error_response(error), keep_alive=False))
+    def fail(self, error, unread_body_bytes=0):
+        """Answer an unreadable request with its error and close the connection.
+
+        A client still sending a refused body would get a reset instead of the answer if
+        we closed at once, so up to MAX_DISCARD_BYTES of it are read and dropped first."""
+        if self.transport is None:
+            return
+        self.transport.write(serialize_response(error_response(error), keep_alive=False))
+        self.discarding = unread_body_bytes - len(self.buffer)
+        self.buffer.clear()
+        if 0 < self.discarding <= MAX_DISCARD_BYTES:
+            self.deadline = self.app.loop.time() + DISCARD_TIMEOUT_S
+        else:
+            self.discarding = 0
             self.close()
 
     def upgrade(self, request, head):
@@ -1521,49 +1561,53 @@ class App:
         except HTTPError as error:
             return error_response(error)
         except Exception:
-            log.error("error answering %s %s", request.method, request.path, exc_info=True)
-            return json_response({"error": "internal server error; see the server log"}, 500)
+            return internal_error(request)
 
     def dispatch(self, request):
         """Route one request. The one catch-all: an unexpected error is logged and
         answered 500, and the server goes on serving every other connection."""
+        cors = self.cors_headers(request)  # on errors too, so a page can read them
         try:
-            path = request.path
-            methods = self.routes.get(path)
-            if methods is None:
-                if path.startswith("/tasks/") and len(path) > len("/tasks/"):
-                    methods = {"GET": self.get_task, "DELETE": self.delete_task}
-                else:
-                    raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
-                                         "or the README for the API")
-            method = "GET" if request.method == "HEAD" else request.method
-            cors = self.cors_headers(request)
-            if method == "OPTIONS":
-                return self.preflight(request, methods, cors)
-            handler = methods.get(method)
-            if handler is None:
-                allow = ", ".join(sorted(methods) + ["OPTIONS"])
-                raise HTTPError(405, f"{request.method} is not allowed on {path}; "
-                                     f"use {allow}", headers=[("Allow", allow)])
-            if method != "GET" and not origin_allowed(request, self.settings.allow_origins):
-                raise HTTPError(403, f"origin {request.headers.get('origin')!r} is not "
-                                     "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS")
-            self.check_token(request)
-            response = handler(request)
-            if not isinstance(response, Response):  # an async store is still at work
-                return self.completed(response, cors)
-            if cors:
-                response.headers.extend(cors)
-            return response
+            response = self.route(request)
         except HTTPError as error:
-            return error_response(error)
+            response = error_response(error)
         except Exception:
-            log.error("error answering %s %s", request.method, request.path, exc_info=True)
-            return json_response({"error": "internal server error; see the server log"}, 500)
+            response = internal_error(request)
+        if not isinstance(response, Response):  # an async store is still at work
+            return self.completed(response, cors)
+        response.headers.extend(cors)
+        return response
+
+    def route(self, request):
+        path = request.path
+        methods = self.routes.get(path)
+        if methods is None:
+            if path.startswith("/tasks/") and len(path) > len("/tasks/"):
+                methods = {"GET": self.get_task, "DELETE": self.delete_task}
+            else:
+                raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
+                                     "or the README for the API")
+        method = "GET" if request.method == "HEAD" else request.method
+        if method == "OPTIONS":
+            return self.preflight(request, methods)
+        handler = methods.get(method)
+        if handler is None:
+            allow = ", ".join(sorted(methods) + ["OPTIONS"])
+            raise HTTPError(405, f"{request.method} is not allowed on {path}; "
+                                 f"use {allow}", headers=[("Allow", allow)])
+        if method != "GET" and not origin_allowed(request, self.settings.allow_origins):
+            # A page on another site must not change tasks, even without tokens.
+            raise HTTPError(403, f"origin {request.headers.get('origin')!r} is not "
+                                 "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS")
+        self.check_token(request)
+        return handler(request)
 
     @staticmethod
     async def completed(pending, cors):
-        response = await pending
+        try:
+            response = await pending
+        except HTTPError as error:
+            response = error_response(error)
         response.headers.extend(cors)
         return response
 
@@ -1599,12 +1643,12 @@ class App:
             return []
         return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
 
-    def preflight(self, request, methods, cors):
+    def preflight(self, request, methods):
         allow = ", ".join(sorted(name for name in methods) + ["OPTIONS"])
-        if request.headers.get("origin") is not None and not cors:
+        if request.headers.get("origin") is not None and not self.cors_headers(request):
             raise HTTPError(403, f"origin {request.headers['origin']!r} is not allowed; "
                                  "list it in PROGRESSISTA_ALLOW_ORIGINS")
-        return Response(204, content_type=None, headers=cors + [
+        return Response(204, content_type=None, headers=[
             ("Allow", allow),
             ("Access-Control-Allow-Methods", allow),
             ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
