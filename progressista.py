@@ -50,6 +50,10 @@ __all__ = [
 __version__ = "0.3.0"
 
 log = logging.getLogger("progressista")
+# The Sans-I/O layer logs every frame at debug level; --log-level debug means one line
+# per HTTP request, so its logger starts at info (lower it by hand to see frames).
+ws_log = logging.getLogger("progressista.websocket")
+ws_log.setLevel(logging.INFO)
 
 
 # --- Configuration ---------------------------------------------------------------------
@@ -1285,7 +1289,7 @@ def upgrade_to_websocket(connection, request, head, origins, compression):
         origins=origins,
         extensions=[ServerPerMessageDeflateFactory()] if compression else None,
         max_size=MAX_WS_MESSAGE_BYTES,
-        logger=log,
+        logger=ws_log,
     )
     protocol.receive_data(head)
     events = protocol.events_received()
@@ -2041,8 +2045,10 @@ def cmd_serve(args):
     except ValueError as error:
         print(f"progressista: error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
+    level = settings.log_level.upper()
+    logging.basicConfig(level=logging.INFO if level == "DEBUG" else level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(level)  # debug is for our request lines, not asyncio's internals
     try:
         app = App(settings)
     except StoreError as error:
