@@ -829,11 +829,7 @@ def make_remote_tqdm(base_class, **defaults):
     It keeps the base class's own display. `defaults` are default keyword arguments for
     every bar: the remote options (server_url, token, meta, ...) or any of tqdm's.
     """
-    global _tqdm_iter_code
-    import tqdm.std
-    if _tqdm_iter_code is None:
-        _tqdm_iter_code = tqdm.std.tqdm.__iter__.__code__
-    if not (isinstance(base_class, type) and issubclass(base_class, tqdm.std.tqdm)):
+    if not (isinstance(base_class, type) and issubclass(base_class, _tqdm_base())):
         raise TypeError("make_remote_tqdm: %r is not a tqdm class" % (base_class,))
     if issubclass(base_class, _RemoteBar):
         if not defaults:
@@ -844,7 +840,8 @@ def make_remote_tqdm(base_class, **defaults):
     if cls is None:
         name = base_class.__name__ if issubclass(base_class, _RemoteBar) else \
             "Remote" + base_class.__name__
-        cls = type(name, (_RemoteBar, base_class), {
+        bases = (base_class,) if issubclass(base_class, _RemoteBar) else (_RemoteBar, base_class)
+        cls = type(name, bases, {
             "_remote_defaults": dict(defaults), "__module__": __name__,
             "__doc__": (base_class.__doc__ or "") + "\n\nRemote variant: see progressista_client."})
         _remote_classes[key] = cls
@@ -961,7 +958,7 @@ def patch(**defaults):
     other modules already imported from them. `defaults` are as for make_remote_tqdm().
     """
     unpatch()
-    std = _import_tqdm_std()
+    base = _tqdm_base()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in _IMPORTED_BY_PATCH:
@@ -987,12 +984,12 @@ def patch(**defaults):
         namespace = vars(module)
         originals = dict(namespace)
         for name, value in originals.items():
-            if isinstance(value, type) and issubclass(value, std.tqdm) \
+            if isinstance(value, type) and issubclass(value, base) \
                     and not issubclass(value, _RemoteBar):
                 replace(namespace, name, remote(value))
         for name, class_name in _RANGE_FUNCTIONS.items():
             cls = originals.get(class_name)
-            if callable(originals.get(name)) and isinstance(cls, type) and issubclass(cls, std.tqdm):
+            if callable(originals.get(name)) and isinstance(cls, type) and issubclass(cls, base):
                 replace(namespace, name, _make_range(remote(cls), name))
     # Modules that did `from tqdm import tqdm` before patch() hold the original class.
     by_id = {id(cls): remote_cls for cls, remote_cls in remote_by_original.items()}
@@ -1019,6 +1016,20 @@ def _import_tqdm_std():
         raise ImportError("progressista_client needs the tqdm package for its bars "
                           "(pip install tqdm); send_update() works without it") from error
     return tqdm.std
+
+
+_original_tqdm = None
+
+
+def _tqdm_base():
+    """tqdm.std.tqdm as tqdm defines it, even while patch() has replaced the name."""
+    global _original_tqdm, _tqdm_iter_code
+    if _original_tqdm is None:
+        cls = next(c for c in _import_tqdm_std().tqdm.__mro__
+                   if c is not _RemoteBar and not issubclass(c, _RemoteBar))
+        _original_tqdm = cls
+        _tqdm_iter_code = cls.__iter__.__code__
+    return _original_tqdm
 
 
 class _PatchTqdmOnImport:
@@ -1146,7 +1157,7 @@ def _reason_for(returncode):
             name = signal.Signals(-returncode).name
         except ValueError:
             name = "signal %d" % -returncode
-        return "killed by %s" % name
+        return "was killed by %s" % name
     return "exited with code %d" % returncode
 
 
@@ -1256,7 +1267,7 @@ def __getattr__(name):
     except ImportError:
         remote_class = _missing_tqdm("RemoteTqdm")
     else:
-        remote_class = make_remote_tqdm(std.tqdm)
+        remote_class = make_remote_tqdm(_tqdm_base())
         remote_class.__name__ = remote_class.__qualname__ = "RemoteTqdm"
     globals().update(RemoteTqdm=remote_class, tqdm=remote_class,
                      trange=_make_range(remote_class, "trange"))
