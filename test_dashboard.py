@@ -476,6 +476,22 @@ def test_controls_are_reachable_from_the_keyboard(page, clean_server):
     expect(row(page, "keyed").locator("button.info")).to_be_focused()
 
 
+def test_phone_width_and_dark_theme_stay_readable(browser, clean_server):
+    context = browser.new_context(viewport={"width": 390, "height": 800}, color_scheme="dark")
+    page = context.new_page()
+    try:
+        post(clean_server, realistic_mix())
+        open_dashboard(page, clean_server)
+        first = page.locator(VISIBLE_TASK_ROWS).first
+        expect(first).to_be_visible()
+        assert first.bounding_box()["height"] == 96  # four lines per row on a phone
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 390  # no sideways scroll
+        background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+        assert sum(int(c) for c in re.findall(r"\d+", background)[:3]) < 150, background
+    finally:
+        context.close()
+
+
 # --- Scale ----------------------------------------------------------------------------------
 
 

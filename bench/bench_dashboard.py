@@ -55,7 +55,13 @@ TARGETS = {
 # when the probe row shows each new value. Reads the page; changes nothing in it.
 INSTRUMENTATION = """
 (() => {
-  const bench = window.__bench = { frames: [], longTasks: [], probeSeen: {}, snapshotAt: null, drawnAt: null };
+  const bench = window.__bench = { frames: [], longTasks: [], renders: [], probeSeen: {}, snapshotAt: null, drawnAt: null };
+  // Time the page's own animation-frame callbacks (its render()); our frame counter bypasses this
+  const nativeFrame = window.requestAnimationFrame.bind(window);
+  window.requestAnimationFrame = (callback) => nativeFrame((t) => {
+    const start = performance.now();
+    try { callback(t); } finally { bench.renders.push([start, performance.now() - start]); }
+  });
   const NativeWebSocket = window.WebSocket;
   window.WebSocket = class extends NativeWebSocket {
     constructor(...args) {
@@ -63,8 +69,8 @@ INSTRUMENTATION = """
       this.addEventListener("message", () => { if (bench.snapshotAt === null) bench.snapshotAt = performance.now(); });
     }
   };
-  const frame = (t) => { bench.frames.push(t); requestAnimationFrame(frame); };
-  requestAnimationFrame(frame);
+  const frame = (t) => { bench.frames.push(t); nativeFrame(frame); };
+  nativeFrame(frame);
   new PerformanceObserver((list) => {
     for (const entry of list.getEntries()) bench.longTasks.push([entry.startTime, entry.duration]);
   }).observe({ type: "longtask", buffered: true });
@@ -195,6 +201,7 @@ def main(argv=None):
         measured = page.evaluate("""([from, to]) => ({
             frames: __bench.frames.filter(t => t >= from && t <= to),
             longTasks: __bench.longTasks.filter(([start]) => start >= from && start <= to),
+            renders: __bench.renders.filter(([start]) => start >= from && start <= to).map(([, ms]) => ms),
             probeSeen: __bench.probeSeen,
             rows: document.querySelectorAll('.row:not([hidden])').length,
             userAgent: navigator.userAgent,
@@ -224,6 +231,10 @@ def main(argv=None):
           f"p95 {figures['frame_p95_ms']:.1f} ms, max {max(intervals, default=0):.1f} ms, "
           f"{100 * sum(i < 50 for i in intervals) / max(1, len(intervals)):.1f}% under 50 ms   "
           f"(target: p95 < {TARGETS['frame_p95_ms']} ms)")
+    renders = measured["renders"]
+    print(f"  render() per frame:     {len(renders)} calls, median {percentile(renders, 0.5):.1f} ms, "
+          f"p95 {percentile(renders, 0.95):.1f} ms, max {max(renders, default=0):.1f} ms, "
+          f"{sum(renders):.0f} ms in total ({100 * sum(renders) / max(1.0, window_ms):.1f}% of the run)")
     print(f"  main thread long tasks: {len(measured['longTasks'])}, {busy:.0f} ms in total "
           f"({100 * busy / max(1.0, window_ms):.1f}% of the run)")
     if latencies:
