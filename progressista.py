@@ -34,6 +34,7 @@ import urllib.parse
 __all__ = [
     "App",
     "HTTPError",
+    "json_response",
     "MemoryStore",
     "Request",
     "Response",
