@@ -912,7 +912,8 @@ def test_body_split_across_packets_is_reassembled(srv):
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/tasks"), ("POST", "/progress"),
-                                          ("GET", "/tasks/x"), ("DELETE", "/tasks")])
+                                          ("GET", "/tasks/x"), ("DELETE", "/tasks"),
+                                          ("DELETE", "/tasks/x")])
 def test_missing_token_is_401_with_www_authenticate_bearer(auth_srv, method, path):
     status, body, headers = http(method, auth_srv.url + path,
                                  body={"task_id": "x"} if method == "POST" else None)
@@ -992,6 +993,13 @@ def test_preflight_from_listed_origin_gets_cors_headers(cors_srv):
     assert "POST" in headers["Access-Control-Allow-Methods"]
     allowed_headers = headers["Access-Control-Allow-Headers"].lower()
     assert "authorization" in allowed_headers and "content-type" in allowed_headers
+
+
+def test_preflight_needs_no_token_when_tokens_are_configured():
+    with running_server(api_tokens=TOKENS, allow_origins=[ALLOWED_ORIGIN]) as server:
+        status, _, headers = preflight(server, ALLOWED_ORIGIN)
+    assert status in (200, 204)
+    assert headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
 
 
 def test_preflight_from_unlisted_origin_gets_no_cors_headers(cors_srv):
@@ -1098,6 +1106,21 @@ def test_ws_sends_remove_for_bulk_delete(clocked_srv):
         http("DELETE", clocked_srv.url + "/tasks?status=close")
         message = receive_until(ws, lambda m: m["type"] == "remove")
     assert sorted(message["ids"]) == ["a", "b"]
+
+
+def test_ws_answers_client_ping_with_pong(srv):
+    with open_listener(srv) as ws:
+        ws.recv(timeout=3)
+        assert ws.ping().wait(2)
+
+
+def test_ws_listener_that_closes_is_forgotten_by_the_server():
+    with running_server() as server:
+        with open_listener(server) as ws:
+            ws.recv(timeout=3)
+            assert on_server_loop(server, lambda: len(server.app.listeners)) == 1
+        wait_for(lambda: on_server_loop(server, lambda: len(server.app.listeners)) == 0, 3,
+                 message="the listener to be dropped")
 
 
 def test_ws_ignores_messages_from_the_client(srv):
@@ -1789,6 +1812,16 @@ def test_cli_show_config_prints_json_settings_with_tokens_masked():
 def test_cli_flags_win_over_environment():
     result = run_cli("show-config", "--port", "9001", env=clean_env(PROGRESSISTA_PORT="9002"))
     assert json.loads(result.stdout)["port"] == 9001
+
+
+def test_cli_tokens_from_both_environment_variables_are_all_accepted():
+    env = clean_env(PROGRESSISTA_API_TOKEN="one", PROGRESSISTA_API_TOKENS="two, three")
+    with cli_server("--host", "127.0.0.1", "--port", "0", env=env) as server:
+        assert http("GET", server.url + "/tasks")[0] == 401
+        for token in ("one", "two", "three"):
+            status, _, _ = http("GET", server.url + "/tasks",
+                                headers={"Authorization": f"Bearer {token}"})
+            assert status == 200, token
 
 
 def test_cli_help_lists_every_subcommand():
