@@ -513,6 +513,16 @@ def test_dashboard_csp_allows_its_inline_script_by_sha256_hash(srv):
     assert "unsafe-inline" not in policy.split("script-src", 1)[1].split(";")[0]
 
 
+@pytest.mark.parametrize("path", ["/static/../progressista.py", "/static/%2e%2e/progressista.py",
+                                  "/static/..%2fprogressista.py", "/static/"])
+def test_static_serves_nothing_but_the_dashboard(srv, path):
+    with raw_connection(srv) as (sock, reader):
+        sock.sendall(request_bytes("GET", path))
+        status, _, body = read_response(reader)
+    assert status == 404
+    assert b"import" not in body
+
+
 def test_head_answers_headers_without_body(srv):
     conn = HTTPConnection("127.0.0.1", srv.port, timeout=5)
     conn.request("HEAD", "/health")
@@ -1357,6 +1367,16 @@ def test_update_after_stale_makes_task_running_again(lifetime_srv):
     assert (task["status"], task["n"]) == ("running", 2)
 
 
+def test_stale_task_coming_back_is_broadcast_as_running(lifetime_srv):
+    task_id = new_id()
+    with open_listener(lifetime_srv) as ws:
+        ws.recv(timeout=3)
+        post(lifetime_srv, {"task_id": task_id, "n": 1})
+        receive_until(ws, updated(task_id, status="stale"), timeout=2)
+        post(lifetime_srv, {"task_id": task_id, "n": 2})
+        receive_until(ws, updated(task_id, status="running", n=2), timeout=2)
+
+
 def test_retention_deletes_closed_and_errored_tasks_but_not_running_ones(lifetime_srv):
     closed, failed, running = new_id("close"), new_id("error"), new_id("run")
     post(lifetime_srv, [{"task_id": closed, "status": "close"},
@@ -1876,6 +1896,8 @@ def test_cli_debug_log_has_one_line_per_request_and_never_the_token():
         assert http("GET", server.url + f"/tasks?token={secret}")[0] == 200
         assert post(server, {"task_id": "a"}, {"Authorization": f"Bearer {secret}"})[0] == 200
         assert http("GET", server.url + "/tasks?token=wrong-guess")[0] == 401
+        with open_listener(server, f"/ws?token={secret}") as ws:
+            ws.recv(timeout=3)
         wait_for(lambda: len(re.findall(r"GET /tasks\S* 401", server.stderr)) == 1, 3,
                  message="the request log lines")
         assert server.stop() == 0
@@ -1883,6 +1905,7 @@ def test_cli_debug_log_has_one_line_per_request_and_never_the_token():
     assert secret not in log_text and "wrong-guess" not in log_text
     assert len(re.findall(r"GET /tasks\?token=\S* 200 [\d.]+ ?ms", log_text)) == 1
     assert len(re.findall(r"POST /progress 200 [\d.]+ ?ms", log_text)) == 1
+    assert len(re.findall(r"GET /ws\?token=\S* 101", log_text)) == 1
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
