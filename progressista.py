@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import hashlib
 import hmac
+import html.parser
 import http
 import ipaddress
 import json
@@ -1186,10 +1187,36 @@ def load_dashboard():
             candidates)
     with open(path, "rb") as file:
         page = file.read()
+    finder = _InlineScripts()
+    finder.feed(page.decode("utf-8"))
+    finder.close()
     hashes = tuple(
-        "'sha256-" + base64.b64encode(hashlib.sha256(script).digest()).decode() + "'"
-        for script in re.findall(rb"<script>(.*?)</script>", page, re.S))
+        "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+        for script in finder.scripts)
     return page, hashes, path
+
+
+class _InlineScripts(html.parser.HTMLParser):
+    """Collects the text of each inline <script>, as the browser hashes it for CSP (a
+    parser, not a regex, so that '<script>' inside a comment or a style is no script)."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=False)
+        self.scripts = []
+        self.current = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "script" and "src" not in dict(attrs):
+            self.current = []
+
+    def handle_data(self, data):
+        if self.current is not None:
+            self.current.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "script" and self.current is not None:
+            self.scripts.append("".join(self.current))
+            self.current = None
 
 
 def content_security_policy(script_hashes, host):
