@@ -1846,8 +1846,11 @@ class App:
     def log_request(self, request, status):
         if self.log_requests:
             path = request.target
-            if "token=" in path:  # never log a token
-                path = re.sub(r"token=[^&]*", "token=***", path)
+            if "token" in request.query:  # never log a token, however it was escaped
+                path = request.path + "?" + "&".join(
+                    urllib.parse.quote(name) + "=" + ("***" if name == "token"
+                                                      else urllib.parse.quote(value))
+                    for name, value in request.query.items())
             log.debug("%s %s %d %.1fms", request.method, path, status,
                       (time.perf_counter() - request.started) * 1000)
 

@@ -1943,3 +1943,84 @@ def test_cli_does_not_warn_on_loopback_or_with_a_token():
         public.stop()
         loopback.stop()
     assert "WARNING" not in public.stderr and "WARNING" not in loopback.stderr
+
+
+# --- Timeouts (the constants shortened, so nothing waits for seconds) ------------------
+
+
+@pytest.fixture
+def quick_timeouts(monkeypatch):
+    monkeypatch.setattr(progressista, "REAP_INTERVAL_S", 0.05)
+    monkeypatch.setattr(progressista, "HEADER_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(progressista, "BODY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(progressista, "KEEPALIVE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(progressista, "WS_PING_INTERVAL_S", 0.05)
+    monkeypatch.setattr(progressista, "WS_PING_TIMEOUT_S", 0.3)
+    with running_server() as server:
+        yield server
+
+
+def test_client_that_never_finishes_its_headers_is_disconnected(quick_timeouts):
+    with raw_connection(quick_timeouts) as (sock, reader):
+        sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\n")
+        assert closed_by_server(reader)
+    assert http("GET", quick_timeouts.url + "/health")[0] == 200
+
+
+def test_client_that_never_finishes_its_body_is_disconnected(quick_timeouts):
+    with raw_connection(quick_timeouts) as (sock, reader):
+        sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        assert closed_by_server(reader)
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(quick_timeouts):
+    with raw_connection(quick_timeouts) as (sock, reader):
+        sock.sendall(request_bytes("GET", "/health"))
+        assert read_response(reader)[0] == 200
+        assert closed_by_server(reader)
+
+
+def test_listener_that_never_answers_pings_is_disconnected(quick_timeouts):
+    with raw_connection(quick_timeouts) as (sock, reader):
+        sock.sendall(WS_HANDSHAKE)
+        assert read_response(reader, head_only=True)[0] == 101
+        # Read frames (the snapshot, then pings) but never answer one.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if not sock.recv(4096):
+                    break
+            except ConnectionResetError:
+                break
+        else:
+            pytest.fail("a listener that never answered a ping was not disconnected")
+
+
+def test_listener_that_answers_pings_stays_connected(quick_timeouts):
+    with open_listener(quick_timeouts) as ws:  # the websockets client answers pings
+        ws.recv(timeout=3)
+        time.sleep(0.6)  # twice the ping timeout: the point is that nothing happens
+        post(quick_timeouts, {"task_id": new_id("alive"), "n": 1})
+        assert json.loads(ws.recv(timeout=3))["type"] == "update"
+
+
+# --- Details found in review ---------------------------------------------------------
+
+
+def test_cli_debug_log_masks_a_token_whose_name_was_percent_escaped():
+    secret = "tok-escaped-name"
+    with cli_server("--host", "127.0.0.1", "--port", "0", "--log-level", "debug",
+                    "--api-token", secret) as server:
+        assert http("GET", server.url + f"/tasks?tok%65n={secret}&x=1")[0] == 200
+        wait_for(lambda: "GET /tasks?" in server.stderr, 3, message="the request line")
+        assert server.stop() == 0
+    assert secret not in server.stderr
+    assert "token=***" in server.stderr
+
+
+def test_csp_hashes_the_real_script_even_after_a_script_tag_in_a_style():
+    page = ("<!doctype html><style>/* no <script>here</script> */</style>"
+            "<script>document.title = 'ok';</script>")
+    finder = progressista._InlineScripts()
+    finder.feed(page)
+    assert finder.scripts == ["document.title = 'ok';"]
