@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import re
 import signal
@@ -357,11 +358,28 @@ def _check_timestamp(value, where):
 def _check_meta(value, where):
     if type(value) is not dict:
         raise HTTPError(400, f"{where}: must be an object of string keys and scalar values")
+    bound = 2  # an upper bound of the compact JSON size: 12 bytes a character at worst
+    interned = {}  # keys and short strings shared by every task (json.loads copies them)
     for key, item in value.items():
-        if item is not None and type(item) not in (str, int, float, bool):
+        kind = type(item)
+        if kind is str:
+            bound += 12 * (len(key) + len(item)) + 6
+            if len(item) <= 64:
+                item = sys.intern(item)
+        elif kind is float:
+            if not math.isfinite(item):
+                raise HTTPError(400, f"{where}.{key}: must be a finite number")
+            bound += 12 * len(key) + 30
+        elif item is None or kind is bool or (kind is int and -10**20 < item < 10**20):
+            bound += 12 * len(key) + 30
+        elif kind is int:
+            bound += MAX_META_BYTES  # a huge int: let json.dumps measure it
+        else:
             raise HTTPError(400, f"{where}.{key}: must be a string, number, true, false or null")
-        if type(item) is float and not math.isfinite(item):
-            raise HTTPError(400, f"{where}.{key}: must be a finite number")
+        interned[sys.intern(key) if len(key) <= 64 else key] = item
+    value = interned
+    if bound <= MAX_META_BYTES:
+        return value
     size = len(json.dumps(value, separators=(",", ":")))
     if size > MAX_META_BYTES:
         raise HTTPError(400, f"{where}: must be at most {MAX_META_BYTES} bytes as JSON, not {size}")
@@ -391,18 +409,64 @@ FIELD_CHECKS = {
 def validate_update(obj, index=None):
     """Return the known fields of one update, checked; raise HTTPError(400) naming the
     first bad field (``tasks[3].n: ...`` when `index` is a batch position)."""
-    prefix = "" if index is None else f"tasks[{index}]."
     if type(obj) is not dict:
+        prefix = "" if index is None else f"tasks[{index}]."
         raise HTTPError(400, f"{prefix or 'body'}: each update must be a JSON object")
     if "task_id" not in obj:
+        prefix = "" if index is None else f"tasks[{index}]."
         raise HTTPError(400, f"{prefix}task_id: required, a string of 1 to "
                              f"{MAX_TASK_ID_CHARS} characters")
     update = {}
     for key, value in obj.items():
+        # The common valid cases inline, by type; anything else (including every error)
+        # goes through FIELD_CHECKS, which names the field.
+        vtype = type(value)
+        if vtype is float or vtype is int:
+            if key in _NON_NEGATIVE:
+                if 0 <= value <= _MAX_FLOAT and (value or key != "unit_divisor"):
+                    update[key] = value
+                    continue
+            elif key == "seq":
+                if vtype is int:
+                    update[key] = value
+                    continue
+            elif key == "timestamp":
+                if -_MAX_FLOAT <= value <= _MAX_FLOAT:
+                    update[key] = value
+                    continue
+        elif vtype is str:
+            limit = _TEXT_LIMITS.get(key)
+            if limit is not None:
+                if len(value) <= limit:
+                    update[key] = sys.intern(value) if len(value) <= 32 else value
+                    continue
+            elif key == "task_id":
+                if 0 < len(value) <= MAX_TASK_ID_CHARS:
+                    update[key] = value
+                    continue
+            elif key == "status":
+                status = STATUS_ALIASES.get(value)
+                if status is not None:
+                    update[key] = status
+                    continue
+        elif value is None:
+            if key in _NULLABLE:
+                update[key] = None
+                continue
+        elif vtype is bool and key == "unit_scale":
+            update[key] = value
+            continue
         check = FIELD_CHECKS.get(key)
         if check is not None:  # unknown fields are ignored and not stored
-            update[key] = check(value, prefix + key)
+            update[key] = check(value, key if index is None else f"tasks[{index}].{key}")
     return update
+
+
+_MAX_FLOAT = sys.float_info.max  # also refuses inf, NaN and ints beyond any float
+_NON_NEGATIVE = frozenset(("n", "total", "rate", "elapsed", "unit_divisor", "unit_scale"))
+_TEXT_LIMITS = {"desc": MAX_DESC_CHARS, "unit": MAX_UNIT_CHARS, "postfix": MAX_POSTFIX_CHARS,
+                "error": MAX_ERROR_CHARS}
+_NULLABLE = frozenset(("desc", "total", "rate", "postfix", "error"))
 
 
 class Task:
@@ -439,7 +503,7 @@ class Task:
         return self.status
 
     def as_dict(self, now=None, stale_after_s=0):
-        wire = {name: getattr(self, name) for name in Task.__slots__}
+        wire = dict(zip(Task.__slots__, _task_fields(self)))
         if now is not None:
             wire["status"] = self.shown_status(now, stale_after_s)
         return wire
@@ -452,6 +516,9 @@ class Task:
             if name in stored:
                 setattr(task, name, stored[name])
         return task
+
+
+_task_fields = operator.attrgetter(*Task.__slots__)
 
 
 def apply_update(task, update, now):
@@ -502,7 +569,8 @@ class MemoryStore:
 
     def apply(self, updates, now):
         by_id = self.by_id
-        new_ids = {update["task_id"] for update in updates} - by_id.keys()
+        # A set comprehension with `not in`: `set - by_id.keys()` walks the whole store.
+        new_ids = {update["task_id"] for update in updates if update["task_id"] not in by_id}
         if new_ids and len(by_id) + len(new_ids) > self.max_tasks:
             raise StoreFull(self.max_tasks, sorted(new_ids)[0])
         changed = []
@@ -511,6 +579,8 @@ class MemoryStore:
             task = by_id.get(task_id)
             if task is None:
                 task = by_id[task_id] = Task(task_id, now)
+            else:  # the dict key's string, not the equal one json.loads just made
+                update["task_id"] = task.task_id
             if apply_update(task, update, now):
                 changed.append(task_id)
         return changed
@@ -727,14 +797,14 @@ class RedisStore(MemoryStore):
         self.url = url
         self.shown_url = re.sub(r"//[^@/]*@", "//***@", url)  # never log a password
         self.settings = settings
-        self.client = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
-                                        socket_connect_timeout=REDIS_TIMEOUT_S)
+        self.connect = lambda: aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                                 socket_connect_timeout=REDIS_TIMEOUT_S)
+        self.client = None  # made in open(): on 3.9 its locks bind to the loop it is made on
         self.index_key = REDIS_PREFIX + "tasks"
         self.channel = REDIS_PREFIX + "events"
         self.lease_key = REDIS_PREFIX + "sweeper"
         self.origin = os.urandom(8).hex()
-        self.write_script = self.client.register_script(REDIS_WRITE_SCRIPT)
-        self.lease_script = self.client.register_script(REDIS_LEASE_SCRIPT)
+        self.write_script = self.lease_script = None
         self.ok = False
         self.feed = None
         self.subscriber = None
@@ -761,6 +831,9 @@ class RedisStore(MemoryStore):
 
     async def open(self, feed):
         self.feed = feed
+        self.client = self.connect()
+        self.write_script = self.client.register_script(REDIS_WRITE_SCRIPT)
+        self.lease_script = self.client.register_script(REDIS_LEASE_SCRIPT)
         try:  # serve what Redis holds from the first request on
             await self.resync()
             self.came_back()
@@ -776,6 +849,8 @@ class RedisStore(MemoryStore):
             await asyncio.wait([self.subscriber], timeout=REDIS_TIMEOUT_S + REDIS_POLL_S)
             self.subscriber.cancel()
             await asyncio.wait([self.subscriber], timeout=REDIS_TIMEOUT_S)
+        if self.client is None:
+            return
         try:
             await asyncio.wait_for(self.client.aclose(), REDIS_TIMEOUT_S)
         except (asyncio.TimeoutError, *self.errors):
@@ -865,7 +940,8 @@ class RedisStore(MemoryStore):
     async def apply(self, updates, now):
         """Store in Redis, then in the mirror; all or nothing, 503 when Redis is down."""
         by_id = self.by_id
-        new_ids = {update["task_id"] for update in updates} - by_id.keys()
+        # A set comprehension with `not in`: `set - by_id.keys()` walks the whole store.
+        new_ids = {update["task_id"] for update in updates if update["task_id"] not in by_id}
         if new_ids and len(by_id) + len(new_ids) > self.max_tasks:
             raise StoreFull(self.max_tasks, sorted(new_ids)[0])
         staged = {}
@@ -970,6 +1046,10 @@ class Feed:
         self.removed_ids.update(task_ids)
         self.changed_ids.difference_update(task_ids)
 
+    def clear(self):
+        self.changed_ids = set()
+        self.removed_ids = set()
+
     def take(self, store, now, stale_after_s):
         """Return the encoded messages pending (possibly none) and forget them."""
         messages = []
@@ -984,8 +1064,7 @@ class Feed:
                     tasks[task_id] = task.as_dict(now, stale_after_s)
             if tasks:
                 messages.append(_encode({"type": "update", "tasks": tasks, "now": now}))
-        self.changed_ids = set()
-        self.removed_ids = set()
+        self.clear()
         return messages
 
 
@@ -1029,7 +1108,15 @@ class Request:
     def json(self):
         """The body as JSON; 400 for bad JSON, NaN or Infinity."""
         try:
-            return json.loads(self.body, parse_constant=_reject_constant)
+            body = self.body
+            if body[:1] in (b"{", b"[") and body[1:2] != b"\x00":  # UTF-8, as PROTOCOL.md says
+                text = body.decode()
+                value, end = _JSON_DECODER.raw_decode(text)
+                if end != len(text) and text[end:].strip(" \t\n\r"):
+                    raise ValueError(f"Extra data at char {end}")
+                return value
+            # json.loads' detection still serves UTF-16/32 and a BOM
+            return _JSON_DECODER.decode(body.decode(json.detect_encoding(body)))
         except HTTPError:
             raise
         except (ValueError, RecursionError) as error:
@@ -1040,20 +1127,26 @@ def _reject_constant(name):
     raise HTTPError(400, f"body: {name} is not allowed: numbers must be finite")
 
 
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+_REQUEST_LINE_TEXT = re.compile(r"([A-Z]+) (\S+) (HTTP/1\.[01])\Z")
+_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
+
+
 def parse_head(head, peer=None):
     """Parse a request head (without its final blank line); raise HTTPError(400)."""
-    lines = head.split(b"\r\n")
-    request_line = lines[0]
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or not REQUEST_LINE.match(request_line):
+    lines = head.decode("latin-1").split("\r\n")
+    match = _REQUEST_LINE_TEXT.match(lines[0])
+    if match is None:
         raise HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'")
     headers = {}
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise HTTPError(400, f"malformed header line {line[:40]!r}")
-        name = name.decode("latin-1").lower()
-        value = value.strip().decode("latin-1")
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip(_ASCII_SPACE):
+            raise HTTPError(400, f"malformed header line {line[:40].encode('latin-1')!r}")
+        name = name.lower()
+        value = value.strip(_ASCII_SPACE)
         if name in headers:
             if name in SINGLE_HEADERS:
                 if headers[name] != value:
@@ -1062,8 +1155,7 @@ def parse_head(head, peer=None):
                 continue
             value = headers[name] + ", " + value
         headers[name] = value
-    method, target, version = (part.decode("latin-1") for part in parts)
-    return Request(method, target, version, headers, peer)
+    return Request(*match.groups(), headers, peer)
 
 
 def body_length(request, max_body_bytes):
@@ -1111,8 +1203,15 @@ def internal_error(request):
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 
 
+_OK_JSON_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"X-Content-Type-Options: nosniff\r\nContent-Length: ")
+
+
 def serialize_response(response, keep_alive, head_only=False):
     body = response.body
+    if (keep_alive and not head_only and response.status == 200 and not response.headers
+            and response.content_type == "application/json"):
+        return b"%s%d\r\n\r\n%s" % (_OK_JSON_HEAD, len(body), body)
     lines = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
              f"Content-Length: {len(body)}\r\n"]
     if response.content_type:
@@ -1264,19 +1363,27 @@ except ImportError:  # pragma: no cover - reported by App.start()
 class Listener:
     """One /ws client: its Sans-I/O protocol and whether it fell behind."""
 
-    __slots__ = ("connection", "protocol", "behind_since", "ping_sent_at", "ping_payload")
+    __slots__ = ("connection", "protocol", "behind_since", "high_water", "ping_sent_at",
+                 "last_ping_at")
 
-    def __init__(self, connection, protocol):
+    def __init__(self, connection, protocol, now):
         self.connection = connection
         self.protocol = protocol
         self.behind_since = None  # loop time it stopped getting messages, while behind
-        self.ping_sent_at = None
-        self.ping_payload = b""
+        self.high_water = LISTENER_BUFFER_HIGH_BYTES
+        self.ping_sent_at = None  # while a ping waits for its pong
+        self.last_ping_at = now
 
     def send(self, payload):
         """Send one text message; the bytes go straight to the transport's buffer."""
         self.protocol.send_text(payload)
         self.flush()
+
+    def send_snapshot(self, snapshot):
+        # A snapshot may be bigger than the high-water mark by itself: give it room, or a
+        # listener that has not read it by the next tick would fall behind, again and again.
+        self.high_water = LISTENER_BUFFER_HIGH_BYTES + len(snapshot)
+        self.send(snapshot)
 
     def flush(self):
         transport = self.connection.transport
@@ -1326,7 +1433,7 @@ def upgrade_to_websocket(connection, request, head, origins, compression):
         return None
     response = protocol.accept(events[0])
     protocol.send_response(response)
-    listener = Listener(connection, protocol)
+    listener = Listener(connection, protocol, connection.app.loop.time())
     listener.flush()
     if response.status_code != 101:
         connection.close()
@@ -1510,7 +1617,7 @@ class Connection(asyncio.Protocol):
         self.listener = listener
         self.deadline = math.inf  # pings watch a listener from now on
         app.listeners.add(listener)
-        listener.send(app.snapshot())
+        listener.send_snapshot(app.snapshot())
         if self.buffer:  # bytes that followed the head belong to the WebSocket
             rest, self.buffer = bytes(self.buffer), bytearray()
             self.data_received(rest)
@@ -1538,6 +1645,7 @@ class App:
         self.connections = set()
         self.listeners = set()
         self.background = []
+        self.cached_snapshot = None
         self.page, self.script_hashes, self.page_source = load_dashboard()
         self.log_requests = False
         self.routes = {
@@ -1778,26 +1886,34 @@ class App:
         return [None, *sorted(own_origins(request)), *self.settings.allow_origins]
 
     def snapshot(self):
-        return snapshot_message(self.store, self.clock(), self.settings.stale_seconds)
+        """The snapshot message, built once per broadcast interval however many listeners
+        (re)connect in it: what changes after it is built is in the feed, and goes to
+        them with the next update."""
+        if self.cached_snapshot is None:
+            self.cached_snapshot = snapshot_message(self.store, self.clock(),
+                                                    self.settings.stale_seconds)
+        return self.cached_snapshot
 
     def broadcast(self):
         """Send what changed since the last call to every listener that keeps up."""
+        self.cached_snapshot = None  # from here on it would miss what the feed hands out
+        if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
+            self.feed.clear()
+            return
         messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
         now = self.loop.time()
-        snapshot = None
         for listener in list(self.listeners):
             unsent = listener.unsent_bytes()
             if listener.behind_since is not None:
                 # It missed messages: once it has drained, a fresh snapshot resyncs it.
                 if unsent <= LISTENER_BUFFER_LOW_BYTES:
-                    snapshot = snapshot or self.snapshot()
                     listener.behind_since = None
-                    listener.send(snapshot)
+                    listener.send_snapshot(self.snapshot())
                 elif now - listener.behind_since > LISTENER_BEHIND_TIMEOUT_S:
                     log.info("closing /ws listener %s: it stopped reading",
                              listener.connection.peer)
                     listener.connection.transport.abort()
-            elif unsent > LISTENER_BUFFER_HIGH_BYTES:
+            elif unsent > listener.high_water:
                 listener.behind_since = now  # drop what it has pending, never block
             else:
                 for message in messages:
@@ -1826,8 +1942,9 @@ class App:
                 if now - listener.ping_sent_at > WS_PING_TIMEOUT_S:
                     log.info("closing /ws listener %s: no pong", connection.peer)
                     connection.transport.abort()
-            elif listener.protocol.state is State.OPEN:
-                listener.ping_sent_at = now
+            elif (now - listener.last_ping_at >= WS_PING_INTERVAL_S
+                  and listener.protocol.state is State.OPEN):
+                listener.ping_sent_at = listener.last_ping_at = now
                 listener.protocol.send_ping(os.urandom(4))
                 listener.flush()
 
