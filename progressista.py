@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import base64
 import concurrent.futures
-import copy
 import dataclasses
 import hashlib
 import hmac
@@ -508,6 +507,12 @@ class Task:
             wire["status"] = self.shown_status(now, stale_after_s)
         return wire
 
+    def copy(self):
+        twin = Task.__new__(Task)
+        for name, value in zip(Task.__slots__, _task_fields(self)):
+            setattr(twin, name, value)
+        return twin
+
     @classmethod
     def from_dict(cls, stored):
         """Rebuild a task from `as_dict()` output (persistent stores)."""
@@ -923,19 +928,25 @@ class RedisStore(MemoryStore):
         self.feed.changed(changed)
         self.feed.removed(super().delete(event.get("removed", ())))
 
-    async def publish(self, changed_tasks, removed_ids):
-        event = {"origin": self.origin, "changed": [task.as_dict() for task in changed_tasks],
-                 "removed": list(removed_ids)}
-        await self.client.publish(self.channel, json.dumps(event, separators=(",", ":")))
-
-    async def write(self, tasks):
+    async def write_and_publish(self, tasks):
+        """Store `tasks` (where their seq is newest) and tell the other servers; return
+        the ids written. Each task is encoded once, for both."""
+        encoded = {task.task_id: _task_json(task) for task in tasks}
         keys, args = [], [self.index_key]
         for task in tasks:
             keys.append(self.key(task.task_id))
             args += ["" if task.seq is None else task.seq, task.created_at,
-                     redis_ttl_ms(task, self.settings), task.task_id, _task_json(task)]
-        written = await self.write_script(keys=keys, args=args)
-        return {task_id.decode() for task_id in written}
+                     redis_ttl_ms(task, self.settings), task.task_id, encoded[task.task_id]]
+        written = {task_id.decode() for task_id in
+                   await self.write_script(keys=keys, args=args)}
+        if written:
+            await self.publish([encoded[task_id] for task_id in written], ())
+        return written
+
+    async def publish(self, changed_json, removed_ids):
+        # Built around the already-encoded tasks rather than decoding them again.
+        await self.client.publish(self.channel, '{"origin":%s,"changed":[%s],"removed":%s}' % (
+            json.dumps(self.origin), ",".join(changed_json), json.dumps(list(removed_ids))))
 
     async def apply(self, updates, now):
         """Store in Redis, then in the mirror; all or nothing, 503 when Redis is down."""
@@ -948,15 +959,14 @@ class RedisStore(MemoryStore):
         for update in updates:
             task_id = update["task_id"]
             task = staged.get(task_id) or by_id.get(task_id)
-            task = copy.copy(task) if task is not None else Task(task_id, now)
+            task = task.copy() if task is not None else Task(task_id, now)
             if apply_update(task, update, now):
                 staged[task_id] = task
         try:
             if staged:
-                written = await self.write(staged.values())
+                written = await self.write_and_publish(list(staged.values()))
                 staged = {task_id: task for task_id, task in staged.items()
                           if task_id in written}
-                await self.publish(staged.values(), ())
         except self.errors as error:
             raise self.went_down(error) from None
         self.came_back()
@@ -993,8 +1003,7 @@ class RedisStore(MemoryStore):
             for task in stale:
                 task.status = "stale"
             if stale:
-                await self.write(stale)
-                await self.publish(stale, ())
+                await self.write_and_publish(stale)
             removed = await self.delete(doomed)
         except self.errors as error:
             self.went_down(error)
