@@ -1441,12 +1441,18 @@ def upgrade_to_websocket(connection, request, head, origins, compression):
         connection.fail(HTTPError(400, "malformed WebSocket handshake"))
         return None
     response = protocol.accept(events[0])
+    if response.status_code != 101:
+        # Answer in JSON like every other error, keeping headers such as Upgrade.
+        message = " ".join(response.body.decode("utf-8", "replace").split()).rstrip(".")
+        if response.status_code == 403:
+            message += "; list the origin in PROGRESSISTA_ALLOW_ORIGINS"
+        kept = [(name, value) for name, value in response.headers.raw_items()
+                if name.lower() not in ("content-length", "content-type", "connection", "date")]
+        connection.fail(HTTPError(response.status_code, message, headers=kept))
+        return None
     protocol.send_response(response)
     listener = Listener(connection, protocol, connection.app.loop.time())
     listener.flush()
-    if response.status_code != 101:
-        connection.close()
-        return None
     return listener
 
 

@@ -808,8 +808,18 @@ def test_chunked_body_is_refused_with_a_clear_error(srv):
 
 
 def test_ws_path_without_upgrade_headers_is_refused(srv):
-    status, _, _ = http("GET", srv.url + "/ws")
-    assert status in (400, 426)
+    status, body, headers = http("GET", srv.url + "/ws")
+    assert status == 426
+    assert headers["Upgrade"] == "websocket"
+    assert "missing Connection header" in body["error"]
+
+
+def test_ws_refusal_for_a_foreign_origin_is_json_that_says_what_to_do(srv):
+    status, body, _ = http("GET", srv.url + "/ws", headers={
+        "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Origin": FOREIGN_ORIGIN})
+    assert status == 403
+    assert "PROGRESSISTA_ALLOW_ORIGINS" in body["error"]
 
 
 def test_new_task_past_max_tasks_is_refused_with_503_or_429():
