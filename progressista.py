@@ -1475,6 +1475,7 @@ class Connection(asyncio.Protocol):
         self.listener = None
         self.deadline = 0.0
         self.discarding = 0  # bytes of a refused body still to read before closing
+        self.head_started = False  # a partial request head is waiting, its deadline set
 
     # asyncio callbacks
 
@@ -1532,6 +1533,7 @@ class Connection(asyncio.Protocol):
                     return
                 head = bytes(buffer[:end])
                 del buffer[:end + 4]
+                self.head_started = False
                 try:
                     request = parse_head(head, self.peer)
                     request.started = time.perf_counter()
@@ -1549,12 +1551,14 @@ class Connection(asyncio.Protocol):
                         self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.body = length  # the length, until the body is read
                     self.pending = request
+                    # Once per body, not per chunk: a trickle of bytes must not keep
+                    # a connection (and its buffer) forever.
+                    self.deadline = app.loop.time() + BODY_TIMEOUT_S
                 else:
                     self.respond(request)
                     continue
             length = request.body
             if len(buffer) < length:
-                self.deadline = app.loop.time() + BODY_TIMEOUT_S
                 return
             request.body = bytes(buffer[:length])
             del buffer[:length]
@@ -1572,7 +1576,8 @@ class Connection(asyncio.Protocol):
         elif len(buffer) > MAX_HEADER_BYTES:
             self.fail(HTTPError(431, f"request headers are over the limit of "
                                      f"{MAX_HEADER_BYTES} bytes"))
-        else:
+        elif not self.head_started:  # the clock starts at the first byte, once
+            self.head_started = True
             self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
 
     def respond(self, request):

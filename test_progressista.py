@@ -2036,3 +2036,31 @@ def test_csp_hashes_the_real_script_even_after_a_script_tag_in_a_style():
     finder = progressista._InlineScripts()
     finder.feed(page)
     assert finder.scripts == ["document.title = 'ok';"]
+
+
+def trickle_until_closed(sock, first, byte, seconds=3.0):
+    """Send `first`, then `byte` every 50 ms; True once the server has closed on us."""
+    sock.settimeout(0.05)
+    sock.sendall(first)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(byte)
+            if sock.recv(1024) == b"":
+                return True
+        except socket.timeout:
+            continue  # nothing to read yet: keep trickling
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+    return False
+
+
+def test_client_trickling_its_headers_is_disconnected_at_the_header_deadline(quick_timeouts):
+    with raw_connection(quick_timeouts) as (sock, _):
+        assert trickle_until_closed(sock, b"GET /health HTTP/1.1\r\nX-Slow: ", b"a")
+
+
+def test_client_trickling_its_body_is_disconnected_at_the_body_deadline(quick_timeouts):
+    with raw_connection(quick_timeouts) as (sock, _):
+        assert trickle_until_closed(
+            sock, b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n", b" ")
