@@ -1851,9 +1851,13 @@ class App:
     def delete_tasks(self, request):
         status = _status_query(request)
         older_than = _seconds_query(request, "older_than")
+        # An id as a filter too: a browser cannot put "." or ".." in a path segment.
+        task_id = request.query.get("task_id")
         now = self.clock()
         stale_after_s = self.settings.stale_seconds
-        doomed = [task.task_id for task in self.store.tasks()
+        candidates = self.store.tasks() if task_id is None else filter(
+            None, [self.store.get(task_id)])
+        doomed = [task.task_id for task in candidates
                   if (status is None or task.shown_status(now, stale_after_s) == status)
                   and (older_than is None or now - task.updated_at >= older_than)]
         return self.changing(self.store.delete(doomed), self.feed.removed,

@@ -2064,3 +2064,14 @@ def test_client_trickling_its_body_is_disconnected_at_the_body_deadline(quick_ti
     with raw_connection(quick_timeouts) as (sock, _):
         assert trickle_until_closed(
             sock, b"POST /progress HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n", b" ")
+
+
+@pytest.mark.parametrize("task_id", [".", "..", "a/b"])
+def test_delete_tasks_takes_a_task_id_filter_for_ids_a_path_cannot_carry(srv, task_id):
+    other = new_id()
+    post(srv, [{"task_id": task_id}, {"task_id": other}])
+    query = urllib.parse.urlencode({"task_id": task_id})
+    status, body, _ = http("DELETE", srv.url + "/tasks?" + query)
+    assert (status, body) == (200, {"removed": [task_id]})
+    assert get_task(srv, other)[0] == 200
+    assert http("DELETE", srv.url + "/tasks?" + query)[1] == {"removed": []}
