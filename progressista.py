@@ -305,6 +305,25 @@ def _number(value, where, minimum=0.0, nullable=False):
     return value
 
 
+def _is_unicode(text):
+    """False for a string with a lone surrogate: JSON's "\\ud800" decodes to one, and it
+    cannot be written as UTF-8 (to SQLite, to Redis, to a browser)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_unicode(text, where):
+    if not _is_unicode(text):
+        raise HTTPError(400, f"{where}: must be valid Unicode (a lone surrogate like "
+                             "\\ud800 is not)")
+    return text
+
+
 def _text(value, where, limit, nullable=True):
     if value is None and nullable:
         return None
@@ -312,13 +331,14 @@ def _text(value, where, limit, nullable=True):
         raise HTTPError(400, f"{where}: must be a string{' or null' if nullable else ''}")
     if len(value) > limit:
         raise HTTPError(400, f"{where}: must be at most {limit} characters, not {len(value)}")
+    _check_unicode(value, where)
     return sys.intern(value) if len(value) <= 32 else value
 
 
 def _check_task_id(value, where):
     if type(value) is not str or not 1 <= len(value) <= MAX_TASK_ID_CHARS:
         raise HTTPError(400, f"{where}: required, a string of 1 to {MAX_TASK_ID_CHARS} characters")
-    return value
+    return _check_unicode(value, where)
 
 
 def _check_status(value, where):
@@ -361,7 +381,9 @@ def _check_meta(value, where):
     interned = {}  # keys and short strings shared by every task (json.loads copies them)
     for key, item in value.items():
         kind = type(item)
+        _check_unicode(key, where)
         if kind is str:
+            _check_unicode(item, f"{where}.{key}")
             bound += 12 * (len(key) + len(item)) + 6
             if len(item) <= 64:
                 item = sys.intern(item)
@@ -436,11 +458,11 @@ def validate_update(obj, index=None):
         elif vtype is str:
             limit = _TEXT_LIMITS.get(key)
             if limit is not None:
-                if len(value) <= limit:
+                if len(value) <= limit and _is_unicode(value):
                     update[key] = sys.intern(value) if len(value) <= 32 else value
                     continue
             elif key == "task_id":
-                if 0 < len(value) <= MAX_TASK_ID_CHARS:
+                if 0 < len(value) <= MAX_TASK_ID_CHARS and _is_unicode(value):
                     update[key] = value
                     continue
             elif key == "status":
@@ -717,7 +739,7 @@ class SqliteStore(MemoryStore):
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self.writer, self._write, rows, deleted)
-        except sqlite3.Error as error:
+        except Exception as error:  # sqlite3.Error, or anything else: lose nothing
             # Keep the changes to write them next time; say so once, not every tick.
             self.dirty_ids.update(dict.fromkeys(row[0] for row in rows if row[0] in self.by_id))
             self.deleted_ids.update(row[0] for row in deleted)

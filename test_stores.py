@@ -338,3 +338,39 @@ def test_redis_ttl_follows_the_lifetimes():
     task.status = "close"
     assert progressista.redis_ttl_ms(task, settings) == 12_000
     assert progressista.redis_ttl_ms(task, progressista.Settings(retention_seconds=0)) == 0
+
+
+def test_sqlite_write_failure_shows_in_health_and_loses_nothing(db_url, monkeypatch):
+    path = db_url[len("sqlite://"):]
+    failures = []
+    real_write = progressista.SqliteStore._write
+
+    def failing_once(store, rows, deleted):
+        if not failures:
+            failures.append(rows)
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_write(store, rows, deleted)
+
+    monkeypatch.setattr(progressista.SqliteStore, "_write", failing_once)
+    with running_server(store=db_url, broadcast_interval=0.05) as server:
+        post(server, {"task_id": "kept", "n": 3})
+        wait_for(lambda: failures, message="the failing write")
+        # The next flush writes what the failed one held.
+        wait_for(lambda: stored_rows(path).get("kept", {}).get("n") == 3,
+                 message="the retried write")
+        assert http("GET", server.url + "/health")[1]["store"]["ok"] is True
+
+
+def test_sqlite_failed_write_reports_not_ok_until_it_succeeds(db_url, monkeypatch):
+    monkeypatch.setattr(progressista.SqliteStore, "_write",
+                        lambda store, rows, deleted: (_ for _ in ()).throw(
+                            sqlite3.OperationalError("database or disk is full")))
+    with running_server(store=db_url, broadcast_interval=0.05) as server:
+        post(server, {"task_id": "waiting", "n": 1})
+        wait_for(lambda: http("GET", server.url + "/health")[1]["store"]["ok"] is False,
+                 message="health to report the store as failing")
+        monkeypatch.undo()  # the disk recovers
+        wait_for(lambda: http("GET", server.url + "/health")[1]["store"]["ok"] is True,
+                 message="health to recover")
+    with running_server(store=db_url) as server:
+        assert tasks_of(server)["waiting"]["n"] == 1
