@@ -2168,8 +2168,9 @@ def settings_help():
         rows.append(f"  {flag:<22} {env}\n  {'':<22} {setting.help}")
     return ("server settings (serve, show-config; flags win over the environment):\n"
             + "\n".join(rows)
-            + "\n\nclient settings (demo, run): PROGRESSISTA_SERVER_URL, PROGRESSISTA_API_TOKEN,"
-            "\n  PROGRESSISTA_PUSH_INTERVAL, PROGRESSISTA_REQUEST_TIMEOUT"
+            + "\n\nclient settings (demo, run, progressista_client): PROGRESSISTA_SERVER_URL,"
+            "\n  PROGRESSISTA_API_TOKEN, PROGRESSISTA_PUSH_INTERVAL, PROGRESSISTA_REQUEST_TIMEOUT,"
+            "\n  PROGRESSISTA_FLUSH_TIMEOUT, PROGRESSISTA_HEARTBEAT_INTERVAL (see the README)"
             "\n\nRun 'progressista COMMAND --help' for a command's options.")
 
 
