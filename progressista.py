@@ -763,15 +763,19 @@ REDIS_TIMEOUT_S = 2.0
 REDIS_POLL_S = 0.2  # how long the follower waits for a message before checking in
 
 # Write each task only if its seq is newer than the stored one (or either has none), so
-# two servers that receive one bar's updates in a different order agree on the last.
-# KEYS: task keys; ARGV: index key, then per task: seq, created_at, ttl_ms, task_id, json.
+# two servers that receive one bar's updates in a different order agree on the last. A
+# stale mark keeps the seq it saw, so it may also write over that same seq (ARGV[2] = 1).
+# KEYS: task keys; ARGV: index key, same-seq flag, then per task: seq, created_at,
+# ttl_ms, task_id, json.
 REDIS_WRITE_SCRIPT = """
 local written = {}
+local same_ok = ARGV[2] == '1'
 for i, key in ipairs(KEYS) do
-  local base = 1 + (i - 1) * 5
+  local base = 2 + (i - 1) * 5
   local seq, created, ttl, id, body = ARGV[base+1], ARGV[base+2], ARGV[base+3], ARGV[base+4], ARGV[base+5]
   local stored = redis.call('HGET', key, 'seq')
-  if seq == '' or not stored or stored == '' or tonumber(seq) > tonumber(stored) then
+  if seq == '' or not stored or stored == '' or tonumber(seq) > tonumber(stored)
+     or (same_ok and tonumber(seq) == tonumber(stored)) then
     redis.call('HSET', key, 'seq', seq, 'task', body)
     if tonumber(ttl) > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
     redis.call('ZADD', ARGV[1], 'NX', created, id)
@@ -832,7 +836,7 @@ class RedisStore(MemoryStore):
         self.lease_key = REDIS_PREFIX + "sweeper"
         self.origin = os.urandom(8).hex()
         self.write_script = self.lease_script = None
-        self.ok = False
+        self.ok = None  # not known until the first exchange
         self.feed = None
         self.subscriber = None
         self.closing = False
@@ -841,10 +845,10 @@ class RedisStore(MemoryStore):
         return REDIS_PREFIX + "task:" + task_id
 
     def health(self):
-        return {"kind": self.kind, "ok": self.ok, "url": self.shown_url}
+        return {"kind": self.kind, "ok": bool(self.ok), "url": self.shown_url}
 
     def went_down(self, error):
-        if self.ok:
+        if self.ok is not False:  # up, or not yet known (at startup): say it once
             log.error("Redis store %s is unreachable: %s; answering 503 to writes until "
                       "it is back", self.shown_url, error)
         self.ok = False
@@ -852,7 +856,7 @@ class RedisStore(MemoryStore):
                               "not stored: retry later", headers=[("Retry-After", "2")])
 
     def came_back(self):
-        if not self.ok:
+        if self.ok is False:
             log.info("Redis store %s is reachable", self.shown_url)
         self.ok = True
 
@@ -950,11 +954,11 @@ class RedisStore(MemoryStore):
         self.feed.changed(changed)
         self.feed.removed(super().delete(event.get("removed", ())))
 
-    async def write_and_publish(self, tasks):
+    async def write_and_publish(self, tasks, same_seq_ok=False):
         """Store `tasks` (where their seq is newest) and tell the other servers; return
         the ids written. Each task is encoded once, for both."""
         encoded = {task.task_id: _task_json(task) for task in tasks}
-        keys, args = [], [self.index_key]
+        keys, args = [], [self.index_key, "1" if same_seq_ok else "0"]
         for task in tasks:
             keys.append(self.key(task.task_id))
             args += ["" if task.seq is None else task.seq, task.created_at,
@@ -1025,7 +1029,7 @@ class RedisStore(MemoryStore):
             for task in stale:
                 task.status = "stale"
             if stale:
-                await self.write_and_publish(stale)
+                await self.write_and_publish(stale, same_seq_ok=True)
             removed = await self.delete(doomed)
         except self.errors as error:
             self.went_down(error)

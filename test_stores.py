@@ -374,3 +374,26 @@ def test_sqlite_failed_write_reports_not_ok_until_it_succeeds(db_url, monkeypatc
                  message="health to recover")
     with running_server(store=db_url) as server:
         assert tasks_of(server)["waiting"]["n"] == 1
+
+
+def test_redis_stale_mark_of_a_bar_with_seq_reaches_every_server(redis_server):
+    settings = dict(store=redis_server.url, stale_seconds=0.2, cleanup_interval=0.05)
+    with running_server(**settings) as one, running_server(**settings) as two:
+        listeners = [Listener(one), Listener(two)]
+        try:
+            post(two, {"task_id": "quiet-with-seq", "n": 1, "seq": 7})
+            for listener in listeners:  # whichever server holds the sweeper lease
+                listener.receive_until(
+                    lambda item: item["type"] == "update"
+                    and item["tasks"].get("quiet-with-seq", {}).get("status") == "stale",
+                    message="the stale update on both servers")
+        finally:
+            for listener in listeners:
+                listener.close()
+
+
+def test_redis_unreachable_at_startup_is_logged(caplog):
+    with running_server(store=f"redis://127.0.0.1:{free_port()}/0") as server:
+        assert post(server, {"task_id": "nowhere"})[0] == 503
+        assert http("GET", server.url + "/health")[1]["store"]["ok"] is False
+    assert any("is unreachable" in record.getMessage() for record in caplog.records)
