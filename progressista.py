@@ -1485,6 +1485,9 @@ def upgrade_to_websocket(connection, request, head, origins, compression):
 # --- Server ----------------------------------------------------------------------------
 
 
+WEBSOCKET_ADMITTED = Response(101)  # what middleware's call_next gives for an admitted /ws
+
+
 class Connection(asyncio.Protocol):
     """One TCP connection: HTTP/1.1 requests, kept alive, until it becomes a /ws listener.
 
@@ -1650,10 +1653,33 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def upgrade(self, request, head):
+        verdict = self.app.admit_websocket(request)
+        if not asyncio.iscoroutine(verdict):
+            self.open_websocket(request, head, verdict)
+            return
+        self.busy = True  # middleware first; what follows the head waits
+        self.transport.pause_reading()
+        task = self.app.loop.create_task(verdict)
+        task.add_done_callback(lambda done: self.admitted(request, head, done))
+
+    def admitted(self, request, head, done):
+        self.busy = False
+        if self.transport is None:
+            return
+        refusal = None
+        if done.cancelled() or done.exception() is not None or done.result() is not None:
+            refusal = self.app.result_of(request, done)
+        if self.transport is None:
+            return
+        self.transport.resume_reading()
+        self.open_websocket(request, head, refusal)
+
+    def open_websocket(self, request, head, refusal):
+        """Upgrade to a /ws listener, or answer `refusal` and go on with HTTP."""
         app = self.app
-        response = app.check_websocket(request)
-        if response is not None:
-            self.write(request, response)
+        if refusal is not None:
+            self.write(request, refusal)
+            self.process()  # requests pipelined behind the refused handshake
             return
         listener = upgrade_to_websocket(self, request, head, app.websocket_origins(request),
                                         app.settings.ws_compression)
@@ -1727,6 +1753,9 @@ class App:
             result = self.dispatch(request)
             return await result if asyncio.iscoroutine(result) else result
 
+        return await self.through_middleware(request, innermost)
+
+    async def through_middleware(self, request, innermost):
         call = innermost
         for middleware in reversed(self.middleware):
             call = (lambda middleware, call_next:
@@ -1738,6 +1767,8 @@ class App:
 
     def result_of(self, request, done):
         """The Response of a finished handling task; any failure becomes a 500."""
+        if done.cancelled():  # only at shutdown
+            return json_response({"error": "the server is shutting down"}, 503)
         try:
             response = done.result()
             if not isinstance(response, Response):
@@ -1922,8 +1953,21 @@ class App:
 
     # WebSocket
 
+    def admit_websocket(self, request):
+        """None when a /ws handshake may go on, else the Response refusing it; a coroutine
+        of either when middleware must see the handshake first (as it sees every request)."""
+        if self.middleware:
+            return self.admit_websocket_with_middleware(request)
+        return self.check_websocket(request)
+
+    async def admit_websocket_with_middleware(self, request):
+        async def innermost(request):
+            return self.check_websocket(request) or WEBSOCKET_ADMITTED
+
+        response = await self.through_middleware(request, innermost)
+        return None if response is WEBSOCKET_ADMITTED else response
+
     def check_websocket(self, request):
-        """None when a /ws handshake may go on, else the Response refusing it."""
         try:
             self.check_token(request)
         except HTTPError as error:

@@ -1653,6 +1653,24 @@ def test_middleware_passes_accepted_requests_through():
         assert get_task(server, task_id, {"X-Team": "a"})[1]["n"] == 3
 
 
+def test_middleware_sees_ws_handshakes_and_can_refuse_them():
+    with running_server(middleware=[require_team]) as server:
+        with pytest.raises(InvalidStatus) as refused:
+            open_listener(server)
+        assert refused.value.response.status_code == 403
+        with open_listener(server, additional_headers={"X-Team": "a"}) as ws:
+            assert json.loads(ws.recv(timeout=3))["type"] == "snapshot"
+
+
+def test_middleware_admitted_ws_still_needs_the_token():
+    with running_server(middleware=[require_team], api_tokens=["tok"]) as server:
+        with pytest.raises(InvalidStatus) as refused:
+            open_listener(server, additional_headers={"X-Team": "a"})
+        assert refused.value.response.status_code == 401
+        with open_listener(server, "/ws?token=tok", additional_headers={"X-Team": "a"}) as ws:
+            assert json.loads(ws.recv(timeout=3))["type"] == "snapshot"
+
+
 def test_middleware_added_after_create_app_runs_outermost_first():
     order = []
 
