@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -61,6 +62,11 @@ BACKOFF_MAX_S = 10.0                # retry delays double up to this
 # A loop left early (break, or its body raised) is closed only after this grace, so that an
 # uncaught exception reaching the excepthook can still report it as an error.
 EARLY_CLOSE_HOLD_S = 1.0
+# In a multiprocessing worker, close() waits for the final state (a pool may end the worker
+# once it returns). While the server has not yet answered this process, it waits only this
+# long, and once: an up server answers a first request well within it; a hanging one must
+# not cost every worker the whole request timeout.
+UNANSWERED_WAIT_S = 0.2
 
 # Protocol limits (PROTOCOL.md, "The task"): states are clipped to them, so that one odd bar
 # never gets a whole batch refused.
@@ -86,6 +92,7 @@ ENV_HEARTBEAT_INTERVAL = "PROGRESSISTA_HEARTBEAT_INTERVAL"
 ENV_RUN_DIR = "PROGRESSISTA_RUN_DIR"            # where each process records its open bars
 ENV_PATCH = "PROGRESSISTA_PATCH"                # JSON keyword arguments for patch()
 ENV_CLIENT_PATH = "PROGRESSISTA_CLIENT_PATH"    # this file, loaded by the run's sitecustomize
+ENV_RUN_PID = "PROGRESSISTA_RUN_PID"            # `run` itself: the parent of the program it watches
 
 USER_AGENT = "progressista-client/" + __version__
 FINAL_STATUSES = ("close", "error")
@@ -154,17 +161,18 @@ def default_meta(environ=None):
     """Host name, pid, and the scheduler's job id and pod name when one set them."""
     env = os.environ if environ is None else environ
     meta = {"host": socket.gethostname(), "pid": os.getpid()}
-    # Each scheduler's job id, then its array index variable (SGE writes "undefined").
-    for job_var, scheduler, index_var in (
-            ("SLURM_JOB_ID", "slurm", "SLURM_ARRAY_TASK_ID"),
-            ("PBS_JOBID", "pbs", "PBS_ARRAYID"),
-            ("LSB_JOBID", "lsf", "LSB_JOBINDEX"),
-            ("JOB_ID", "sge", "SGE_TASK_ID")):
+    # Each scheduler's job id, its array index variables (Torque's, then PBS Pro's), and the
+    # value it uses for "not an array job". 0 is a real index for SLURM and PBS (--array=0-9).
+    for job_var, scheduler, index_vars, not_an_array in (
+            ("SLURM_JOB_ID", "slurm", ("SLURM_ARRAY_TASK_ID",), None),
+            ("PBS_JOBID", "pbs", ("PBS_ARRAYID", "PBS_ARRAY_INDEX"), None),
+            ("LSB_JOBID", "lsf", ("LSB_JOBINDEX",), "0"),
+            ("JOB_ID", "sge", ("SGE_TASK_ID",), "undefined")):
         if env.get(job_var):
             meta["scheduler"] = scheduler
             meta["job_id"] = env[job_var]
-            index = env.get(index_var)
-            if index and index not in ("undefined", "0"):
+            index = next((env[name] for name in index_vars if env.get(name)), None)
+            if index and index != not_an_array:
                 meta["array_index"] = index
             break
     pod = env.get("POD_NAME") or (env.get("HOSTNAME") if env.get("KUBERNETES_SERVICE_HOST") else None)
@@ -309,6 +317,10 @@ class Sender:
         self._live = {}         # task_id -> _Entry last delivered, for tasks not yet final
         self._last_sent = {}    # task_id -> clock() of its last delivery
         self._outages = {}      # Endpoint -> _Outage, while its server fails
+        self._answered = set()  # endpoints whose server has answered this process
+        self._waited_unanswered = set()  # endpoints a worker's close() already gave a short wait
+        self._refused_since_flush = False
+        self.last_refusal = None  # what the server said when it last refused an update for good
         self._seq = 0
         self._in_flight = 0
         self._flush_id = 0
@@ -351,7 +363,10 @@ class Sender:
             return endpoint in self._outages
 
     def flush(self, timeout=None):
-        """Send everything queued, waiting at most `timeout` s; True if nothing is left.
+        """Send everything queued, waiting at most `timeout` s; True if all was delivered.
+
+        False also when the server refused an update for good (see `last_refusal`) since
+        the previous flush().
 
         Backoff and holds are ignored for one attempt per endpoint; an endpoint that fails
         during the flush is not waited for.
@@ -361,7 +376,7 @@ class Sender:
         deadline = time.monotonic() + timeout
         with self._lock:
             if not self._pending and not self._in_flight:
-                return True
+                return self._take_delivered()
             self._flush_id += 1
             flush_id = self._flush_id
             self._flush_waiters += 1
@@ -375,10 +390,33 @@ class Sender:
                     if remaining <= 0:
                         break
                     self._idle.wait(remaining)
-                return not self._pending and not self._in_flight
+                return not self._pending and not self._in_flight and self._take_delivered()
         finally:
             with self._lock:
                 self._flush_waiters -= 1
+
+    def _take_delivered(self):
+        # Called with the lock held. A refused update was not delivered: flush() says so once.
+        refused, self._refused_since_flush = self._refused_since_flush, False
+        return not refused
+
+    def flush_in_worker(self, endpoint):
+        """Wait for delivery before a multiprocessing worker's bar returns; False if cut short.
+
+        Up to the request timeout once `endpoint` has answered this process; before that,
+        UNANSWERED_WAIT_S and only once, so a hanging server never slows a pool noticeably.
+        """
+        with self._lock:
+            if endpoint in self._outages:
+                return False
+            if endpoint in self._answered:
+                timeout = endpoint.timeout
+            elif endpoint in self._waited_unanswered:
+                return False
+            else:
+                self._waited_unanswered.add(endpoint)
+                timeout = UNANSWERED_WAIT_S
+        return self.flush(timeout)
 
     def stop(self, timeout=1.0):
         """Stop the thread (tests); queued states are kept."""
@@ -550,6 +588,8 @@ class Sender:
         except Exception as error:  # any network failure, timeout, or odd answer
             self._warn_down(endpoint, "%s: %s" % (type(error).__name__, error))
             return [], entries, []
+        with self._lock:
+            self._answered.add(endpoint)
         if 200 <= status < 300:
             return entries, [], []
         message = _server_message(answer)
@@ -561,9 +601,13 @@ class Sender:
             half = len(entries) // 2
             first, second = self._post(endpoint, entries[:half]), self._post(endpoint, entries[half:])
             return tuple(a + b for a, b in zip(first, second))
+        reason = "HTTP %d %s" % (status, message)
+        with self._lock:
+            self._refused_since_flush = True
+            self.last_refusal = "%s refused an update (%s)" % (endpoint.url, reason.strip())
         _warn_once(("refused", endpoint.url, status),
-                   "progressista: %s refused an update (HTTP %d %s); such updates are dropped",
-                   endpoint.url, status, message)
+                   "progressista: %s refused an update (%s); such updates are dropped",
+                   endpoint.url, reason)
         return [], [], entries
 
     def _warn_down(self, endpoint, reason):
@@ -589,7 +633,8 @@ class Sender:
                 seq = self._live[task_id].state.get("seq", 0) if task_id in self._live else 0
                 record[task_id] = {"server_url": entry.endpoint.url,
                                    "state": dict(entry.state, seq=seq)}
-        path = os.path.join(self._run_dir, "bars-%d.json" % os.getpid())
+        # One file per sender: a vendored copy of this module runs its own sender alongside.
+        path = os.path.join(self._run_dir, "bars-%d-%x.json" % (os.getpid(), id(self)))
         try:
             with open(path + ".tmp", "w") as file:
                 json.dump(record, file)
@@ -621,7 +666,11 @@ def send_update(state, *, server_url=None, token=None, headers=None, request_tim
 
     Works without tqdm. A `status` of close or error makes it final. Never blocks.
     """
-    endpoint = make_endpoint(server_url, token, headers, request_timeout)
+    try:
+        endpoint = make_endpoint(server_url, token, headers, request_timeout)
+    except ValueError as error:  # as for bars: a bad setting is warned about, never raised
+        _warn_once(("bad-url", str(error)), "progressista: %s; this update is not sent", error)
+        return
     if push_every is None:
         push_every = _env_seconds(ENV_PUSH_INTERVAL, DEFAULT_PUSH_INTERVAL_S)
     state = dict(state)
@@ -640,7 +689,9 @@ def flush(timeout=None):
 
 _REMOTE_OPTIONS = ("server_url", "task_id", "push_every", "request_timeout", "meta", "headers", "token")
 _open_bars = weakref.WeakSet()      # remote bars not yet ended, for the exception and exit hooks
-_early_closed = weakref.WeakSet()   # bars whose loop stopped early, final state on hold
+# task_id -> _HeldClose of a loop left early, its close on hold. Strong references: the bar
+# of `for x in tqdm(it):` is freed as an exception unwinds the loop, before the excepthook.
+_held_closes = {}
 _bars_lock = threading.Lock()
 _tqdm_iter_code = None              # tqdm.std.tqdm.__iter__'s code, set when tqdm is loaded
 
@@ -705,8 +756,11 @@ class _RemoteBar:
             error = describe_exception(exc_type, exc_value, tb)
             if getattr(self, "_remote_sender", None) is not None:
                 self._remote_error = error
-            else:
-                self._remote_fail_held(error)  # a loop over this bar already closed it
+            else:  # a loop over this bar already closed it, on hold
+                with _bars_lock:
+                    held = _held_closes.pop(getattr(self, "_remote_task_id", None), None)
+                if held is not None:
+                    _fail_held(held, error)
         return super().__exit__(exc_type, exc_value, tb)
 
     def close(self):
@@ -729,13 +783,8 @@ class _RemoteBar:
             return super().close()
         finally:
             self._remote_end("error" if error else "close", error, hold_s)
-            if hold_s:
-                with _bars_lock:
-                    _early_closed.add(self)
-            if _in_worker_process() and not sender.is_down(self._remote_endpoint):
-                # A multiprocessing worker may be terminated as soon as it returns its
-                # result: wait (bounded) for the final state while the server answers.
-                sender.flush(self._remote_endpoint.timeout)
+            if _in_worker_process():
+                sender.flush_in_worker(self._remote_endpoint)
 
     # Remote side
 
@@ -786,19 +835,31 @@ class _RemoteBar:
         with _bars_lock:
             _open_bars.discard(self)
         try:
-            sender.put(self._remote_endpoint, self._remote_state(status, error),
-                       final=True, hold_s=hold_s)
+            state = self._remote_state(status, error)
+            sender.put(self._remote_endpoint, state, final=True, hold_s=hold_s)
+            if hold_s:
+                _hold_close(_HeldClose(sender, self._remote_endpoint, state, self._remote_thread))
         except Exception:
             log.debug("progressista: could not queue a final state", exc_info=True)
-        self._remote_final_sender = sender
 
-    def _remote_fail_held(self, error):
-        """Turn a close still on hold (a loop left early) into `error`; False if none was."""
-        sender = getattr(self, "_remote_final_sender", None)
-        if sender is None or not sender.pending_final(self._remote_task_id):
-            return False
-        sender.put(self._remote_endpoint, self._remote_state("error", error), final=True)
-        return True
+
+_HeldClose = collections.namedtuple("_HeldClose", "sender endpoint state thread")
+
+
+def _hold_close(held):
+    with _bars_lock:
+        for task_id in [t for t, h in _held_closes.items() if not h.sender.pending_final(t)]:
+            del _held_closes[task_id]  # sent already: the hold is over
+        _held_closes[held.state["task_id"]] = held
+
+
+def _fail_held(held, error):
+    """Turn a close still on hold into `error`; False if it was sent already."""
+    if not held.sender.pending_final(held.state["task_id"]):
+        return False
+    error_state = dict(held.state, status="error", error=_clip(error, MAX_ERROR_CHARS))
+    held.sender.put(held.endpoint, error_state, final=True)
+    return True
 
 
 def _is_clean_exit(exc):
@@ -879,14 +940,14 @@ def end_bars_with_error(error, thread_ident=None):
     """End the open bars (of one thread, or all) as `error`, and early-closed ones on hold."""
     with _bars_lock:
         bars = list(_open_bars)
-        held = list(_early_closed)
-        _early_closed.clear()
+        held = [h for h in _held_closes.values() if thread_ident is None or h.thread == thread_ident]
+        for h in held:
+            del _held_closes[h.state["task_id"]]
     for bar in bars:
         if thread_ident is None or bar._remote_thread == thread_ident:
             bar._remote_end("error", error)
-    for bar in held:
-        if thread_ident is None or bar._remote_thread == thread_ident:
-            bar._remote_fail_held(error)
+    for h in held:
+        _fail_held(h, error)
 
 
 def _excepthook(exc_type, exc, tb):
@@ -908,16 +969,25 @@ def _threading_excepthook(args):
     (_previous_threading_excepthook or threading.__excepthook__)(args)
 
 
+def _watched_by_run():
+    """True in the program `run` started (not in its children): `run` ends its open bars."""
+    return bool(os.environ.get(ENV_RUN_DIR)) and os.environ.get(ENV_RUN_PID) == str(os.getppid())
+
+
 def _at_exit():
     sender = _sender
     if sender is None:
         return
-    if not os.environ.get(ENV_RUN_DIR):
-        # The program is over: a bar it never closed ends where it stands. Under `run`
-        # the watching parent ends them instead, knowing the exit code or signal.
-        with _bars_lock:
-            bars = list(_open_bars)
-        for bar in bars:
+    with _bars_lock:
+        bars = list(_open_bars)
+    watched = _watched_by_run()
+    for bar in bars:
+        if watched:
+            # `run` ends these from the record, knowing the exit code or signal: record where
+            # each bar stands now, not its last display (updates within mininterval of it).
+            bar._remote_publish()
+        else:
+            # A bar the program never closed ends where it stands.
             bar._remote_end("close")
     sender.flush()
 
@@ -925,14 +995,14 @@ def _at_exit():
 def _after_fork_in_child():
     # The child gets its own sender thread; bars inherited from the parent stay the
     # parent's (same task ids), so the child neither sends nor ends them.
-    global _sender, _sender_lock, _bars_lock, _open_bars, _early_closed
+    global _sender, _sender_lock, _bars_lock, _open_bars, _held_closes
     _sender = None
     _sender_lock = threading.Lock()
     _bars_lock = threading.Lock()
     for bar in list(_open_bars):
         bar._remote_sender = None
     _open_bars = weakref.WeakSet()
-    _early_closed = weakref.WeakSet()
+    _held_closes = {}
 
 
 if hasattr(os, "register_at_fork"):
@@ -954,8 +1024,9 @@ def patch(**defaults):
     """Make every tqdm bar the program creates remote, each keeping its own display.
 
     Replaces the classes and range shortcuts of tqdm, tqdm.std, tqdm.auto, tqdm.autonotebook,
-    tqdm.notebook and tqdm.asyncio (and tqdm.rich, tqdm.gui if imported), and the names
-    other modules already imported from them. `defaults` are as for make_remote_tqdm().
+    tqdm.notebook and tqdm.asyncio (and tqdm.rich, tqdm.gui if imported), the names other
+    modules already imported from them, and the default `tqdm_class` of tqdm.contrib
+    helpers. `defaults` are as for make_remote_tqdm().
     """
     unpatch()
     base = _tqdm_base()
@@ -976,6 +1047,17 @@ def patch(**defaults):
     def replace(namespace, name, value):
         _patched.append((namespace, name, namespace[name]))
         namespace[name] = value
+
+    def replace_defaults(function):
+        # tqdm.contrib's helpers (tenumerate, thread_map, ...) take `tqdm_class=tqdm_auto`
+        # as a default argument, bound when they were imported.
+        defaults, kwdefaults = function.__defaults__ or (), function.__kwdefaults__ or {}
+        if any(id(v) in by_id for v in defaults):
+            _patched.append((function, "__defaults__", function.__defaults__))
+            function.__defaults__ = tuple(by_id.get(id(v), v) for v in defaults)
+        if any(id(v) in by_id for v in kwdefaults.values()):
+            _patched.append((function, "__kwdefaults__", function.__kwdefaults__))
+            function.__kwdefaults__ = {k: by_id.get(id(v), v) for k, v in kwdefaults.items()}
 
     for module_name in _PATCHED_MODULES:
         module = sys.modules.get(module_name)
@@ -1000,13 +1082,19 @@ def patch(**defaults):
         for name, value in list(namespace.items()):
             if id(value) in by_id and isinstance(value, type):
                 replace(namespace, name, by_id[id(value)])
+            elif isinstance(value, types.FunctionType) and module_name.startswith("tqdm.") \
+                    and value.__module__ == module_name:
+                replace_defaults(value)
 
 
 def unpatch():
-    """Undo patch(): every replaced name gets its original object back."""
+    """Undo patch(): every replaced name and default argument gets its original object back."""
     while _patched:
-        namespace, name, original = _patched.pop()
-        namespace[name] = original
+        target, name, original = _patched.pop()
+        if isinstance(target, dict):
+            target[name] = original
+        else:
+            setattr(target, name, original)
 
 
 def _import_tqdm_std():
@@ -1025,8 +1113,9 @@ def _tqdm_base():
     """tqdm.std.tqdm as tqdm defines it, even while patch() has replaced the name."""
     global _original_tqdm, _tqdm_iter_code
     if _original_tqdm is None:
-        cls = next(c for c in _import_tqdm_std().tqdm.__mro__
-                   if c is not _RemoteBar and not issubclass(c, _RemoteBar))
+        # By attribute, not by class: a vendored copy of this module, imported after `run`
+        # patched tqdm, must skip the other copy's remote class too.
+        cls = next(c for c in _import_tqdm_std().tqdm.__mro__ if not hasattr(c, "_remote_defaults"))
         _original_tqdm = cls
         _tqdm_iter_code = cls.__iter__.__code__
     return _original_tqdm
@@ -1068,9 +1157,18 @@ class _PatchingLoader:
             sys.stderr.write("progressista: could not patch tqdm: %s\n" % error)
 
 
+def _run_defaults():
+    """The bar defaults `run` was given (--unit, --meta, --headers); {} outside `run`."""
+    try:
+        defaults = json.loads(os.environ.get(ENV_PATCH) or "{}")
+    except ValueError:
+        return {}
+    return defaults if isinstance(defaults, dict) else {}
+
+
 def install_run_hook():
     """Used by `run` at the start of each Python process: patch tqdm when it is imported."""
-    defaults = json.loads(os.environ.get(ENV_PATCH) or "{}")
+    defaults = _run_defaults()
     if "tqdm" in sys.modules:
         patch(**defaults)
     elif not any(isinstance(finder, _PatchTqdmOnImport) for finder in sys.meta_path):
@@ -1081,7 +1179,11 @@ def install_run_hook():
 
 def demo(bars=3, total=50, delay=0.05, server_url=None, token=None):
     """Send `bars` fake bars to the server, moving to `total` and closing; return an exit status."""
-    endpoint = make_endpoint(server_url, token)
+    try:
+        endpoint = make_endpoint(server_url, token)
+    except ValueError as error:
+        sys.stderr.write("progressista demo: %s\n" % error)
+        return 1
     sender = default_sender()
     started = time.time()
     meta = _clean_meta(dict(default_meta(), demo=True))
@@ -1103,10 +1205,14 @@ def demo(bars=3, total=50, delay=0.05, server_url=None, token=None):
             time.sleep(delay)
     timeout = max(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S), endpoint.timeout + 1)
     if sender.flush(timeout):
-        print("progressista demo: sent %d bars to %s" % (bars, endpoint.url))
+        print("progressista demo: sent %d bar%s to %s" % (bars, "" if bars == 1 else "s", endpoint.url))
         return 0
-    sys.stderr.write("progressista demo: could not deliver to %s; is the server running?\n"
-                     % endpoint.url)
+    if sender.last_refusal:  # reached, but refused: a wrong token or URL, not a server that is down
+        sys.stderr.write("progressista demo: %s; check --server-url and --api-token\n"
+                         % sender.last_refusal)
+    else:
+        sys.stderr.write("progressista demo: could not deliver to %s; is the server running?\n"
+                         % endpoint.url)
     return 1
 
 
@@ -1166,7 +1272,8 @@ def run_program(target, args, module=False, server_url=None, token=None, push_ev
     """Run a Python program with tqdm patched and watch it; return its exit code (128+N on signal N).
 
     Bars still open when it ends are ended: `error` naming the signal or exit code, or
-    `close` after a clean exit. Its child Python processes are patched too.
+    `close` after a clean exit. Its child Python processes are patched too; their bars
+    left open by a process that died without exiting (SIGKILL) end as `error`.
     """
     defaults = {key: value for key, value in (("unit", unit), ("meta", meta), ("headers", headers))
                 if value is not None}
@@ -1179,13 +1286,15 @@ def run_program(target, args, module=False, server_url=None, token=None, push_ev
         env[ENV_RUN_DIR] = run_dir
         env[ENV_PATCH] = json.dumps(defaults)
         env[ENV_CLIENT_PATH] = os.path.abspath(__file__)
+        env[ENV_RUN_PID] = str(os.getpid())
         for name, value in ((ENV_SERVER_URL, server_url), (ENV_API_TOKEN, token),
                             (ENV_PUSH_INTERVAL, push_every), (ENV_REQUEST_TIMEOUT, request_timeout)):
             if value is not None:
                 env[name] = str(value)
         command = [sys.executable] + (["-m", target] if module else [target]) + list(args)
-        returncode = _run_watched(command, env)
-        _end_leftover_bars(run_dir, returncode, server_url, token, headers, request_timeout)
+        program_pid, returncode = _run_watched(command, env)
+        _end_leftover_bars(run_dir, program_pid, returncode, server_url, token, headers,
+                           request_timeout)
     finally:
         import shutil
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -1211,32 +1320,40 @@ def _run_watched(command, env):
         # Ctrl-C reaches the program directly (same process group); `run` waits for it to end.
         forwarded[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return child.wait()
+        return child.pid, child.wait()
     finally:
         for signum, handler in forwarded.items():
             signal.signal(signum, handler)
 
 
-def _end_leftover_bars(run_dir, returncode, server_url, token, headers, request_timeout):
-    records = {}
+def _end_leftover_bars(run_dir, program_pid, returncode, server_url, token, headers,
+                       request_timeout):
+    records = {}    # task_id -> (pid of the process that recorded it, record)
     for name in sorted(os.listdir(run_dir)):
         if name.startswith("bars-") and name.endswith(".json"):
             try:
+                pid = int(name[len("bars-"):-len(".json")].split("-")[0])
                 with open(os.path.join(run_dir, name)) as file:
-                    records.update(json.load(file))
+                    records.update((task_id, (pid, record)) for task_id, record in json.load(file).items())
             except (OSError, ValueError):
                 continue
     if not records:
         return
-    status = "close" if returncode == 0 else "error"
-    error = None if returncode == 0 else "the program " + _reason_for(returncode)
     sender = Sender(autostart=False)
-    for task_id, record in records.items():
+    for task_id, (pid, record) in records.items():
         state = dict(record["state"])
-        if state.get("status") not in FINAL_STATUSES:
-            state["status"] = status
-            if error:
-                state["error"] = error
+        if state.get("status") in FINAL_STATUSES:
+            pass
+        elif pid != program_pid:
+            # Any other process ends its own bars at exit, as without `run`: one still
+            # open was left by a process that died without exiting (the OOM killer's SIGKILL).
+            state["status"] = "error"
+            state["error"] = "process %d of the program ended without closing this bar" % pid
+        elif returncode:
+            state["status"] = "error"
+            state["error"] = "the program " + _reason_for(returncode)
+        else:
+            state["status"] = "close"
         try:
             endpoint = make_endpoint(server_url or record.get("server_url"), token, headers,
                                      request_timeout)
@@ -1267,7 +1384,8 @@ def __getattr__(name):
     except ImportError:
         remote_class = _missing_tqdm("RemoteTqdm")
     else:
-        remote_class = make_remote_tqdm(_tqdm_base())
+        # Under `run`, its --unit/--meta/--headers apply to the one-line change's bars too.
+        remote_class = make_remote_tqdm(_tqdm_base(), **_run_defaults())
         remote_class.__name__ = remote_class.__qualname__ = "RemoteTqdm"
     globals().update(RemoteTqdm=remote_class, tqdm=remote_class,
                      trange=_make_range(remote_class, "trange"))

@@ -186,6 +186,13 @@ def test_a_slurm_job_id_in_the_environment_is_attached_to_the_bar(server, monkey
     ({"PBS_JOBID": "12.pbs"}, {"scheduler": "pbs", "job_id": "12.pbs"}),
     ({"LSB_JOBID": "13"}, {"scheduler": "lsf", "job_id": "13"}),
     ({"JOB_ID": "14", "SGE_TASK_ID": "undefined"}, {"scheduler": "sge", "job_id": "14"}),
+    ({"SLURM_JOB_ID": "11", "SLURM_ARRAY_TASK_ID": "0"},
+     {"scheduler": "slurm", "job_id": "11", "array_index": "0"}),  # the first of --array=0-9
+    ({"PBS_JOBID": "12[0]", "PBS_ARRAYID": "0"},
+     {"scheduler": "pbs", "job_id": "12[0]", "array_index": "0"}),
+    ({"PBS_JOBID": "12[5]", "PBS_ARRAY_INDEX": "5"},  # PBS Pro
+     {"scheduler": "pbs", "job_id": "12[5]", "array_index": "5"}),
+    ({"LSB_JOBID": "13", "LSB_JOBINDEX": "0"}, {"scheduler": "lsf", "job_id": "13"}),
     ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "HOSTNAME": "trainer-0"}, {"pod": "trainer-0"}),
     ({"POD_NAME": "etl-7"}, {"pod": "etl-7"}),
     ({"HOSTNAME": "laptop"}, {}),
@@ -219,9 +226,25 @@ def test_a_wrong_token_is_warned_about_once_and_never_raises(client_log):
             remote = bar(server.url, token="wrong", total=3)
             remote.update(3)
             remote.close()
-        assert pc.flush(2)
+        pc.flush(2)
         refused = [r for r in warnings_in(client_log) if "401" in r.getMessage()]
         assert len(refused) == 1
+
+
+def test_flush_is_false_when_the_server_refused_updates_for_good(sender):
+    with running_server(api_tokens=["right"]) as server:
+        pc.send_update({"task_id": "x", "n": 1, "status": "close"}, server_url=server.url,
+                       token="wrong")
+        assert pc.flush(2) is False  # refused is not delivered
+        assert "HTTP 401" in sender.last_refusal
+        pc.send_update({"task_id": "y", "n": 1, "status": "close"}, server_url=server.url,
+                       token="right")
+        assert pc.flush(2) is True  # each flush() answers for what came since the last one
+
+
+def test_send_update_with_a_malformed_url_warns_and_never_raises(client_log):
+    pc.send_update({"task_id": "x", "n": 1}, server_url="127.0.0.1:9")
+    assert len(warnings_in(client_log)) == 1 and pc.flush(1)
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/progress"])
@@ -343,6 +366,24 @@ def test_an_uncaught_exception_in_a_thread_ends_only_that_threads_bars(server):
     ended = {t["desc"]: t for t in tasks(server).values()}
     assert ended["worker"]["status"] == "error" and "bad shard" in ended["worker"]["error"]
     assert ended["main"]["status"] == "close" and ended["main"]["n"] == 5
+
+
+@pytest.mark.parametrize("raised", ["ZeroDivisionError('uncaught')", "KeyboardInterrupt()"])
+def test_an_uncaught_exception_in_the_body_of_an_inline_loop_ends_its_bar_as_error(server, raised):
+    # `for x in tqdm(it):` holds the bar only through the loop's generator, freed as the
+    # exception unwinds, before the excepthook runs.
+    result = run_python("""
+        import io, sys, progressista_client as pc
+        def train():
+            for i in pc.tqdm(range(100), file=io.StringIO(), desc="inline", server_url=sys.argv[1]):
+                if i == 30:
+                    raise %s
+        train()
+    """ % raised, server.url)
+    assert result.returncode != 0
+    (ended,) = tasks(server).values()
+    assert ended["status"] == "error" and ended["n"] == 30
+    assert ended["error"].startswith(raised.split("(")[0])
 
 
 def test_a_bar_left_open_at_a_clean_exit_is_closed(server):
@@ -493,6 +534,23 @@ def test_bars_of_a_multiprocessing_pool_all_arrive_closed(server, method):
     assert sorted(t["desc"] for t in done.values()) == ["job %d" % i for i in range(6)]
     assert all(t["n"] == 50 for t in done.values())
     assert {t["meta"]["pid"] for t in done.values()} <= set(pids)
+
+
+def unanswered_pool_job(args):
+    server_url, index = args
+    for _ in range(3):  # several bars per worker: the short wait is paid once, not per bar
+        for _ in pc.tqdm(range(20), server_url=server_url, file=io.StringIO(), leave=False):
+            pass
+    return index
+
+
+def test_a_hanging_server_never_slows_a_pool_that_recycles_its_workers(hanging_server):
+    started = time.monotonic()
+    with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=2) as pool:
+        assert sorted(pool.imap_unordered(unanswered_pool_job, [(hanging_server, i) for i in range(8)])) \
+            == list(range(8))
+    # Four worker processes in two slots; each would wait the 2 s request timeout.
+    assert time.monotonic() - started < 2.0
 
 
 def test_a_forked_child_does_not_send_or_end_its_parents_bars(server, sender):
@@ -650,7 +708,8 @@ def test_sender_records_open_bars_for_run(tmp_path):
     sender.put(ENDPOINT, state("open", 2))
     sender.put(ENDPOINT, state("done", 5, "close"), final=True)
     sender.tick()
-    record = json.loads((tmp_path / ("bars-%d.json" % os.getpid())).read_text())
+    (path,) = tmp_path.glob("bars-%d-*.json" % os.getpid())  # one file per sender
+    record = json.loads(path.read_text())
     assert list(record) == ["open"] and record["open"]["state"]["seq"] > 0
 
 
@@ -696,6 +755,26 @@ def test_patch_also_rebinds_names_imported_before_it(server):
         del sys.modules["imported_early"]
 
 
+def test_patch_reaches_tqdm_contrib_helpers_imported_before_it(server):
+    import tqdm.contrib
+    import tqdm.contrib.concurrent
+    from tqdm.contrib import tenumerate
+    from tqdm.contrib.concurrent import thread_map
+    originals = (tenumerate.__defaults__, tqdm.contrib.concurrent._executor_map.__kwdefaults__)
+    pc.patch(server_url=server.url, push_every=0)
+    try:
+        for _ in tenumerate(range(3), desc="tenumerate", file=io.StringIO()):
+            pass
+        thread_map(abs, range(3), desc="thread_map", file=io.StringIO())
+    finally:
+        pc.unpatch()
+    assert (tenumerate.__defaults__, tqdm.contrib.concurrent._executor_map.__kwdefaults__) == originals
+    assert tenumerate.__defaults__ is originals[0]  # restored exactly
+    done = wait_for(lambda: len(tasks(server)) == 2 and tasks(server))
+    assert sorted((t["desc"], t["n"], t["status"]) for t in done.values()) == [
+        ("tenumerate", 3, "close"), ("thread_map", 3, "close")]
+
+
 def test_make_remote_tqdm_keeps_the_base_class_and_applies_defaults(server):
     from tqdm.asyncio import tqdm_asyncio
     remote_class = pc.make_remote_tqdm(tqdm_asyncio, server_url=server.url, unit="rows")
@@ -716,6 +795,24 @@ def test_demo_sends_bars_that_all_end_closed(server):
     assert result.returncode == 0, result.stderr
     assert sorted((t["status"], t["n"]) for t in tasks(server).values()) == [
         ("close", 5), ("close", 5)]
+
+
+@pytest.mark.parametrize("suffix, token, status", [
+    ("", "wrong", "HTTP 401"), ("", None, "HTTP 401"), ("/dashboard/", "right", "HTTP 404")])
+def test_demo_fails_naming_the_status_when_the_server_refuses_its_bars(suffix, token, status):
+    with running_server(api_tokens=["right"]) as server:
+        result = run_cli("demo", "--bars", "1", "--total", "2", "--delay", "0",
+                         "--server-url", server.url + suffix,
+                         *(["--api-token", token] if token else []))
+    assert result.returncode == 1 and "sent" not in result.stdout
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith("progressista demo:")]
+    assert status in line and "refused" in line
+
+
+def test_demo_with_a_malformed_url_fails_with_one_line():
+    result = run_cli("demo", "--server-url", "127.0.0.1:9")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "server_url" in result.stderr
 
 
 def test_demo_against_a_server_that_is_down_fails_with_a_message():
@@ -753,6 +850,76 @@ def test_run_passes_arguments_and_exit_code_and_ends_open_bars(server, tmp_path,
     assert ended["open"]["meta"]["team"] == "ml"
     if exit_code:
         assert ended["open"]["error"] == "the program exited with code 3"
+
+
+def test_run_ends_a_bar_left_open_where_it_stood_not_at_its_last_display(server, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("import sys\nfrom tqdm import tqdm\n"
+                      "left_open = tqdm(total=100, desc='open', mininterval=60)\n"
+                      "left_open.update(40)\nsys.exit(int(sys.argv[1]))\n")
+    for exit_code, status in ((0, "close"), (5, "error")):
+        assert run_cli("run", "--server-url", server.url, str(script), "--", str(exit_code)) \
+            .returncode == exit_code
+        ended = [t for t in tasks(server).values() if t["status"] == status]
+        assert len(ended) == 1 and ended[0]["n"] == 40
+
+
+def test_run_options_apply_to_bars_of_the_one_line_change(server, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("from progressista_client import tqdm\n"
+                      "for _ in tqdm(range(2), desc='one-line'):\n    pass\n")
+    result = run_cli("run", "--server-url", server.url, "--meta", '{"team": "vision"}',
+                     "--unit", "img", str(script))
+    assert result.returncode == 0, result.stderr
+    (ended,) = tasks(server).values()
+    assert ended["meta"]["team"] == "vision" and ended["unit"] == "img"
+
+
+def test_run_with_a_vendored_copy_sends_each_bar_once(server, tmp_path):
+    (tmp_path / "third_party").mkdir()
+    (tmp_path / "third_party" / "__init__.py").write_text("")
+    with open(os.path.join(ROOT, "progressista_client.py")) as source:
+        (tmp_path / "third_party" / "progressista_client.py").write_text(source.read())
+    script = tmp_path / "job.py"
+    script.write_text("from third_party.progressista_client import tqdm\n"
+                      "for _ in tqdm(range(5), desc='loop'):\n    pass\n"
+                      "left_open = tqdm(total=10, desc='open')\nleft_open.update(3)\n")
+    result = run_cli("run", "--server-url", server.url, str(script), cwd=str(tmp_path),
+                     env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert sorted((t["desc"], t["n"], t["status"]) for t in tasks(server).values()) == [
+        ("loop", 5, "close"), ("open", 3, "close")]
+
+
+WORKER = """\
+import os, signal, sys
+from tqdm import tqdm
+bar = tqdm(total=10, desc="worker-" + sys.argv[1])
+bar.update(4)
+if sys.argv[1] == "kill":
+    import progressista_client
+    bar.refresh()  # a SIGKILL leaves no chance to record anything after the last display
+    progressista_client.flush(5)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+PARENT = """\
+import subprocess, sys
+for mode in ("kill", "ok"):
+    subprocess.run([sys.executable, sys.argv[1], mode])
+"""
+
+
+def test_run_ends_the_bars_of_a_killed_child_process_as_error(server, tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER)
+    (tmp_path / "parent.py").write_text(PARENT)
+    result = run_cli("run", "--server-url", server.url, str(tmp_path / "parent.py"), "--",
+                     str(tmp_path / "worker.py"))
+    assert result.returncode == 0, result.stderr
+    ended = {t["desc"]: t for t in tasks(server).values()}
+    assert (ended["worker-ok"]["status"], ended["worker-ok"]["n"]) == ("close", 4)
+    assert (ended["worker-kill"]["status"], ended["worker-kill"]["n"]) == ("error", 4)
+    assert "ended without closing this bar" in ended["worker-kill"]["error"]
 
 
 def test_run_dash_m_runs_a_module(server, tmp_path):
