@@ -105,6 +105,24 @@ def row(page, text):
     return page.locator(VISIBLE_TASK_ROWS, has_text=text)
 
 
+# What is on screen, not what the DOM says: the `.row`s that are drawn (have a box), each with
+# its text, box, and whether a click at its centre lands on it (elementFromPoint).
+PAINTED_ROWS_JS = """() => [...document.querySelectorAll('#list .row')]
+    .filter(row => row.getClientRects().length > 0)
+    .map(row => {
+        const box = row.getBoundingClientRect();
+        const x = box.left + box.width / 2, y = box.top + box.height / 2;
+        const inView = y > 0 && y < innerHeight;
+        const hit = inView ? document.elementFromPoint(x, y) : null;
+        return { desc: (row.querySelector('.desc, .toggle') || row).textContent, top: box.top,
+                 bottom: box.bottom, inView, hitsItself: inView ? row.contains(hit) : null };
+    })"""
+
+
+def painted_rows(page):
+    return page.evaluate(PAINTED_ROWS_JS)
+
+
 def csp_messages(page):
     return [text for text in page.console_errors if "Content Security Policy" in text]
 
@@ -145,18 +163,29 @@ def test_numbers_are_formatted_as_tqdm_formats_them(page, clean_server):
         dict(n=37, total=None, elapsed=3700, rate=0.01),
         dict(n=3, total=10, elapsed=30, unit_scale=2, rate=None),
         dict(n=12345678, total=None, elapsed=7, unit="B", unit_scale=True, rate=None),
+        # past the total, tqdm drops it: "150it [00:15, 10.00it/s]"
+        dict(n=150, total=100, elapsed=15, rate=10),
+        # a numeric unit_scale multiplies n, total and rate, and Python prints floats: "50.0/200.0"
+        dict(n=100, total=400, elapsed=10, unit_scale=0.5, rate=None),
+        # Python rounds exact ties to even: 12.5% is "12%", 2.125 it/s is "2.12it/s"
+        dict(n=1, total=8, elapsed=1, rate=2.125),
+        dict(n=197, total=200, elapsed=4, rate=None),
+        dict(n=1, total=200, elapsed=4, rate=None),
+        dict(n=2.5, total=None, elapsed=1, unit="B", unit_scale=True, rate=None),   # "2.50B"
+        dict(n=1, total=3, elapsed=2, unit_scale=0.25, rate=1.5),
     ]
     for case in cases:
         meter = page.evaluate("t => window.progressista.meterOf(t)", {"unit": "it", **case})
         line = tqdm.format_meter(case["n"], case["total"], case["elapsed"], rate=case["rate"],
                                  unit=case.get("unit", "it"), unit_scale=case.get("unit_scale", False),
                                  unit_divisor=case.get("unit_divisor", 1000))
-        if case["total"]:
+        if meter["percentFmt"]:
+            assert "|" in line, (line, meter)  # tqdm draws a bar exactly when the page shows a percent
             assert f"{meter['nFmt']}/{meter['totalFmt']} [" in line
             assert f"{meter['elapsedFmt']}<{meter['remainingFmt']}," in line
-            assert line.lstrip().startswith(meter["percentFmt"])
+            assert line.lstrip().startswith(meter["percentFmt"] + "|"), (line, meter)
         else:
-            assert line.startswith(f"{meter['nFmt']}{meter['unit']} [{meter['elapsedFmt']},")
+            assert line.startswith(f"{meter['nFmt']}{meter['unit']} [{meter['elapsedFmt']},"), (line, meter)
         assert re.search(r"[ ,]\s*" + re.escape(meter["rateFmt"].strip()) + r"\]", line), (line, meter)
 
 
@@ -202,15 +231,28 @@ def test_close_error_and_stale_are_told_apart_by_words_not_only_colour(page):
     with running_server(api_tokens=[TOKEN], stale_seconds=1) as server:
         post(server, [task("finished", n=100, status="close"),
                       task("broken", n=40, status="error", error="CUDA out of memory"),
-                      task("quiet", n=5)])
+                      task("quiet", n=5), task("no-total", n=5, total=None)])
         open_dashboard(page, server)
         expect(row(page, "finished")).to_contain_text("✓ done")
         expect(row(page, "broken")).to_contain_text("✖ error")
         expect(row(page, "broken")).to_contain_text("Error: CUDA out of memory")
-        expect(row(page, "quiet")).to_contain_text("⏸ stale")
+        expect(row(page, "quiet")).to_contain_text("‖ stale")
         expect(row(page, "quiet")).to_contain_text("no update for")
         expect(page.locator("#summary")).to_contain_text("✓ done 1")
         expect(page.locator("#summary")).to_contain_text("✖ error 1")
+        # a stale bar with no total stands still: the moving stripe would suggest activity
+        expect(row(page, "no-total")).to_contain_text("‖ stale")
+        assert row(page, "no-total").locator(".fill").evaluate(
+            "fill => getComputedStyle(fill).animationName") == "none"
+
+
+def test_the_info_panel_shows_no_eta_where_the_row_shows_none(page, clean_server):
+    post(clean_server, task("failed-eta", n=30, total=100, elapsed=30, rate=1, status="error",
+                            error="boom"))
+    open_dashboard(page, clean_server)
+    expect(row(page, "failed-eta").locator(".time")).to_have_text("00:30<?")
+    row(page, "failed-eta").locator("button.info").click()
+    expect(page.locator("#details dd").nth(3)).to_have_text("00:30 < ?")
 
 
 def test_task_data_is_rendered_as_text_and_runs_nothing_even_without_the_csp(browser, clean_server):
@@ -248,6 +290,7 @@ def test_a_wrong_token_shows_a_clear_message(page, clean_server):
     open_dashboard(page, clean_server, query="?token=wrong", connected=None)
     expect(page.locator("#conn")).to_contain_text("Unauthorized — check the ?token= in the URL")
     expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(0)
+    expect(page.locator("#summary")).to_have_text("Nothing loaded yet")  # not "0 tasks": it does not know
 
 
 def test_stopping_the_server_shows_disconnected_and_a_restart_resyncs(page):
@@ -260,12 +303,17 @@ def test_stopping_the_server_shows_disconnected_and_a_restart_resyncs(page):
         expect(page.locator("#conn")).to_contain_text(re.compile(r"Disconnected — retrying"))
         expect(page).to_have_title(re.compile("^⚠"))
         expect(page.locator("#reconnect")).to_be_visible()
+        # the rows stay, marked as old data
+        expect(page.locator("#summary")).to_contain_text(re.compile(r"Not live: last data \d\d:\d\d ago"))
+        expect(page.locator("#list")).to_have_attribute("data-live", "false")
+        assert float(row(page, "before-restart").evaluate("r => getComputedStyle(r).opacity")) < 1
         with running_server(api_tokens=[TOKEN], port=port) as restarted:
             post(restarted, task("after-restart", n=60))
             # no waiting for the backoff; dispatch_event because the retry may win the race
             page.locator("#reconnect").dispatch_event("click")
             expect(page.locator("#conn")).to_have_text("Connected")
             expect(row(page, "after-restart")).to_contain_text("60%")
+            expect(page.locator("#list")).to_have_attribute("data-live", "true")
             # the snapshot replaced the old state: the restarted server never knew this task
             expect(row(page, "before-restart")).to_have_count(0)
 
@@ -447,13 +495,102 @@ def test_clear_finished_and_remove_one_delete_on_the_server(page, clean_server):
     open_dashboard(page, clean_server)
     clear = page.locator("#clear-finished")
     expect(clear).to_have_text("Clear finished (1)")
-    clear.click()
+    clear.focus()
+    page.keyboard.press("Enter")
     expect(row(page, "beta train")).to_have_count(0)
     expect(clear).to_be_disabled()
+    expect(page.locator("#list")).to_be_focused()  # not dropped to <body> with the disabled button
+    expect(page.locator("#announce")).to_have_text("Removed 1 finished task")
     row(page, "gamma").get_by_role("button", name="Remove gamma").click()
     expect(row(page, "gamma")).to_have_count(0)
     _, body, _ = http("GET", clean_server.url + "/tasks", headers=AUTH)
     assert sorted(body["tasks"]) == ["a1", "a2", "b2"]
+
+
+def test_rows_filtered_out_are_not_drawn_and_cannot_be_clicked(page, clean_server):
+    # The pool hides rows it does not need; `.row { display: grid }` once overrode `hidden`,
+    # leaving stale rows on screen whose ✕ removed other tasks.
+    tasks = [task(f"t{i:02d}", desc=f"task {i:02d}", n=i) for i in range(18)]
+    tasks += [task(f"e{i}", desc=f"failing {i}", n=5, status="error", error="x") for i in range(2)]
+    post(clean_server, tasks)
+    open_dashboard(page, clean_server)
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(20)
+    page.locator("#status-filter").select_option("error")
+    expect(page.locator("#summary")).to_contain_text("showing 2")
+    evaluate_until(page, f"() => ({PAINTED_ROWS_JS})().length === 2", message="only 2 rows drawn")
+    drawn = painted_rows(page)
+    assert sorted(r["desc"] for r in drawn) == ["failing 0", "failing 1"]
+    assert all(r["hitsItself"] for r in drawn), drawn
+    # where the other rows were, a click finds no row
+    below = drawn[-1]["bottom"] + 64 * 3
+    assert page.evaluate(f"() => document.elementFromPoint(300, {below}).closest('.row')") is None
+
+
+def test_filtering_a_scrolled_long_list_shrinks_the_page_to_the_matches(page, clean_server):
+    tasks = [task(f"n{i:03d}", desc=f"{'needle' if i % 50 == 0 else 'hay'} {i:03d}") for i in range(300)]
+    post(clean_server, tasks)
+    open_dashboard(page, clean_server)
+    expect(page.locator("#summary")).to_contain_text("300 tasks")
+    page.evaluate("() => window.scrollTo(0, 12000)")
+    expect(row(page, "hay 1")).not_to_have_count(0)
+    page.locator("#filter").fill("needle")
+    expect(page.locator("#summary")).to_contain_text("showing 6")
+    evaluate_until(page, "() => document.documentElement.scrollHeight < innerHeight + 600",
+                   message="the page shrinks to the six matching rows")
+    evaluate_until(page, f"() => ({PAINTED_ROWS_JS})().length === 6", message="six rows drawn")
+    assert all(r["desc"].startswith("needle") for r in painted_rows(page))
+
+
+def test_keyboard_remove_never_leaves_focus_on_another_tasks_remove_button(browser, clean_server):
+    context = browser.new_context(viewport={"width": 1200, "height": 700})
+    page = context.new_page()
+    try:
+        post(clean_server, [task(f"k{i:02d}", desc=f"keyed {i:02d}", n=i) for i in range(30)])
+        open_dashboard(page, clean_server)
+        expect(page.locator("#summary")).to_contain_text("30 tasks")
+        doomed = row(page, "keyed 27")          # newest first: the third row
+        doomed.get_by_role("button", name="Remove keyed 27").focus()
+        page.keyboard.press("Enter")
+        expect(row(page, "keyed 27")).to_have_count(0)
+        # focus moved to the harmless info button of the task now in that place, on screen
+        expect(row(page, "keyed 26").locator("button.info")).to_be_focused()
+        page.keyboard.press("Enter")            # opens the info panel, deletes nothing
+        expect(page.locator("#details")).to_be_visible()
+        page.keyboard.press("Escape")
+        page.keyboard.press("Enter")
+        page.keyboard.press("Escape")
+        _, body, _ = http("GET", clean_server.url + "/tasks", headers=AUTH)
+        assert len(body["tasks"]) == 29 and "k27" not in body["tasks"]
+        expect(page.locator("#announce")).to_have_text("Removed keyed 27")
+    finally:
+        context.close()
+
+
+def test_ids_a_url_path_cannot_carry_have_a_disabled_remove_button(page, clean_server):
+    post(clean_server, [task(".", desc="single dot"), task("..", desc="double dot"),
+                        task("a/b?c#d %20", desc="odd id")])
+    open_dashboard(page, clean_server)
+    for name in ("single dot", "double dot"):
+        remove = row(page, name).locator("button.remove")
+        expect(remove).to_be_disabled()
+        expect(remove).to_have_attribute("title", re.compile("cannot be removed"))
+    row(page, "odd id").get_by_role("button", name="Remove odd id").click()
+    expect(row(page, "odd id")).to_have_count(0)
+    _, body, _ = http("GET", clean_server.url + "/tasks", headers=AUTH)
+    assert sorted(body["tasks"]) == [".", ".."]
+
+
+def test_live_updates_do_not_reorder_rows_under_the_pointer(page, clean_server):
+    post(clean_server, [task("slow", n=10), task("fast", n=50)])
+    open_dashboard(page, clean_server, query=f"?token={TOKEN}&sort=progress")
+    descs = page.locator(f"{VISIBLE_TASK_ROWS} .desc")
+    expect(descs).to_have_text(["slow", "fast"])
+    row(page, "slow").locator(".desc").hover()
+    post(clean_server, task("fast", n=5, seq=2))
+    expect(row(page, "fast")).to_contain_text("5%")
+    expect(descs).to_have_text(["slow", "fast"])   # held while the pointer is over the list
+    page.mouse.move(5, 5)                            # over the header: the order catches up
+    expect(descs).to_have_text(["fast", "slow"])
 
 
 def test_controls_are_reachable_from_the_keyboard(page, clean_server):
@@ -471,6 +608,9 @@ def test_controls_are_reachable_from_the_keyboard(page, clean_server):
     expect(page.locator("#details")).to_be_visible()
     expect(page.locator("#details")).to_contain_text("meta.host")
     expect(page.locator("#details")).to_contain_text("kb-host")
+    for key in ("Tab", "Shift+Tab", "Tab"):  # Tab stays in the panel while it is open
+        page.keyboard.press(key)
+        assert page.evaluate("() => document.getElementById('details').contains(document.activeElement)")
     page.keyboard.press("Escape")
     expect(page.locator("#details")).to_be_hidden()
     expect(row(page, "keyed").locator("button.info")).to_be_focused()
@@ -490,6 +630,76 @@ def test_phone_width_and_dark_theme_stay_readable(browser, clean_server):
         assert sum(int(c) for c in re.findall(r"\d+", background)[:3]) < 150, background
     finally:
         context.close()
+
+
+def awkward_numbers():
+    """Values that are long once formatted: a tiny rate, a huge count, long texts."""
+    return [
+        task("tiny-rate", desc="Tiny rate", n=1, total=1_000_000, rate=1e-7, elapsed=1e7),
+        task("big-download", desc="Downloading images from the archive", n=3.7e9, total=1.5e11,
+             unit="B", unit_scale=True, unit_divisor=1024, rate=1.17e8, elapsed=31),
+        task("long", desc="L" * 300, n=123456789, total=987654321, unit="sample", rate=123456.78,
+             elapsed=99999, postfix="p" * 500),
+        task("fails", desc="A failing job", n=5, total=10, status="error", error="E" * 400),
+    ]
+
+
+# Every drawn task row: the boxes of its parts, whether each part's text fits or is clipped,
+# and the viewport width.
+ROW_BOXES_JS = """() => ({ width: document.documentElement.clientWidth,
+    scrollWidth: document.documentElement.scrollWidth,
+    rows: [...document.querySelectorAll('#list .row.task')]
+        .filter(row => row.getClientRects().length > 0)
+        .map(row => ['status', 'desc', 'pct', 'count', 'time', 'rate', 'info', 'remove']
+            .map(name => row.querySelector('.' + name))
+            .filter(part => part.getClientRects().length > 0)
+            .map(part => {
+                const box = part.getBoundingClientRect();
+                const style = getComputedStyle(part);
+                return { name: part.className, left: box.left, right: box.right, top: box.top,
+                         bottom: box.bottom, whole: part.scrollWidth <= part.clientWidth + 1,
+                         textFits: style.overflow === 'hidden' || part.scrollWidth <= part.clientWidth + 1 };
+            })) })"""
+
+
+@pytest.mark.parametrize("width", [720, 375])
+def test_long_numbers_never_push_controls_off_screen_or_overlap(browser, clean_server, width):
+    context = browser.new_context(viewport={"width": width, "height": 800})
+    page = context.new_page()
+    try:
+        post(clean_server, awkward_numbers())
+        open_dashboard(page, clean_server)
+        expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(4)
+        layout = page.evaluate(ROW_BOXES_JS)
+        assert layout["scrollWidth"] <= width  # no sideways scroll
+        for parts in layout["rows"]:
+            named = {part["name"]: part for part in parts}
+            for name in ("info", "remove"):
+                assert named[name]["right"] <= layout["width"], (name, named[name])
+            assert named["desc"]["right"] - named["desc"]["left"] >= 60, named["desc"]  # the name shows
+            assert "pct" not in named or named["pct"]["whole"], named["pct"]  # the percent is never cut
+            for part in parts:
+                assert part["textFits"], part  # text that does not fit is clipped in its own box
+            for i, a in enumerate(parts):
+                for b in parts[i + 1:]:
+                    same_line = a["top"] < b["bottom"] - 1 and b["top"] < a["bottom"] - 1
+                    apart = a["right"] <= b["left"] + 0.5 or b["right"] <= a["left"] + 0.5
+                    assert not same_line or apart, (a, b)
+    finally:
+        context.close()
+
+
+def test_progress_bars_stay_visible_in_forced_colors_mode(page, clean_server):
+    page.emulate_media(forced_colors="active")
+    post(clean_server, task("contrast", n=50))
+    open_dashboard(page, clean_server)
+    bar = row(page, "contrast").locator(".bar")
+    expect(bar).to_be_visible()
+    colors = bar.evaluate("""bar => ({ track: getComputedStyle(bar).backgroundColor,
+        border: getComputedStyle(bar).borderTopWidth,
+        fill: getComputedStyle(bar.querySelector('.fill')).backgroundColor })""")
+    assert colors["fill"] != colors["track"] and colors["fill"] != "rgba(0, 0, 0, 0)", colors
+    assert colors["border"] != "0px", colors
 
 
 # --- Scale ----------------------------------------------------------------------------------
