@@ -32,6 +32,11 @@ import sys
 import time
 import urllib.parse
 
+try:
+    import resource  # POSIX: the file descriptor limit
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 __all__ = [
     "App",
     "HTTPError",
@@ -71,6 +76,8 @@ MAX_UNIT_CHARS = 32
 MAX_POSTFIX_CHARS = 1000
 MAX_ERROR_CHARS = 2000
 MAX_META_BYTES = 4 * 1024  # meta, as compact JSON
+FD_RESERVE = 64  # file descriptors kept free for the store, logs and the listening socket
+MAX_CONNECTIONS_FALLBACK = 10_000  # where the descriptor limit cannot be read
 MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they send small
 MAX_DISCARD_BYTES = 64 << 20  # of a refused body, read and dropped so the 413 arrives
 LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
@@ -98,6 +105,11 @@ DEFAULT_PORT = 8000
 
 ENV_PREFIX = "PROGRESSISTA_"
 INDEX_FILE = "index.html"
+
+
+def masked_url(url):
+    """`url` with any password replaced by ***, for logs and show-config."""
+    return re.sub(r"//([^@/]*?):[^@/]*@", r"//\1:***@", url)
 
 
 def _csv(text):
@@ -145,6 +157,8 @@ class Settings:
                 values[key] = _csv(values[key])
             elif key in values:
                 values[key] = tuple(values[key])
+        if any(not token.strip() for token in values.get("api_tokens", ())):
+            raise ValueError("an API token must not be empty (it would refuse every request)")
         return cls(**values)
 
     def public(self):
@@ -152,6 +166,7 @@ class Settings:
         shown = dataclasses.asdict(self)
         shown["api_tokens"] = ["***"] * len(self.api_tokens)
         shown["allow_origins"] = list(self.allow_origins)
+        shown["store"] = masked_url(self.store)
         return shown
 
 
@@ -225,7 +240,7 @@ SETTINGS_TABLE = (
     _Setting("host", "HOST", str, "address to listen on"),
     _Setting("port", "PORT", _port, "TCP port for the API, the dashboard and /ws"),
     _Setting("api_tokens", "API_TOKENS", _csv,
-             "comma-separated bearer tokens; PROGRESSISTA_API_TOKEN adds one"),
+             "bearer tokens clients must send (the variable: comma-separated)"),
     _Setting("allow_origins", "ALLOW_ORIGINS", _csv,
              "comma-separated browser origins allowed cross-origin (CORS and /ws)"),
     _Setting("stale_seconds", "STALE_SECONDS", _seconds,
@@ -693,8 +708,9 @@ class SqliteStore(MemoryStore):
             for (stored,) in rows:
                 task = Task.from_dict(json.loads(stored))
                 self.by_id[task.task_id] = task
-        except (sqlite3.Error, ValueError, KeyError) as error:
-            raise StoreError(f"cannot read SQLite store {self.path!r}: {error}") from None
+        except (sqlite3.Error, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise StoreError(f"cannot read SQLite store {self.path!r}: a stored task is "
+                             f"unreadable ({error!r})") from None
 
     def apply(self, updates, now):
         changed = super().apply(updates, now)
@@ -826,7 +842,7 @@ class RedisStore(MemoryStore):
                              "pip install 'progressista[redis]'") from None
         self.errors = (redis.exceptions.RedisError, OSError)
         self.url = url
-        self.shown_url = re.sub(r"//[^@/]*@", "//***@", url)  # never log a password
+        self.shown_url = masked_url(url)  # never log a password
         self.settings = settings
         self.connect = lambda: aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
                                                  socket_connect_timeout=REDIS_TIMEOUT_S)
@@ -1123,6 +1139,8 @@ class Request:
 
     def __init__(self, method, target, version, headers, peer=None):
         self.method = method
+        if target[:1] != "/" and "://" in target[:8]:  # absolute form: http://host/path
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
         self.target = target
         path, _, query = target.partition("?")
         self.path = path
@@ -1199,6 +1217,8 @@ def body_length(request, max_body_bytes):
         raise HTTPError(411, "chunked bodies are not supported: send a Content-Length")
     declared = request.headers.get("content-length")
     if declared is None:
+        if request.method in ("POST", "PUT", "PATCH"):
+            raise HTTPError(411, f"{request.method} needs a Content-Length header")
         return 0
     if not declared.isdigit():
         raise HTTPError(400, f"Content-Length must be a whole number, not {declared!r}")
@@ -1296,6 +1316,11 @@ def origin_allowed(request, allow_origins):
 
 
 PUBLIC_PATHS = ("/health", "/")
+
+
+def allowed_methods(methods):
+    names = set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())
+    return ", ".join(sorted(names))
 HOST_HEADER = re.compile(r"[A-Za-z0-9.\-:\[\]]+\Z")
 
 
@@ -1511,6 +1536,11 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
+        if len(self.app.connections) >= self.app.max_connections:
+            # Refuse one rather than run out of file descriptors for everyone.
+            self.app.refused_connection()
+            transport.abort()
+            return
         self.app.connections.add(self)
         self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
 
@@ -1602,6 +1632,8 @@ class Connection(asyncio.Protocol):
         if (not b"A" <= first[:1] <= b"Z"
                 or (line_end >= 0 and not REQUEST_LINE.match(first))):
             self.fail(HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'"))
+        elif b"\n\n" in buffer:  # a bare-LF head would otherwise wait for its timeout
+            self.fail(HTTPError(400, "request lines must end with CRLF (\\r\\n)"))
         elif len(buffer) > MAX_HEADER_BYTES:
             self.fail(HTTPError(431, f"request headers are over the limit of "
                                      f"{MAX_HEADER_BYTES} bytes"))
@@ -1631,6 +1663,8 @@ class Connection(asyncio.Protocol):
 
     def write(self, request, response):
         keep_alive = request.keep_alive
+        if keep_alive and request.version == "HTTP/1.0":  # 1.0 closes unless told otherwise
+            response.headers.append(("Connection", "keep-alive"))
         self.transport.write(serialize_response(response, keep_alive, request.method == "HEAD"))
         self.app.log_request(request, response.status)
         if not keep_alive:
@@ -1718,6 +1752,8 @@ class App:
         self.listeners = set()
         self.background = []
         self.cached_snapshot = None
+        self.max_connections = connection_limit()
+        self.refusals_logged_at = -math.inf
         self.page, self.script_hashes, self.page_source = load_dashboard()
         self.log_requests = False
         self.routes = {
@@ -1809,7 +1845,7 @@ class App:
             return self.preflight(request, methods)
         handler = methods.get(method)
         if handler is None:
-            allow = ", ".join(sorted(methods) + ["OPTIONS"])
+            allow = allowed_methods(methods)
             raise HTTPError(405, f"{request.method} is not allowed on {path}; "
                                  f"use {allow}", headers=[("Allow", allow)])
         if method != "GET" and not origin_allowed(request, self.settings.allow_origins):
@@ -1861,7 +1897,7 @@ class App:
         return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
 
     def preflight(self, request, methods):
-        allow = ", ".join(sorted(name for name in methods) + ["OPTIONS"])
+        allow = allowed_methods(methods)
         if request.headers.get("origin") is not None and not self.cors_headers(request):
             raise HTTPError(403, f"origin {request.headers['origin']!r} is not allowed; "
                                  "list it in PROGRESSISTA_ALLOW_ORIGINS")
@@ -2054,6 +2090,13 @@ class App:
 
     # Logging
 
+    def refused_connection(self):
+        now = time.monotonic()
+        if now - self.refusals_logged_at > 60:  # a flood of them is one line a minute
+            self.refusals_logged_at = now
+            log.warning("refusing connections: %d open, the most this process's file "
+                        "descriptors allow (raise ulimit -n)", len(self.connections))
+
     def log_request(self, request, status):
         if self.log_requests:
             path = request.target
@@ -2153,6 +2196,28 @@ class App:
             await self.stop()
 
         asyncio.run(serve())
+
+
+def connection_limit():
+    """How many connections fit in this process's file descriptors, keeping some free."""
+    if resource is None:  # not POSIX
+        return MAX_CONNECTIONS_FALLBACK
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS_FALLBACK
+    return max(soft - FD_RESERVE, 16)
+
+
+def raise_file_limit():
+    """Raise the soft limit on open files to the hard one, as servers do."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit; connection_limit() follows it
 
 
 def _is_loopback(host):
@@ -2288,6 +2353,7 @@ def cmd_serve(args):
     except ValueError as error:
         print(f"progressista: error: {error}", file=sys.stderr)
         return 2
+    raise_file_limit()
     level = settings.log_level.upper()
     logging.basicConfig(level=logging.INFO if level == "DEBUG" else level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

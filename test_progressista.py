@@ -2099,3 +2099,74 @@ def test_lone_surrogate_is_400_naming_the_field(srv, field, update):
     status, answer, _ = http("POST", srv.url + "/progress", body)
     assert status == 400
     assert answer["error"].startswith(field + ": must be valid Unicode")
+
+
+# --- HTTP details found by outside QA ---------------------------------------------------
+
+
+def test_absolute_form_request_target_is_routed_by_its_path(srv):
+    with raw_connection(srv) as (sock, reader):
+        sock.sendall(b"GET http://127.0.0.1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, body = read_response(reader)
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_bare_lf_request_is_answered_400_at_once(srv):
+    with raw_connection(srv, timeout=3) as (sock, reader):
+        sock.sendall(b"GET /health HTTP/1.1\nHost: x\n\n")
+        status, _, body = read_response(reader)
+    assert status == 400 and "CRLF" in json.loads(body)["error"]
+
+
+def test_http10_keep_alive_is_confirmed_in_the_answer(srv):
+    with raw_connection(srv) as (sock, reader):
+        sock.sendall(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, _ = read_response(reader)
+        assert status == 200 and headers["connection"] == "keep-alive"
+        sock.sendall(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert read_response(reader)[0] == 200  # the same connection answers again
+
+
+def test_post_without_content_length_is_411(srv):
+    with raw_connection(srv) as (sock, reader):
+        sock.sendall(b"POST /progress HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = read_response(reader)
+    assert status == 411 and "Content-Length" in json.loads(body)["error"]
+
+
+def test_allow_header_lists_head_where_get_is_allowed(srv):
+    status, _, headers = http("PUT", srv.url + "/health")
+    assert status == 405
+    assert headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def test_connections_past_the_descriptor_budget_are_refused_and_others_served():
+    with running_server() as server:
+        server.app.max_connections = 2
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                for _ in range(2)]
+        try:
+            wait_for(lambda: len(server.app.connections) == 2, message="two connections")
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as third:
+                try:
+                    assert third.recv(1) == b""  # closed at once, unanswered
+                except ConnectionResetError:
+                    pass
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: len(server.app.connections) == 0, message="the sockets to close")
+        assert http("GET", server.url + "/health")[0] == 200
+
+
+def test_cli_show_config_masks_a_password_in_the_store_url():
+    result = run_cli("show-config", "--store", "redis://user:hunter2@db.internal:6379/0")
+    assert result.returncode == 0
+    assert "hunter2" not in result.stdout
+    assert json.loads(result.stdout)["store"] == "redis://user:***@db.internal:6379/0"
+
+
+def test_cli_empty_api_token_is_a_one_line_error():
+    result = run_cli("--api-token", "", "--port", "0")
+    assert result.returncode == 2
+    assert "must not be empty" in result.stderr and "Traceback" not in result.stderr
