@@ -476,23 +476,26 @@ def test_health_does_not_count_stale_tasks_as_active(clocked_srv, clock):
     assert (body["tasks"], body["active"]) == (1, 0)
 
 
+def redirect_of(server, target):
+    """(status, Location) of a GET that is not followed (urllib would follow it)."""
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", target)
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader("Location")
+    finally:
+        conn.close()
+
+
 def test_root_redirects_to_dashboard_keeping_query_string(srv):
-    conn = HTTPConnection("127.0.0.1", srv.port, timeout=5)
-    conn.request("GET", "/?token=abc&view=grid")
-    response = conn.getresponse()
-    response.read()
-    conn.close()
-    assert response.status in (302, 307)
-    assert response.getheader("Location") == "/static/index.html?token=abc&view=grid"
+    status, location = redirect_of(srv, "/?token=abc&view=grid")
+    assert status in (302, 307)
+    assert location == "/static/index.html?token=abc&view=grid"
 
 
 def test_root_redirect_without_query_has_no_question_mark(srv):
-    conn = HTTPConnection("127.0.0.1", srv.port, timeout=5)
-    conn.request("GET", "/")
-    response = conn.getresponse()
-    response.read()
-    conn.close()
-    assert response.getheader("Location") == "/static/index.html"
+    assert redirect_of(srv, "/")[1] == "/static/index.html"
 
 
 def test_dashboard_page_is_served_as_html(srv):
@@ -984,12 +987,7 @@ def test_public_pages_need_no_token(auth_srv, path):
 
 
 def test_root_redirect_needs_no_token(auth_srv):
-    conn = HTTPConnection("127.0.0.1", auth_srv.port, timeout=5)
-    conn.request("GET", "/")
-    response = conn.getresponse()
-    response.read()
-    conn.close()
-    assert response.status in (302, 307)
+    assert redirect_of(auth_srv, "/")[0] in (302, 307)
 
 
 # --- CORS --------------------------------------------------------------------------------
