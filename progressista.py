@@ -1316,6 +1316,7 @@ def origin_allowed(request, allow_origins):
 
 
 PUBLIC_PATHS = ("/health", "/")
+DELETE_FILTERS = {"status", "older_than", "task_id", "token"}
 
 
 def allowed_methods(methods):
@@ -1942,6 +1943,11 @@ class App:
         return json_response(task.as_dict(self.clock(), self.settings.stale_seconds))
 
     def delete_tasks(self, request):
+        # With no filter this deletes everything: a misspelt filter must not mean that.
+        unknown = set(request.query) - DELETE_FILTERS
+        if unknown:
+            raise HTTPError(400, f"unknown filter {sorted(unknown)[0]!r}: DELETE /tasks takes "
+                                 "status, older_than and task_id (none deletes every task)")
         status = _status_query(request)
         older_than = _seconds_query(request, "older_than")
         # An id as a filter too: a browser cannot put "." or ".." in a path segment.

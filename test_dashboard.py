@@ -590,6 +590,24 @@ def test_live_updates_do_not_reorder_rows_under_the_pointer(page, clean_server):
     expect(descs).to_have_text(["fast", "slow"])
 
 
+def test_a_click_in_the_list_does_not_hold_the_order_once_the_pointer_leaves(page, clean_server):
+    post(clean_server, [task("slow", n=10), task("fast", n=50), task("victim", n=30)])
+    open_dashboard(page, clean_server, query=f"?token={TOKEN}&sort=progress")
+    row(page, "victim").get_by_role("button", name="Remove victim").click()
+    expect(row(page, "victim")).to_have_count(0)
+    page.mouse.move(5, 5)  # the pointer leaves; focus stays in the list, from a click
+    post(clean_server, task("fast", n=5, seq=2))
+    expect(page.locator(f"{VISIBLE_TASK_ROWS} .desc")).to_have_text(["fast", "slow"])
+
+
+def test_a_group_of_unknown_progress_does_not_read_as_done(page, clean_server):
+    post(clean_server, [task("crawl", total=None, n=5, meta={"host": "h1"})])
+    open_dashboard(page, clean_server, query=f"?token={TOKEN}&group=host")
+    fill = page.locator(".row.group:not([hidden]) .bar .fill").first
+    expect(fill).to_be_visible()
+    assert float(fill.evaluate("el => getComputedStyle(el).opacity")) < 0.5
+
+
 def test_controls_are_reachable_from_the_keyboard(page, clean_server):
     post(clean_server, task("keyed", meta={"host": "kb-host", "job": "99"}))
     open_dashboard(page, clean_server)
