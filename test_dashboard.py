@@ -255,6 +255,18 @@ def test_the_info_panel_shows_no_eta_where_the_row_shows_none(page, clean_server
     expect(page.locator("#details dd").nth(3)).to_have_text("00:30 < ?")
 
 
+def test_the_info_panel_lists_the_raw_fields_too(page, clean_server):
+    post(clean_server, task("raw", n=1536, total=4096, unit="B", unit_scale=True,
+                            unit_divisor=1024, seq=42))
+    open_dashboard(page, clean_server)
+    row(page, "raw").locator("button.info").click()
+    fields = page.locator("#details dt")
+    for name in ("n", "total", "unit", "unit_scale", "unit_divisor", "seq"):
+        expect(fields.filter(has_text=re.compile(f"^{name}$"))).to_have_count(1)
+    expect(page.locator("#details")).to_contain_text("1536")
+    expect(page.locator("#details")).to_contain_text("1024")
+
+
 def test_task_data_is_rendered_as_text_and_runs_nothing_even_without_the_csp(browser, clean_server):
     # bypass_csp: the page itself must be safe, the CSP is only the second line of defence
     context = browser.new_context(bypass_csp=True)
