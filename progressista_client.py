@@ -20,6 +20,7 @@ import atexit
 import collections
 import importlib
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -62,11 +63,12 @@ BACKOFF_MAX_S = 10.0                # retry delays double up to this
 # A loop left early (break, or its body raised) is closed only after this grace, so that an
 # uncaught exception reaching the excepthook can still report it as an error.
 EARLY_CLOSE_HOLD_S = 1.0
-# In a multiprocessing worker, close() waits for the final state (a pool may end the worker
-# once it returns). While the server has not yet answered this process, it waits only this
-# long, and once: an up server answers a first request well within it; a hanging one must
-# not cost every worker the whole request timeout.
-UNANSWERED_WAIT_S = 0.2
+# Holds end on this grid, so that many short held bars cost the sender one tick per step,
+# not one each.
+HOLD_GRID_S = 0.1
+# While the server is down, final states wait in memory; beyond this many the oldest are
+# dropped (with one warning), so a job of millions of short bars never grows without bound.
+MAX_PENDING_FINALS = 10000
 
 # Protocol limits (PROTOCOL.md, "The task"): states are clipped to them, so that one odd bar
 # never gets a whole batch refused.
@@ -157,10 +159,21 @@ def make_endpoint(server_url=None, token=None, headers=None, request_timeout=Non
     return Endpoint(url, tuple(sorted(all_headers.items())), float(request_timeout))
 
 
+_host = None
+
+
+def _hostname():
+    # Cached: gethostname() can cost more than a whole short bar.
+    global _host
+    if _host is None:
+        _host = socket.gethostname()
+    return _host
+
+
 def default_meta(environ=None):
     """Host name, pid, and the scheduler's job id and pod name when one set them."""
     env = os.environ if environ is None else environ
-    meta = {"host": socket.gethostname(), "pid": os.getpid()}
+    meta = {"host": _hostname(), "pid": os.getpid()}
     # Each scheduler's job id, its array index variables (Torque's, then PBS Pro's), and the
     # value it uses for "not an array job". 0 is a real index for SLURM and PBS (--array=0-9).
     for job_var, scheduler, index_vars, not_an_array in (
@@ -317,8 +330,8 @@ class Sender:
         self._live = {}         # task_id -> _Entry last delivered, for tasks not yet final
         self._last_sent = {}    # task_id -> clock() of its last delivery
         self._outages = {}      # Endpoint -> _Outage, while its server fails
-        self._answered = set()  # endpoints whose server has answered this process
-        self._waited_unanswered = set()  # endpoints a worker's close() already gave a short wait
+        self._final_ids = {}    # task ids of the final states in _pending, oldest first
+        self._wake_at = math.inf  # clock() at which the thread next ticks by itself
         self._refused_since_flush = False
         self.last_refusal = None  # what the server said when it last refused an update for good
         self._seq = 0
@@ -339,7 +352,8 @@ class Sender:
         the same task is ignored. `hold_s` delays a final state (see EARLY_CLOSE_HOLD_S).
         """
         task_id = state["task_id"]
-        not_before = self._clock() + hold_s if hold_s else 0.0
+        now = self._clock()
+        not_before = math.ceil((now + hold_s) / HOLD_GRID_S) * HOLD_GRID_S if hold_s else 0.0
         entry = _Entry(endpoint, state, push_every, final, not_before)
         with self._lock:
             queued = self._pending.get(task_id)
@@ -347,9 +361,29 @@ class Sender:
                 return  # close and error are final: a late display must not reopen the bar
             self._pending[task_id] = entry
             self._version += 1
+            if final:
+                self._final_ids[task_id] = None
+                if len(self._final_ids) > MAX_PENDING_FINALS:
+                    self._drop_oldest_final()
+            # Wake the thread only if this is due before it wakes anyway: while the server is
+            # down, or for held closes, a wake per bar would cost a walk of the queue per bar.
+            outage = self._outages.get(endpoint)
+            due_at = max(not_before, now, outage.retry_at if outage is not None else 0.0)
+            wake = (queued is None or final) and due_at < self._wake_at
         if queued is None or final:
             self._start()
+        if wake:
             self._wake.set()
+
+    def _drop_oldest_final(self):
+        # Called with the lock held.
+        task_id = next(iter(self._final_ids))
+        del self._final_ids[task_id]
+        self._pending.pop(task_id, None)
+        self._live.pop(task_id, None)   # no heartbeat either: the server lets it go stale
+        self._last_sent.pop(task_id, None)
+        _warn_once("pending-finals", "progressista: more than %d final states wait for the "
+                   "server; the oldest are dropped", MAX_PENDING_FINALS)
 
     def pending_final(self, task_id):
         """True while a final state of `task_id` waits to be sent."""
@@ -400,24 +434,6 @@ class Sender:
         refused, self._refused_since_flush = self._refused_since_flush, False
         return not refused
 
-    def flush_in_worker(self, endpoint):
-        """Wait for delivery before a multiprocessing worker's bar returns; False if cut short.
-
-        Up to the request timeout once `endpoint` has answered this process; before that,
-        UNANSWERED_WAIT_S and only once, so a hanging server never slows a pool noticeably.
-        """
-        with self._lock:
-            if endpoint in self._outages:
-                return False
-            if endpoint in self._answered:
-                timeout = endpoint.timeout
-            elif endpoint in self._waited_unanswered:
-                return False
-            else:
-                self._waited_unanswered.add(endpoint)
-                timeout = UNANSWERED_WAIT_S
-        return self.flush(timeout)
-
     def stop(self, timeout=1.0):
         """Stop the thread (tests); queued states are kept."""
         self._stopped = True
@@ -452,6 +468,10 @@ class Sender:
     def tick(self):
         """Send what is due now; return seconds until something is next due (None: nothing)."""
         now = self._clock()
+        if self._run_dir is not None:
+            # Before sending: a process killed while its request is out (a pool worker whose
+            # server is slow) must leave a record for `run` to end its bars from.
+            self._write_run_record()
         with self._lock:
             flush_id = self._flush_id if self._flush_waiters else 0
             due = self._take_due(now, flush_id)
@@ -473,16 +493,17 @@ class Sender:
                 with self._lock:
                     self._in_flight -= 1
                     self._idle.notify_all()
-        elif self._run_dir is not None:
-            self._write_run_record()
         with self._lock:
-            return self._next_due(self._clock())
+            delay = self._next_due(self._clock())
+            self._wake_at = math.inf if delay is None else self._clock() + delay
+            return delay
 
     def _take_due(self, now, flush_id):
         due = []
         for task_id, entry in list(self._pending.items()):
             if self._may_send(entry, task_id, now, flush_id):
                 due.append(self._pending.pop(task_id))
+                self._final_ids.pop(task_id, None)
         due_ids = {entry.state["task_id"] for entry in due}
         for task_id, entry in self._live.items():
             if task_id in self._pending or task_id in due_ids:
@@ -568,7 +589,8 @@ class Sender:
                 elif id(entry) in delivered_ids:
                     self._live[task_id] = entry
             for entry in retry:
-                self._pending.setdefault(entry.state["task_id"], entry)
+                if self._pending.setdefault(entry.state["task_id"], entry) is entry and entry.final:
+                    self._final_ids[entry.state["task_id"]] = None
             if retry:
                 outage = self._outages.setdefault(endpoint, _Outage())
                 outage.failures += 1
@@ -588,8 +610,6 @@ class Sender:
         except Exception as error:  # any network failure, timeout, or odd answer
             self._warn_down(endpoint, "%s: %s" % (type(error).__name__, error))
             return [], entries, []
-        with self._lock:
-            self._answered.add(endpoint)
         if 200 <= status < 300:
             return entries, [], []
         message = _server_message(answer)
@@ -656,6 +676,7 @@ def default_sender():
             if _sender is None:
                 _sender = Sender(run_dir=os.environ.get(ENV_RUN_DIR) or None)
                 _install_hooks()
+                _arm_worker_exit()
             sender = _sender
     return sender
 
@@ -692,8 +713,10 @@ _open_bars = weakref.WeakSet()      # remote bars not yet ended, for the excepti
 # task_id -> _HeldClose of a loop left early, its close on hold. Strong references: the bar
 # of `for x in tqdm(it):` is freed as an exception unwinds the loop, before the excepthook.
 _held_closes = {}
+_held_order = collections.deque()   # (hold end, _HeldClose), oldest first: expired ones leave in O(1)
 _bars_lock = threading.Lock()
 _tqdm_iter_code = None              # tqdm.std.tqdm.__iter__'s code, set when tqdm is loaded
+_tqdm_del_code = None               # tqdm.std.tqdm.__del__'s code
 
 
 class _RemoteBar:
@@ -728,7 +751,7 @@ class _RemoteBar:
         if push_every is None:
             push_every = _env_seconds(ENV_PUSH_INTERVAL, DEFAULT_PUSH_INTERVAL_S)
         self._remote_push_every = float(push_every)
-        self._remote_task_id = str(task_id)[:MAX_TASK_ID_CHARS] if task_id else uuid.uuid4().hex
+        self._remote_task_id = str(task_id)[:MAX_TASK_ID_CHARS] if task_id else _new_task_id()
         merged_meta = default_meta()  # the user's keys win
         merged_meta.update(defaults.get("meta") or {})
         merged_meta.update(meta or {})
@@ -766,6 +789,10 @@ class _RemoteBar:
     def close(self):
         sender = getattr(self, "_remote_sender", None)
         if sender is None:
+            if sys._getframe(1).f_code is not _tqdm_del_code:
+                # An explicit close() or a clean `with` exit after a loop left early: the
+                # bar is known to be finished, so its close need not wait for an exception.
+                _release_held(getattr(self, "_remote_task_id", None))
             return super().close()
         error, hold_s = self._remote_error, 0.0
         caller = sys._getframe(1)
@@ -782,9 +809,8 @@ class _RemoteBar:
         try:
             return super().close()
         finally:
+            # Never waits, not even in a pool worker: _arm_worker_exit() delivers at its exit.
             self._remote_end("error" if error else "close", error, hold_s)
-            if _in_worker_process():
-                sender.flush_in_worker(self._remote_endpoint)
 
     # Remote side
 
@@ -843,14 +869,39 @@ class _RemoteBar:
             log.debug("progressista: could not queue a final state", exc_info=True)
 
 
+_id_prefix = None
+_id_count = itertools.count(1)
+
+
+def _new_task_id():
+    # A random prefix per process and a counter: unique like uuid4() per bar, without
+    # reading os.urandom for each of many short bars.
+    global _id_prefix
+    if _id_prefix is None:
+        _id_prefix = uuid.uuid4().hex[:20]
+    return "%s%012x" % (_id_prefix, next(_id_count))
+
+
 _HeldClose = collections.namedtuple("_HeldClose", "sender endpoint state thread")
 
 
 def _hold_close(held):
+    now = time.monotonic()
     with _bars_lock:
-        for task_id in [t for t, h in _held_closes.items() if not h.sender.pending_final(t)]:
-            del _held_closes[task_id]  # sent already: the hold is over
+        while _held_order and _held_order[0][0] <= now:  # the hold is over
+            old = _held_order.popleft()[1]
+            if _held_closes.get(old.state["task_id"]) is old:
+                del _held_closes[old.state["task_id"]]
         _held_closes[held.state["task_id"]] = held
+        _held_order.append((now + EARLY_CLOSE_HOLD_S + HOLD_GRID_S, held))
+
+
+def _release_held(task_id):
+    """Send a close on hold now."""
+    with _bars_lock:
+        held = _held_closes.pop(task_id, None)
+    if held is not None and held.sender.pending_final(task_id):
+        held.sender.put(held.endpoint, held.state, final=True)
 
 
 def _fail_held(held, error):
@@ -992,10 +1043,41 @@ def _at_exit():
     sender.flush()
 
 
+def _arm_worker_exit():
+    """In a multiprocessing child, deliver the pending states before the process ends.
+
+    Such a process leaves through os._exit (no atexit), and a pool ends its workers as soon
+    as their tasks are done: recycled (maxtasksperchild) or closed, they exit normally and
+    run multiprocessing's finalizers; terminated (terminate(), `with Pool()`), they get
+    SIGTERM. Either way the wait is bounded by the flush timeout, as at any exit.
+    """
+    if not _in_worker_process():
+        return
+    import multiprocessing.util
+    multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
+    # Only where SIGTERM would kill the process anyway: a handler of the program's own wins.
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _flush_then_die)
+
+
+def _flush_then_die(signum, frame):
+    sender = _sender
+    if sender is not None:
+        # From another thread: the signal may have stopped this one inside the sender's lock,
+        # and then the join's bound is what ends the wait.
+        flusher = threading.Thread(target=sender.flush, daemon=True)
+        flusher.start()
+        flusher.join(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S) + 0.1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)  # and end as SIGTERM would have
+
+
 def _after_fork_in_child():
     # The child gets its own sender thread; bars inherited from the parent stay the
     # parent's (same task ids), so the child neither sends nor ends them.
-    global _sender, _sender_lock, _bars_lock, _open_bars, _held_closes
+    global _sender, _sender_lock, _bars_lock, _open_bars, _held_closes, _held_order, _id_prefix
+    _id_prefix = None  # a child must not make the task ids its parent makes
     _sender = None
     _sender_lock = threading.Lock()
     _bars_lock = threading.Lock()
@@ -1003,6 +1085,7 @@ def _after_fork_in_child():
         bar._remote_sender = None
     _open_bars = weakref.WeakSet()
     _held_closes = {}
+    _held_order = collections.deque()
 
 
 if hasattr(os, "register_at_fork"):
@@ -1066,12 +1149,15 @@ def patch(**defaults):
         namespace = vars(module)
         originals = dict(namespace)
         for name, value in originals.items():
+            # By attribute, not by class: a remote class of another copy of this module
+            # (vendored, patching on top of `run`) is not wrapped again.
             if isinstance(value, type) and issubclass(value, base) \
-                    and not issubclass(value, _RemoteBar):
+                    and not hasattr(value, "_remote_defaults"):
                 replace(namespace, name, remote(value))
         for name, class_name in _RANGE_FUNCTIONS.items():
             cls = originals.get(class_name)
-            if callable(originals.get(name)) and isinstance(cls, type) and issubclass(cls, base):
+            if callable(originals.get(name)) and isinstance(cls, type) and issubclass(cls, base) \
+                    and not hasattr(cls, "_remote_defaults"):
                 replace(namespace, name, _make_range(remote(cls), name))
     # Modules that did `from tqdm import tqdm` before patch() hold the original class.
     by_id = {id(cls): remote_cls for cls, remote_cls in remote_by_original.items()}
@@ -1111,13 +1197,14 @@ _original_tqdm = None
 
 def _tqdm_base():
     """tqdm.std.tqdm as tqdm defines it, even while patch() has replaced the name."""
-    global _original_tqdm, _tqdm_iter_code
+    global _original_tqdm, _tqdm_iter_code, _tqdm_del_code
     if _original_tqdm is None:
         # By attribute, not by class: a vendored copy of this module, imported after `run`
         # patched tqdm, must skip the other copy's remote class too.
         cls = next(c for c in _import_tqdm_std().tqdm.__mro__ if not hasattr(c, "_remote_defaults"))
         _original_tqdm = cls
         _tqdm_iter_code = cls.__iter__.__code__
+        _tqdm_del_code = cls.__del__.__code__
     return _original_tqdm
 
 

@@ -335,6 +335,25 @@ def test_breaking_out_of_a_loop_closes_the_bar_where_it_stopped(server, sender):
     assert final["status"] == "close" and final["n"] == 4
 
 
+@pytest.mark.parametrize("ending", ["close", "with"])
+def test_closing_a_loop_left_early_ends_its_hold(server, sender, ending):
+    # Only the implicit close of `for x in tqdm(...): break` waits for an exception.
+    if ending == "close":
+        loop = bar(server.url, iterable=range(10))
+        for item in loop:
+            if item == 4:
+                break
+        loop.close()
+    else:
+        with bar(server.url, iterable=range(10)) as loop:
+            for item in loop:
+                if item == 4:
+                    break
+    pc.end_bars_with_error("RuntimeError: unrelated, after the bar was finished")
+    assert sender.flush(2)
+    assert (task(server, loop.task_id)["status"], task(server, loop.task_id)["n"]) == ("close", 4)
+
+
 def test_an_uncaught_exception_ends_every_open_bar_as_error(server):
     result = run_python("""
         import io, sys, progressista_client as pc
@@ -544,13 +563,68 @@ def unanswered_pool_job(args):
     return index
 
 
-def test_a_hanging_server_never_slows_a_pool_that_recycles_its_workers(hanging_server):
+def test_a_hanging_server_costs_a_recycled_worker_at_most_the_flush_timeout(hanging_server,
+                                                                            monkeypatch):
+    monkeypatch.setenv("PROGRESSISTA_FLUSH_TIMEOUT", "0.3")
     started = time.monotonic()
     with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=2) as pool:
         assert sorted(pool.imap_unordered(unanswered_pool_job, [(hanging_server, i) for i in range(8)])) \
             == list(range(8))
-    # Four worker processes in two slots; each would wait the 2 s request timeout.
+    # Four worker processes in two slots, each exit waiting 0.3 s, not the 2 s request timeout.
     assert time.monotonic() - started < 2.0
+
+
+@pytest.fixture
+def slow_server(server):
+    """A proxy that answers each POST 0.4 s late: a server that is up but slow."""
+    class Slow(http_server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(0.4)
+            status, answer, _ = http("POST", server.url + "/progress", body)
+            answer = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield "http://127.0.0.1:%d" % httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def timed_pool_job(args):
+    server_url, index = args
+    started = time.monotonic()
+    for _ in pc.tqdm(range(20), server_url=server_url, file=io.StringIO(), desc="job %d" % index,
+                     mininterval=0, push_every=0):
+        pass
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("ending", ["recycled", "terminated"])
+def test_a_slow_server_neither_slows_pool_tasks_nor_loses_their_final_states(
+        server, slow_server, ending):
+    jobs = [(slow_server, index) for index in range(4)]
+    if ending == "recycled":  # each worker exits after its task
+        pool = multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1)
+        durations = pool.map(timed_pool_job, jobs)
+        pool.close()
+        pool.join()
+    else:  # `with Pool()` terminates its workers (SIGTERM) as soon as the work is done
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            durations = pool.map(timed_pool_job, jobs)
+    assert max(durations) < 0.15  # close() does not wait on the network, even in a worker
+    done = wait_for(lambda: len(tasks(server)) == 4 and tasks(server), timeout=5)
+    assert sorted((t["desc"], t["status"], t["n"]) for t in done.values()) == [
+        ("job %d" % i, "close", 20) for i in range(4)]
 
 
 def test_a_forked_child_does_not_send_or_end_its_parents_bars(server, sender):
@@ -711,6 +785,55 @@ def test_sender_records_open_bars_for_run(tmp_path):
     (path,) = tmp_path.glob("bars-%d-*.json" % os.getpid())  # one file per sender
     record = json.loads(path.read_text())
     assert list(record) == ["open"] and record["open"]["state"]["seq"] > 0
+
+
+def test_sender_records_a_bar_for_run_before_its_request_returns(tmp_path):
+    called, release = threading.Event(), threading.Event()
+
+    def slow_opener(url, body, headers, timeout):
+        called.set()
+        release.wait(5)
+        return 200, b"{}"
+
+    sender = pc.Sender(opener=slow_opener, run_dir=str(tmp_path), autostart=False)
+    sender.put(ENDPOINT, state("a", 2))
+    ticking = threading.Thread(target=sender.tick)
+    ticking.start()
+    try:
+        assert called.wait(5)
+        (path,) = tmp_path.glob("bars-*.json")  # a process killed now still leaves its record
+        assert json.loads(path.read_text())["a"]["state"]["n"] == 2
+    finally:
+        release.set()
+        ticking.join(5)
+
+
+def test_sender_keeps_a_bounded_number_of_final_states_while_the_server_is_down(
+        monkeypatch, client_log):
+    monkeypatch.setattr(pc, "MAX_PENDING_FINALS", 5, raising=False)
+    sender, clock, opener = unit_sender([None] * 100)
+    for index in range(8):
+        sender.put(ENDPOINT, state("bar %d" % index, 1, "close"), final=True)
+        clock.now += sender.tick() or 0
+    assert sorted(sender._pending) == ["bar %d" % i for i in range(3, 8)]  # the newest
+    dropped = [r for r in warnings_in(client_log) if "dropped" in r.getMessage()]
+    assert len(dropped) == 1
+
+
+def test_many_loops_left_early_cost_little_even_while_the_server_is_down():
+    # Each held close used to scan all the others, and each final state woke the sender
+    # to walk the whole queue: the cost per bar grew with the number of bars.
+    url = "http://127.0.0.1:%d" % closed_port()
+    devnull = open(os.devnull, "w")
+    timings = {}
+    for name, cls in (("plain", pc._tqdm_base()), ("remote", pc.tqdm)):
+        started = time.perf_counter()
+        for _ in range(3000):
+            for _ in cls(range(10), file=devnull, **({"server_url": url} if name == "remote" else {})):
+                break
+        timings[name] = time.perf_counter() - started
+    devnull.close()
+    assert timings["remote"] < 5 * timings["plain"] + 0.2, timings
 
 
 # --- patch() and unpatch() ---
@@ -889,6 +1012,27 @@ def test_run_with_a_vendored_copy_sends_each_bar_once(server, tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted((t["desc"], t["n"], t["status"]) for t in tasks(server).values()) == [
         ("loop", 5, "close"), ("open", 3, "close")]
+
+
+def test_a_vendored_copys_patch_on_top_of_another_sends_each_bar_once(server):
+    result = run_python("""
+        import importlib.util, io, sys
+        import progressista_client as pc
+        pc.patch(server_url=sys.argv[1])
+        spec = importlib.util.spec_from_file_location("vendored_pc", pc.__file__)
+        vendored = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(vendored)
+        vendored.patch(server_url=sys.argv[1])
+        from tqdm import tqdm, trange
+        for _ in tqdm(range(3), desc="loop", file=io.StringIO()):
+            pass
+        for _ in trange(2, desc="range", file=io.StringIO()):
+            pass
+        print(pc.flush(5), vendored.flush(5))
+    """, server.url)
+    assert result.stdout.split() == ["True", "True"], result.stderr
+    assert sorted((t["desc"], t["status"]) for t in tasks(server).values()) == [
+        ("loop", "close"), ("range", "close")]
 
 
 WORKER = """\
