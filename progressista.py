@@ -609,12 +609,17 @@ class MemoryStore:
     def __len__(self):
         return len(self.by_id)
 
-    def apply(self, updates, now):
+    def check_room(self, updates):
+        """Raise StoreFull when `updates` would add tasks past the cap."""
         by_id = self.by_id
         # A set comprehension with `not in`: `set - by_id.keys()` walks the whole store.
         new_ids = {update["task_id"] for update in updates if update["task_id"] not in by_id}
         if new_ids and len(by_id) + len(new_ids) > self.max_tasks:
             raise StoreFull(self.max_tasks, sorted(new_ids)[0])
+
+    def apply(self, updates, now):
+        self.check_room(updates)
+        by_id = self.by_id
         changed = []
         for update in updates:
             task_id = update["task_id"]
@@ -992,11 +997,8 @@ class RedisStore(MemoryStore):
 
     async def apply(self, updates, now):
         """Store in Redis, then in the mirror; all or nothing, 503 when Redis is down."""
+        self.check_room(updates)
         by_id = self.by_id
-        # A set comprehension with `not in`: `set - by_id.keys()` walks the whole store.
-        new_ids = {update["task_id"] for update in updates if update["task_id"] not in by_id}
-        if new_ids and len(by_id) + len(new_ids) > self.max_tasks:
-            raise StoreFull(self.max_tasks, sorted(new_ids)[0])
         staged = {}
         for update in updates:
             task_id = update["task_id"]
