@@ -1128,7 +1128,7 @@ def snapshot_message(store, now, stale_after_s):
 
 # --- HTTP ------------------------------------------------------------------------------
 
-REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]\Z")
+REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) (HTTP/1\.[01])\Z")
 SINGLE_HEADERS = ("content-length", "host")
 
 
@@ -1185,14 +1185,13 @@ def _reject_constant(name):
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-_REQUEST_LINE_TEXT = re.compile(r"([A-Z]+) (\S+) (HTTP/1\.[01])\Z")
 _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
 
 
 def parse_head(head, peer=None):
     """Parse a request head (without its final blank line); raise HTTPError(400)."""
     lines = head.decode("latin-1").split("\r\n")
-    match = _REQUEST_LINE_TEXT.match(lines[0])
+    match = REQUEST_LINE.match(lines[0])
     if match is None:
         raise HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'")
     headers = {}
@@ -1396,12 +1395,9 @@ def _seconds_query(request, name):
     if raw is None:
         return None
     try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise HTTPError(400, f"{name}: must be a number of seconds >= 0, not {raw!r}")
-    return value
+        return _seconds(raw)  # the rule of the --*-seconds flags
+    except argparse.ArgumentTypeError as error:
+        raise HTTPError(400, f"{name}: {error}") from None
 
 
 def _status_query(request):
@@ -1633,7 +1629,7 @@ class Connection(asyncio.Protocol):
         line_end = buffer.find(b"\r\n")
         first = buffer[:line_end] if line_end >= 0 else buffer[:MAX_HEADER_BYTES]
         if (not b"A" <= first[:1] <= b"Z"
-                or (line_end >= 0 and not REQUEST_LINE.match(first))):
+                or (line_end >= 0 and not REQUEST_LINE.match(first.decode("latin-1")))):
             self.fail(HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'"))
         elif b"\n\n" in buffer:  # a bare-LF head would otherwise wait for its timeout
             self.fail(HTTPError(400, "request lines must end with CRLF (\\r\\n)"))
@@ -1765,7 +1761,7 @@ class App:
             "/health": {"GET": self.get_health},
             "/": {"GET": self.get_root},
             "/static/" + INDEX_FILE: {"GET": self.get_dashboard},
-            "/ws": {"GET": None},
+            "/ws": {"GET": self.get_ws_without_upgrade},
         }
 
     # Extension
@@ -1797,8 +1793,7 @@ class App:
     async def through_middleware(self, request, innermost):
         call = innermost
         for middleware in reversed(self.middleware):
-            call = (lambda middleware, call_next:
-                    lambda request: middleware(request, call_next))(middleware, call)
+            call = _calling(middleware, call)
         try:
             return await call(request)
         except HTTPError as error:
@@ -1979,6 +1974,11 @@ class App:
                               "tasks": len(self.store), "active": active,
                               "listeners": len(self.listeners), "store": store,
                               "version": __version__})
+
+    def get_ws_without_upgrade(self, request):
+        # A GET with the upgrade headers never gets here (Connection.upgrade takes it).
+        raise HTTPError(426, "/ws is a WebSocket: connect with a WebSocket client",
+                        headers=[("Upgrade", "websocket")])
 
     def get_root(self, request):
         query = request.target.partition("?")[2]
@@ -2226,6 +2226,11 @@ def raise_file_limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass  # keep the soft limit; connection_limit() follows it
+
+
+def _calling(middleware, call_next):
+    """One link of the middleware chain: `middleware` with what comes after it."""
+    return lambda request: middleware(request, call_next)
 
 
 def _is_loopback(host):

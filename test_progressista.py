@@ -810,6 +810,12 @@ def test_ws_path_without_upgrade_headers_is_refused(srv):
     assert "Connection header" in body["error"]
 
 
+def test_head_on_ws_is_answered_like_a_get_without_upgrade(srv):
+    status, body, headers = http("HEAD", srv.url + "/ws")
+    assert status == 426
+    assert headers["Upgrade"] == "websocket"
+
+
 def test_ws_refusal_for_a_foreign_origin_is_json_that_says_what_to_do(srv):
     with raw_connection(srv) as (sock, reader):
         sock.sendall(WS_HANDSHAKE.replace(b"\r\n\r\n",
