@@ -123,6 +123,7 @@ class Settings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_tokens: tuple = ()
+    read_tokens: tuple = ()
     allow_origins: tuple = ()
     stale_seconds: float = STALE_SECONDS
     retention_seconds: float = RETENTION_SECONDS
@@ -152,19 +153,26 @@ class Settings:
         if tokens:
             values["api_tokens"] = tokens
         values.update({key: value for key, value in overrides.items() if value is not None})
-        for key in ("api_tokens", "allow_origins"):
+        for key in ("api_tokens", "read_tokens", "allow_origins"):
             if isinstance(values.get(key), str):
                 values[key] = _csv(values[key])
             elif key in values:
                 values[key] = tuple(values[key])
-        if any(not token.strip() for token in values.get("api_tokens", ())):
-            raise ValueError("an API token must not be empty (it would refuse every request)")
+        for key in ("api_tokens", "read_tokens"):
+            if any(not token.strip() for token in values.get(key, ())):
+                raise ValueError("a token must not be empty (it would refuse every request)")
+        if values.get("read_tokens") and not values.get("api_tokens"):
+            # Without a push token anyone could write, so a read-only token would mean nothing.
+            raise ValueError("read tokens need an API token too: set PROGRESSISTA_API_TOKEN "
+                             "(or --api-token) for the senders, and give the read token "
+                             "to viewers")
         return cls(**values)
 
     def public(self):
         """The settings as a JSON-able dict with every token masked."""
         shown = dataclasses.asdict(self)
         shown["api_tokens"] = ["***"] * len(self.api_tokens)
+        shown["read_tokens"] = ["***"] * len(self.read_tokens)
         shown["allow_origins"] = list(self.allow_origins)
         shown["store"] = masked_url(self.store)
         return shown
@@ -241,6 +249,9 @@ SETTINGS_TABLE = (
     _Setting("port", "PORT", _port, "TCP port for the API, the dashboard and /ws"),
     _Setting("api_tokens", "API_TOKENS", _csv,
              "bearer tokens clients must send (the variable: comma-separated)"),
+    _Setting("read_tokens", "READ_TOKENS", _csv,
+             "tokens that may only view: GET /tasks, /ws, /metrics and the dashboard "
+             "(the variable: comma-separated)"),
     _Setting("allow_origins", "ALLOW_ORIGINS", _csv,
              "comma-separated browser origins allowed cross-origin (CORS and /ws)"),
     _Setting("stale_seconds", "STALE_SECONDS", _seconds,
@@ -272,11 +283,12 @@ SETTINGS_TABLE = (
 class HTTPError(Exception):
     """An error answered as ``{"error": message}`` with `status` and extra `headers`."""
 
-    def __init__(self, status, message, headers=()):
+    def __init__(self, status, message, headers=(), reason=None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = list(headers)
+        self.reason = reason  # the label GET /metrics counts it under; None: by status
 
 
 class StoreFull(HTTPError):
@@ -288,7 +300,7 @@ class StoreFull(HTTPError):
             f"task limit reached: the server already holds max_tasks={max_tasks} tasks, so "
             f"new task_id {task_id!r} was refused (existing tasks still update). Delete "
             "finished tasks (DELETE /tasks?status=close) or raise --max-tasks",
-            headers=[("Retry-After", "5")],
+            headers=[("Retry-After", "5")], reason="store_full",
         )
 
 
@@ -601,6 +613,7 @@ class MemoryStore:
     """
 
     kind = "memory"
+    failures = 0  # failed reads and writes of a persistent store, for GET /metrics
 
     def __init__(self, max_tasks=MAX_TASKS):
         self.max_tasks = max_tasks
@@ -764,6 +777,7 @@ class SqliteStore(MemoryStore):
             # Keep the changes to write them next time; say so once, not every tick.
             self.dirty_ids.update(dict.fromkeys(row[0] for row in rows if row[0] in self.by_id))
             self.deleted_ids.update(row[0] for row in deleted)
+            self.failures += 1
             if not self.failed:
                 log.error("cannot write SQLite store %s: %s; will retry", self.path, error)
             self.failed = True
@@ -873,8 +887,10 @@ class RedisStore(MemoryStore):
             log.error("Redis store %s is unreachable: %s; answering 503 to writes until "
                       "it is back", self.shown_url, error)
         self.ok = False
+        self.failures += 1
         return HTTPError(503, f"the Redis store is unreachable ({error}); the update was "
-                              "not stored: retry later", headers=[("Retry-After", "2")])
+                              "not stored: retry later", headers=[("Retry-After", "2")],
+                         reason="store_unavailable")
 
     def came_back(self):
         if self.ok is False:
@@ -1126,6 +1142,112 @@ def snapshot_message(store, now, stale_after_s):
     return _encode({"type": "snapshot", "tasks": tasks, "now": now})
 
 
+# --- Metrics (pure: no I/O) ------------------------------------------------------------
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
+METRIC_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# Why a request was refused, by status, when the error did not name a reason itself.
+REJECT_REASONS = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 411: "length_required", 413: "body_too_large",
+    426: "upgrade_required", 429: "too_many_requests", 431: "headers_too_large",
+    500: "internal_error", 503: "unavailable",
+}
+
+
+class Metrics:
+    """Counters since the server started, for GET /metrics.
+
+    Each count is one dict or integer increment on a path that already does far more."""
+
+    def __init__(self, started_at):
+        self.started_at = started_at
+        self.requests = {}  # (route, method, status) -> count
+        self.rejected = {}  # reason -> count
+        self.updates_received = 0  # valid updates accepted by POST /progress
+        self.updates_applied = 0  # of those, the ones that changed a task (seq, dedup)
+        self.broadcast_messages = 0  # /ws messages sent, counted once per listener
+        self.broadcast_bytes = 0  # their JSON text, counted once per listener
+        self.listeners_opened = 0
+
+    def request_done(self, route, method, status, reason=None):
+        key = (route, method if method in METRIC_METHODS else "other", status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if status >= 400:
+            self.reject(reason or REJECT_REASONS.get(status, str(status)))
+
+    def reject(self, reason):
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def broadcast(self, messages, listeners):
+        self.broadcast_messages += len(messages) * listeners
+        self.broadcast_bytes += sum(map(len, messages)) * listeners
+
+
+def _label(value):
+    value = str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return f'"{value}"'
+
+
+def _family(name, kind, help_text, samples):
+    """One metric family: its HELP and TYPE lines, then `samples` of (labels, value)."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        shown = ",".join(f"{key}={_label(val)}" for key, val in labels)
+        lines.append(f"{name}{{{shown}}} {value}" if shown else f"{name} {value}")
+    return lines
+
+
+def render_metrics(metrics, gauges):
+    """The Prometheus text exposition of `metrics` (counters) and `gauges`, a dict of what
+    is true now: tasks_by_status, listeners, connections, store_kind, store_up,
+    store_errors."""
+    tasks_by_status = gauges["tasks_by_status"]
+    lines = []
+    lines += _family("progressista_info", "gauge", "The server's version and store.",
+                     [((("version", __version__), ("store", gauges["store_kind"])), 1)])
+    lines += _family("progressista_start_time_seconds", "gauge",
+                     "When the server started, Unix seconds.",
+                     [((), repr(float(metrics.started_at)))])
+    lines += _family("progressista_tasks", "gauge", "Tasks stored now, by status.",
+                     [((("status", status),), tasks_by_status.get(status, 0))
+                      for status in STATUSES])
+    lines += _family("progressista_updates_received_total", "counter",
+                     "Valid task updates accepted by POST /progress.",
+                     [((), metrics.updates_received)])
+    lines += _family("progressista_updates_applied_total", "counter",
+                     "Accepted updates that changed a task (not an old seq or a repeat).",
+                     [((), metrics.updates_applied)])
+    lines += _family("progressista_http_requests_total", "counter",
+                     "HTTP requests answered, by route, method and status.",
+                     [((("route", route), ("method", method), ("status", status)), count)
+                      for (route, method, status), count in sorted(metrics.requests.items())])
+    lines += _family("progressista_rejected_requests_total", "counter",
+                     "Requests and connections refused, by reason.",
+                     sorted(((("reason", reason),), count)
+                            for reason, count in metrics.rejected.items()))
+    lines += _family("progressista_ws_listeners", "gauge", "Open /ws listeners.",
+                     [((), gauges["listeners"])])
+    lines += _family("progressista_ws_listeners_opened_total", "counter",
+                     "/ws listeners accepted since the start.",
+                     [((), metrics.listeners_opened)])
+    lines += _family("progressista_connections", "gauge", "Open TCP connections.",
+                     [((), gauges["connections"])])
+    lines += _family("progressista_broadcast_messages_total", "counter",
+                     "/ws messages sent, counted once per listener.",
+                     [((), metrics.broadcast_messages)])
+    lines += _family("progressista_broadcast_bytes_total", "counter",
+                     "Bytes of /ws message text sent, counted once per listener.",
+                     [((), metrics.broadcast_bytes)])
+    lines += _family("progressista_store_up", "gauge",
+                     "1 when the store answers, 0 when it is failing.",
+                     [((), 1 if gauges["store_up"] else 0)])
+    lines += _family("progressista_store_errors_total", "counter",
+                     "Failed store reads and writes (each is retried or answered 503).",
+                     [((), gauges["store_errors"])])
+    return ("\n".join(lines) + "\n").encode()
+
+
 # --- HTTP ------------------------------------------------------------------------------
 
 REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) (HTTP/1\.[01])\Z")
@@ -1233,13 +1355,15 @@ def body_length(request, max_body_bytes):
 class Response:
     """What a route returns: a status, a body and extra headers."""
 
-    __slots__ = ("status", "body", "content_type", "headers")
+    __slots__ = ("status", "body", "content_type", "headers", "reason")
 
-    def __init__(self, status=200, body=b"", content_type="application/json", headers=None):
+    def __init__(self, status=200, body=b"", content_type="application/json", headers=None,
+                 reason=None):
         self.status = status
         self.body = body
         self.content_type = content_type
         self.headers = headers if headers is not None else []
+        self.reason = reason  # why an error was answered, for GET /metrics
 
 
 def json_response(payload, status=200, headers=None):
@@ -1247,7 +1371,9 @@ def json_response(payload, status=200, headers=None):
 
 
 def error_response(error):
-    return json_response({"error": error.message}, error.status, list(error.headers))
+    response = json_response({"error": error.message}, error.status, list(error.headers))
+    response.reason = error.reason
+    return response
 
 
 def internal_error(request):
@@ -1488,7 +1614,7 @@ def upgrade_to_websocket(connection, request, head, origins, compression):
     protocol.receive_data(head)
     events = protocol.events_received()
     if not events or not isinstance(events[0], WSRequest):
-        connection.fail(HTTPError(400, "malformed WebSocket handshake"))
+        connection.fail(HTTPError(400, "malformed WebSocket handshake"), request=request)
         return None
     response = protocol.accept(events[0])
     if response.status_code != 101:
@@ -1498,7 +1624,9 @@ def upgrade_to_websocket(connection, request, head, origins, compression):
             message += "; list the origin in PROGRESSISTA_ALLOW_ORIGINS"
         kept = [(name, value) for name, value in response.headers.raw_items()
                 if name.lower() not in ("content-length", "content-type", "connection", "date")]
-        connection.fail(HTTPError(response.status_code, message, headers=kept))
+        connection.fail(HTTPError(response.status_code, message, headers=kept,
+                                  reason="origin" if response.status_code == 403 else None),
+                        request=request)
         return None
     protocol.send_response(response)
     listener = Listener(connection, protocol, connection.app.loop.time())
@@ -1601,7 +1729,7 @@ class Connection(asyncio.Protocol):
                     length = body_length(request, app.settings.max_body_bytes)
                 except HTTPError as error:
                     declared = request.headers.get("content-length", "") if request else ""
-                    self.fail(error, int(declared) if error.status == 413 else 0)
+                    self.fail(error, int(declared) if error.status == 413 else 0, request)
                     return
                 if length:
                     if (len(buffer) < length
@@ -1665,11 +1793,11 @@ class Connection(asyncio.Protocol):
         if keep_alive and request.version == "HTTP/1.0":  # 1.0 closes unless told otherwise
             response.headers.append(("Connection", "keep-alive"))
         self.transport.write(serialize_response(response, keep_alive, request.method == "HEAD"))
-        self.app.log_request(request, response.status)
+        self.app.request_done(request, response.status, response.reason)
         if not keep_alive:
             self.close()
 
-    def fail(self, error, unread_body_bytes=0):
+    def fail(self, error, unread_body_bytes=0, request=None):
         """Answer an unreadable request with its error and close the connection.
 
         A client still sending a refused body would get a reset instead of the answer if
@@ -1677,6 +1805,7 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             return
         self.transport.write(serialize_response(error_response(error), keep_alive=False))
+        self.app.request_done(request, error.status, error.reason)
         self.discarding = unread_body_bytes - len(self.buffer)
         self.buffer.clear()
         if 0 < self.discarding <= MAX_DISCARD_BYTES:
@@ -1716,13 +1845,14 @@ class Connection(asyncio.Protocol):
             return
         listener = upgrade_to_websocket(self, request, head, app.websocket_origins(request),
                                         app.settings.ws_compression)
-        app.log_request(request, 101 if listener else 403)
-        if listener is None:
+        if listener is None:  # refused, answered and counted
             return
+        app.request_done(request, 101)
         self.listener = listener
         self.deadline = math.inf  # pings watch a listener from now on
         app.listeners.add(listener)
-        listener.send_snapshot(app.snapshot())
+        app.metrics.listeners_opened += 1
+        app.send_snapshot(listener)
         if self.buffer:  # bytes that followed the head belong to the WebSocket
             rest, self.buffer = bytes(self.buffer), bytearray()
             self.data_received(rest)
@@ -1756,10 +1886,13 @@ class App:
         self.refusals_logged_at = -math.inf
         self.page, self.script_hashes, self.page_source = load_dashboard()
         self.log_requests = False
+        self.metrics = Metrics(clock())
         self.routes = {
             "/progress": {"POST": self.post_progress},
             "/tasks": {"GET": self.get_tasks, "DELETE": self.delete_tasks},
             "/health": {"GET": self.get_health},
+            "/metrics": {"GET": self.get_metrics},
+            "/auth": {"GET": self.get_auth},
             "/": {"GET": self.get_root},
             "/static/" + INDEX_FILE: {"GET": self.get_dashboard},
             "/ws": {"GET": self.get_ws_without_upgrade},
@@ -1850,7 +1983,8 @@ class App:
         if method != "GET" and not origin_allowed(request, self.settings.allow_origins):
             # A page on another site must not change tasks, even without tokens.
             raise HTTPError(403, f"origin {request.headers.get('origin')!r} is not "
-                                 "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS")
+                                 "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS",
+                            reason="origin")
         self.check_token(request)
         return handler(request)
 
@@ -1877,16 +2011,33 @@ class App:
         record(outcome)
         return respond(outcome)
 
+    def access(self, request):
+        """What the request's token allows: "write" (every route; also when no tokens
+        are configured), "read" (GET and HEAD only), or None (no valid token)."""
+        settings = self.settings
+        if not settings.api_tokens or token_ok(request, settings.api_tokens):
+            return "write"
+        if settings.read_tokens and token_ok(request, settings.read_tokens):
+            return "read"
+        return None
+
     def check_token(self, request):
-        if not self.settings.api_tokens:
+        if not self.settings.api_tokens:  # Settings refuses read tokens without these
             return
         path = request.path
         if path in PUBLIC_PATHS or path.startswith("/static/"):
             return
-        if not token_ok(request, self.settings.api_tokens):
-            raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
-                                 "<token>' or add ?token=<token> to the URL",
-                            headers=[("WWW-Authenticate", "Bearer")])
+        access = self.access(request)
+        if access == "write" or (access == "read" and request.method in ("GET", "HEAD")):
+            return
+        if access == "read":
+            # A shared dashboard link must not be able to delete or forge tasks.
+            raise HTTPError(403, f"this token may only read: {request.method} {path} needs "
+                                 "an API token (PROGRESSISTA_API_TOKEN), not a read token",
+                            reason="read_only_token")
+        raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
+                             "<token>' or add ?token=<token> to the URL",
+                        headers=[("WWW-Authenticate", "Bearer")], reason="unauthorized")
 
     def cors_headers(self, request):
         origin = request.headers.get("origin")
@@ -1899,7 +2050,7 @@ class App:
         allow = allowed_methods(methods)
         if request.headers.get("origin") is not None and not self.cors_headers(request):
             raise HTTPError(403, f"origin {request.headers['origin']!r} is not allowed; "
-                                 "list it in PROGRESSISTA_ALLOW_ORIGINS")
+                                 "list it in PROGRESSISTA_ALLOW_ORIGINS", reason="origin")
         return Response(204, content_type=None, headers=[
             ("Allow", allow),
             ("Access-Control-Allow-Methods", allow),
@@ -1918,9 +2069,14 @@ class App:
             updates = [validate_update(item, index) for index, item in enumerate(payload)]
         else:
             updates = [validate_update(payload)]
+        self.metrics.updates_received += len(updates)
         accepted = Response(200, b'{"ok":true,"accepted":%d}' % len(updates))
-        return self.changing(self.store.apply(updates, self.clock()), self.feed.changed,
+        return self.changing(self.store.apply(updates, self.clock()), self.applied,
                              lambda changed: accepted)
+
+    def applied(self, changed):
+        self.metrics.updates_applied += len(changed)
+        self.feed.changed(changed)
 
     def get_tasks(self, request):
         status = _status_query(request)
@@ -1975,6 +2131,22 @@ class App:
                               "tasks": len(self.store), "active": active,
                               "listeners": len(self.listeners), "store": store,
                               "version": __version__})
+
+    def get_metrics(self, request):
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        tasks_by_status = dict.fromkeys(STATUSES, 0)
+        for task in self.store.tasks():
+            tasks_by_status[task.shown_status(now, stale_after_s)] += 1
+        gauges = {"tasks_by_status": tasks_by_status, "listeners": len(self.listeners),
+                  "connections": len(self.connections), "store_kind": self.store.kind,
+                  "store_up": self.store.health().get("ok"),
+                  "store_errors": getattr(self.store, "failures", 0)}
+        return Response(200, render_metrics(self.metrics, gauges), METRICS_CONTENT_TYPE)
+
+    def get_auth(self, request):
+        # The dashboard asks, to hide the controls a read-only token may not use.
+        return json_response({"access": self.access(request)})
 
     def get_ws_without_upgrade(self, request):
         # A GET with the upgrade headers never gets here (Connection.upgrade takes it).
@@ -2033,6 +2205,11 @@ class App:
                                                     self.settings.stale_seconds)
         return self.cached_snapshot
 
+    def send_snapshot(self, listener):
+        snapshot = self.snapshot()
+        self.metrics.broadcast((snapshot,), 1)
+        listener.send_snapshot(snapshot)
+
     def broadcast(self):
         """Send what changed since the last call to every listener that keeps up."""
         self.cached_snapshot = None  # from here on it would miss what the feed hands out
@@ -2041,13 +2218,14 @@ class App:
             return
         messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
         now = self.loop.time()
+        sent_to = 0
         for listener in list(self.listeners):
             unsent = listener.unsent_bytes()
             if listener.behind_since is not None:
                 # It missed messages: once it has drained, a fresh snapshot resyncs it.
                 if unsent <= LISTENER_BUFFER_LOW_BYTES:
                     listener.behind_since = None
-                    listener.send_snapshot(self.snapshot())
+                    self.send_snapshot(listener)
                 elif now - listener.behind_since > LISTENER_BEHIND_TIMEOUT_S:
                     log.info("closing /ws listener %s: it stopped reading",
                              listener.connection.peer)
@@ -2057,6 +2235,8 @@ class App:
             else:
                 for message in messages:
                     listener.send(message)
+                sent_to += 1
+        self.metrics.broadcast(messages, sent_to)
 
     # Lifetimes
 
@@ -2076,6 +2256,8 @@ class App:
             listener = connection.listener
             if listener is None:
                 if now > connection.deadline and not connection.busy:
+                    if connection.pending is not None or connection.head_started:
+                        self.metrics.reject("timeout")  # a request that never finished
                     connection.close()
             elif listener.ping_sent_at is not None:
                 if now - listener.ping_sent_at > WS_PING_TIMEOUT_S:
@@ -2101,13 +2283,28 @@ class App:
     # Logging
 
     def refused_connection(self):
+        self.metrics.reject("connection_limit")
         now = time.monotonic()
         if now - self.refusals_logged_at > 60:  # a flood of them is one line a minute
             self.refusals_logged_at = now
             log.warning("refusing connections: %d open, the most this process's file "
                         "descriptors allow (raise ulimit -n)", len(self.connections))
 
-    def log_request(self, request, status):
+    def route_label(self, path):
+        """The route a path belongs to, for GET /metrics: a bounded set of labels."""
+        if path in self.routes:
+            return path
+        if path.startswith("/tasks/"):
+            return "/tasks/{task_id}"
+        return "other"
+
+    def request_done(self, request, status, reason=None):
+        """Count an answered request (None: one too malformed to parse) and log it."""
+        if request is None:
+            self.metrics.request_done("unparsed", "other", status, reason)
+            return
+        self.metrics.request_done(self.route_label(request.path), request.method, status,
+                                  reason)
         if self.log_requests:
             path = request.target
             if "token" in request.query:  # never log a token, however it was escaped
@@ -2280,6 +2477,10 @@ def _add_server_flags(parser):
                                 help=f"a bearer token clients must send (repeatable); "
                                      f"env {env}, {ENV_PREFIX}API_TOKEN")
             continue
+        if setting.name == "read_tokens":
+            parser.add_argument("--read-token", dest="read_tokens", action="append",
+                                help=f"a token that may only view (repeatable); env {env}")
+            continue
         kind = setting.parse
         parser.add_argument(flag, dest=setting.name, type=kind, default=None,
                             metavar=setting.name.upper(),
@@ -2294,6 +2495,9 @@ def settings_help():
         if setting.name == "api_tokens":
             flag = "--api-token"
             env = f"{ENV_PREFIX}API_TOKEN, {ENV_PREFIX}API_TOKENS"
+        elif setting.name == "read_tokens":
+            flag = "--read-token"
+            env = ENV_PREFIX + setting.env
         else:
             env = ENV_PREFIX + setting.env
         rows.append(f"  {flag:<22} {env}\n  {'':<22} {setting.help}")

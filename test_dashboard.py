@@ -32,6 +32,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "s3cret"
+READ_TOKEN = "v1ewer"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HERE = pathlib.Path(__file__).resolve().parent
 ARTIFACTS = HERE / "artifacts"
@@ -60,7 +61,7 @@ def browser():
 @pytest.fixture(scope="module")
 def server():
     """One server for the module; `clean_server` empties it before each test."""
-    with running_server(api_tokens=[TOKEN]) as running:
+    with running_server(api_tokens=[TOKEN], read_tokens=[READ_TOKEN]) as running:
         yield running
 
 
@@ -507,6 +508,7 @@ def test_clear_finished_and_remove_one_delete_on_the_server(page, clean_server):
     open_dashboard(page, clean_server)
     clear = page.locator("#clear-finished")
     expect(clear).to_have_text("Clear finished (1)")
+    expect(page.locator("#access")).to_be_hidden()  # an API token may change tasks
     clear.focus()
     page.keyboard.press("Enter")
     expect(row(page, "beta train")).to_have_count(0)
@@ -517,6 +519,23 @@ def test_clear_finished_and_remove_one_delete_on_the_server(page, clean_server):
     expect(row(page, "gamma")).to_have_count(0)
     _, body, _ = http("GET", clean_server.url + "/tasks", headers=AUTH)
     assert sorted(body["tasks"]) == ["a1", "a2", "b2"]
+
+
+def test_a_read_only_token_shows_the_tasks_but_hides_the_controls_that_delete(
+        page, clean_server):
+    post(clean_server, mixed_tasks())
+    open_dashboard(page, clean_server, query=f"?token={READ_TOKEN}")
+    expect(row(page, "gamma")).to_have_count(1)
+    expect(page.locator("#access")).to_have_text("view only")
+    expect(page.locator("#clear-finished")).to_be_hidden()
+    expect(row(page, "gamma").get_by_role("button", name="Remove gamma")).to_be_hidden()
+    post(clean_server, [task("late", n=5)])  # the live feed still flows to a read token
+    expect(row(page, "late")).to_have_count(1)
+    # The server refuses a delete from this token whatever the page shows.
+    status, body, _ = http("DELETE", clean_server.url + "/tasks",
+                           headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    assert status == 403 and "may only read" in body["error"]
+    assert page.console_errors == []
 
 
 def test_rows_filtered_out_are_not_drawn_and_cannot_be_clicked(page, clean_server):

@@ -996,6 +996,69 @@ def test_root_redirect_needs_no_token(auth_srv):
     assert redirect_of(auth_srv, "/")[0] in (302, 307)
 
 
+# --- Read-only tokens ----------------------------------------------------------------------
+
+READ_TOKEN = "viewer-token"
+WRITE = {"Authorization": f"Bearer {TOKENS[0]}"}
+READ = {"Authorization": f"Bearer {READ_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def read_srv():
+    with running_server(api_tokens=TOKENS, read_tokens=[READ_TOKEN]) as running:
+        yield running
+
+
+@pytest.mark.parametrize("path", ["/tasks", "/tasks?status=running", "/metrics", "/auth"])
+def test_read_token_may_view(read_srv, path):
+    assert http("GET", read_srv.url + path, headers=READ)[0] == 200
+    assert http("HEAD", read_srv.url + path, headers=READ)[0] == 200
+
+
+def test_read_token_may_read_one_task_and_open_the_live_feed(read_srv):
+    task_id = new_id()
+    assert post(read_srv, {"task_id": task_id, "n": 3}, WRITE)[0] == 200
+    status, body, _ = get_task(read_srv, task_id, READ)
+    assert status == 200 and body["n"] == 3
+    with open_listener(read_srv, f"/ws?token={READ_TOKEN}") as ws:
+        assert task_id in json.loads(ws.recv(timeout=3))["tasks"]
+
+
+def test_read_token_may_not_post_and_the_update_is_not_stored(read_srv):
+    task_id = new_id()
+    status, body, _ = post(read_srv, {"task_id": task_id}, READ)
+    assert status == 403
+    assert "may only read" in body["error"] and "PROGRESSISTA_API_TOKEN" in body["error"]
+    assert get_task(read_srv, task_id, WRITE)[0] == 404
+
+
+@pytest.mark.parametrize("path", ["/tasks", "/tasks?status=close", "/tasks/{id}"])
+def test_read_token_may_not_delete(read_srv, path):
+    task_id = new_id()
+    assert post(read_srv, {"task_id": task_id, "status": "close"}, WRITE)[0] == 200
+    status, body, _ = http("DELETE", read_srv.url + path.format(id=task_id), headers=READ)
+    assert status == 403 and "may only read" in body["error"]
+    assert get_task(read_srv, task_id, WRITE)[0] == 200
+
+
+def test_auth_tells_the_dashboard_what_its_token_may_do(read_srv, srv):
+    assert http("GET", read_srv.url + "/auth", headers=READ)[1] == {"access": "read"}
+    assert http("GET", read_srv.url + f"/auth?token={TOKENS[1]}")[1] == {"access": "write"}
+    assert http("GET", read_srv.url + "/auth")[0] == 401
+    assert http("GET", srv.url + "/auth")[1] == {"access": "write"}  # no tokens: open
+
+
+def test_a_wrong_token_is_still_401_when_read_tokens_are_set(read_srv):
+    status, _, headers = http("POST", read_srv.url + "/progress", {"task_id": "x"},
+                              headers={"Authorization": "Bearer viewer-token-not"})
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_read_tokens_without_an_api_token_are_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="read tokens need an API token"):
+        progressista.Settings.from_env({}, read_tokens=("viewer",))
+
+
 # --- CORS --------------------------------------------------------------------------------
 
 
@@ -2168,6 +2231,28 @@ def test_cli_show_config_masks_a_password_in_the_store_url():
     assert result.returncode == 0
     assert "hunter2" not in result.stdout
     assert json.loads(result.stdout)["store"] == "redis://user:***@db.internal:6379/0"
+
+
+def test_cli_read_tokens_from_the_environment_may_only_read():
+    env = clean_env(PROGRESSISTA_API_TOKEN="writer", PROGRESSISTA_READ_TOKENS="r1, r2")
+    with cli_server("--host", "127.0.0.1", "--port", "0", env=env) as server:
+        for token in ("r1", "r2"):
+            auth = {"Authorization": f"Bearer {token}"}
+            assert http("GET", server.url + "/tasks", headers=auth)[0] == 200, token
+            assert http("POST", server.url + "/progress", {"task_id": "x"},
+                        headers=auth)[0] == 403, token
+        assert http("POST", server.url + "/progress", {"task_id": "x"},
+                    headers={"Authorization": "Bearer writer"})[0] == 200
+
+
+def test_cli_read_token_alone_is_a_one_line_error_and_show_config_masks_it():
+    result = run_cli("--read-token", "viewer", "--port", "0")
+    assert result.returncode == 2
+    assert "read tokens need an API token" in result.stderr and "Traceback" not in result.stderr
+    shown = run_cli("show-config", "--read-token", "viewer", "--read-token", "guest",
+                    "--api-token", "writer")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["read_tokens"] == ["***", "***"]
+    assert not {"viewer", "guest", "writer"} & set(re.findall(r"\w+", shown.stdout))
 
 
 def test_cli_empty_api_token_is_a_one_line_error():

@@ -7,6 +7,7 @@ is not installed, and fail under CI (where .ci/run installs it).
 import json
 import os
 import socket
+import re
 import sqlite3
 import subprocess
 import sys
@@ -309,6 +310,9 @@ def test_redis_outage_gives_503_then_service_resumes_by_itself(redis_server):
         assert "not stored" in body["error"]
         health = http("GET", one.url + "/health")[1]
         assert health["store"] == {"kind": "redis", "ok": False, "url": redis_server.url}
+        metrics = http("GET", one.url + "/metrics")[1].decode()
+        assert re.search(r"^progressista_store_up 0$", metrics, re.M)
+        assert int(re.search(r"^progressista_store_errors_total (\d+)$", metrics, re.M)[1]) >= 1
         assert http("GET", one.url + "/tasks")[0] == 200  # reads still answer
         redis_server.start()
         wait_for(lambda: post(one, {"task_id": "after", "n": 1})[0] == 200, timeout=10,
