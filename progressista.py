@@ -691,7 +691,8 @@ class SqliteStore(MemoryStore):
 
     Reads are served from memory. Changes are marked dirty and written by `flush()`, once
     per broadcast interval, in one transaction on a writer thread: the loop never waits
-    on the disk. After a restart the lifetimes go on from the stored times."""
+    on the disk. A request carrying a final state (close, error) is answered once it is
+    written. After a restart the lifetimes go on from the stored times."""
 
     kind = "sqlite"
 
@@ -733,6 +734,17 @@ class SqliteStore(MemoryStore):
     def apply(self, updates, now):
         changed = super().apply(updates, now)
         self.dirty_ids.update(dict.fromkeys(changed))
+        if changed and any(update.get("status") in FINAL_STATUSES for update in updates):
+            # A sender stops sending once its final state is acknowledged: answer only when
+            # that state is on disk, so that not even a crash (kill -9) right after loses it.
+            return self.written(changed)
+        return changed
+
+    async def written(self, changed):
+        await self.flush()
+        # A flush already under way may hold these rows; the writer runs its work in
+        # order, so once this no-op has run they are written.
+        await asyncio.get_running_loop().run_in_executor(self.writer, int)
         return changed
 
     def delete(self, task_ids):

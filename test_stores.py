@@ -344,6 +344,25 @@ def test_redis_ttl_follows_the_lifetimes():
     assert progressista.redis_ttl_ms(task, progressista.Settings(retention_seconds=0)) == 0
 
 
+def test_sqlite_acknowledged_final_state_survives_a_kill_9(db_url):
+    from test_progressista import cli_server
+
+    # Flushes only every 30 s: what is on disk right after the answer was written for it.
+    args = ("--host", "127.0.0.1", "--port", "0", "--store", db_url,
+            "--broadcast-interval", "30")
+    with cli_server(*args) as server:
+        assert post(server, {"task_id": "finished", "n": 10, "total": 10, "seq": 1})[0] == 200
+        assert post(server, [{"task_id": "failed", "n": 3, "status": "error", "error": "boom"},
+                             {"task_id": "finished", "n": 10, "status": "close", "seq": 2}]
+                    )[0] == 200
+        server.proc.kill()  # SIGKILL: no shutdown, no last flush
+        server.proc.wait()
+    with cli_server(*args) as server:
+        tasks = tasks_of(server)
+    assert (tasks["finished"]["status"], tasks["finished"]["n"]) == ("close", 10)
+    assert (tasks["failed"]["status"], tasks["failed"]["error"]) == ("error", "boom")
+
+
 def test_sqlite_write_failure_shows_in_health_and_loses_nothing(db_url, monkeypatch):
     path = db_url[len("sqlite://"):]
     failures = []
