@@ -2471,7 +2471,7 @@ def create_app(store=None, middleware=(), clock=time.time, **settings):
 
 # --- Command line ----------------------------------------------------------------------
 
-COMMANDS = ("serve", "demo", "run", "version", "show-config")
+COMMANDS = ("serve", "demo", "run", "watch", "version", "show-config")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -2515,9 +2515,10 @@ def settings_help():
         rows.append(f"  {flag:<22} {env}\n  {'':<22} {setting.help}")
     return ("server settings (serve, show-config; flags win over the environment):\n"
             + "\n".join(rows)
-            + "\n\nclient settings (demo, run, progressista_client): PROGRESSISTA_SERVER_URL,"
-            "\n  PROGRESSISTA_API_TOKEN, PROGRESSISTA_PUSH_INTERVAL, PROGRESSISTA_REQUEST_TIMEOUT,"
-            "\n  PROGRESSISTA_FLUSH_TIMEOUT, PROGRESSISTA_HEARTBEAT_INTERVAL (see the README)"
+            + "\n\nclient settings (demo, run, watch, progressista_client):"
+            "\n  PROGRESSISTA_SERVER_URL, PROGRESSISTA_API_TOKEN, PROGRESSISTA_PUSH_INTERVAL,"
+            "\n  PROGRESSISTA_REQUEST_TIMEOUT, PROGRESSISTA_FLUSH_TIMEOUT,"
+            "\n  PROGRESSISTA_HEARTBEAT_INTERVAL (see the README)"
             "\n\nRun 'progressista COMMAND --help' for a command's options.")
 
 
@@ -2550,6 +2551,29 @@ def build_parser():
     run.add_argument("program_args", nargs=argparse.REMAINDER,
                      help="arguments for the program (put them after --)")
     _add_client_flags(run)
+
+    watch = commands.add_parser(
+        "watch", help="show the server's bars live in this terminal",
+        description="Draw the server's tasks as live tqdm bars, one line each, redrawn in "
+                    "place and fitted to the terminal: unfinished tasks first (oldest "
+                    "first), then errors and done tasks (latest first). Reconnects by itself.")
+    watch.add_argument("--server", "--server-url", dest="server", metavar="URL",
+                       help=f"the server; a client URL ending in /progress works too "
+                            f"[env PROGRESSISTA_SERVER_URL; default {WATCH_DEFAULT_SERVER}]")
+    watch.add_argument("--token", "--api-token", dest="token", metavar="T",
+                       help="bearer token to send [env PROGRESSISTA_API_TOKEN]")
+    watch.add_argument("--filter", metavar="TEXT",
+                       help="only tasks whose id, description, postfix, error, status or "
+                            "meta key=value contain TEXT (case-insensitive)")
+    watch.add_argument("--status", type=watch_status, metavar="S",
+                       help="only tasks in status S: running, stale, close (or done), error, "
+                            "or active (running and stale)")
+    watch.add_argument("--interval", type=_positive_seconds, default=WATCH_INTERVAL_S,
+                       metavar="SEC", help=f"redraw at most every SEC s ({WATCH_INTERVAL_S:g})")
+    watch.add_argument("--once", action="store_true",
+                       help="print the table once and exit (for scripts and watch -n)")
+    watch.add_argument("--json", action="store_true",
+                       help='print {"tasks": {...}, "now": T}, filtered, as JSON and exit')
     return parser
 
 
@@ -2637,6 +2661,584 @@ def cmd_run(args, program_args):
         headers=args.headers)
 
 
+# `watch`: the remote bars, live in a terminal. A pure core (format_row, render_table,
+# apply_feed_message) and a thin I/O layer (the /ws client, GET /tasks, the screen).
+
+WATCH_DEFAULT_SERVER = "http://localhost:8000"
+WATCH_STATUSES = STATUSES + ("active",)  # active: running or stale, as in the dashboard
+WATCH_STATUS_ALIASES = {"done": "close"}  # the word the table shows for close
+WATCH_INTERVAL_S = 0.5  # default --interval: the screen is redrawn at most this often
+WATCH_RETRY_FIRST_S = 0.5  # reconnect backoff: the first wait, doubled after each failure...
+WATCH_RETRY_MAX_S = 5.0  # ...up to this
+WATCH_TIMEOUT_S = 5.0  # to open the WebSocket, or for GET /tasks to answer
+WATCH_CLOSE_TIMEOUT_S = 1.0  # Ctrl-C waits no longer than this for the closing handshake
+# The largest snapshot there can be: MAX_TASKS tasks with every text field at its limit.
+WATCH_MAX_MESSAGE_BYTES = 1 << 30
+STATUS_COLUMN_CELLS = 6  # "error " in front of each bar; blank for a running task
+STATUS_WORDS = {"running": "", "stale": "stale", "close": "done", "error": "error"}
+STATUS_COLOURS = {"stale": "33", "close": "32", "error": "31"}  # SGR: yellow, green, red
+NATURAL_BAR_CELLS = 10  # tqdm's bar when it is given no ncols
+MIN_LABEL_CELLS = 8  # a description is cut to half the row, but never below this
+# Every control character, and the bidirectional overrides that could reorder what a
+# row shows: task fields come from the network and must not drive the terminal.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_ANSI = {"hide_cursor": "\x1b[?25l", "show_cursor": "\x1b[?25h", "clear_below": "\x1b[J"}
+
+
+def _printable(text):
+    return _UNPRINTABLE.sub(lambda match: " " if match.group() in "\t\n\r\v\f" else "?",
+                            str(text))
+
+
+def _char_cells(char):
+    import unicodedata
+
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _cells(text):
+    """How many terminal cells `text` takes (wide CJK and emoji take two, accents none)."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_cells(char) for char in text)
+
+
+def _fit(text, width):
+    """`text` cut to at most `width` cells, with "…" where it was cut (None: no limit)."""
+    if width is None or _cells(text) <= width:
+        return text
+    if width <= 0:
+        return ""
+    kept, used = [], 0
+    for char in text:
+        cells = _char_cells(char)
+        if used + cells > width - 1:
+            break
+        kept.append(char)
+        used += cells
+    return "".join(kept) + "…"
+
+
+def _pad(text, width):
+    text = _fit(text, width)
+    return text + " " * (width - _cells(text))
+
+
+def _interval(seconds):
+    """tqdm.format_interval: [H:]MM:SS."""
+    minutes, secs = divmod(int(max(0, seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def _sizeof(number, divisor=1000):
+    """tqdm.format_sizeof: three significant digits and an SI prefix."""
+    for prefix in ("", "k", "M", "G", "T", "P", "E", "Z"):
+        if abs(number) < 999.5:
+            if abs(number) < 99.95:
+                if abs(number) < 9.995:
+                    return f"{number:1.2f}{prefix}"
+                return f"{number:2.1f}{prefix}"
+            return f"{number:3.0f}{prefix}"
+        number /= divisor
+    return f"{number:3.1f}Y"
+
+
+def _json_whole(value):
+    # JSON cannot tell 3 from 3.0: show a whole number as tqdm shows an int (as the dashboard)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+        return int(value)
+    return value
+
+
+def _number_or(value, default):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return default
+    return _json_whole(value)
+
+
+def meter_fields(task, now, ascii=False):
+    """The arguments of tqdm.format_meter for one task (a dict in its wire form) at `now`
+    (server time), plus `eta`: what to show for the time left when tqdm's guess is wrong."""
+    status = task.get("status") or "running"
+    n = _number_or(task.get("n"), 0)
+    total = _number_or(task.get("total"), None)
+    created_at = _number_or(task.get("created_at"), now)
+    updated_at = _number_or(task.get("updated_at"), now)
+    # A sender that reports no elapsed (curl) has been seen working since it was created.
+    elapsed = _number_or(task.get("elapsed"), max(0.0, updated_at - created_at))
+    if status == "running":
+        # The sender's elapsed is as of its last update; between updates a running bar's
+        # clock keeps going, as tqdm's own does. Stale and finished bars stand still.
+        elapsed += max(0.0, now - updated_at)
+    unit_scale = task.get("unit_scale", False)
+    if isinstance(unit_scale, bool) or not isinstance(unit_scale, (int, float)):
+        unit_scale = bool(unit_scale)
+    has_bar = bool(total) and n < total + 0.5  # tqdm shows no bar past the total
+    # A stale or failed bar has no honest ETA, a finished one has none left (as the dashboard).
+    eta = None if status == "running" or not has_bar else ("00:00" if status == "close" else "?")
+    return {
+        "n": n, "total": total, "elapsed": elapsed,
+        "prefix": _printable(task.get("desc") or task.get("task_id") or ""),
+        "unit": _printable(task.get("unit") or "it"), "unit_scale": unit_scale,
+        "rate": _number_or(task.get("rate"), None),
+        "postfix": _printable(task["postfix"]) if task.get("postfix") else None,
+        "unit_divisor": _number_or(task.get("unit_divisor"), 1000) or 1000,
+        "ascii": ascii, "has_bar": has_bar, "eta": eta,
+    }
+
+
+def tqdm_meter(fields, ncols=None):
+    """One bar drawn by tqdm.format_meter itself, from meter_fields()."""
+    import tqdm
+
+    kwargs = {name: value for name, value in fields.items() if name not in ("has_bar", "eta")}
+    if fields["eta"] is not None:
+        kwargs["bar_format"] = ("{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<%s, "
+                                "{rate_fmt}{postfix}]" % fields["eta"])
+    return tqdm.tqdm.format_meter(ncols=ncols, **kwargs)
+
+
+def plain_meter(fields, ncols=None):
+    """A bar in tqdm's format without tqdm: desc: pct%|bar| n/total [elapsed<eta, rate]."""
+    n, total, rate, unit = fields["n"], fields["total"], fields["rate"], fields["unit"]
+    unit_scale, divisor = fields["unit_scale"], fields["unit_divisor"]
+    if unit_scale and unit_scale is not True and unit_scale != 1:  # a factor, then no prefixes
+        n, total = n * unit_scale, total * unit_scale if total else total
+        rate = rate * unit_scale if rate else rate
+        unit_scale = False
+    elapsed = fields["elapsed"]
+    if rate is None and elapsed:
+        rate = n / elapsed
+    inverse = 1 / rate if rate else None
+    if inverse and inverse > 1:
+        rate_text = (_sizeof(inverse) if unit_scale else f"{inverse:5.2f}") + "s/" + unit
+    else:
+        shown = (_sizeof(rate) if unit_scale else f"{rate:5.2f}") if rate else "?"
+        rate_text = shown + unit + "/s"
+    number = (lambda x: _sizeof(x, divisor)) if unit_scale else str
+    postfix = ", " + fields["postfix"] if fields["postfix"] else ""
+    prefix = fields["prefix"] + ": " if fields["prefix"] else ""
+    if not fields["has_bar"]:
+        return f"{prefix}{number(n)}{unit} [{_interval(elapsed)}, {rate_text}{postfix}]"
+    eta = fields["eta"] or (_interval((total - n) / rate) if rate else "?")
+    left = f"{prefix}{n / total * 100:3.0f}%|"
+    right = f"| {number(n)}/{number(total)} [{_interval(elapsed)}<{eta}, {rate_text}{postfix}]"
+    cells = max(1, ncols - _cells(left + right)) if ncols else NATURAL_BAR_CELLS
+    filled = int(min(1.0, max(0.0, n / total)) * cells)
+    return left + ("#" if fields["ascii"] else "█") * filled + " " * (cells - filled) + right
+
+
+def default_meter():
+    """tqdm_meter when tqdm is importable (the server does not depend on it), else plain_meter."""
+    try:
+        import tqdm
+    except ImportError:
+        return plain_meter
+    return tqdm_meter if hasattr(tqdm.tqdm, "format_meter") else plain_meter
+
+
+def _row_tail(task, status, now):
+    if status == "error" and task.get("error"):
+        lines = [line for line in str(task["error"]).splitlines() if line.strip()]
+        return "  " + _printable(lines[0].strip()) if lines else ""
+    if status == "stale":
+        silent_s = now - _number_or(task.get("updated_at"), now)
+        return f"  no update for {_interval(silent_s)}"
+    return ""
+
+
+def format_row(task, now, width=None, *, meter=None, ascii=False):
+    """One line for one task at `now`: a status column (blank while running), the bar as
+    tqdm draws it, and why a stale or failed task stopped, in at most `width` cells."""
+    meter = meter or default_meter()
+    status = task.get("status") or "running"
+    column = _pad(_printable(STATUS_WORDS.get(status, status)), STATUS_COLUMN_CELLS - 1) + " "
+    fields = meter_fields(task, now, ascii)
+    tail = _row_tail(task, status, now)
+    if width is None:
+        return column + meter(fields, None) + tail
+    room = width - STATUS_COLUMN_CELLS
+    if room <= 0:
+        return _fit(column, width)
+    fields["prefix"] = _fit(fields["prefix"], max(MIN_LABEL_CELLS, room // 2))
+    if not fields["has_bar"]:  # nothing to stretch: the text as it is, cut below
+        return _fit(column + meter(fields, None) + tail, width)
+    natural = _cells(meter(fields, None))
+    # The bar fills the row; for a tail, it shrinks towards its natural width first.
+    ncols = room - _cells(tail) if room - _cells(tail) >= natural else min(room, natural)
+    # Never so narrow that tqdm cuts the numbers itself: we cut, and show that we did.
+    ncols = max(ncols, natural - NATURAL_BAR_CELLS + 1)
+    return _fit(column + meter(fields, ncols) + tail, width)
+
+
+def watch_status(text):
+    """--status: running, stale, close (or done), error, or active (running and stale)."""
+    status = WATCH_STATUS_ALIASES.get(text.strip().lower(), text.strip().lower())
+    if status not in WATCH_STATUSES:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {', '.join(WATCH_STATUSES)} (or done), not {text!r}")
+    return status
+
+
+def task_matches(task, text_filter=None, status=None):
+    """The dashboard's filter: `text_filter` in the id, description, postfix, error, status or
+    a meta key=value (case-insensitive); `status` one status, or active."""
+    shown = task.get("status") or "running"
+    if status and (shown not in ("running", "stale") if status == "active" else shown != status):
+        return False
+    if not text_filter:
+        return True
+    meta = task.get("meta") if isinstance(task.get("meta"), dict) else {}
+    haystack = [task.get("task_id"), task.get("desc"), task.get("postfix"), task.get("error"),
+                shown, STATUS_WORDS.get(shown)] + [f"{key}={value}" for key, value in meta.items()]
+    needle = text_filter.casefold()
+    return any(needle in str(text).casefold() for text in haystack if text)
+
+
+def order_tasks(tasks):
+    """Unfinished tasks first, in the server's order (oldest created first), so a running
+    row stays put; then errors, then done tasks, the most recently finished first."""
+    unfinished = [task for task in tasks if task.get("status") not in FINAL_STATUSES]
+    def finished(status):
+        return sorted((task for task in tasks if task.get("status") == status),
+                      key=lambda task: -_number_or(task.get("updated_at"), 0))
+    return unfinished + finished("error") + finished("close")
+
+
+def _status_counts(tasks):
+    counts = {}
+    for task in tasks:
+        status = task.get("status") or "running"
+        counts[status] = counts.get(status, 0) + 1
+    order = {status: index for index, status in enumerate(STATUSES)}
+    return ", ".join(f"{count} {STATUS_WORDS.get(status) or status}"
+                     for status, count in sorted(counts.items(),
+                                                 key=lambda item: order.get(item[0], 99)))
+
+
+def render_table(tasks, now, width=None, height=None, text_filter=None, status=None, *,
+                 source=None, notice=None, meter=None, ascii=False):
+    """The lines `watch` shows for `tasks` (task_id -> task, in the server's order) at `now`:
+    a header, `notice` when given, one row per matching task (order_tasks), all within
+    `width` cells and `height` lines (None: no limit), with "+N more" for what is cut."""
+    matching = [task for task in tasks.values() if task_matches(task, text_filter, status)]
+    summary = f"{len(matching)} task{'' if len(matching) == 1 else 's'}"
+    if len(matching) != len(tasks):
+        summary += f" of {len(tasks)}"
+    if matching:
+        summary += ": " + _status_counts(matching)
+    conditions = ([f"filter {text_filter!r}"] if text_filter else []) + (
+        [f"status {STATUS_WORDS.get(status) or status}"] if status else [])
+    header = " · ".join(["progressista"] + ([source] if source else []) + [summary] + conditions)
+    lines = [_printable(header)] + ([_printable(notice)] if notice else [])
+    ordered = order_tasks(matching)
+    meter = meter or default_meter()
+    if not ordered:
+        body = ["no task matches" if tasks else "no tasks yet"]
+        return [_fit(line, width) for line in (lines + body)[:height]]
+    room = len(ordered) if height is None else height - len(lines)
+    shown = ordered if room >= len(ordered) else ordered[:max(0, room - 1)]
+    lines += [format_row(task, now, width, meter=meter, ascii=ascii) for task in shown]
+    if len(shown) < len(ordered):
+        hidden = ordered[len(shown):]
+        lines.append(f"+{len(hidden)} more ({_status_counts(hidden)})")
+    return [_fit(line, width) for line in lines[:height]]
+
+
+def apply_feed_message(tasks, message):
+    """Apply one /ws message (PROTOCOL.md "The live feed") to `tasks`, task_id -> task, in
+    place; return the server's `now` it carries, or None for a message of another kind."""
+    kind = message.get("type") if isinstance(message, dict) else None
+    sent = message.get("tasks") if kind in ("snapshot", "update") else None
+    sent = {task_id: task for task_id, task in sent.items()
+            if isinstance(task, dict)} if isinstance(sent, dict) else {}
+    if kind == "snapshot":
+        tasks.clear()
+        tasks.update(sent)
+    elif kind == "update":
+        tasks.update(sent)  # a known task keeps its place
+    elif kind == "remove":
+        for task_id in message.get("ids") or ():
+            tasks.pop(task_id, None)
+    else:
+        return None  # a kind this version does not know: nothing to apply
+    return _number_or(message.get("now"), None)
+
+
+def watch_urls(server):
+    """(HTTP base URL, /ws URL) for a server URL; a client URL ending in /progress works.
+
+    Raises ValueError when `server` is not an http(s) URL with a host."""
+    parts = urllib.parse.urlsplit(str(server).strip())
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"--server {server!r}: expected http(s)://host[:port][/prefix]")
+    path = parts.path.rstrip("/")
+    for suffix in ("/progress", "/ws"):
+        if path.endswith(suffix):
+            path = path[:-len(suffix)]
+    base = urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
+    ws_scheme = "wss" if scheme == "https" else "ws"
+    return base, urllib.parse.urlunsplit((ws_scheme, parts.netloc, path + "/ws", "", ""))
+
+
+def _error_message(body):
+    """The `error` of a JSON error body, else the body as text, on one line."""
+    text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else str(body)
+    try:
+        text = json.loads(text)["error"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return _printable(" ".join(str(text).split())) or "(no message)"
+
+
+def fetch_tasks(base, headers, status=None, timeout=WATCH_TIMEOUT_S):
+    """GET /tasks once: the parsed {"tasks": ..., "now": ...}. Raises urllib's errors, or
+    ValueError when the answer is not a task list."""
+    import urllib.request
+
+    query = "?" + urllib.parse.urlencode({"status": status}) if status in STATUSES else ""
+    request = urllib.request.Request(base + "/tasks" + query, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        snapshot = json.loads(response.read())
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("tasks"), dict):
+        raise ValueError("the answer has no task list")
+    return snapshot
+
+
+class _Screen:
+    """Where tables go. On a terminal: redrawn in place with ANSI (cursor up, clear to the
+    end of the screen), cursor hidden meanwhile; elsewhere: whole tables, blank line between."""
+
+    def __init__(self, stream, colour):
+        self.stream = stream
+        self.live = stream.isatty()
+        self.colour = colour and self.live
+        self.drawn = []  # the lines of the last frame, to find its top again
+        self.drawn_width = None
+        self.started = False
+
+    def size(self):
+        """(width, height) to fit to, re-read on every frame: None, None off a terminal."""
+        import shutil
+
+        if not self.live:
+            return None, None
+        columns, lines = shutil.get_terminal_size()
+        return max(1, columns), max(1, lines)
+
+    def _coloured(self, line):
+        status = next((status for status, word in STATUS_WORDS.items()
+                       if word and line.startswith(word + " ")), None)
+        if not self.colour or status is None:
+            return line
+        word = STATUS_WORDS[status]
+        return f"\x1b[{STATUS_COLOURS[status]}m{word}\x1b[0m{line[len(word):]}"
+
+    def draw(self, lines):
+        if not self.live:
+            self.stream.write(("\n" if self.started else "") + "\n".join(lines) + "\n")
+            self.started = True
+            self.stream.flush()
+            return
+        width, _ = self.size()
+        frame = "" if self.started else _ANSI["hide_cursor"]
+        if self.drawn:
+            # A terminal that reflows on resize wraps the last frame's lines: count its rows
+            # at today's width, so that the cursor goes back to the first of them.
+            rows = sum(max(1, -(-_cells(line) // width)) for line in self.drawn)
+            frame += "\r" + (f"\x1b[{rows - 1}A" if rows > 1 else "")
+        # One write per frame, no newline after the last line: the screen never scrolls.
+        frame += _ANSI["clear_below"] + "\r\n".join(self._coloured(line) for line in lines)
+        self.stream.write(frame)
+        self.stream.flush()
+        self.drawn, self.started = list(lines), True
+
+    def say(self, line):
+        """One line of news (off a terminal; on one, it is part of the next frame)."""
+        if not self.live:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self.live and self.started:
+            # Below the last table, cursor back: the shell prompt comes after it.
+            self.stream.write("\r\n" + _ANSI["show_cursor"] if self.drawn else _ANSI["show_cursor"])
+            self.stream.flush()
+        self.started = False
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends `watch` as Ctrl-C does: terminal restored, status 0
+
+
+def _connection_reason(error):
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    if isinstance(error, InvalidStatus):
+        return f"HTTP {error.response.status_code}"
+    if isinstance(error, ConnectionClosed):
+        frame = error.rcvd or error.sent
+        said = f" ({frame.reason})" if frame is not None and frame.reason else ""
+        return f"connection closed{said}"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return _printable(str(error)) or type(error).__name__
+
+
+class _Watcher:
+    """The live mode: the /ws feed into a dict of tasks, drawn at most every `interval` s."""
+
+    def __init__(self, args, base, ws_url, headers, screen, ascii, clock=time.monotonic):
+        self.args, self.base, self.ws_url, self.headers = args, base, ws_url, headers
+        self.screen, self.ascii, self.clock = screen, ascii, clock
+        self.meter = default_meter()
+        self.tasks = {}
+        self.server_now, self.received_at = None, None  # the server's clock, and when we read it
+        self.notice = f"connecting to {ws_url}"
+
+    def now(self):
+        """The server's clock now, from its last message and our monotonic clock since."""
+        if self.server_now is None:
+            return time.time()
+        return self.server_now + (self.clock() - self.received_at)
+
+    def draw(self):
+        width, height = self.screen.size()
+        self.screen.draw(render_table(
+            self.tasks, self.now(), width, height, self.args.filter, self.args.status,
+            source=self.base, notice=self.notice, meter=self.meter, ascii=self.ascii))
+
+    def run(self):
+        """Watch until interrupted; return 1 when the server refuses us for good."""
+        from websockets.exceptions import InvalidStatus, WebSocketException
+        from websockets.sync.client import connect
+
+        retry_s = WATCH_RETRY_FIRST_S
+        while True:
+            try:
+                with connect(self.ws_url, additional_headers=self.headers,
+                             open_timeout=WATCH_TIMEOUT_S, close_timeout=WATCH_CLOSE_TIMEOUT_S,
+                             max_size=WATCH_MAX_MESSAGE_BYTES) as websocket:
+                    retry_s = WATCH_RETRY_FIRST_S  # in: the next outage starts from scratch
+                    self.follow(websocket)
+            except InvalidStatus as error:
+                status = error.response.status_code
+                if 400 <= status < 500 and status not in (408, 429):
+                    # A wrong token or URL will not fix itself: say what the server said.
+                    self.screen.close()
+                    print(f"progressista watch: {self.ws_url}: HTTP {status}: "
+                          f"{_error_message(error.response.body or b'')}", file=sys.stderr)
+                    return 1
+                reason = _connection_reason(error)
+            except (OSError, WebSocketException, ValueError) as error:
+                reason = _connection_reason(error)  # ValueError: a message that is not JSON
+            self.notice = f"reconnecting to {self.ws_url}: {reason} (next try in {retry_s:g} s)"
+            if self.received_at is not None:
+                self.notice += f"; last data {_interval(self.clock() - self.received_at)} ago"
+            self.screen.say(self.notice)
+            if self.screen.live:
+                self.draw()
+            time.sleep(retry_s)
+            retry_s = min(retry_s * 2, WATCH_RETRY_MAX_S)
+
+    def follow(self, websocket):
+        """Read the feed until the connection ends (an exception)."""
+        next_draw, changed = self.clock(), False
+        while True:
+            # On a terminal the rows tick (elapsed) even with no news; elsewhere a table is
+            # printed only when there is something new.
+            due_in = max(0.0, next_draw - self.clock())
+            try:
+                raw = websocket.recv(timeout=due_in if changed or self.screen.live else None)
+            except TimeoutError:
+                raw = None
+            if raw is not None:
+                server_now = apply_feed_message(self.tasks, json.loads(raw))
+                if server_now is not None:
+                    self.server_now, self.received_at = server_now, self.clock()
+                self.notice, changed = None, True
+            if self.clock() >= next_draw and (changed or self.screen.live):
+                self.draw()
+                changed, next_draw = False, self.clock() + self.args.interval
+
+
+def cmd_watch(args):
+    try:
+        base, ws_url = watch_urls(args.server or os.environ.get(ENV_PREFIX + "SERVER_URL")
+                                  or WATCH_DEFAULT_SERVER)
+    except ValueError as error:
+        print(f"progressista watch: error: {error}", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get(ENV_PREFIX + "API_TOKEN")
+    headers = {"User-Agent": f"progressista-watch/{__version__}"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "█▏".encode(encoding)
+        ascii = False
+    except (UnicodeEncodeError, LookupError):
+        ascii = True  # a terminal that cannot show tqdm's blocks gets tqdm's ASCII bar
+    screen = _Screen(sys.stdout, colour=not os.environ.get("NO_COLOR"))
+    try:
+        if args.once or args.json:
+            return _watch_once(args, base, headers, screen, ascii)
+        try:
+            previous = signal.signal(signal.SIGTERM, _interrupt)
+        except ValueError:  # main() called from another thread: no handler of our own
+            previous = None
+        try:
+            return _Watcher(args, base, ws_url, headers, screen, ascii).run()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `progressista watch | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        screen.close()
+
+
+def _watch_once(args, base, headers, screen, ascii):
+    import urllib.error
+
+    try:
+        snapshot = fetch_tasks(base, headers, args.status)
+    except urllib.error.HTTPError as error:
+        print(f"progressista watch: {base}/tasks: HTTP {error.code}: "
+              f"{_error_message(error.read())}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as error:
+        print(f"progressista watch: cannot reach {base}: {_printable(error.reason)}",
+              file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as error:  # a timeout, or an answer that is not ours
+        print(f"progressista watch: {base}/tasks: {_printable(error) or type(error).__name__}"
+              " (is this a Progressista server?)", file=sys.stderr)
+        return 1
+    tasks = {task_id: task for task_id, task in snapshot["tasks"].items()
+             if isinstance(task, dict)}
+    now = _number_or(snapshot.get("now"), None) or time.time()
+    if args.json:
+        matching = {task_id: task for task_id, task in tasks.items()
+                    if task_matches(task, args.filter, args.status)}
+        print(json.dumps({"tasks": matching, "now": now}, indent=2 if screen.live else None))
+        return 0
+    width, _ = screen.size()  # one table to read or scroll: every row, fitted to the width
+    lines = render_table(tasks, now, width, None, args.filter, args.status, source=base,
+                         ascii=ascii)
+    print("\n".join(screen._coloured(line) for line in lines))
+    return 0
+
+
 def main(argv=None):
     """The command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -2656,6 +3258,8 @@ def main(argv=None):
         return cmd_demo(args)
     if args.command == "run":
         return cmd_run(args, (args.program_args or []) + program_args)
+    if args.command == "watch":
+        return cmd_watch(args)
     return cmd_serve(args)
 
 

@@ -1,0 +1,692 @@
+"""Tests of `progressista watch`: the remote bars, live in a terminal.
+
+The pure core (format_row, render_table, apply_feed_message, watch_urls) is tested with
+a fixed `now` and no terminal; `watch --once` and `--json` run as subprocesses against a
+real server; the live mode runs as a subprocess in a pseudo-terminal (os.openpty, with a
+window size set through TIOCSWINSZ) whose output is read back frame by frame.
+"""
+
+import fcntl
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+
+import pytest
+import tqdm
+
+import progressista
+from conftest import ServerThread, http, running_server, wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROGRAM = os.path.join(HERE, "progressista.py")
+NOW = 1_000_000.0
+TOKEN = "watch-token"
+
+_ids = itertools.count()
+
+
+def new_id(label="watch"):
+    return f"{label}-{next(_ids)}-{os.getpid()}"
+
+
+def task(**fields):
+    """A task in its wire form, as GET /tasks and /ws send it."""
+    wire = {"task_id": new_id(), "desc": "train", "n": 30, "total": 100, "unit": "it",
+            "unit_scale": False, "unit_divisor": 1000, "rate": 2.5, "elapsed": 12.0,
+            "postfix": None, "status": "running", "error": None, "meta": {}, "seq": 1,
+            "timestamp": NOW - 1, "created_at": NOW - 20, "updated_at": NOW - 1}
+    wire.update(fields)
+    return wire
+
+
+def tasks_by_id(*tasks):
+    return {one["task_id"]: one for one in tasks}
+
+
+def cells(text):
+    return progressista._cells(text)
+
+
+# --- One row: format_row ----------------------------------------------------------------
+
+
+def test_row_is_tqdms_own_meter_after_a_blank_status_column():
+    row = progressista.format_row(task(updated_at=NOW), NOW, None)
+    expected = tqdm.tqdm.format_meter(30, 100, 12.0, prefix="train", unit="it", rate=2.5)
+    assert row == " " * progressista.STATUS_COLUMN_CELLS + expected
+
+
+def test_row_uses_tqdm_when_it_is_importable():
+    assert progressista.default_meter() is progressista.tqdm_meter
+    one = task(postfix="loss=0.12", unit="B", unit_scale=True, unit_divisor=1024,
+               n=3 * 2 ** 30, total=6 * 2 ** 30, rate=None, updated_at=NOW)
+    expected = tqdm.tqdm.format_meter(3 * 2 ** 30, 6 * 2 ** 30, 12.0, ncols=74, prefix="train",
+                                      unit="B", unit_scale=True, unit_divisor=1024,
+                                      postfix="loss=0.12")
+    assert progressista.format_row(one, NOW, 80) == " " * 6 + expected
+
+
+def test_row_falls_back_to_the_built_in_meter_without_tqdm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    assert progressista.default_meter() is progressista.plain_meter
+    row = progressista.format_row(task(updated_at=NOW), NOW, 80)
+    assert re.fullmatch(r" {6}train:  30%\|█+ *\| 30/100 \[00:12<00:28,  2\.50it/s\]", row)
+    assert cells(row) == 80
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"postfix": "loss=0.12, acc=0.9"},
+    {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "n": 3.1e9, "total": 6e9},
+    {"rate": 0.02, "n": 3},
+    {"total": None},
+    {"n": 150},
+    {"unit_scale": 0.5, "n": 100, "total": 400},
+    {"rate": None, "elapsed": 0},
+    {"status": "error", "rate": None},
+    {"status": "close", "n": 100},
+], ids=lambda fields: ",".join(fields) or "plain")
+def test_built_in_meter_reads_as_tqdms_apart_from_the_bar(fields):
+    one = progressista.meter_fields(task(**fields), NOW)
+    bar = re.compile(r"\|[^|]*\|")
+    plain, real = progressista.plain_meter(one, 70), progressista.tqdm_meter(one, 70)
+    assert bar.sub("||", plain) == bar.sub("||", real)
+    assert cells(plain) == cells(real)
+
+
+def test_running_rows_elapsed_keeps_counting_between_updates():
+    row = progressista.format_row(task(elapsed=12.0, updated_at=NOW - 5), NOW, None)
+    assert "[00:17<" in row
+
+
+def test_stale_row_says_so_and_for_how_long_with_no_eta():
+    one = task(status="stale", elapsed=12.0, updated_at=NOW - 75)
+    row = progressista.format_row(one, NOW, None)
+    assert row.startswith("stale ")
+    assert "[00:12<?," in row  # its clock stopped; a silent task has no honest ETA
+    assert row.endswith("no update for 01:15")
+
+
+def test_error_row_shows_the_first_line_of_its_error_after_the_bar():
+    one = task(status="error", error="ValueError: bad batch\n  File \"train.py\", line 3")
+    row = progressista.format_row(one, NOW, 120)
+    assert row.startswith("error train:  30%|")
+    assert "[00:12<?," in row
+    assert row.endswith("]  ValueError: bad batch")
+    assert cells(row) == 120
+
+
+def test_narrow_error_row_keeps_the_bar_and_cuts_the_error():
+    one = task(status="error", error="RuntimeError: " + "x" * 200)
+    row = progressista.format_row(one, NOW, 90)
+    assert cells(row) == 90
+    assert "|███" in row and "30/100" in row
+    assert row.endswith("…") and "RuntimeError" in row
+
+
+def test_done_row_says_done_with_no_time_left():
+    row = progressista.format_row(task(status="close", n=60), NOW, None)
+    assert row.startswith("done  train:  60%|")
+    assert "[00:12<00:00," in row
+
+
+def test_task_without_desc_is_labelled_by_its_id():
+    one = task(desc=None, task_id="job-17")
+    assert "job-17:  30%|" in progressista.format_row(one, NOW, 80)
+
+
+@pytest.mark.parametrize("width", [1, 5, 6, 7, 12, 20, 33, 50, 80, 200])
+@pytest.mark.parametrize("fields", [
+    {},
+    {"desc": "処理中のデータセット" * 8, "postfix": "損失=0.12"},
+    {"status": "error", "error": "E" * 300, "postfix": "p" * 300},
+    {"status": "stale"},
+    {"total": None, "desc": "d" * 500},
+    {"desc": "e\u0301" * 40},  # combining accents take no cell
+], ids=["plain", "wide", "long-error", "stale", "no-total", "combining"])
+def test_row_never_exceeds_the_width(width, fields):
+    assert cells(progressista.format_row(task(**fields), NOW, width)) <= width
+
+
+def test_long_description_is_cut_so_the_numbers_still_show():
+    row = progressista.format_row(task(desc="d" * 500), NOW, 100)
+    assert "…:  30%|" in row and row.endswith("2.50it/s]")
+
+
+def test_control_characters_in_task_fields_cannot_reach_the_terminal():
+    one = task(desc="evil\x1b[2J\x1b]0;title\x07", postfix="a\x9bb\nc", status="error",
+               error="\x1b[31mboom\u202e", task_id="id\x00", meta={"k": "\x1b"})
+    for width in (None, 200):
+        row = progressista.format_row(one, NOW, width)
+        assert not re.search("[\x00-\x1f\x7f-\x9f\u202e]", row), row
+    lines = progressista.render_table(tasks_by_id(one), NOW, 200, 10, source="http://h\x1b")
+    assert not re.search("[\x00-\x1f\x7f-\x9f]", "".join(lines))
+
+
+# --- The table: render_table ------------------------------------------------------------
+
+
+def test_table_has_a_header_then_one_row_per_task():
+    lines = progressista.render_table(tasks_by_id(task(desc="a"), task(desc="b")), NOW, 100,
+                                      20, source="http://dash:8000")
+    assert lines[0] == "progressista · http://dash:8000 · 2 tasks: 2 running"
+    assert [line[6:8] for line in lines[1:]] == ["a:", "b:"]
+
+
+def test_table_cut_to_the_height_ends_with_how_many_more_by_status():
+    many = [task(desc=f"run {i}") for i in range(5)] + [
+        task(desc=f"done {i}", status="close") for i in range(3)] + [task(status="error")]
+    lines = progressista.render_table(tasks_by_id(*many), NOW, 80, 5)
+    assert len(lines) == 5
+    assert [line[6:11] for line in lines[1:4]] == ["run 0", "run 1", "run 2"]
+    assert lines[4] == "+6 more (2 running, 3 done, 1 error)"
+
+
+def test_table_that_fits_has_no_more_line():
+    lines = progressista.render_table(tasks_by_id(task(), task(), task()), NOW, 80, 4)
+    assert len(lines) == 4 and not lines[-1].startswith("+")
+
+
+def test_table_lines_never_exceed_the_width_or_the_height():
+    many = tasks_by_id(*[task(desc="処理" * 30, status=status)
+                         for status in ("running", "stale", "close", "error") * 5])
+    for width, height in ((1, 1), (10, 2), (40, 3), (80, 30), (7, 100)):
+        lines = progressista.render_table(many, NOW, width, height, notice="reconnecting " * 9)
+        assert len(lines) <= height
+        assert all(cells(line) <= width for line in lines)
+
+
+def test_unfinished_tasks_come_first_in_server_order_then_errors_then_done_latest_first():
+    listed = [task(desc="old done", status="close", updated_at=NOW - 50),
+              task(desc="first run"),
+              task(desc="new done", status="close", updated_at=NOW - 5),
+              task(desc="failed", status="error"),
+              task(desc="silent", status="stale"),
+              task(desc="last run")]
+    lines = progressista.render_table(tasks_by_id(*listed), NOW, None, None)
+    labels = [line[6:].split(":")[0] for line in lines[1:]]
+    assert labels == ["first run", "silent", "last run", "failed", "new done", "old done"]
+
+
+@pytest.mark.parametrize("text", ["RESNET", "host=gpu7", "loss=0.3", "CUDA out", "job-x",
+                                  "done"])
+def test_filter_matches_id_description_postfix_error_meta_and_status(text):
+    wanted = [task(desc="ResNet-50"), task(meta={"host": "gpu7"}), task(postfix="loss=0.31"),
+              task(status="error", error="CUDA out of memory"), task(task_id="job-x-1"),
+              task(status="close")]
+    other = task(desc="other", task_id="zzz")
+    matching = [one for one in wanted + [other] if progressista.task_matches(one, text)]
+    assert other not in matching and len(matching) == 1
+
+
+@pytest.mark.parametrize("status, expected", [
+    ("running", {"r"}), ("stale", {"s"}), ("close", {"c"}), ("error", {"e"}),
+    ("active", {"r", "s"}), (None, {"r", "s", "c", "e"})])
+def test_status_filter_keeps_one_status_or_the_active_ones(status, expected):
+    listed = tasks_by_id(*[task(desc=name, status=full) for name, full in
+                           (("r", "running"), ("s", "stale"), ("c", "close"), ("e", "error"))])
+    lines = progressista.render_table(listed, NOW, None, None, status=status)
+    assert {line[6:].split(":")[0] for line in lines[1:]} == expected
+
+
+def test_header_counts_the_matching_tasks_out_of_all_and_names_the_filters():
+    listed = tasks_by_id(task(desc="a"), task(desc="b", status="error"), task(desc="ab"))
+    lines = progressista.render_table(listed, NOW, None, None, text_filter="a",
+                                      status="running")
+    assert lines[0] == "progressista · 2 tasks of 3: 2 running · filter 'a' · status running"
+
+
+def test_notice_shows_under_the_header_above_the_rows():
+    lines = progressista.render_table(tasks_by_id(task()), NOW, 100, 10,
+                                      notice="reconnecting to ws://h/ws: connection refused")
+    assert lines[1] == "reconnecting to ws://h/ws: connection refused"
+    assert "train:" in lines[2]
+
+
+def test_empty_table_says_why():
+    assert progressista.render_table({}, NOW, 80, 10)[1:] == ["no tasks yet"]
+    lines = progressista.render_table(tasks_by_id(task()), NOW, 80, 10, text_filter="nope")
+    assert lines[1:] == ["no task matches"]
+
+
+def test_terminal_that_cannot_show_blocks_gets_tqdms_ascii_bar():
+    row = progressista.format_row(task(), NOW, 80, ascii=True)
+    assert row.isascii() and "|###" in row
+
+
+# --- The feed and the URLs ----------------------------------------------------------------
+
+
+def test_feed_messages_keep_a_dict_of_tasks_in_the_servers_order():
+    tasks = {"old": {"task_id": "old"}}
+    a, b = task(task_id="a"), task(task_id="b")
+    snapshot = {"type": "snapshot", "tasks": {"a": a, "b": b}, "now": NOW}
+    assert progressista.apply_feed_message(tasks, snapshot) == NOW
+    assert list(tasks) == ["a", "b"]
+    update = {"type": "update", "tasks": {"a": dict(a, n=99), "c": task(task_id="c")},
+              "now": NOW + 1}
+    assert progressista.apply_feed_message(tasks, update) == NOW + 1
+    assert list(tasks) == ["a", "b", "c"] and tasks["a"]["n"] == 99
+    progressista.apply_feed_message(tasks, {"type": "remove", "ids": ["b", "zz"], "now": NOW})
+    assert list(tasks) == ["a", "c"]
+
+
+def test_feed_message_of_unknown_kind_changes_nothing():
+    tasks = {"a": task(task_id="a")}
+    assert progressista.apply_feed_message(tasks, {"type": "hello", "tasks": {}}) is None
+    assert progressista.apply_feed_message(tasks, ["not", "an", "object"]) is None
+    progressista.apply_feed_message(tasks, {"type": "update", "tasks": {"x": "not a task"}})
+    assert list(tasks) == ["a"]
+
+
+@pytest.mark.parametrize("server, base, ws", [
+    ("http://dash:8000", "http://dash:8000", "ws://dash:8000/ws"),
+    ("http://dash:8000/progress", "http://dash:8000", "ws://dash:8000/ws"),
+    ("https://example.org/prog/", "https://example.org/prog", "wss://example.org/prog/ws"),
+    ("https://example.org/prog/progress?x=1", "https://example.org/prog",
+     "wss://example.org/prog/ws"),
+    ("ws://dash:8000/ws", "http://dash:8000", "ws://dash:8000/ws"),
+])
+def test_server_url_gives_the_http_base_and_the_feed_url(server, base, ws):
+    assert progressista.watch_urls(server) == (base, ws)
+
+
+@pytest.mark.parametrize("server", ["dash:8000", "ftp://dash", "http://", ""])
+def test_server_url_that_is_not_http_is_refused(server):
+    with pytest.raises(ValueError, match="expected http"):
+        progressista.watch_urls(server)
+
+
+def test_status_flag_accepts_done_for_close_and_names_the_choices_otherwise():
+    assert progressista.watch_status("Done") == "close"
+    assert progressista.watch_status("active") == "active"
+    with pytest.raises(Exception, match="running, stale, close, error, active"):
+        progressista.watch_status("finished")
+
+
+class FakeTerminal:
+    def __init__(self):
+        self.written = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.written.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_screen_redraws_from_the_top_of_the_last_frame(monkeypatch):
+    monkeypatch.setattr("shutil.get_terminal_size", lambda: os.terminal_size((40, 10)))
+    terminal = FakeTerminal()
+    screen = progressista._Screen(terminal, colour=False)
+    screen.draw(["header", "row 1", "row 2"])
+    screen.draw(["header", "row 1"])
+    assert terminal.written[0] == "\x1b[?25l\x1b[Jheader\r\nrow 1\r\nrow 2"
+    assert terminal.written[1] == "\r\x1b[2A\x1b[Jheader\r\nrow 1"
+    screen.close()
+    assert terminal.written[2] == "\r\n\x1b[?25h"
+
+
+def test_screen_after_a_resize_counts_the_rows_the_old_lines_wrapped_into(monkeypatch):
+    size = [os.terminal_size((40, 10))]
+    monkeypatch.setattr("shutil.get_terminal_size", lambda: size[0])
+    terminal = FakeTerminal()
+    screen = progressista._Screen(terminal, colour=False)
+    screen.draw(["h" * 40, "r" * 25])
+    size[0] = os.terminal_size((20, 10))
+    screen.draw(["h" * 20])
+    assert terminal.written[1].startswith("\r\x1b[3A\x1b[J")  # 2 rows + 2 rows, less 1
+
+
+# --- The command line: --once and --json against a real server --------------------------
+
+
+def clean_env(**extra):
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("PROGRESSISTA_") and name not in ("COLUMNS", "LINES")}
+    env.update(extra)
+    return env
+
+
+def run_watch(*args, env=None, timeout=10):
+    return subprocess.run([sys.executable, PROGRAM, "watch", *args], capture_output=True,
+                          text=True, env=env or clean_env(), timeout=timeout)
+
+
+def post(server, *updates, token=None):
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    status, body, _ = http("POST", server.url + "/progress", list(updates), headers=headers)
+    assert status == 200, body
+
+
+def unused_port():
+    """A loopback port nothing listens on (it was bound a moment ago, then freed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server() as running:
+        yield running
+
+
+def test_once_prints_the_table_whole_when_not_a_terminal(server):
+    long_desc = " ".join(["a description much longer than any terminal"] * 5)
+    post(server, {"task_id": new_id(), "desc": long_desc, "n": 5, "total": 10, "elapsed": 3},
+         {"task_id": new_id(), "desc": "once-failed", "n": 1, "total": 4, "status": "error",
+          "error": "OSError: disk full"})
+    result = run_watch("--once", "--server", server.url)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    assert result.stdout.startswith(f"progressista · {server.url} · ")
+    assert f"      {long_desc}:  50%|█████     | 5/10 [00:03<" in result.stdout
+    assert re.search(r"^error once-failed:  25%\|.*\]  OSError: disk full$", result.stdout,
+                     re.MULTILINE)
+
+
+def test_once_with_a_status_shows_only_those_tasks(server):
+    failed, running = new_id("failed"), new_id("running")
+    post(server, {"task_id": failed, "status": "error", "error": "boom"}, {"task_id": running})
+    result = run_watch("--once", "--status", "error", "--server", server.url)
+    assert result.returncode == 0, result.stderr
+    assert failed in result.stdout and running not in result.stdout
+    rows = result.stdout.splitlines()[1:]
+    assert rows and all(row.startswith("error ") for row in rows)
+
+
+def test_json_prints_the_filtered_snapshot(server):
+    label = new_id("json")
+    post(server, {"task_id": label + "-a", "desc": "JSON target", "n": 2, "meta": {"k": "v"}},
+         {"task_id": label + "-b", "desc": "JSON target", "status": "close"},
+         {"task_id": new_id(), "desc": "something else"})
+    result = run_watch("--json", "--filter", label, "--status", "active", "--server", server.url)
+    assert result.returncode == 0, result.stderr
+    snapshot = json.loads(result.stdout)
+    assert list(snapshot["tasks"]) == [label + "-a"]
+    assert snapshot["tasks"][label + "-a"]["meta"] == {"k": "v"}
+    assert isinstance(snapshot["now"], float)
+
+
+def test_server_url_from_the_environment_may_be_the_client_url(server):
+    marker = new_id("env")
+    post(server, {"task_id": marker})
+    result = run_watch("--json", "--filter", marker,
+                       env=clean_env(PROGRESSISTA_SERVER_URL=server.url + "/progress"))
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads(result.stdout)["tasks"]) == [marker]
+
+
+def test_once_with_the_token_from_the_environment_is_let_in():
+    with running_server(api_tokens=[TOKEN]) as guarded:
+        post(guarded, {"task_id": "guarded-task"}, token=TOKEN)
+        result = run_watch("--once", "--server", guarded.url,
+                           env=clean_env(PROGRESSISTA_API_TOKEN=TOKEN))
+        assert result.returncode == 0, result.stderr
+        assert "guarded-task" in result.stdout
+
+
+def test_once_without_the_token_exits_1_with_the_servers_message():
+    with running_server(api_tokens=[TOKEN]) as guarded:
+        result = run_watch("--once", "--server", guarded.url, "--token", "wrong")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip() == (
+        f"progressista watch: {guarded.url}/tasks: HTTP 401: missing or wrong token: send "
+        "'Authorization: Bearer <token>' or add ?token=<token> to the URL")
+
+
+def test_once_against_no_server_exits_1_with_one_line():
+    url = f"http://127.0.0.1:{unused_port()}"
+    result = run_watch("--once", "--server", url)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"progressista watch: cannot reach {url}: ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--status", "finished"], "--status: must be one of"),
+    (["--server", "dash:8000", "--once"], "expected http(s)://host"),
+    (["--interval", "0"], "--interval: must be a number of seconds > 0"),
+])
+def test_bad_flags_exit_2_saying_what_to_fix(args, message):
+    result = run_watch(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_watch_is_listed_in_the_help():
+    result = subprocess.run([sys.executable, PROGRAM, "--help"], capture_output=True, text=True,
+                            env=clean_env(), timeout=10)
+    assert re.search(r"^\s+watch\s", result.stdout, re.MULTILINE)
+
+
+# --- The live mode ---------------------------------------------------------------------------
+
+
+class WatchProcess:
+    """`progressista watch ARGS` as a subprocess, its output read by a thread."""
+
+    def __init__(self, *args, pty_size=None, env=None):
+        command = [sys.executable, PROGRAM, "watch", "--interval", "0.05", *args]
+        self.master = None
+        if pty_size is None:
+            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, env=env or clean_env())
+            source = self.proc.stdout.fileno()
+        else:
+            self.master, slave = os.openpty()
+            self.resize(*pty_size, fd=slave)
+            self.proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave,
+                                         env=env or clean_env())
+            os.close(slave)
+            source = self.master
+        self.received = bytearray()
+        self.reader = threading.Thread(target=self._read, args=(source,), daemon=True)
+        self.reader.start()
+
+    def _read(self, fd):
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the child closed its end of the terminal
+                return
+            if not data:
+                return
+            self.received += data
+
+    def resize(self, rows, columns, fd=None):
+        fcntl.ioctl(self.master if fd is None else fd, termios.TIOCSWINSZ,
+                    struct.pack("HHHH", rows, columns, 0, 0))
+
+    @property
+    def output(self):
+        return bytes(self.received).decode("utf-8", "replace")
+
+    def frames(self):
+        """The frames drawn in full so far (the last one may be cut short), as plain lines."""
+        chunks = self.output.split("\x1b[J")[1:-1]
+        return [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", chunk).split("\n") for chunk in chunks]
+
+    def wait_frame(self, condition, message, timeout=4):
+        """The latest complete frame, once one satisfies `condition`."""
+        def latest():
+            frames = self.frames()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"watch exited {self.proc.returncode}: {self.output!r}")
+            return frames[-1] if frames and condition(frames[-1]) else None
+        return wait_for(latest, timeout, message=message)
+
+    def wait_output(self, text, timeout=4):
+        return wait_for(lambda: text in self.output, timeout, message=repr(text))
+
+    def stop(self, signum=signal.SIGINT):
+        """Send `signum` (Ctrl-C by default); return the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(5)
+        finally:
+            self.reader.join(2)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(2)
+        if self.master is not None:
+            os.close(self.master)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def watching():
+    started = []
+
+    def start(*args, **options):
+        started.append(WatchProcess(*args, **options))
+        return started[-1]
+    yield start
+    for process in started:
+        process.close()
+
+
+def has_row(label):
+    return lambda frame: any(label in line for line in frame[1:])
+
+
+def test_watch_in_a_terminal_draws_a_row_per_task_within_its_width(server, watching):
+    label = new_id("pty")
+    post(server, *[{"task_id": f"{label}-{i}", "desc": f"{label} bar {i}", "n": i, "total": 9,
+                    "postfix": "x" * 80} for i in range(3)])
+    watch = watching("--server", server.url, "--filter", label, pty_size=(20, 60))
+    frame = watch.wait_frame(lambda frame: all(has_row(f"bar {i}")(frame) for i in range(3)),
+                             "three rows")
+    assert frame[0].startswith(f"progressista · {server.url} · 3 tasks of ")
+    assert all(cells(line) <= 60 for frame in watch.frames() for line in frame)
+    assert watch.output.startswith("\x1b[?25l")  # the cursor is hidden while drawing
+    assert watch.stop(signal.SIGINT) == 0
+    assert watch.output.endswith("\r\n\x1b[?25h")  # ...and shown again at the end
+
+
+def test_watch_shows_an_update_and_drops_a_removed_task(server, watching):
+    label, kept, gone = new_id("live"), new_id("kept"), new_id("gone")
+    post(server, {"task_id": kept, "desc": label, "n": 1, "total": 10},
+         {"task_id": gone, "desc": label + " gone", "n": 2, "total": 10})
+    watch = watching("--server", server.url, "--filter", label, pty_size=(20, 100))
+    watch.wait_frame(lambda frame: "1/10" in "".join(frame) and has_row("gone")(frame),
+                     "both tasks")
+    post(server, {"task_id": kept, "n": 7})
+    watch.wait_frame(lambda frame: "7/10" in "".join(frame), "the update")
+    status, body, _ = http("DELETE", server.url + "/tasks/" + gone)
+    assert body == {"removed": True}
+    frame = watch.wait_frame(lambda frame: not has_row("gone")(frame), "the removal")
+    assert "7/10" in "".join(frame)
+    assert watch.stop() == 0
+
+
+def test_watch_in_a_small_window_ends_with_how_many_more(server, watching):
+    label = new_id("small")
+    post(server, *[{"task_id": f"{label}-{i}", "desc": label} for i in range(10)])
+    watch = watching("--server", server.url, "--filter", label, pty_size=(5, 80))
+    frame = watch.wait_frame(lambda frame: frame[-1].startswith("+"), "the +N more line")
+    assert len(frame) == 5
+    assert frame[-1] == "+7 more (7 running)"
+    assert watch.stop() == 0
+
+
+def test_watch_fits_each_frame_to_the_terminal_after_a_resize(server, watching):
+    label = new_id("resize")
+    post(server, {"task_id": label, "desc": label, "n": 3, "total": 9})
+    watch = watching("--server", server.url, "--filter", label, pty_size=(20, 100))
+    watch.wait_frame(lambda frame: any(cells(line) == 100 for line in frame), "a 100-cell row")
+    watch.resize(20, 50)
+    frame = watch.wait_frame(lambda frame: has_row(label)(frame) and all(
+        cells(line) <= 50 for line in frame), "rows of at most 50 cells")
+    assert cells(frame[1]) == 50
+    assert watch.stop() == 0
+
+
+def test_watch_reconnects_when_the_server_restarts_on_the_same_port(watching):
+    first = ServerThread().start()
+    second = None
+    try:
+        post(first, {"task_id": "before-restart", "n": 1})
+        watch = watching("--server", first.url, pty_size=(20, 100))
+        watch.wait_frame(has_row("before-restart"), "the first server's task")
+        first.stop()
+        frame = watch.wait_frame(lambda frame: frame[1].startswith("reconnecting to "),
+                                 "the reconnecting line")
+        assert frame[1].startswith(f"reconnecting to ws://127.0.0.1:{first.port}/ws: ")
+        assert has_row("before-restart")(frame)  # the last table stays on screen
+        second = ServerThread(port=first.port).start()
+        post(second, {"task_id": "after-restart", "n": 2})
+        frame = watch.wait_frame(has_row("after-restart"), "the second server's task")
+        assert not any(line.startswith("reconnecting") for line in frame)
+        assert not has_row("before-restart")(frame)  # the new snapshot replaced the old
+        assert watch.stop() == 0
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_watch_with_the_token_in_a_header_is_let_in(watching):
+    with running_server(api_tokens=[TOKEN]) as guarded:
+        post(guarded, {"task_id": "guarded-live"}, token=TOKEN)
+        watch = watching("--server", guarded.url, "--token", TOKEN, pty_size=(20, 100))
+        watch.wait_frame(has_row("guarded-live"), "the guarded task")
+        assert watch.stop() == 0
+
+
+def test_watch_refused_for_its_token_exits_1_with_the_servers_message(watching):
+    with running_server(api_tokens=[TOKEN]) as guarded:
+        watch = watching("--server", guarded.url, "--token", "wrong", pty_size=(20, 100))
+        assert watch.proc.wait(5) == 1
+    watch.reader.join(2)
+    assert watch.output.strip() == (
+        f"progressista watch: ws://127.0.0.1:{guarded.port}/ws: HTTP 401: missing or wrong "
+        "token: send 'Authorization: Bearer <token>' or add ?token=<token> to the URL")
+
+
+def test_watch_stopped_by_sigterm_restores_the_cursor_and_exits_0(server, watching):
+    watch = watching("--server", server.url, pty_size=(20, 100))
+    watch.wait_output("progressista · ")
+    assert watch.stop(signal.SIGTERM) == 0
+    assert watch.output.endswith("\x1b[?25h")
+
+
+def test_watch_not_in_a_terminal_prints_whole_tables_without_ansi(server, watching):
+    label = new_id("pipe")
+    post(server, {"task_id": label, "desc": label, "n": 1, "total": 3})
+    watch = watching("--server", server.url, "--filter", label)
+    watch.wait_output(f"{label}:  33%")
+    post(server, {"task_id": label, "n": 2})
+    watch.wait_output(f"{label}:  67%")
+    assert watch.stop() == 0
+    assert "\x1b" not in watch.output
+    tables = watch.output.strip("\n").split("\n\n")
+    assert len(tables) >= 2
+    assert all(table.startswith("progressista · ") for table in tables)
+
+
+def test_watch_not_in_a_terminal_says_when_it_reconnects(watching):
+    url = f"http://127.0.0.1:{unused_port()}"
+    watch = watching("--server", url)
+    watch.wait_output(f"reconnecting to ws://{url[7:]}/ws: connection refused (next try in 0.5 s)")
+    assert watch.stop() == 0
