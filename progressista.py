@@ -102,6 +102,8 @@ MAX_TASK_AGE_S = 0.0
 CLEANUP_INTERVAL_S = 1.0
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
+NOTIFY_EVENTS = ("close", "error", "stale")  # what --notify-on may name, and its default
+NOTIFY_INTERVAL_S = 10.0  # default batching window of notifications; --notify-interval
 
 ENV_PREFIX = "PROGRESSISTA_"
 INDEX_FILE = "index.html"
@@ -134,6 +136,11 @@ class Settings:
     ws_compression: bool = False
     store: str = "memory://"
     log_level: str = "info"
+    notify: tuple = ()
+    notify_on: tuple = NOTIFY_EVENTS
+    notify_min_duration: float = 0.0
+    notify_interval: float = NOTIFY_INTERVAL_S
+    notify_name: str = ""
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -152,13 +159,14 @@ class Settings:
         if tokens:
             values["api_tokens"] = tokens
         values.update({key: value for key, value in overrides.items() if value is not None})
-        for key in ("api_tokens", "allow_origins"):
+        for key in ("api_tokens", "allow_origins", "notify", "notify_on"):
             if isinstance(values.get(key), str):
                 values[key] = _csv(values[key])
             elif key in values:
                 values[key] = tuple(values[key])
         if any(not token.strip() for token in values.get("api_tokens", ())):
             raise ValueError("an API token must not be empty (it would refuse every request)")
+        _check_notify(values)
         return cls(**values)
 
     def public(self):
@@ -167,6 +175,8 @@ class Settings:
         shown["api_tokens"] = ["***"] * len(self.api_tokens)
         shown["allow_origins"] = list(self.allow_origins)
         shown["store"] = masked_url(self.store)
+        shown["notify"] = [masked_webhook(url) for url in self.notify]
+        shown["notify_on"] = list(self.notify_on)
         return shown
 
 
@@ -228,6 +238,45 @@ def _flag(text):
     raise argparse.ArgumentTypeError(f"must be true or false, not {text}")
 
 
+def _notify_events(text):
+    events = _csv(text) if isinstance(text, str) else tuple(text)
+    for event in events:
+        if event not in NOTIFY_EVENTS:
+            raise argparse.ArgumentTypeError(
+                f"unknown event {event!r}: name one or more of close, error, stale")
+    if not events:  # nothing would ever be sent: without --notify, nothing is
+        raise argparse.ArgumentTypeError("name one or more of close, error, stale")
+    return tuple(dict.fromkeys(events))
+
+
+def masked_webhook(url):
+    """`url` as scheme://host/***: a webhook URL (Slack's, Discord's) is its own secret."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme and parts.netloc:
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/***"
+    return url.split("/", 1)[0] + "/***" if "/" in url else "***"
+
+
+def _check_notify(values):
+    # One place for every source (flags, variables, create_app), and no message shows
+    # more of a URL than masked_webhook(): a mistyped variable must not leak the others.
+    for url in values.get("notify", ()):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port_ok = parts.port is None or parts.port > 0  # a port that is no number raises
+        except ValueError:
+            parts, port_ok = None, False
+        if not port_ok or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--notify / {ENV_PREFIX}NOTIFY: {masked_webhook(url)!r} is not a "
+                             "webhook URL: give http://host/... or https://host/..., like "
+                             "https://hooks.slack.com/services/...")
+    if "notify_on" in values:
+        try:
+            values["notify_on"] = _notify_events(values["notify_on"])
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"--notify-on / {ENV_PREFIX}NOTIFY_ON: {error}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Setting:
     name: str
@@ -263,6 +312,17 @@ SETTINGS_TABLE = (
              "where tasks live: memory://, sqlite:///path/to/file.db or redis://host:6379/0"),
     _Setting("log_level", "LOG_LEVEL", _log_level,
              "debug logs one line per request; info, warning, error"),
+    _Setting("notify", "NOTIFY", _csv,
+             "webhook URL to POST to when a task closes, fails or goes stale (repeatable; "
+             "the variable: comma-separated)"),
+    _Setting("notify_on", "NOTIFY_ON", _notify_events,
+             "which of close, error, stale are notified (comma-separated; default all)"),
+    _Setting("notify_min_duration", "NOTIFY_MIN_DURATION", _seconds,
+             "a task that ran less than this many seconds is not notified; 0 notifies all"),
+    _Setting("notify_interval", "NOTIFY_INTERVAL", _positive_seconds,
+             "seconds of events batched into one message per webhook"),
+    _Setting("notify_name", "NOTIFY_NAME", str,
+             "this server's name in notifications (default: the host name)"),
 )
 
 
@@ -2279,6 +2339,10 @@ def _add_server_flags(parser):
             parser.add_argument("--api-token", dest="api_tokens", action="append",
                                 help=f"a bearer token clients must send (repeatable); "
                                      f"env {env}, {ENV_PREFIX}API_TOKEN")
+            continue
+        if setting.name == "notify":  # checked in Settings.from_env, without echoing it
+            parser.add_argument("--notify", dest="notify", action="append", metavar="URL",
+                                help=f"{setting.help} [env {env}]")
             continue
         kind = setting.parse
         parser.add_argument(flag, dest=setting.name, type=kind, default=None,
