@@ -10,6 +10,8 @@ import contextlib
 import http.server
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -179,7 +181,8 @@ def test_stale_task_is_notified_and_after_it_comes_back_its_close_too():
         clock.offset += 61
         (stale,) = wait_for(lambda: events_for(receiver, "sim"), message="the stale event")
         assert stale["event"] == "stale"
-        assert "no update for 61 s at 500/1000 it" in receiver.messages()[0]["text"]
+        assert re.search(r"stale, no update for 6\d s at 500/1000 it$",
+                         receiver.messages()[0]["text"])
         post(server, {"task_id": "sim", "n": 600, "total": 1000, "seq": 2})  # back
         post(server, {"task_id": "sim", "n": 1000, "total": 1000, "seq": 3,
                       "status": "close"})
@@ -329,10 +332,42 @@ def test_with_redis_one_message_comes_from_the_sweeper_only(tmp_path):
 # --- The command line --------------------------------------------------------------------
 
 
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROGRESSISTA_")}
+    env.update(extra, PYTHONUNBUFFERED="1")
+    return env
+
+
 def run_cli(*args, **env):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PROGRESSISTA_")}
     return subprocess.run([sys.executable, PROGRAM, *args], capture_output=True, text=True,
-                          env={**clean, **env}, timeout=15)
+                          env=clean_env(**env), timeout=15)
+
+
+def test_serve_announces_a_close_that_came_just_before_sigterm_and_logs_no_secret():
+    with receiver_at() as receiver:
+        proc = subprocess.Popen(
+            [sys.executable, PROGRAM, "--host", "127.0.0.1", "--port", "0",
+             "--notify", receiver.url, "--notify-interval", "3600"],
+            stderr=subprocess.PIPE, text=True, env=clean_env())
+        try:
+            lines = [""]
+            while "listening on" not in lines[-1]:  # the startup line; "" at an early exit
+                lines.append(proc.stderr.readline())
+                assert lines[-1], "the server exited before listening: " + "".join(lines)
+            port = int(re.search(r"listening on \S+?:(\d+)", lines[-1]).group(1))
+            assert request("POST", f"http://127.0.0.1:{port}/progress",
+                           {"task_id": "at-exit", "n": 1, "status": "close"})[0] == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log = "".join(lines) + proc.stderr.read()
+        proc.stderr.close()
+        assert [event["task_id"] for event in receiver.events()] == ["at-exit"]
+        assert "http://127.0.0.1:%d/***" % receiver.server.server_address[1] in log
+        assert "SECRET-PATH" not in log
 
 
 def test_show_config_masks_the_webhook_urls():
