@@ -13,12 +13,14 @@ then open http://localhost:8000/ . The wire protocol is documented in README.md
 import argparse
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
 import hmac
 import html.parser
 import http
+import http.client
 import ipaddress
 import json
 import logging
@@ -27,10 +29,14 @@ import operator
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
+import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 
 try:
     import resource  # POSIX: the file descriptor limit
@@ -102,6 +108,8 @@ MAX_TASK_AGE_S = 0.0
 CLEANUP_INTERVAL_S = 1.0
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
+NOTIFY_EVENTS = ("close", "error", "stale")  # what --notify-on may name, and its default
+NOTIFY_INTERVAL_S = 10.0  # default batching window of notifications; --notify-interval
 
 ENV_PREFIX = "PROGRESSISTA_"
 INDEX_FILE = "index.html"
@@ -135,6 +143,11 @@ class Settings:
     ws_compression: bool = False
     store: str = "memory://"
     log_level: str = "info"
+    notify: tuple = ()
+    notify_on: tuple = NOTIFY_EVENTS
+    notify_min_duration: float = 0.0
+    notify_interval: float = NOTIFY_INTERVAL_S
+    notify_name: str = ""
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -153,7 +166,7 @@ class Settings:
         if tokens:
             values["api_tokens"] = tokens
         values.update({key: value for key, value in overrides.items() if value is not None})
-        for key in ("api_tokens", "read_tokens", "allow_origins"):
+        for key in ("api_tokens", "read_tokens", "allow_origins", "notify", "notify_on"):
             if isinstance(values.get(key), str):
                 values[key] = _csv(values[key])
             elif key in values:
@@ -166,6 +179,7 @@ class Settings:
             raise ValueError("read tokens need an API token too: set PROGRESSISTA_API_TOKEN "
                              "(or --api-token) for the senders, and give the read token "
                              "to viewers")
+        _check_notify(values)
         return cls(**values)
 
     def public(self):
@@ -175,6 +189,8 @@ class Settings:
         shown["read_tokens"] = ["***"] * len(self.read_tokens)
         shown["allow_origins"] = list(self.allow_origins)
         shown["store"] = masked_url(self.store)
+        shown["notify"] = [masked_webhook(url) for url in self.notify]
+        shown["notify_on"] = list(self.notify_on)
         return shown
 
 
@@ -236,6 +252,45 @@ def _flag(text):
     raise argparse.ArgumentTypeError(f"must be true or false, not {text}")
 
 
+def _notify_events(text):
+    events = _csv(text) if isinstance(text, str) else tuple(text)
+    for event in events:
+        if event not in NOTIFY_EVENTS:
+            raise argparse.ArgumentTypeError(
+                f"unknown event {event!r}: name one or more of close, error, stale")
+    if not events:  # nothing would ever be sent: without --notify, nothing is
+        raise argparse.ArgumentTypeError("name one or more of close, error, stale")
+    return tuple(dict.fromkeys(events))
+
+
+def masked_webhook(url):
+    """`url` as scheme://host/***: a webhook URL (Slack's, Discord's) is its own secret."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme and parts.netloc:
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/***"
+    return url.split("/", 1)[0] + "/***" if "/" in url else "***"
+
+
+def _check_notify(values):
+    # One place for every source (flags, variables, create_app), and no message shows
+    # more of a URL than masked_webhook(): a mistyped variable must not leak the others.
+    for url in values.get("notify", ()):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port_ok = parts.port is None or parts.port > 0  # a port that is no number raises
+        except ValueError:
+            parts, port_ok = None, False
+        if not port_ok or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--notify / {ENV_PREFIX}NOTIFY: {masked_webhook(url)!r} is not a "
+                             "webhook URL: give http://host/... or https://host/..., like "
+                             "https://hooks.slack.com/services/...")
+    if "notify_on" in values:
+        try:
+            values["notify_on"] = _notify_events(values["notify_on"])
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"--notify-on / {ENV_PREFIX}NOTIFY_ON: {error}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Setting:
     name: str
@@ -274,6 +329,17 @@ SETTINGS_TABLE = (
              "where tasks live: memory://, sqlite:///path/to/file.db or redis://host:6379/0"),
     _Setting("log_level", "LOG_LEVEL", _log_level,
              "debug logs one line per request; info, warning, error"),
+    _Setting("notify", "NOTIFY", _csv,
+             "webhook URL to POST to when a task closes, fails or goes stale (repeatable; "
+             "the variable: comma-separated)"),
+    _Setting("notify_on", "NOTIFY_ON", _notify_events,
+             "which of close, error, stale are notified (comma-separated; default all)"),
+    _Setting("notify_min_duration", "NOTIFY_MIN_DURATION", _seconds,
+             "a task that ran less than this many seconds is not notified; 0 notifies all"),
+    _Setting("notify_interval", "NOTIFY_INTERVAL", _positive_seconds,
+             "seconds of events batched into one message per webhook"),
+    _Setting("notify_name", "NOTIFY_NAME", str,
+             "this server's name in notifications (default: the host name)"),
 )
 
 
@@ -614,6 +680,7 @@ class MemoryStore:
 
     kind = "memory"
     failures = 0  # failed reads and writes of a persistent store, for GET /metrics
+    is_sweeper = True  # the one server on these tasks: it sends the notifications
 
     def __init__(self, max_tasks=MAX_TASKS):
         self.max_tasks = max_tasks
@@ -887,6 +954,7 @@ class RedisStore(MemoryStore):
         self.feed = None
         self.subscriber = None
         self.closing = False
+        self.is_sweeper = False  # holds the sweeper lease (as of the last sweep)
 
     def key(self, task_id):
         return REDIS_PREFIX + "task:" + task_id
@@ -1067,7 +1135,9 @@ class RedisStore(MemoryStore):
         """Mark stale and expire for every server, if this one holds the sweeper lease."""
         try:
             lease_ms = int(max(3 * lifetimes.cleanup_interval, 1.0) * 1000)
-            if not await self.lease_script(keys=[self.lease_key], args=[self.origin, lease_ms]):
+            self.is_sweeper = bool(await self.lease_script(keys=[self.lease_key],
+                                                           args=[self.origin, lease_ms]))
+            if not self.is_sweeper:
                 return [], []
             stale = [task for task in self.by_id.values()
                      if task.shown_status(now, lifetimes.stale_seconds) != task.status]
@@ -1078,6 +1148,7 @@ class RedisStore(MemoryStore):
                 await self.write_and_publish(stale, same_seq_ok=True)
             removed = await self.delete(doomed)
         except self.errors as error:
+            self.is_sweeper = False
             self.went_down(error)
             return [], []
         except HTTPError:  # delete() found Redis down and said so
@@ -1152,6 +1223,428 @@ class Feed:
 def snapshot_message(store, now, stale_after_s):
     tasks = {task.task_id: task.as_dict(now, stale_after_s) for task in store.tasks()}
     return _encode({"type": "snapshot", "tasks": tasks, "now": now})
+
+
+# --- Notifications ---------------------------------------------------------------------
+# When a task closes, fails or goes stale, a message to webhooks. The pure part decides
+# which changes are events and turns a window of them into one message (`Notifier`,
+# `notify_event()`, `notify_message()`); one daemon thread per webhook does the POSTs
+# (`WebhookSender`), so a slow or dead webhook never holds up the event loop or ingest.
+
+NOTIFY_TIMEOUT_S = 10.0  # one POST to a webhook is given up after this long
+NOTIFY_RETRY_INITIAL_S = 1.0  # the first retry waits this long; each next one twice as long
+NOTIFY_RETRY_MAX_S = 60.0  # cap on a retry delay, a 429's Retry-After included
+NOTIFY_ATTEMPTS = 6  # POSTs per message, the first included (about 30 s of retries)
+NOTIFY_QUEUE_MESSAGES = 100  # messages waiting per webhook; past it the oldest is dropped
+NOTIFY_SHUTDOWN_S = 2.0  # how long stop() gives the last messages to go out
+NOTIFY_POLL_S = 0.01  # how often stop() checks whether they have
+NOTIFY_MAX_EVENTS = 1000  # events listed in one message; its `count` has them all
+NOTIFY_MAX_LINES = 20  # event lines in a message's text, then "... and N more"
+NOTIFY_NAME_CHARS = 100  # of a desc or task id in a text line
+NOTIFY_ERROR_CHARS = 300  # of an error in a text line (the event has all of it)
+NOTIFY_READ_BYTES = 1024  # of a webhook's answer: kept only for the log
+NOTIFY_LOG_BODY_CHARS = 200  # of a refusing webhook's answer, in the log
+DISCORD_MAX_CHARS = 2000  # Discord refuses a longer `content`
+NOTIFY_MARKS = {"close": "\u2705", "error": "\u274c", "stale": "\u26a0\ufe0f"}
+ELLIPSIS = "\u2026"
+NOTIFY_USER_AGENT = "progressista/" + __version__
+
+
+def task_duration(task):
+    """Seconds the task ran: the sender's `elapsed` when it sent one, else our own times."""
+    if task.elapsed is not None:
+        return task.elapsed
+    return max(task.updated_at - task.created_at, 0.0)
+
+
+def notify_event(task, event, now):
+    """The JSON-able event for `task`, which just turned `event` (close, error, stale)."""
+    wire = {"event": event, "task_id": task.task_id, "desc": task.desc, "status": event,
+            "n": task.n, "total": task.total, "unit": task.unit,
+            "unit_scale": task.unit_scale, "unit_divisor": task.unit_divisor,
+            "elapsed": task.elapsed, "duration": task_duration(task),
+            "postfix": task.postfix, "meta": task.meta, "updated_at": task.updated_at,
+            "at": now}
+    if event == "error":
+        wire["error"] = task.error
+    return wire
+
+
+def _one_line(text, limit):
+    # Task fields are anyone's text: one line each, so that a message stays one per event.
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + ELLIPSIS
+
+
+def _amount(value, unit_scale, divisor):
+    if unit_scale is True:  # tqdm's SI prefixes: 1.50M
+        for prefix in ("", "k", "M", "G", "T", "P", "E", "Z"):
+            if abs(value) < 999.5:
+                if abs(value) < 99.95:
+                    return f"{value:.2f}{prefix}" if abs(value) < 9.995 else f"{value:.1f}{prefix}"
+                return f"{value:.0f}{prefix}"
+            value /= divisor or 1000
+        return f"{value:.1f}Y"
+    if not isinstance(unit_scale, bool) and unit_scale:  # a number: tqdm multiplies by it
+        value *= unit_scale
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _progress(event):
+    scale, divisor = event.get("unit_scale"), event.get("unit_divisor")
+    done = _amount(event["n"], scale, divisor)
+    if event.get("total") is not None:
+        done += "/" + _amount(event["total"], scale, divisor)
+    return f"{done} {_one_line(event.get('unit') or 'it', NOTIFY_NAME_CHARS)}"
+
+
+def _clock(seconds):
+    # As tqdm shows an elapsed time: 05:07, 1:02:03.
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def _while(seconds):
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _error_summary(error):
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    # A raw traceback says what went wrong on its last line; the client's form, first.
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+
+
+def event_line(event):
+    """One line a person reads, e.g. '(check mark) train (task abc): done 1000/1000 it in
+    1:02:03', '(cross) etl (task x): failed at 50/100 it: KeyError: 'date''."""
+    task_id = _one_line(event["task_id"], NOTIFY_NAME_CHARS)
+    who = f"task {task_id}"
+    if event.get("desc"):
+        who = f"{_one_line(event['desc'], NOTIFY_NAME_CHARS)} ({who})"
+    host = (event.get("meta") or {}).get("host")
+    if isinstance(host, str) and host:
+        who += " on " + _one_line(host, NOTIFY_NAME_CHARS)
+    kind = event["event"]
+    if kind == "close":
+        said = f"done {_progress(event)} in {_clock(event['duration'])}"
+    elif kind == "error":
+        said = f"failed at {_progress(event)}"
+        summary = _error_summary(event.get("error") or "")
+        if summary:
+            said += ": " + _one_line(summary, NOTIFY_ERROR_CHARS)
+    else:
+        silent_s = max(event["at"] - event["updated_at"], 0.0)
+        said = f"stale, no update for {_while(silent_s)} at {_progress(event)}"
+    return f"{NOTIFY_MARKS.get(kind, '')} {who}: {said}"
+
+
+def _slack_escaped(text):
+    # Slack reads <...> as links and mentions (<!channel>): task text must not make one.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _lines_within(lines, unlisted, limit):
+    # Whole lines while they fit, then "... and N more" for the rest.
+    kept = list(lines)
+    while True:
+        more = unlisted + len(lines) - len(kept)
+        text = "\n".join(kept + ([f"{ELLIPSIS} and {more} more"] if more else []))
+        if len(text) <= limit or not kept:
+            return text[:limit]
+        kept.pop()
+
+
+def notify_message(events, server, now, count=None):
+    """The one message for a window of events: `text` for Slack, `content` for Discord,
+    and the events themselves for any other receiver. `count` includes unlisted ones."""
+    count = len(events) if count is None else count
+    lines = [event_line(event) for event in events[:NOTIFY_MAX_LINES]]
+    unlisted = count - len(lines)
+    tail = [f"{ELLIPSIS} and {unlisted} more"] if unlisted else []
+    return {
+        "text": "\n".join(_slack_escaped(line) for line in lines + tail),
+        "content": _lines_within(lines, unlisted, DISCORD_MAX_CHARS),
+        "allowed_mentions": {"parse": []},  # Discord: an '@everyone' in a desc pings nobody
+        "events": list(events),
+        "count": count,
+        "server": server,
+        "now": now,
+    }
+
+
+class Notifier:
+    """Which task changes are events, batched into one message per window (pure, with an
+    injected clock for the windows), handed to the webhook senders.
+
+    Feed it every change with `observe()` and call `tick(now)` often (the broadcast loop
+    does both); `close(now)` sends the current window at once, at shutdown."""
+
+    def __init__(self, notify_on=NOTIFY_EVENTS, min_duration_s=0.0,
+                 interval_s=NOTIFY_INTERVAL_S, server="", senders=(), clock=time.monotonic):
+        self.notify_on = frozenset(notify_on)
+        self.min_duration_s = min_duration_s
+        self.interval_s = interval_s
+        self.server = server
+        self.senders = list(senders)
+        self.clock = clock
+        self.notified_by_id = {}  # task id -> the status last notified for it
+        self.pending_events = []  # the current window's, oldest first
+        self.unlisted = 0  # the window's events past NOTIFY_MAX_EVENTS: only counted
+        self.window_ends_at = None
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The Notifier `settings` ask for, or None without a webhook (then it costs nothing)."""
+        if not settings.notify:
+            return None
+        return cls(settings.notify_on, settings.notify_min_duration, settings.notify_interval,
+                   server=settings.notify_name or socket.gethostname(),
+                   senders=[WebhookSender(url) for url in dict.fromkeys(settings.notify)])
+
+    def seed(self, tasks, now, stale_after_s):
+        """Count what is already closed, failed or stale as notified: a restart over a
+        persistent store does not repeat old news."""
+        for task in tasks:
+            status = task.shown_status(now, stale_after_s)
+            if status in self.notify_on:
+                self.notified_by_id[task.task_id] = status
+
+    def observe(self, changed_ids, removed_ids, store, now, stale_after_s):
+        """Turn changes (the feed's pending ids) into events of the current window."""
+        notified = self.notified_by_id
+        for task_id in removed_ids:  # forgotten with the task: memory stays bounded
+            notified.pop(task_id, None)
+        # With Redis every server sees every change; only the sweeper tells. The others
+        # still keep track, so that a new sweeper does not repeat what was sent.
+        sending = getattr(store, "is_sweeper", True)
+        events = []
+        for task_id in changed_ids:
+            task = store.get(task_id)
+            if task is None:
+                continue
+            status = task.shown_status(now, stale_after_s)
+            if status not in self.notify_on:
+                if status == "running":  # back to life: a later close or stale is news
+                    notified.pop(task_id, None)
+                continue
+            if notified.get(task_id) == status or task_duration(task) < self.min_duration_s:
+                continue
+            notified[task_id] = status
+            if sending:
+                events.append(notify_event(task, status, now))
+        events.sort(key=lambda event: (event["updated_at"], event["task_id"]))  # a set's order
+        for event in events:
+            self.add(event)
+
+    def add(self, event):
+        if self.window_ends_at is None:
+            self.window_ends_at = self.clock() + self.interval_s
+        if len(self.pending_events) < NOTIFY_MAX_EVENTS:
+            self.pending_events.append(event)
+        else:
+            self.unlisted += 1
+
+    def take_message(self, now, flush=False):
+        """The window's message once it has ended (or at once with `flush`), else None."""
+        if self.window_ends_at is None or (not flush and self.clock() < self.window_ends_at):
+            return None
+        message = notify_message(self.pending_events, self.server, now,
+                                 len(self.pending_events) + self.unlisted)
+        self.pending_events, self.unlisted, self.window_ends_at = [], 0, None
+        return message
+
+    def tick(self, now, flush=False):
+        """Queue the window's message for every webhook when it is due; never blocks."""
+        message = self.take_message(now, flush)
+        if message is not None:
+            for sender in self.senders:
+                sender.put(message)
+
+    def start(self, tasks, now, stale_after_s):
+        """Seed from the tasks the store holds and start the sender threads."""
+        self.seed(tasks, now, stale_after_s)
+        for sender in self.senders:
+            sender.start()
+        log.info("notifying %s to %s, at most one message per %g s",
+                 ", ".join(event for event in NOTIFY_EVENTS if event in self.notify_on),
+                 ", ".join(sender.shown_url for sender in self.senders), self.interval_s)
+
+    async def close(self, now, timeout_s=None):
+        """Send the current window now and give the senders a bounded time to deliver."""
+        self.tick(now, flush=True)
+        timeout_s = NOTIFY_SHUTDOWN_S if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while (not all(sender.idle() for sender in self.senders)
+               and time.monotonic() < deadline):
+            await asyncio.sleep(NOTIFY_POLL_S)
+        for sender in self.senders:
+            sender.stop()
+
+
+def retry_delay(attempt, retry_after_s=None):
+    """Seconds to wait after failed attempt number `attempt` (1, 2, ...): doubling, or the
+    webhook's Retry-After, capped at NOTIFY_RETRY_MAX_S."""
+    if retry_after_s is None:
+        retry_after_s = NOTIFY_RETRY_INITIAL_S * 2 ** (attempt - 1)
+    return min(max(retry_after_s, 0.0), NOTIFY_RETRY_MAX_S)
+
+
+def retried(status):
+    """True for an answer worth another try: 408, 429 and 5xx. Any other 4xx (a wrong or
+    revoked URL) and a redirect would fail the same way again."""
+    return status in (408, 429) or status >= 500
+
+
+def _retry_after_s(value):
+    # Seconds only (what Slack and Discord send); an HTTP date falls back to the backoff.
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # urllib would turn a redirected POST into a GET that drops the message: a moved
+    # webhook is an error to fix in the settings, not to follow.
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_webhook_opener = urllib.request.build_opener(_NoRedirects)
+
+
+def post_json(url, body, timeout_s):
+    """POST `body` (JSON bytes) to `url`; return (status, the start of the answer, the
+    Retry-After seconds or None). Network failures raise OSError or HTTPException."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/json", "User-Agent": NOTIFY_USER_AGENT})
+    try:
+        with _webhook_opener.open(request, timeout=timeout_s) as response:
+            answer = response.read(NOTIFY_READ_BYTES)
+            return response.status, answer.decode("utf-8", "replace"), None
+    except urllib.error.HTTPError as error:
+        with error:
+            answer = error.read(NOTIFY_READ_BYTES)
+        return (error.code, answer.decode("utf-8", "replace"),
+                _retry_after_s(error.headers.get("Retry-After")))
+
+
+class WebhookSender:
+    """POSTs messages to one webhook, oldest first, from a daemon thread: `put()` never
+    blocks, a failed POST is retried with backoff, a full queue drops its oldest."""
+
+    def __init__(self, url, post=post_json):
+        self.url = url
+        self.shown_url = masked_webhook(url)  # the URL is the secret: never log it
+        self.post = post
+        self.queue = collections.deque()
+        self.condition = threading.Condition()
+        self.busy = False  # a message is out: taken from the queue, not yet done with
+        self.dropped = 0  # since the last delivery
+        self.outcomes = dict.fromkeys(("sent", "failed", "dropped"), 0)  # for GET /metrics
+        self.failing = False
+        self.stopping = threading.Event()
+        self.thread = None
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name="progressista-notify",
+                                       daemon=True)
+        self.thread.start()
+
+    def put(self, message):
+        """Queue `message` (a JSON-able dict); the oldest goes when the queue is full."""
+        with self.condition:
+            if len(self.queue) >= NOTIFY_QUEUE_MESSAGES:
+                self.queue.popleft()
+                self.outcomes["dropped"] += 1
+                if not self.dropped:
+                    log.warning("webhook %s is behind by %d messages: dropping the oldest "
+                                "until it catches up", self.shown_url, NOTIFY_QUEUE_MESSAGES)
+                self.dropped += 1
+            self.queue.append(message)
+            self.condition.notify()
+
+    def idle(self):
+        with self.condition:
+            return not self.queue and not self.busy
+
+    def stop(self):
+        """End the thread after the message it is sending; what is still queued is lost."""
+        self.stopping.set()
+        with self.condition:
+            self.condition.notify_all()
+
+    def run(self):
+        while True:
+            with self.condition:
+                while not self.queue and not self.stopping.is_set():
+                    self.condition.wait()
+                if self.stopping.is_set():
+                    if self.queue:
+                        log.warning("%d notifications to %s not sent: shutting down",
+                                    len(self.queue), self.shown_url)
+                    return
+                message = self.queue.popleft()
+                self.busy = True
+            delivered = False
+            try:
+                delivered = self.deliver(message)
+            except Exception:  # a dead thread would end every later notification silently
+                log.error("notification to %s failed", self.shown_url, exc_info=True)
+            finally:
+                with self.condition:
+                    self.outcomes["sent" if delivered else "failed"] += 1
+                    self.busy = False
+
+    def deliver(self, message):
+        """POST one message, retrying with backoff; True once the webhook took it."""
+        body = json.dumps(message).encode()
+        for attempt in range(1, NOTIFY_ATTEMPTS + 1):
+            retry_after_s = None
+            try:
+                status, answer, retry_after_s = self.post(self.url, body, NOTIFY_TIMEOUT_S)
+            except (OSError, http.client.HTTPException) as error:
+                reason = f"{type(error).__name__}: {error}"
+            else:
+                if 200 <= status < 300:
+                    self.delivered()
+                    return True
+                reason = f"HTTP {status} {answer[:NOTIFY_LOG_BODY_CHARS]!r}"
+                if not retried(status):
+                    log.error("webhook %s refused a notification (%s); not retrying: check "
+                              "the URL", self.shown_url, reason)
+                    return False
+            if attempt == NOTIFY_ATTEMPTS:
+                break
+            if not self.failing:
+                self.failing = True
+                log.warning("webhook %s failed (%s); retrying with backoff",
+                            self.shown_url, reason)
+            if self.stopping.wait(retry_delay(attempt, retry_after_s)):
+                log.warning("a notification to %s was not delivered (%s): shutting down",
+                            self.shown_url, reason)
+                return False  # stop() waits for nobody
+        log.error("gave up on a notification to %s after %d attempts (%s)",
+                  self.shown_url, attempt, reason)
+        return False
+
+    def delivered(self):
+        if self.failing:
+            self.failing = False
+            log.info("webhook %s takes notifications again", self.shown_url)
+        with self.condition:
+            dropped, self.dropped = self.dropped, 0
+        if dropped:
+            log.warning("%d notifications to %s were dropped while it was behind",
+                        dropped, self.shown_url)
 
 
 # --- Metrics (pure: no I/O) ------------------------------------------------------------
@@ -1257,6 +1750,11 @@ def render_metrics(metrics, gauges):
     lines += _family("progressista_store_errors_total", "counter",
                      "Failed store reads and writes (each is retried or answered 503).",
                      [((), gauges["store_errors"])])
+    lines += _family("progressista_notifications_total", "counter",
+                     "Webhook messages sent, failed (refused or given up) and dropped "
+                     "(queue full), over every webhook.",
+                     [((("outcome", outcome),), count)
+                      for outcome, count in gauges.get("notifications", {}).items()])
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -1885,6 +2383,7 @@ class App:
         self.clock = clock
         self.store = store if store is not None else open_store(settings.store, settings)
         self.feed = Feed()
+        self.notifier = Notifier.from_settings(settings)  # None without --notify
         self.middleware = []
         self.loop = None
         self.server = None
@@ -2153,8 +2652,16 @@ class App:
         gauges = {"tasks_by_status": tasks_by_status, "listeners": len(self.listeners),
                   "connections": len(self.connections), "store_kind": self.store.kind,
                   "store_up": self.store.health().get("ok"),
-                  "store_errors": getattr(self.store, "failures", 0)}
+                  "store_errors": getattr(self.store, "failures", 0),
+                  "notifications": self.notification_outcomes()}
         return Response(200, render_metrics(self.metrics, gauges), METRICS_CONTENT_TYPE)
+
+    def notification_outcomes(self):
+        outcomes = dict.fromkeys(("sent", "failed", "dropped"), 0)
+        for sender in self.notifier.senders if self.notifier is not None else ():
+            for outcome, count in sender.outcomes.items():
+                outcomes[outcome] += count
+        return outcomes
 
     def get_auth(self, request):
         # The dashboard asks, to hide the controls a read-only token may not use.
@@ -2225,6 +2732,10 @@ class App:
     def broadcast(self):
         """Send what changed since the last call to every listener that keeps up."""
         self.cached_snapshot = None  # from here on it would miss what the feed hands out
+        if self.notifier is not None:  # first: the feed is cleared below
+            self.notifier.observe(self.feed.changed_ids, self.feed.removed_ids, self.store,
+                                  self.clock(), self.settings.stale_seconds)
+            self.notifier.tick(self.clock())
         if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
             self.feed.clear()
             return
@@ -2347,6 +2858,8 @@ class App:
         swept = self.sweep()
         if asyncio.iscoroutine(swept):
             await swept
+        if self.notifier is not None:  # after the first sweep: old news is not news
+            self.notifier.start(self.store.tasks(), self.clock(), self.settings.stale_seconds)
         flush = getattr(self.store, "flush", None)
         self.background = [
             self.loop.create_task(self.every(self.settings.broadcast_interval, self.broadcast)),
@@ -2393,6 +2906,8 @@ class App:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
+        if self.notifier is not None:  # a job that closed just before SIGTERM is announced
+            await self.notifier.close(self.clock())
         # Bounded: a task whose store call swallowed the cancel ends at its next turn.
         if self.background:
             await asyncio.wait(self.background, timeout=SHUTDOWN_TIMEOUT_S)
@@ -2492,6 +3007,10 @@ def _add_server_flags(parser):
         if setting.name == "read_tokens":
             parser.add_argument("--read-token", dest="read_tokens", action="append",
                                 help=f"a token that may only view (repeatable); env {env}")
+            continue
+        if setting.name == "notify":  # checked in Settings.from_env, without echoing it
+            parser.add_argument("--notify", dest="notify", action="append", metavar="URL",
+                                help=f"{setting.help} [env {env}]")
             continue
         kind = setting.parse
         parser.add_argument(flag, dest=setting.name, type=kind, default=None,
