@@ -1187,19 +1187,26 @@ class Feed:
     what is pending into at most one remove and one update message."""
 
     def __init__(self):
-        self.changed_ids = set()
+        # A dict as an ordered set: an update message lists tasks in the order they first
+        # changed, so the tasks of one batch arrive in the order they were created.
+        self.changed_ids = {}
         self.removed_ids = set()
 
     def changed(self, task_ids):
-        self.changed_ids.update(task_ids)
-        self.removed_ids.difference_update(task_ids)
+        changed_ids = self.changed_ids
+        for task_id in task_ids:
+            changed_ids[task_id] = None
+        if self.removed_ids:
+            self.removed_ids.difference_update(task_ids)
 
     def removed(self, task_ids):
         self.removed_ids.update(task_ids)
-        self.changed_ids.difference_update(task_ids)
+        changed_ids = self.changed_ids
+        for task_id in task_ids:
+            changed_ids.pop(task_id, None)
 
     def clear(self):
-        self.changed_ids = set()
+        self.changed_ids = {}
         self.removed_ids = set()
 
     def take(self, store, now, stale_after_s):
@@ -3361,8 +3368,8 @@ def default_meter():
 
 def _row_tail(task, status, now):
     if status == "error" and task.get("error"):
-        lines = [line for line in str(task["error"]).splitlines() if line.strip()]
-        return "  " + _printable(lines[0].strip()) if lines else ""
+        summary = _error_summary(task["error"]).strip()  # as the notifications say it
+        return "  " + _printable(summary) if summary else ""
     if status == "stale":
         silent_s = now - _number_or(task.get("updated_at"), now)
         return f"  no update for {_interval(silent_s)}"
@@ -3420,7 +3427,10 @@ def task_matches(task, text_filter=None, status=None):
 def order_tasks(tasks):
     """Unfinished tasks first, in the server's order (oldest created first), so a running
     row stays put; then errors, then done tasks, the most recently finished first."""
-    unfinished = [task for task in tasks if task.get("status") not in FINAL_STATUSES]
+    # Sorted, not taken as they came: an update message lists new tasks in its own order.
+    # The sort is stable, so tasks created together keep the order the server sent.
+    unfinished = sorted((task for task in tasks if task.get("status") not in FINAL_STATUSES),
+                        key=lambda task: _number_or(task.get("created_at"), 0))
     def finished(status):
         return sorted((task for task in tasks if task.get("status") == status),
                       key=lambda task: -_number_or(task.get("updated_at"), 0))
@@ -3491,10 +3501,15 @@ def watch_urls(server):
     """(HTTP base URL, /ws URL) for a server URL; a client URL ending in /progress works.
 
     Raises ValueError when `server` is not an http(s) URL with a host."""
-    parts = urllib.parse.urlsplit(str(server).strip())
+    expected = f"--server {server!r}: expected http(s)://host[:port][/prefix]"
+    try:
+        parts = urllib.parse.urlsplit(str(server).strip())
+        parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError as error:
+        raise ValueError(f"{expected} ({error})") from None
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"--server {server!r}: expected http(s)://host[:port][/prefix]")
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(expected)
     path = parts.path.rstrip("/")
     for suffix in ("/progress", "/ws"):
         if path.endswith(suffix):
@@ -3514,13 +3529,13 @@ def _error_message(body):
     return _printable(" ".join(str(text).split())) or "(no message)"
 
 
-def fetch_tasks(base, headers, status=None, timeout=WATCH_TIMEOUT_S):
+def fetch_tasks(base, headers, timeout=WATCH_TIMEOUT_S):
     """GET /tasks once: the parsed {"tasks": ..., "now": ...}. Raises urllib's errors, or
-    ValueError when the answer is not a task list."""
+    ValueError when the answer is not a task list. Every task, not ?status=: the header
+    counts all of them ("3 tasks of 10"), and --status filters here as in live mode."""
     import urllib.request
 
-    query = "?" + urllib.parse.urlencode({"status": status}) if status in STATUSES else ""
-    request = urllib.request.Request(base + "/tasks" + query, headers=headers)
+    request = urllib.request.Request(base + "/tasks", headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         snapshot = json.loads(response.read())
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("tasks"), dict):
@@ -3689,8 +3704,10 @@ class _Watcher:
 
 def cmd_watch(args):
     try:
-        base, ws_url = watch_urls(args.server or os.environ.get(ENV_PREFIX + "SERVER_URL")
-                                  or WATCH_DEFAULT_SERVER)
+        server = args.server
+        if server is None:
+            server = os.environ.get(ENV_PREFIX + "SERVER_URL") or WATCH_DEFAULT_SERVER
+        base, ws_url = watch_urls(server)
     except ValueError as error:
         print(f"progressista watch: error: {error}", file=sys.stderr)
         return 2
@@ -3730,7 +3747,7 @@ def _watch_once(args, base, headers, screen, ascii):
     import urllib.error
 
     try:
-        snapshot = fetch_tasks(base, headers, args.status)
+        snapshot = fetch_tasks(base, headers)
     except urllib.error.HTTPError as error:
         print(f"progressista watch: {base}/tasks: HTTP {error.code}: "
               f"{_error_message(error.read())}", file=sys.stderr)

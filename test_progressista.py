@@ -1643,6 +1643,16 @@ def test_feed_removal_cancels_a_pending_change():
                                                      "now": 101.0}]
 
 
+def test_feed_update_lists_a_batchs_new_tasks_in_the_order_they_were_created():
+    ids = [f"task-{n:02d}" for n in range(40)][::-1]
+    store = progressista.MemoryStore()
+    feed = progressista.Feed()
+    feed.changed(store.apply([progressista.validate_update({"task_id": task_id})
+                              for task_id in ids], 100.0))
+    (message,) = decoded(feed.take(store, 101.0, 60))
+    assert list(message["tasks"]) == ids == [task.task_id for task in store.tasks()]
+
+
 def test_feed_update_shows_stale_status_as_of_now():
     store = store_with({"task_id": "a"}, now=100.0)
     feed = progressista.Feed()

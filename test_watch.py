@@ -126,6 +126,13 @@ def test_error_row_shows_the_first_line_of_its_error_after_the_bar():
     assert cells(row) == 120
 
 
+def test_error_row_of_a_raw_traceback_shows_its_last_line_the_exception():
+    one = task(status="error", error="Traceback (most recent call last):\n  File \"x.py\", "
+                                     "line 1\nRuntimeError: CUDA out of memory\n")
+    row = progressista.format_row(one, NOW, 120)
+    assert row.endswith("]  RuntimeError: CUDA out of memory")
+
+
 def test_narrow_error_row_keeps_the_bar_and_cuts_the_error():
     one = task(status="error", error="RuntimeError: " + "x" * 200)
     row = progressista.format_row(one, NOW, 90)
@@ -218,6 +225,13 @@ def test_unfinished_tasks_come_first_in_server_order_then_errors_then_done_lates
     assert labels == ["first run", "silent", "last run", "failed", "new done", "old done"]
 
 
+def test_unfinished_tasks_are_in_creation_order_however_an_update_listed_them():
+    listed = {name: task(task_id=name, desc=name, created_at=NOW - age)
+              for name, age in (("second", 5), ("third", 1), ("first", 9))}
+    lines = progressista.render_table(listed, NOW, None, None)
+    assert [line[6:].split(":")[0] for line in lines[1:]] == ["first", "second", "third"]
+
+
 @pytest.mark.parametrize("text", ["RESNET", "host=gpu7", "loss=0.3", "CUDA out", "job-x",
                                   "done"])
 def test_filter_matches_id_description_postfix_error_meta_and_status(text):
@@ -301,7 +315,8 @@ def test_server_url_gives_the_http_base_and_the_feed_url(server, base, ws):
     assert progressista.watch_urls(server) == (base, ws)
 
 
-@pytest.mark.parametrize("server", ["dash:8000", "ftp://dash", "http://", ""])
+@pytest.mark.parametrize("server", ["dash:8000", "ftp://dash", "http://", "",
+                                    "http://127.0.0.1:99999", "http://host:port", "http://[::1"])
 def test_server_url_that_is_not_http_is_refused(server):
     with pytest.raises(ValueError, match="expected http"):
         progressista.watch_urls(server)
@@ -407,6 +422,20 @@ def test_once_with_a_status_shows_only_those_tasks(server):
     assert failed in result.stdout and running not in result.stdout
     rows = result.stdout.splitlines()[1:]
     assert rows and all(row.startswith("error ") for row in rows)
+
+
+def test_once_with_a_status_that_matches_nothing_counts_what_there_is():
+    with running_server() as empty_of_errors:
+        post(empty_of_errors, {"task_id": "a"}, {"task_id": "b", "status": "close"})
+        result = run_watch("--once", "--status", "error", "--server", empty_of_errors.url)
+    assert result.returncode == 0, result.stderr
+    header, body = result.stdout.splitlines()
+    assert "0 tasks of 2" in header and body == "no task matches"
+
+
+def test_an_empty_server_flag_is_refused_not_read_as_the_default():
+    result = run_watch("--once", "--server", "")
+    assert result.returncode == 2 and "--server ''" in result.stderr
 
 
 def test_json_prints_the_filtered_snapshot(server):
