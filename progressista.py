@@ -190,6 +190,7 @@ class Settings:
         shown["allow_origins"] = list(self.allow_origins)
         shown["store"] = masked_url(self.store)
         shown["notify"] = [masked_webhook(url) for url in self.notify]
+        shown["notify_name"] = self.notify_name or socket.gethostname()  # what is sent
         shown["notify_on"] = list(self.notify_on)
         return shown
 
@@ -223,9 +224,9 @@ def _seconds(text):
 
 
 def _positive_seconds(text):
-    value = _seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be a number of seconds > 0, not 0")
+    value = _real(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
     return value
 
 
@@ -253,7 +254,8 @@ def _flag(text):
 
 
 def _notify_events(text):
-    events = _csv(text) if isinstance(text, str) else tuple(text)
+    events = tuple(event.strip().lower()
+                   for event in (_csv(text) if isinstance(text, str) else text))
     for event in events:
         if event not in NOTIFY_EVENTS:
             raise argparse.ArgumentTypeError(
@@ -271,6 +273,9 @@ def masked_webhook(url):
     return url.split("/", 1)[0] + "/***" if "/" in url else "***"
 
 
+WEBHOOK_URL = re.compile(r"[!-~]+\Z")  # printable ASCII: what an HTTP request line can carry
+
+
 def _check_notify(values):
     # One place for every source (flags, variables, create_app), and no message shows
     # more of a URL than masked_webhook(): a mistyped variable must not leak the others.
@@ -284,6 +289,10 @@ def _check_notify(values):
             raise ValueError(f"--notify / {ENV_PREFIX}NOTIFY: {masked_webhook(url)!r} is not a "
                              "webhook URL: give http://host/... or https://host/..., like "
                              "https://hooks.slack.com/services/...")
+        if not WEBHOOK_URL.match(url):  # urllib would refuse it at the first event
+            raise ValueError(f"--notify / {ENV_PREFIX}NOTIFY: {masked_webhook(url)!r} has a "
+                             "space, a control or a non-ASCII character: percent-encode it "
+                             "(a space is %20)")
     if "notify_on" in values:
         try:
             values["notify_on"] = _notify_events(values["notify_on"])
@@ -1528,11 +1537,25 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _webhook_opener = urllib.request.build_opener(_NoRedirects)
 
 
-def post_json(url, body, timeout_s):
+def webhook_target(url):
+    """(the URL to POST to, its extra headers): a user:password@ in the URL becomes Basic
+    authentication, as curl does (urllib would take it for a part of the host name)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, {}
+    credentials = (urllib.parse.unquote(parts.username or "") + ":"
+                   + urllib.parse.unquote(parts.password or ""))
+    netloc = parts.netloc.rpartition("@")[2]
+    return (urllib.parse.urlunsplit(parts._replace(netloc=netloc)),
+            {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()})
+
+
+def post_json(url, body, timeout_s, headers=None):
     """POST `body` (JSON bytes) to `url`; return (status, the start of the answer, the
     Retry-After seconds or None). Network failures raise OSError or HTTPException."""
     request = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": "application/json", "User-Agent": NOTIFY_USER_AGENT})
+        "Content-Type": "application/json", "User-Agent": NOTIFY_USER_AGENT,
+        **(headers or {})})
     try:
         with _webhook_opener.open(request, timeout=timeout_s) as response:
             answer = response.read(NOTIFY_READ_BYTES)
@@ -1549,7 +1572,7 @@ class WebhookSender:
     blocks, a failed POST is retried with backoff, a full queue drops its oldest."""
 
     def __init__(self, url, post=post_json):
-        self.url = url
+        self.url, self.headers = webhook_target(url)
         self.shown_url = masked_webhook(url)  # the URL is the secret: never log it
         self.post = post
         self.queue = collections.deque()
@@ -1579,6 +1602,13 @@ class WebhookSender:
             self.queue.append(message)
             self.condition.notify()
 
+    def without_secret(self, text):
+        # An error message may quote the URL or its path, which are the secret.
+        parts = urllib.parse.urlsplit(self.url)
+        secret_path = parts.path + ("?" + parts.query if parts.query else "")
+        text = text.replace(self.url, self.shown_url)
+        return text.replace(secret_path, "/***") if len(secret_path) > 1 else text
+
     def idle(self):
         with self.condition:
             return not self.queue and not self.busy
@@ -1596,7 +1626,7 @@ class WebhookSender:
                     self.condition.wait()
                 if self.stopping.is_set():
                     if self.queue:
-                        log.warning("%d notifications to %s not sent: shutting down",
+                        log.warning("%d notification(s) to %s not sent: shutting down",
                                     len(self.queue), self.shown_url)
                     return
                 message = self.queue.popleft()
@@ -1617,9 +1647,10 @@ class WebhookSender:
         for attempt in range(1, NOTIFY_ATTEMPTS + 1):
             retry_after_s = None
             try:
-                status, answer, retry_after_s = self.post(self.url, body, NOTIFY_TIMEOUT_S)
+                status, answer, retry_after_s = self.post(self.url, body, NOTIFY_TIMEOUT_S,
+                                                          self.headers)
             except (OSError, http.client.HTTPException) as error:
-                reason = f"{type(error).__name__}: {error}"
+                reason = self.without_secret(f"{type(error).__name__}: {error}")
             else:
                 if 200 <= status < 300:
                     self.delivered()
@@ -1650,7 +1681,7 @@ class WebhookSender:
         with self.condition:
             dropped, self.dropped = self.dropped, 0
         if dropped:
-            log.warning("%d notifications to %s were dropped while it was behind",
+            log.warning("%d notification(s) to %s were dropped while it was behind",
                         dropped, self.shown_url)
 
 

@@ -6,6 +6,7 @@ it go. The pure parts (events, message text, the Notifier's detection and window
 backoff) are tested with an injected clock; the settings through the command line.
 """
 
+import base64
 import contextlib
 import http.server
 import json
@@ -416,6 +417,45 @@ def test_notify_url_that_is_not_http_is_a_clear_error_that_keeps_the_secret(args
     assert "XXXXSECRET" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hooks/XXXX SECRET",
+                                 "http://127.0.0.1:9/hooks/XXXXSECRET\x01",
+                                 "http://127.0.0.1:9/hooks/XXXXSECRET\u00e9"])
+def test_notify_url_urllib_cannot_send_is_refused_at_startup_not_at_the_first_event(url):
+    result = run_cli("show-config", PROGRESSISTA_NOTIFY=url)
+    assert result.returncode == 2
+    assert "percent-encode it" in result.stderr and "XXXX" not in result.stderr
+
+
+def test_webhook_url_with_user_and_password_is_posted_with_basic_auth():
+    with receiver_at() as receiver:
+        url = receiver.url.replace("http://", "http://bot:p%40ss@")
+        with running_server(notify=[url], notify_interval=0.05,
+                            broadcast_interval=0.02) as server:
+            post(server, {"task_id": "authed", "status": "close"})
+            wait_for(lambda: events_for(receiver, "authed"), message="the message")
+        headers = receiver.attempts[0][2]
+        assert headers["Authorization"] == "Basic " + base64.b64encode(b"bot:p@ss").decode()
+
+
+def test_a_failure_quoting_the_url_is_logged_without_its_secret(monkeypatch, caplog):
+    monkeypatch.setattr(progressista, "NOTIFY_ATTEMPTS", 1)
+
+    def refusing(url, body, timeout_s, headers):
+        raise OSError(f"cannot open {url} (path /hooks/T0/XXXXSECRET)")
+
+    sender = progressista.WebhookSender("https://hooks.example/hooks/T0/XXXXSECRET",
+                                        post=refusing)
+    assert sender.deliver({"text": "x"}) is False
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "https://hooks.example/***" in logged and "XXXXSECRET" not in logged
+
+
+def test_notify_on_is_not_case_sensitive():
+    result = run_cli("show-config", "--notify-on", "CLOSE, Error")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["notify_on"] == ["close", "error"]
+
+
 @pytest.mark.parametrize("args, env", [
     (("--notify-on", "close,finish"), {}),
     ((), {"PROGRESSISTA_NOTIFY_ON": "finish"}),
@@ -645,7 +685,7 @@ def test_sender_gives_up_after_its_attempts_and_goes_on_with_the_next(monkeypatc
     monkeypatch.setattr(progressista, "NOTIFY_RETRY_INITIAL_S", 0.0)
     calls = []
 
-    def failing_post(url, body, timeout_s):
+    def failing_post(url, body, timeout_s, headers):
         calls.append(json.loads(body)["index"])
         if calls[-1] == 0:
             raise ConnectionRefusedError("refused")
