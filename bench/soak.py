@@ -255,7 +255,8 @@ def memory_verdict(samples, ready_at_s, plan):
         result["why"] = (f"too short: the working set is reached at {working_set_from_s:.0f} s, "
                          f"the load ends at {plan.clients_stop_s:.0f} s")
         return result
-    working = [rss for at, rss in samples if working_set_from_s <= at < working_set_from_s + window_s]
+    working_set_to_s = working_set_from_s + window_s
+    working = [rss for at, rss in samples if working_set_from_s <= at < working_set_to_s]
     end = [rss for at, rss in samples if end_from_s <= at < plan.clients_stop_s]
     if not working or not end:
         result["verdict"] = "FAIL"
@@ -562,6 +563,7 @@ class DropProxy:
         self.upstream_port = upstream_port
         self.dropping = False
         self.pairs = set()
+        self.handlers = set()  # the task of every connection still being handled
         self.server = None
         self.port = None
         self.proxied = self.refused = self.cut = self.upstream_failures = 0
@@ -572,8 +574,14 @@ class DropProxy:
         return self
 
     async def close(self):
-        self.drop(True)
+        """Stop listening, cut every connection, and wait for their handlers to end."""
         self.server.close()
+        self.drop(True)
+        if self.handlers:
+            _, pending = await asyncio.wait(self.handlers, timeout=PROXY_CONNECT_TIMEOUT_S + 1)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await self.server.wait_closed()
 
     def drop(self, dropping):
@@ -586,6 +594,16 @@ class DropProxy:
             self.pairs.clear()
 
     async def handle(self, reader, writer):
+        task = asyncio.current_task()
+        self.handlers.add(task)
+        try:
+            await self.forward(reader, writer)
+        except asyncio.CancelledError:  # close() gave up on it: end quietly, it is cut
+            writer.transport.abort()
+        finally:
+            self.handlers.discard(task)
+
+    async def forward(self, reader, writer):
         if self.dropping:
             self.refused += 1
             _reset(writer)
@@ -607,8 +625,8 @@ class DropProxy:
         self.pairs.add(pair)
         self.proxied += 1
         try:
-            await asyncio.wait_for(asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer)),
-                                   PROXY_CONNECTION_MAX_S)
+            both_ways = asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.wait_for(both_ways, PROXY_CONNECTION_MAX_S)
         except (OSError, asyncio.TimeoutError):
             pass
         finally:
@@ -769,6 +787,10 @@ class Run:
     async def go(self):
         """The whole run; returns the figures (a dict)."""
         args, plan = self.args, self.plan
+        # Ctrl-C and SIGTERM cancel the run: the finally blocks end what it started.
+        loop, run = asyncio.get_running_loop(), asyncio.current_task()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, run.cancel)
         self.server.start()
         await self.server.wait_ready()
         proxy = await DropProxy(self.server.port).start()
@@ -850,8 +872,8 @@ class Run:
             "lost_after_seen": verdict["lost_after_seen"][:MISSING_SHOWN],
             "missing_count": len(verdict["missing"]),
             "missing": verdict["missing"][:MISSING_SHOWN],
-            "missing_acknowledged": sum(1 for item in verdict["missing"] + verdict["lost_after_seen"]
-                                        if item["acknowledged"]),
+            "missing_acknowledged": sum(1 for item in verdict["missing"]
+                                        + verdict["lost_after_seen"] if item["acknowledged"]),
             "client_errors": len(client_errors), "client_error_examples": client_errors[:5],
             "client_warnings": sum(result["warnings"] for result in results),
             "workers_not_flushed": sum(1 for result in results if not result["flushed"]),
@@ -909,6 +931,7 @@ def _count(value):
 def format_report(figures):
     """The human table of a run's figures."""
     rss, memory = figures["rss_kib"], figures["memory"]
+    drop_start_s, drop_end_s = figures["drop_window_s"]
     seen = figures["states_seen_per_listener"]
     rows = [
         ("duration", f"{figures['duration_s']:g} s (wall {figures['wall_s']:g} s), retention "
@@ -934,7 +957,7 @@ def format_report(figures):
         ("  of those, acknowledged (HTTP 200)", f"{figures['missing_acknowledged']}"),
         ("client errors raised into the job", f"{figures['client_errors']} (client warnings "
                                               f"logged: {figures['client_warnings']})"),
-        ("proxy drop window", f"{figures['drop_window_s'][0]:g} - {figures['drop_window_s'][1]:g} s: "
+        ("proxy drop window", f"{drop_start_s:g} - {drop_end_s:g} s: "
                               f"{figures['connections_refused']:,} connections reset, "
                               f"{figures['connections_cut']} cut; "
                               f"{figures['upstream_failures']:,} reset while the server was down"),
@@ -1014,8 +1037,6 @@ def main(argv=None):
         return run_worker(json.loads(args.worker))
     if args.seed is None:
         args.seed = random.randrange(1 << 30)
-    # SIGTERM ends the run as Ctrl-C does: through the finally below.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = tempfile.mkdtemp(prefix="progressista-soak-")
     run = Run(args, workdir)
     figures = None
@@ -1023,6 +1044,8 @@ def main(argv=None):
         figures = asyncio.run(run.go())
     except (RuntimeError, OSError) as error:  # a server that would not start, and the like
         print(f"soak: {error}", file=sys.stderr)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("soak: interrupted; every process it started is ended", file=sys.stderr)
     finally:
         end_started_processes()
         if figures is not None and figures["pass"] and not args.keep:
