@@ -87,6 +87,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --- Settings ------------------------------------------------------------------------
 
 DEFAULT_DURATION_S = 60.0
+MIN_DURATION_S = 10.0                   # shorter, the phases would overlap
+MAX_DURATION_S = 24 * 3600.0            # bounded, whatever is typed
 DEFAULT_PROCESSES = 8
 DEFAULT_BARS_PER_PROCESS = 40           # 8 x 40 = 320 bars alive at a time
 DEFAULT_LISTENERS = 3
@@ -432,6 +434,15 @@ def _die_with_parent():
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def clean_environment(**settings):
+    """This process's environment without PROGRESSISTA_* variables (a token or a store
+    set in the shell must not change the run), plus `settings`."""
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith("PROGRESSISTA_")}
+    environment.update(settings)
+    return environment
+
+
 def spawn(command, **kwargs):
     process = subprocess.Popen(command, preexec_fn=_die_with_parent, **kwargs)
     _started.append(process)
@@ -502,7 +513,7 @@ class ServerProcess:
             log_file.write(f"--- start {self.starts + 1}\n")
             log_file.flush()
             self.process = spawn(self.command, stdin=subprocess.DEVNULL, stdout=log_file,
-                                 stderr=subprocess.STDOUT, cwd=ROOT)
+                                 stderr=subprocess.STDOUT, cwd=ROOT, env=clean_environment())
         self.starts += 1
 
     @property
@@ -709,9 +720,8 @@ class Run:
                 await asyncio.wait_for(stop.wait(), MEMORY_SAMPLE_INTERVAL_S)
 
     def start_workers(self, proxy_port):
-        env = dict(os.environ, PROGRESSISTA_SERVER_URL=f"http://127.0.0.1:{proxy_port}",
-                   PROGRESSISTA_FLUSH_TIMEOUT=f"{WORKER_FLUSH_TIMEOUT_S:g}")
-        env.pop("PROGRESSISTA_API_TOKEN", None)
+        env = clean_environment(PROGRESSISTA_SERVER_URL=f"http://127.0.0.1:{proxy_port}",
+                                PROGRESSISTA_FLUSH_TIMEOUT=f"{WORKER_FLUSH_TIMEOUT_S:g}")
         stop_at = time.time() + self.plan.clients_stop_s - self.now()
         for index in range(self.args.processes):
             config = {"process": index, "bars": self.args.bars, "seed": self.args.seed,
@@ -996,11 +1006,15 @@ def format_report(figures):
 # --- Command line ----------------------------------------------------------------------
 
 
-def _positive(kind):
+def _within(kind, minimum, maximum=10_000, why=""):
     def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be from {minimum:g} to {maximum:g}{why}, not {text}")
         return value
     return parse
 
@@ -1009,14 +1023,16 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0].replace("\n", " "),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=_positive(float), default=DEFAULT_DURATION_S,
+    parser.add_argument("--duration", default=DEFAULT_DURATION_S,
+                        type=_within(float, MIN_DURATION_S, MAX_DURATION_S,
+                                     " (shorter, the phases would overlap)"),
                         help="seconds of load; every phase scales with it (default 60)")
-    parser.add_argument("--processes", type=_positive(int), default=DEFAULT_PROCESSES,
+    parser.add_argument("--processes", type=_within(int, 1), default=DEFAULT_PROCESSES,
                         help=f"client processes (default {DEFAULT_PROCESSES})")
-    parser.add_argument("--bars", type=_positive(int), default=DEFAULT_BARS_PER_PROCESS,
+    parser.add_argument("--bars", type=_within(int, 1), default=DEFAULT_BARS_PER_PROCESS,
                         help="bars run at a time in each process, one thread each "
                              f"(default {DEFAULT_BARS_PER_PROCESS})")
-    parser.add_argument("--listeners", type=_positive(int), default=DEFAULT_LISTENERS,
+    parser.add_argument("--listeners", type=_within(int, 1), default=DEFAULT_LISTENERS,
                         help=f"/ws listeners (default {DEFAULT_LISTENERS})")
     parser.add_argument("--kill-signal", choices=("KILL", "TERM"), default="KILL",
                         help="how the server is stopped mid-run: KILL (a crash, the default) "
