@@ -3,7 +3,7 @@ listeners, the server killed and restarted on its SQLite store, and a proxy that
 the clients' connections for a while. Nothing may be lost.
 
     python bench/soak.py [--duration 60] [--processes 8] [--bars 40] [--listeners 3]
-                         [--kill-signal KILL|TERM] [--seed N] [--json]
+                         [--kill-signal KILL|TERM] [--seed N] [--json] [--keep]
 
 What runs (127.0.0.1 only; every process it starts is ended by its PID, on Ctrl-C and on
 an exception too, and dies with this script if it is killed):
@@ -19,7 +19,10 @@ an exception too, and dies with this script if it is killed):
   so that PROCESSES x BARS bars are alive at any moment. Most bars end normally (``close``,
   n == total); about one in ten raises inside its ``with tqdm(...)`` block (final state
   ``error``, n = the steps done). Anything else that escapes into the job is a client
-  error, and must not happen. Each worker wraps the client's HTTP function (only to count
+  error, and must not happen. Each thread draws its bars at its own fixed ``position``,
+  as tqdm advises for threads: with automatic positions, tqdm's own close() can reach a
+  bar that another thread is still constructing and raise AttributeError ('sp'), plain
+  tqdm included (tqdm 4.70 on a busy machine). Each worker wraps the client's HTTP function (only to count
   the states it posts and the final states the server acknowledged) and writes its
   figures to a JSON file at the end;
 - LISTENERS WebSocket clients on /ws (the ``websockets`` package), each reconnecting
@@ -45,8 +48,8 @@ checked as the listeners see them, not only at the end:
 - a final state is *found* when a listener saw that task with the expected status and n,
   or GET /tasks at the end shows it so;
 - it is *lost after it was seen* when a listener saw it and later saw the same task
-  non-final again (the restarted server loaded an older state from its file): then the
-  store, and every dashboard, shows the bar as running for ever;
+  non-final again (the restarted server loaded an older state from its file): the
+  server then shows the bar running, later stale, and never removes it;
 - every other expected final is *missing*; the report names up to 10 of each, and says
   whether the server had acknowledged it (HTTP 200) to the client.
 
@@ -59,7 +62,9 @@ the same length of time from the working-set point. A run too short to hold both
 (under about 40 s) prints the figures and "n/a" instead of a verdict.
 
 Prints a table (and with --json, the figures as one JSON object on the last line) and
-exits 0 when everything passed, 1 otherwise. Wall time: about D plus 5-15 s.
+exits 0 when everything passed, 1 otherwise (2 for a bad flag). Wall time: about D (the
+load ends at 0.85 D; the last bars, the flush, the checks and the shutdown take the rest),
+and never more than D + WORKER_EXIT_GRACE_S + SETTLE_S + a few stop timeouts.
 """
 
 import argparse
