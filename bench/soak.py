@@ -22,9 +22,9 @@ an exception too, and dies with this script if it is killed):
   error, and must not happen. Each thread draws its bars at its own fixed ``position``,
   as tqdm advises for threads: with automatic positions, tqdm's own close() can reach a
   bar that another thread is still constructing and raise AttributeError ('sp'), plain
-  tqdm included (tqdm 4.70 on a busy machine). Each worker wraps the client's HTTP function (only to count
-  the states it posts and the final states the server acknowledged) and writes its
-  figures to a JSON file at the end;
+  tqdm included (tqdm 4.70 on a busy machine). Each worker wraps the client's HTTP
+  function (only to count the states it posts and the final states the server
+  acknowledged) and writes its figures to a JSON file at the end;
 - LISTENERS WebSocket clients on /ws (the ``websockets`` package), each reconnecting
   after the restart, recording every final state it sees.
 
@@ -62,9 +62,9 @@ the same length of time from the working-set point. A run too short to hold both
 (under about 40 s) prints the figures and "n/a" instead of a verdict.
 
 Prints a table (and with --json, the figures as one JSON object on the last line) and
-exits 0 when everything passed, 1 otherwise (2 for a bad flag). Wall time: about D (the
-load ends at 0.85 D; the last bars, the flush, the checks and the shutdown take the rest),
-and never more than D + WORKER_EXIT_GRACE_S + SETTLE_S + a few stop timeouts.
+exits 0 when everything passed, 1 otherwise (2 for a bad flag). Wall time: about 0.9 D
+(the load ends at 0.85 D, then the last bars, the flush, the checks and the shutdown: a
+few seconds), and never more than D + WORKER_EXIT_GRACE_S + SETTLE_S + a few stop timeouts.
 """
 
 import argparse
