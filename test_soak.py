@@ -217,8 +217,14 @@ def start_server(port, db_path, *flags):
             return http("GET", f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200
         except OSError:
             return server.poll() is not None  # let it fail below, not time out
-    wait_for(answers, timeout=10, interval=0.05, message="the server to answer /health")
-    assert server.poll() is None, "the server exited at start"
+    try:
+        wait_for(answers, timeout=10, interval=0.05, message="the server to answer /health")
+        assert server.poll() is None, "the server exited at start"
+    except BaseException:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        raise
     return server
 
 
