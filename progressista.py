@@ -728,6 +728,11 @@ class MemoryStore:
         return list(self.by_id.values())
 
     def delete(self, task_ids):
+        return self.forget(task_ids)
+
+    def forget(self, task_ids):
+        """Drop `task_ids`; return the ones the store held. delete() is what a user
+        asked for; forget() also serves the sweep."""
         by_id = self.by_id
         return [task_id for task_id in task_ids if by_id.pop(task_id, None) is not None]
 
@@ -741,7 +746,7 @@ class MemoryStore:
             elif task.shown_status(now, stale_after_s) != task.status:
                 task.status = "stale"
                 stale_ids.append(task.task_id)
-        self.delete(removed_ids)
+        self.forget(removed_ids)
         return stale_ids, removed_ids
 
     def health(self):
@@ -767,8 +772,9 @@ class SqliteStore(MemoryStore):
 
     Reads are served from memory. Changes are marked dirty and written by `flush()`, once
     per broadcast interval, in one transaction on a writer thread: the loop never waits
-    on the disk. A request carrying a final state (close, error) is answered once it is
-    written. After a restart the lifetimes go on from the stored times."""
+    on the disk. A request carrying a final state (close, error), and a DELETE, is
+    answered once it is written. After a restart the lifetimes go on from the stored
+    times."""
 
     kind = "sqlite"
 
@@ -823,12 +829,18 @@ class SqliteStore(MemoryStore):
         await asyncio.get_running_loop().run_in_executor(self.writer, int)
         return changed
 
-    def delete(self, task_ids):
-        removed = super().delete(task_ids)
+    def forget(self, task_ids):
+        removed = super().forget(task_ids)
         self.deleted_ids.update(removed)
         for task_id in removed:
             self.dirty_ids.pop(task_id, None)
         return removed
+
+    def delete(self, task_ids):
+        removed = self.forget(task_ids)
+        # Answered once written, as final states are: a crash must not bring back what a
+        # user cleared. (An expiry by the sweep needs no wait: it would expire again.)
+        return self.written(removed) if removed else removed
 
     def sweep(self, now, lifetimes):
         stale_ids, removed_ids = super().sweep(now, lifetimes)

@@ -363,6 +363,23 @@ def test_sqlite_acknowledged_final_state_survives_a_kill_9(db_url):
     assert (tasks["failed"]["status"], tasks["failed"]["error"]) == ("error", "boom")
 
 
+def test_sqlite_answered_delete_survives_a_kill_9(db_url):
+    from test_progressista import cli_server
+
+    args = ("--host", "127.0.0.1", "--port", "0", "--store", db_url)
+    with cli_server(*args) as server:
+        post(server, [{"task_id": "kept", "status": "close"},
+                      {"task_id": "cleared", "status": "close"},
+                      {"task_id": "cleared-too", "status": "error"}])
+        assert http("DELETE", server.url + "/tasks/cleared")[1] == {"removed": True}
+        assert http("DELETE", server.url + "/tasks?status=error")[1] == {
+            "removed": ["cleared-too"]}
+        server.proc.kill()  # SIGKILL, within the broadcast interval of the deletes
+        server.proc.wait()
+    with cli_server(*args) as server:
+        assert sorted(tasks_of(server)) == ["kept"]
+
+
 def test_sqlite_write_failure_shows_in_health_and_loses_nothing(db_url, monkeypatch):
     path = db_url[len("sqlite://"):]
     failures = []
