@@ -3185,6 +3185,8 @@ def cmd_serve(args):
     logging.basicConfig(level=logging.INFO if level == "DEBUG" else level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(level)  # debug is for our request lines, not asyncio's internals
+    # Frames stay out of debug (see ws_log), but warning and above quiets them too.
+    ws_log.setLevel(max(logging.INFO, logging.getLevelName(level)))
     try:
         app = App(settings)
     except StoreError as error:

@@ -2008,6 +2008,34 @@ def test_cli_debug_log_has_one_line_per_request_and_never_the_token():
     assert len(re.findall(r"GET /ws\?token=\S* 101", log_text)) == 1
 
 
+def test_cli_warning_log_level_quiets_the_websocket_lines_too():
+    with socket.socket() as probe:  # no startup line to read the port from at this level
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, PROGRAM, "--host", "127.0.0.1", "--port",
+                               str(port), "--log-level", "warning"], env=clean_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(url + "/health"), timeout=10, message="the server")
+        with ws_connect(f"ws://127.0.0.1:{port}/ws", proxy=None) as ws:
+            ws.recv(timeout=3)
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0 and stderr == ""
+
+
+def _answers(url):
+    try:
+        return http("GET", url, timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_cli_signal_exits_0_promptly_and_frees_the_port(signum):
     with cli_server("--host", "127.0.0.1", "--port", "0") as server:
