@@ -1467,7 +1467,9 @@ class Notifier:
             notified[task_id] = status
             if sending:
                 events.append(notify_event(task, status, now))
-        events.sort(key=lambda event: (event["updated_at"], event["task_id"]))  # a set's order
+        # The feed lists tasks in the order they first changed; the sort is stable, so the
+        # events of one request keep the order the sender gave them.
+        events.sort(key=lambda event: event["updated_at"])
         for event in events:
             self.add(event)
 
@@ -1513,6 +1515,9 @@ class Notifier:
                and time.monotonic() < deadline):
             await asyncio.sleep(NOTIFY_POLL_S)
         for sender in self.senders:
+            if not sender.idle():  # a webhook that does not answer: say what it misses
+                log.warning("shutting down with notifications to %s not delivered: it did "
+                            "not answer within %g s", sender.shown_url, timeout_s)
             sender.stop()
 
 
@@ -3056,7 +3061,8 @@ def _add_server_flags(parser):
             continue
         if setting.name == "read_tokens":
             parser.add_argument("--read-token", dest="read_tokens", action="append",
-                                help=f"a token that may only view (repeatable); env {env}")
+                                help=f"a token that may only view (repeatable; needs an "
+                                     f"API token too); env {env}")
             continue
         if setting.name == "notify":  # checked in Settings.from_env, without echoing it
             parser.add_argument("--notify", dest="notify", action="append", metavar="URL",

@@ -291,7 +291,7 @@ def test_stop_sends_the_pending_window():
         assert [event["task_id"] for event in receiver.events()] == ["last-words"]
 
 
-def test_stop_does_not_wait_for_a_hung_webhook(monkeypatch):
+def test_stop_does_not_wait_for_a_hung_webhook_and_says_what_it_misses(monkeypatch, caplog):
     monkeypatch.setattr(progressista, "NOTIFY_SHUTDOWN_S", 0.2)
     with receiver_at(hold=True) as receiver:
         try:
@@ -302,6 +302,16 @@ def test_stop_does_not_wait_for_a_hung_webhook(monkeypatch):
             assert server.app.server is None
         finally:
             receiver.release.set()
+    assert any("not delivered: it did not answer within 0.2 s" in record.getMessage()
+               and "SECRET-PATH" not in record.getMessage() for record in caplog.records)
+
+
+def test_events_of_one_request_keep_the_order_the_sender_gave_them():
+    ids = [f"bulk{n}" for n in range(1, 26)]
+    with receiver_at() as receiver, notifying(receiver) as server:
+        post(server, [{"task_id": task_id, "status": "close"} for task_id in ids])
+        message = wait_for(receiver.messages, message="the batch's message")[0]
+    assert [event["task_id"] for event in message["events"]] == ids
 
 
 def test_no_notifier_without_a_webhook():
