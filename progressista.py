@@ -3562,12 +3562,19 @@ def watch_urls(server):
     if scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(expected)
     path = parts.path.rstrip("/")
-    for suffix in ("/progress", "/ws"):
+    # The client's URL, the feed's, or the dashboard's link (what people share) all work.
+    for suffix in ("/progress", "/ws", "/static/" + INDEX_FILE):
         if path.endswith(suffix):
             path = path[:-len(suffix)]
     base = urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
     ws_scheme = "wss" if scheme == "https" else "ws"
     return base, urllib.parse.urlunsplit((ws_scheme, parts.netloc, path + "/ws", "", ""))
+
+
+def token_in_url(server):
+    """The ?token= of a server URL, as a shared dashboard link carries it, or None."""
+    query = urllib.parse.urlsplit(str(server).strip()).query
+    return urllib.parse.parse_qs(query).get("token", [None])[0]
 
 
 def _error_message(body):
@@ -3762,7 +3769,7 @@ def cmd_watch(args):
     except ValueError as error:
         print(f"progressista watch: error: {error}", file=sys.stderr)
         return 2
-    token = args.token or os.environ.get(ENV_PREFIX + "API_TOKEN")
+    token = args.token or token_in_url(server) or os.environ.get(ENV_PREFIX + "API_TOKEN")
     headers = {"User-Agent": f"progressista-watch/{__version__}"}
     if token:
         headers["Authorization"] = f"Bearer {token}"

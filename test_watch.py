@@ -310,6 +310,8 @@ def test_feed_message_of_unknown_kind_changes_nothing():
     ("https://example.org/prog/progress?x=1", "https://example.org/prog",
      "wss://example.org/prog/ws"),
     ("ws://dash:8000/ws", "http://dash:8000", "ws://dash:8000/ws"),
+    ("http://dash:8000/static/index.html?token=t&q=x", "http://dash:8000",
+     "ws://dash:8000/ws"),
 ])
 def test_server_url_gives_the_http_base_and_the_feed_url(server, base, ws):
     assert progressista.watch_urls(server) == (base, ws)
@@ -467,6 +469,15 @@ def test_once_with_the_token_from_the_environment_is_let_in():
                            env=clean_env(PROGRESSISTA_API_TOKEN=TOKEN))
         assert result.returncode == 0, result.stderr
         assert "guarded-task" in result.stdout
+
+
+@pytest.mark.parametrize("path", ["/", "/static/index.html"])
+def test_a_shared_dashboard_link_with_its_token_lets_watch_in(path):
+    with running_server(api_tokens=[TOKEN], read_tokens=["viewer"]) as guarded:
+        post(guarded, {"task_id": "shared-task"}, token=TOKEN)
+        result = run_watch("--once", "--server", f"{guarded.url}{path}?token=viewer")
+    assert result.returncode == 0, result.stderr
+    assert "shared-task" in result.stdout
 
 
 def test_once_without_the_token_exits_1_with_the_servers_message():
