@@ -3443,6 +3443,8 @@ def format_row(task, now, width=None, *, meter=None, ascii=False):
     fields["prefix"] = _fit(fields["prefix"], max(MIN_LABEL_CELLS, room // 2))
     if not fields["has_bar"]:  # nothing to stretch: the text as it is, cut below
         return _fit(column + meter(fields, None) + tail, width)
+    if tail and fields["postfix"] and _cells(meter(fields, None)) + _cells(tail) > room:
+        fields["postfix"] = None  # why a task stopped matters more than its last postfix
     natural = _cells(meter(fields, None))
     # The bar fills the row; for a tail, it shrinks towards its natural width first.
     ncols = room - _cells(tail) if room - _cells(tail) >= natural else min(room, natural)

@@ -141,6 +141,14 @@ def test_narrow_error_row_keeps_the_bar_and_cuts_the_error():
     assert row.endswith("…") and "RuntimeError" in row
 
 
+def test_narrow_error_row_gives_up_the_postfix_before_the_error():
+    one = task(status="error", error="KeyError: 'date'", postfix="loss=0.0123, lr=3e-4")
+    assert "loss=" in progressista.format_row(one, NOW, 200)
+    row = progressista.format_row(one, NOW, 75)
+    assert row.endswith("]  KeyError: 'date'") and "loss=" not in row
+    assert cells(row) <= 75
+
+
 def test_done_row_says_done_with_no_time_left():
     row = progressista.format_row(task(status="close", n=60), NOW, None)
     assert row.startswith("done  train:  60%|")
