@@ -570,7 +570,8 @@ class WatchProcess:
         chunks = self.output.split("\x1b[J")[1:-1]
         return [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", chunk).split("\n") for chunk in chunks]
 
-    def wait_frame(self, condition, message, timeout=4):
+    # Deadlines, not waits: generous, since CI's two cores may be busy with other tests.
+    def wait_frame(self, condition, message, timeout=10):
         """The latest complete frame, once one satisfies `condition`."""
         def latest():
             frames = self.frames()
@@ -579,7 +580,7 @@ class WatchProcess:
             return frames[-1] if frames and condition(frames[-1]) else None
         return wait_for(latest, timeout, message=message)
 
-    def wait_output(self, text, timeout=4):
+    def wait_output(self, text, timeout=10):
         return wait_for(lambda: text in self.output, timeout, message=repr(text))
 
     def stop(self, signum=signal.SIGINT):
@@ -587,9 +588,9 @@ class WatchProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
         try:
-            return self.proc.wait(5)
+            return self.proc.wait(10)
         finally:
-            self.reader.join(2)
+            self.reader.join(10)
 
     def close(self):
         if self.proc.poll() is None:
@@ -705,8 +706,8 @@ def test_watch_with_the_token_in_a_header_is_let_in(watching):
 def test_watch_refused_for_its_token_exits_1_with_the_servers_message(watching):
     with running_server(api_tokens=[TOKEN]) as guarded:
         watch = watching("--server", guarded.url, "--token", "wrong", pty_size=(20, 100))
-        assert watch.proc.wait(5) == 1
-    watch.reader.join(2)
+        assert watch.proc.wait(10) == 1
+    watch.reader.join(10)
     assert watch.output.strip() == (
         f"progressista watch: ws://127.0.0.1:{guarded.port}/ws: HTTP 401: missing or wrong "
         "token: send 'Authorization: Bearer <token>' or add ?token=<token> to the URL")
