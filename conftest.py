@@ -98,12 +98,16 @@ def wait_for(condition, timeout=5.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
+def missing(reason):
+    """Skip the test for something it needs that is not here; under CI, fail it."""
+    if IN_CI:
+        pytest.fail(reason + " - under CI this is a failure, not a skip")
+    pytest.skip(reason)
+
+
 def require_binary(path_or_name, what):
     """Skip locally when a system binary is missing; under CI a missing one fails."""
     found = shutil.which(path_or_name)
     if found:
         return found
-    reason = f"{what} not installed ({path_or_name} not found); .ci/run installs it"
-    if IN_CI:
-        pytest.fail(reason + " - under CI this is a failure, not a skip")
-    pytest.skip(reason)
+    missing(f"{what} not installed ({path_or_name} not found); .ci/run installs it")
