@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -168,10 +167,7 @@ def test_the_proxy_resets_the_client_when_the_server_is_down():
         finally:
             await proxy.close()
 
-    with socket.socket() as unused:  # a port nothing listens on
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    asyncio.run(scenario(port))
+    asyncio.run(scenario(soak.free_port()))  # a port nothing listens on
 
 
 # --- A 10 s soak -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Progressista server benchmark: one command, every figure of the "Performance" section.
+"""Progressista server benchmark: one command, every server figure of "Performance".
 
     python bench/bench_server.py                 # about a minute on 2 cores
     python bench/bench_server.py --seconds 8 --rounds 3 --json /tmp/bench.json
@@ -104,7 +104,7 @@ def vm_kib(pid, field="VmRSS"):
 class Child:
     """A subprocess this bench started; stopped by its own PID, never by name."""
 
-    def __init__(self, name, argv, stdin=None, logdir=None):
+    def __init__(self, name, argv, logdir, stdin=None):
         self.name = name
         self.log_path = os.path.join(logdir, name + ".log")
         self.log = open(self.log_path, "wb")
@@ -233,14 +233,12 @@ def run_wrk(args, port, seconds, mode, tag, watched):
     busy_before = machine_busy_ticks()
     wall = time.monotonic()
     wrk = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    RUNNING_WRK.append(wrk)
     try:
         out, err = wrk.communicate(timeout=seconds + 30)
     finally:
         if wrk.poll() is None:
             wrk.kill()
             wrk.wait()
-        RUNNING_WRK.remove(wrk)
     wall = time.monotonic() - wall
     busy = machine_busy_ticks() - busy_before
     used = {child.name: cpu_ticks(child.pid) - before[child.name] for child in watched}
@@ -259,7 +257,6 @@ def run_wrk(args, port, seconds, mode, tag, watched):
     return result
 
 
-RUNNING_WRK = []
 OTHERS = []  # how many cores other processes kept busy, per measurement
 
 
@@ -304,8 +301,9 @@ def part_single(args, logdir, results):
             server_runs.append(run)
         status, body = request(port, "GET", "/health")
         health = json.loads(body)
-        if health.get("tasks") != IDS:
-            raise RuntimeError(f"expected {IDS} tasks after the run, /health says {health}")
+        expected = IDS * args.threads  # wrk_post.lua gives each wrk thread its own ids
+        if health.get("tasks") != expected:
+            raise RuntimeError(f"expected {expected} tasks after the run, /health says {health}")
     finally:
         floor.stop()
         server.stop()
@@ -395,10 +393,10 @@ def part_listeners(args, logdir, results):
 def realistic_tasks(count, rng):
     """Updates like the tqdm client sends: many processes on many hosts, a few bars each."""
     hosts = [f"gpu-node-{i:03d}.cluster.local" for i in range(64)]
-    kinds = [("train epoch {}", "it", False, 1000, None),
-             ("eval {}", "it", False, 1000, None),
-             ("download shard-{:05d}.tar", "B", True, 1024, None),
-             ("preprocess part {}", "rows", True, 1000, None)]
+    kinds = [("train epoch {}", "it", False, 1000),
+             ("eval {}", "it", False, 1000),
+             ("download shard-{:05d}.tar", "B", True, 1024),
+             ("preprocess part {}", "rows", True, 1000)]
     tasks = []
     pid = 10_000
     job = 4000
@@ -408,7 +406,7 @@ def realistic_tasks(count, rng):
             host = rng.choice(hosts)
             if index % 256 == 0:
                 job += 1
-        desc, unit, scale, divisor, _ = kinds[index % len(kinds)]
+        desc, unit, scale, divisor = kinds[index % len(kinds)]
         total = rng.choice([100, 1000, 50_000, 1_000_000, 7_340_032_000])
         n = rng.randrange(total)
         elapsed = rng.uniform(1, 3600)
@@ -630,10 +628,6 @@ def main(argv=None):
         if "4" in parts:
             part_memory(args, logdir, results)
     finally:
-        for wrk in list(RUNNING_WRK):
-            if wrk.poll() is None:
-                wrk.kill()
-                wrk.wait()
         stop_all()
     rows = table(results, args, started, command)
     print(f"took {time.monotonic() - clock:.0f} s; server logs in {logdir}")

@@ -376,10 +376,9 @@ def run_worker(config):
     """A client process: BARS threads of bars, one flush, figures to a JSON file."""
     sys.path.insert(0, ROOT)
     import progressista_client
-    counting = None
-    if hasattr(progressista_client, "_urllib_post"):  # before the first bar makes the sender
-        counting = CountingTransport(progressista_client._urllib_post)
-        progressista_client._urllib_post = counting
+    # Before the first bar makes the sender; the repo's own client, so it has this.
+    counting = CountingTransport(progressista_client._urllib_post)
+    progressista_client._urllib_post = counting
     warnings = CountingHandler()
     logging.getLogger("progressista.client").addHandler(warnings)
     outs = []
@@ -413,14 +412,12 @@ def run_worker(config):
         "expected": expected, "job_errors": job_errors,
         "flushed": flushed, "flush_s": round(flush_s, 3),
         "warnings": warnings.count, "first_warnings": warnings.first,
-        "counted": counting is not None,
     }
-    if counting is not None:
-        with counting.lock:
-            result.update(posts=counting.posts, posts_failed=counting.posts_failed,
-                          states_posted=counting.states_posted,
-                          states_acknowledged=counting.states_acknowledged,
-                          acknowledged_finals=sorted(counting.acknowledged_finals))
+    with counting.lock:
+        result.update(posts=counting.posts, posts_failed=counting.posts_failed,
+                      states_posted=counting.states_posted,
+                      states_acknowledged=counting.states_acknowledged,
+                      acknowledged_finals=sorted(counting.acknowledged_finals))
     path = config["result_path"]
     with open(path + ".tmp", "w") as file:
         json.dump(result, file)
@@ -753,10 +750,8 @@ class Run:
         if not await self.server.stop(signum):
             self.problems.append(f"the server ignored SIG{self.args.kill_signal} for "
                                  f"{SERVER_STOP_TIMEOUT_S:g} s and was killed")
-        self.events["server_exit_s"] = self.now()
         self.events["server_exit_status"] = self.server.process.returncode
         await self.sleep_until(self.events["kill_at_s"] + plan.restart_after_s)
-        self.events["restart_at_s"] = self.now()
         self.server.start()
         await self.server.wait_ready()
         self.events["ready_again_s"] = self.now()
@@ -771,7 +766,6 @@ class Run:
                                      f"{WORKER_EXIT_GRACE_S:g} s after the end: killed")
                 os.kill(worker.pid, signal.SIGKILL)
                 worker.wait(5)
-        self.events["clients_done_s"] = self.now()
 
     async def settle(self, expected):
         """Wait until the listeners saw every expected final state; give up after SETTLE_S,
@@ -785,7 +779,6 @@ class Run:
             elif time.monotonic() - quiet_since > SETTLE_QUIET_S:
                 break
             await asyncio.sleep(0.1)
-        self.events["settled_s"] = self.now()
 
     def worker_results(self):
         results = []
@@ -829,7 +822,6 @@ class Run:
                 faults.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await faults  # raises what went wrong in them (a server that did not restart)
-            self.events["rss_end_of_load_kib"] = self.samples[-1][2] if self.samples else None
             results = self.worker_results()
             expected = {}
             for result in results:
@@ -856,16 +848,14 @@ class Run:
         args, plan, events = self.args, self.plan, self.events
         acknowledged = set()
         for result in results:
-            acknowledged.update(result.get("acknowledged_finals", ()))
+            acknowledged.update(result["acknowledged_finals"])
         verdict = check_finals(expected, self.checker, end_tasks, acknowledged)
         last_start = self.server.starts
         after_restart = [(at, rss) for at, start, rss in self.samples if start == last_start]
         memory = memory_verdict(after_restart, events.get("ready_again_s", plan.duration_s), plan)
         client_errors = [error for result in results for error in result["job_errors"]]
-        counted = all(result.get("counted") for result in results)
-
         def total(name):
-            return sum(result.get(name, 0) for result in results) if counted else None
+            return sum(result[name] for result in results)
 
         figures = {
             "date": time.strftime("%Y-%m-%d"), "duration_s": plan.duration_s,
@@ -939,10 +929,6 @@ def _mib(kib):
     return "-" if kib is None else f"{kib / 1024:.1f}"
 
 
-def _count(value):
-    return "n/a" if value is None else f"{value:,}"
-
-
 def format_report(figures):
     """The human table of a run's figures."""
     rss, memory = figures["rss_kib"], figures["memory"]
@@ -955,10 +941,10 @@ def format_report(figures):
                     f"{figures['processes'] * figures['bars_per_process']} bars at a time"),
         ("bars run", f"{figures['bars_run']:,}"),
         ("updates made (tqdm update calls)", f"{figures['updates_made']:,}"),
-        ("states posted / acknowledged", f"{_count(figures['states_posted'])} / "
-                                         f"{_count(figures['states_acknowledged'])} in "
-                                         f"{_count(figures['posts'])} POSTs "
-                                         f"({_count(figures['posts_failed'])} failed)"),
+        ("states posted / acknowledged", f"{figures['states_posted']:,} / "
+                                         f"{figures['states_acknowledged']:,} in "
+                                         f"{figures['posts']:,} POSTs "
+                                         f"({figures['posts_failed']:,} failed)"),
         ("task states applied (seen on /ws)", (f"{min(seen):,} - {max(seen):,} per listener"
                                                if seen else "-")),
         ("final states expected / found", f"{figures['finals_expected']:,} / "
