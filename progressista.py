@@ -1304,15 +1304,29 @@ def _one_line(text, limit):
     return text if len(text) <= limit else text[:limit - 1] + ELLIPSIS
 
 
+def format_sizeof(number, divisor=1000):
+    """tqdm.format_sizeof: three significant digits and an SI prefix (1.50M)."""
+    for prefix in ("", "k", "M", "G", "T", "P", "E", "Z"):
+        if abs(number) < 999.5:
+            if abs(number) < 99.95:
+                if abs(number) < 9.995:
+                    return f"{number:.2f}{prefix}"
+                return f"{number:.1f}{prefix}"
+            return f"{number:.0f}{prefix}"
+        number /= divisor
+    return f"{number:.1f}Y"
+
+
+def format_interval(seconds):
+    """tqdm.format_interval: [H:]MM:SS (05:07, 1:02:03); nothing below 00:00."""
+    minutes, secs = divmod(int(max(0, seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
 def _amount(value, unit_scale, divisor):
-    if unit_scale is True:  # tqdm's SI prefixes: 1.50M
-        for prefix in ("", "k", "M", "G", "T", "P", "E", "Z"):
-            if abs(value) < 999.5:
-                if abs(value) < 99.95:
-                    return f"{value:.2f}{prefix}" if abs(value) < 9.995 else f"{value:.1f}{prefix}"
-                return f"{value:.0f}{prefix}"
-            value /= divisor or 1000
-        return f"{value:.1f}Y"
+    if unit_scale is True:
+        return format_sizeof(value, divisor or 1000)
     if not isinstance(unit_scale, bool) and unit_scale:  # a number: tqdm multiplies by it
         value *= unit_scale
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
@@ -1324,13 +1338,6 @@ def _progress(event):
     if event.get("total") is not None:
         done += "/" + _amount(event["total"], scale, divisor)
     return f"{done} {_one_line(event.get('unit') or 'it', NOTIFY_NAME_CHARS)}"
-
-
-def _clock(seconds):
-    # As tqdm shows an elapsed time: 05:07, 1:02:03.
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
 def _while(seconds):
@@ -1361,7 +1368,7 @@ def event_line(event):
         who += " on " + _one_line(host, NOTIFY_NAME_CHARS)
     kind = event["event"]
     if kind == "close":
-        said = f"done {_progress(event)} in {_clock(event['duration'])}"
+        said = f"done {_progress(event)} in {format_interval(event['duration'])}"
     elif kind == "error":
         said = f"failed at {_progress(event)}"
         summary = _error_summary(event.get("error") or "")
@@ -3303,26 +3310,6 @@ def _pad(text, width):
     return text + " " * (width - _cells(text))
 
 
-def _interval(seconds):
-    """tqdm.format_interval: [H:]MM:SS."""
-    minutes, secs = divmod(int(max(0, seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours:d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
-
-
-def _sizeof(number, divisor=1000):
-    """tqdm.format_sizeof: three significant digits and an SI prefix."""
-    for prefix in ("", "k", "M", "G", "T", "P", "E", "Z"):
-        if abs(number) < 999.5:
-            if abs(number) < 99.95:
-                if abs(number) < 9.995:
-                    return f"{number:1.2f}{prefix}"
-                return f"{number:2.1f}{prefix}"
-            return f"{number:3.0f}{prefix}"
-        number /= divisor
-    return f"{number:3.1f}Y"
-
-
 def _json_whole(value):
     # JSON cannot tell 3 from 3.0: show a whole number as tqdm shows an int (as the dashboard)
     if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
@@ -3391,18 +3378,18 @@ def plain_meter(fields, ncols=None):
         rate = n / elapsed
     inverse = 1 / rate if rate else None
     if inverse and inverse > 1:
-        rate_text = (_sizeof(inverse) if unit_scale else f"{inverse:5.2f}") + "s/" + unit
+        rate_text = (format_sizeof(inverse) if unit_scale else f"{inverse:5.2f}") + "s/" + unit
     else:
-        shown = (_sizeof(rate) if unit_scale else f"{rate:5.2f}") if rate else "?"
+        shown = (format_sizeof(rate) if unit_scale else f"{rate:5.2f}") if rate else "?"
         rate_text = shown + unit + "/s"
-    number = (lambda x: _sizeof(x, divisor)) if unit_scale else str
+    number = (lambda x: format_sizeof(x, divisor)) if unit_scale else str
     postfix = ", " + fields["postfix"] if fields["postfix"] else ""
     prefix = fields["prefix"] + ": " if fields["prefix"] else ""
     if not fields["has_bar"]:
-        return f"{prefix}{number(n)}{unit} [{_interval(elapsed)}, {rate_text}{postfix}]"
-    eta = fields["eta"] or (_interval((total - n) / rate) if rate else "?")
+        return f"{prefix}{number(n)}{unit} [{format_interval(elapsed)}, {rate_text}{postfix}]"
+    eta = fields["eta"] or (format_interval((total - n) / rate) if rate else "?")
     left = f"{prefix}{n / total * 100:3.0f}%|"
-    right = f"| {number(n)}/{number(total)} [{_interval(elapsed)}<{eta}, {rate_text}{postfix}]"
+    right = f"| {number(n)}/{number(total)} [{format_interval(elapsed)}<{eta}, {rate_text}{postfix}]"
     cells = max(1, ncols - _cells(left + right)) if ncols else NATURAL_BAR_CELLS
     filled = int(min(1.0, max(0.0, n / total)) * cells)
     return left + ("#" if fields["ascii"] else "█") * filled + " " * (cells - filled) + right
@@ -3423,7 +3410,7 @@ def _row_tail(task, status, now):
         return "  " + _printable(summary) if summary else ""
     if status == "stale":
         silent_s = now - _number_or(task.get("updated_at"), now)
-        return f"  no update for {_interval(silent_s)}"
+        return f"  no update for {format_interval(silent_s)}"
     return ""
 
 
@@ -3734,7 +3721,7 @@ class _Watcher:
                 reason = _connection_reason(error)  # ValueError: a message that is not JSON
             self.notice = f"reconnecting to {self.ws_url}: {reason} (next try in {retry_s:g} s)"
             if self.received_at is not None:
-                self.notice += f"; last data {_interval(self.clock() - self.received_at)} ago"
+                self.notice += f"; last data {format_interval(self.clock() - self.received_at)} ago"
             self.screen.say(self.notice)
             if self.screen.live:
                 self.draw()
