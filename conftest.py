@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -21,6 +22,44 @@ import pytest
 import progressista
 
 IN_CI = bool(os.environ.get("CI"))
+
+
+class FakeClock:
+    """A clock the test moves by hand (create_app(clock=...), Sender(clock=...))."""
+
+    def __init__(self, start=1_000_000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+
+class Clock:
+    """The wall clock, moved forward by `offset` instead of waiting: for a server whose
+    lifetimes must run on across a restart."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self):
+        return time.time() + self.offset
+
+
+def free_port():
+    """A loopback port nothing listens on (bound a moment ago, then freed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def clean_env(**extra):
+    """This environment for a subprocess, without PROGRESSISTA_* settings or a terminal
+    size from the test runner, plus `extra`."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("PROGRESSISTA_") and name not in ("COLUMNS", "LINES")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
 
 
 class ServerThread:

@@ -3186,12 +3186,19 @@ def _add_client_flags(parser, only=None):
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
-def cmd_serve(args):
+def _settings_of(args):
+    """The Settings the flags and the environment give, or None once the error is said."""
     overrides = {setting.name: getattr(args, setting.name, None) for setting in SETTINGS_TABLE}
     try:
-        settings = Settings.from_env(**overrides)
+        return Settings.from_env(**overrides)
     except ValueError as error:
         print(f"progressista: error: {error}", file=sys.stderr)
+        return None
+
+
+def cmd_serve(args):
+    settings = _settings_of(args)
+    if settings is None:
         return 2
     raise_file_limit()
     level = settings.log_level.upper()
@@ -3214,11 +3221,8 @@ def cmd_serve(args):
 
 
 def cmd_show_config(args):
-    overrides = {setting.name: getattr(args, setting.name, None) for setting in SETTINGS_TABLE}
-    try:
-        settings = Settings.from_env(**overrides)
-    except ValueError as error:
-        print(f"progressista: error: {error}", file=sys.stderr)
+    settings = _settings_of(args)
+    if settings is None:
         return 2
     print(json.dumps(settings.public(), indent=2))
     return 0
@@ -3248,7 +3252,7 @@ def cmd_run(args, program_args):
 # `watch`: the remote bars, live in a terminal. A pure core (format_row, render_table,
 # apply_feed_message) and a thin I/O layer (the /ws client, GET /tasks, the screen).
 
-WATCH_DEFAULT_SERVER = "http://localhost:8000"
+WATCH_DEFAULT_SERVER = f"http://localhost:{DEFAULT_PORT}"
 WATCH_STATUSES = STATUSES + ("active",)  # active: running or stale, as in the dashboard
 WATCH_STATUS_ALIASES = {"done": "close"}  # the word the table shows for close
 WATCH_INTERVAL_S = 0.5  # default --interval: the screen is redrawn at most this often
@@ -3302,7 +3306,7 @@ def _fit(text, width):
             break
         kept.append(char)
         used += cells
-    return "".join(kept) + "…"
+    return "".join(kept) + ELLIPSIS
 
 
 def _pad(text, width):

@@ -22,7 +22,7 @@ import time
 import pytest
 
 import progressista_client as pc
-from conftest import http, running_server, wait_for
+from conftest import FakeClock, http, running_server, wait_for
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FAST_TIMEOUT_S = 0.3
@@ -649,14 +649,6 @@ def test_a_forked_child_does_not_send_or_end_its_parents_bars(server, sender):
 
 # --- The Sender, with an injected clock and opener ---
 
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 class FakeServer:
     """An opener that records each POST body and answers with the next scripted status."""
 
@@ -676,7 +668,7 @@ ENDPOINT = pc.make_endpoint("http://127.0.0.1:9", request_timeout=1)
 
 
 def unit_sender(statuses=(), **kwargs):
-    clock, opener = FakeClock(), FakeServer(statuses)
+    clock, opener = FakeClock(1000.0), FakeServer(statuses)
     return pc.Sender(clock=clock, opener=opener, autostart=False, **kwargs), clock, opener
 
 

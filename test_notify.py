@@ -16,12 +16,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 import progressista
-from conftest import http as request, running_server, wait_for
+from conftest import Clock, FakeClock, clean_env, http as request, running_server, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROGRAM = os.path.join(HERE, "progressista.py")
@@ -162,16 +161,6 @@ def test_failed_task_event_carries_the_error_text():
         assert event["error"] == "KeyError: 'date'\n  File \"etl.py\", line 3"
         assert receiver.messages()[0]["text"] == (
             "\u274c task etl: failed at 50/100 it: KeyError: 'date'")
-
-
-class Clock:
-    """A wall clock that a test moves forward instead of waiting."""
-
-    def __init__(self):
-        self.offset = 0.0
-
-    def __call__(self):
-        return time.time() + self.offset
 
 
 def test_stale_task_is_notified_and_after_it_comes_back_its_close_too():
@@ -354,12 +343,6 @@ def test_with_redis_one_message_comes_from_the_sweeper_only(tmp_path):
 
 
 # --- The command line --------------------------------------------------------------------
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROGRESSISTA_")}
-    env.update(extra, PYTHONUNBUFFERED="1")
-    return env
 
 
 def run_cli(*args, **env):
@@ -559,17 +542,9 @@ def test_message_text_cannot_mention_or_link_on_slack_or_discord():
 # --- Pure: the Notifier ----------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
 def notifier(**kwargs):
     kwargs.setdefault("interval_s", 10.0)
-    return progressista.Notifier(server="srv", clock=FakeClock(), **kwargs)
+    return progressista.Notifier(server="srv", clock=FakeClock(0.0), **kwargs)
 
 
 def store_with(*tasks):

@@ -30,7 +30,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import progressista
-from conftest import ServerThread, http, running_server, wait_for
+from conftest import (FakeClock, ServerThread, clean_env, free_port, http, running_server,
+                      wait_for)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,16 +50,6 @@ def new_id(label="task"):
 
 
 # --- Helpers -----------------------------------------------------------------------------
-
-
-class FakeClock:
-    """A server clock the test moves by hand (create_app(clock=...))."""
-
-    def __init__(self, start=1_000_000.0):
-        self.now = start
-
-    def __call__(self):
-        return self.now
 
 
 def post(server, body, headers=None):
@@ -1826,13 +1817,6 @@ def test_custom_store_object_replaces_memory_store():
 # --- Command line (subprocess) -----------------------------------------------------------
 
 
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROGRESSISTA_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
 def run_cli(*args, env=None, timeout=15):
     return subprocess.run([sys.executable, PROGRAM, *args], capture_output=True, text=True,
                           env=env or clean_env(), timeout=timeout)
@@ -1947,8 +1931,9 @@ def test_cli_tokens_from_both_environment_variables_are_all_accepted():
 def test_cli_help_lists_every_subcommand():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("serve", "demo", "run", "version", "show-config"):
-        assert re.search(rf"\b{command}\b", result.stdout), command
+    # In the list of subcommands, not just anywhere: the epilog names them all too.
+    for command in ("serve", "demo", "run", "version", "show-config", "watch"):
+        assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), command
 
 
 def test_cli_help_lists_environment_variables():
@@ -2009,9 +1994,7 @@ def test_cli_debug_log_has_one_line_per_request_and_never_the_token():
 
 
 def test_cli_warning_log_level_quiets_the_websocket_lines_too():
-    with socket.socket() as probe:  # no startup line to read the port from at this level
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # no startup line to read the port from at this level
     server = subprocess.Popen([sys.executable, PROGRAM, "--host", "127.0.0.1", "--port",
                                str(port), "--log-level", "warning"], env=clean_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -17,19 +17,9 @@ import pytest
 from websockets.sync.client import connect
 
 import progressista
-from conftest import http, require_binary, running_server, wait_for
+from conftest import Clock, free_port, http, require_binary, running_server, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class Clock:
-    """A wall clock that a test can move forward, standing in for time passing."""
-
-    def __init__(self):
-        self.offset = 0.0
-
-    def __call__(self):
-        return time.time() + self.offset
 
 
 def post(server, body, **kwargs):
@@ -150,12 +140,6 @@ def test_health_reports_the_store_kind(db_url):
 
 
 # --- Redis -----------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisServer:
