@@ -2356,9 +2356,8 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             return
         self.write(request, self.app.result_of(request, done))
-        if self.transport is not None:
-            self.transport.resume_reading()
-            self.process()
+        self.transport.resume_reading()  # closing after the write: this does nothing
+        self.process()
 
     def write(self, request, response):
         keep_alive = request.keep_alive
@@ -2367,6 +2366,8 @@ class Connection(asyncio.Protocol):
         self.transport.write(serialize_response(response, keep_alive, request.method == "HEAD"))
         self.app.request_done(request, response.status, response.reason)
         if not keep_alive:
+            # Nothing after a "Connection: close" is read, let alone applied unanswered.
+            self.buffer.clear()
             self.close()
 
     def fail(self, error, unread_body_bytes=0, request=None):
@@ -2403,8 +2404,6 @@ class Connection(asyncio.Protocol):
         refusal = None
         if done.cancelled() or done.exception() is not None or done.result() is not None:
             refusal = self.app.result_of(request, done)
-        if self.transport is None:
-            return
         self.transport.resume_reading()
         self.open_websocket(request, head, refusal)
 

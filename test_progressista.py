@@ -886,6 +886,19 @@ def test_pipelined_requests_are_answered_in_order(srv):
     assert json.loads(answers[2][2])["n"] == 11
 
 
+def test_nothing_pipelined_behind_connection_close_is_read_or_applied(srv):
+    closing_id, behind_id = new_id(), new_id()
+    requests = (request_bytes("POST", "/progress", json.dumps({"task_id": closing_id}).encode(),
+                              [("Connection", "close")])
+                + request_bytes("POST", "/progress", json.dumps({"task_id": behind_id}).encode()))
+    with raw_connection(srv) as (sock, reader):
+        sock.sendall(requests)
+        status, _, _ = read_response(reader)
+        assert status == 200 and closed_by_server(reader)
+    assert get_task(srv, closing_id)[0] == 200
+    assert get_task(srv, behind_id)[0] == 404  # never answered, so never stored
+
+
 def test_expect_100_continue_gets_interim_response_before_body(srv):
     task_id = new_id()
     body = json.dumps({"task_id": task_id, "n": 5}).encode()
