@@ -246,9 +246,13 @@ def _time_seq(wall_clock):
 # --- Sender ---
 
 class _Entry:
-    """One queued state: where it goes, and the rules for when it may go."""
+    """One queued state: where it goes, and the rules for when it may go.
 
-    __slots__ = ("endpoint", "state", "push_every", "final", "not_before")
+    `text`, the state as JSON, is set when the state is delivered (after its seq), not here:
+    put() is on the bar's display path.
+    """
+
+    __slots__ = ("endpoint", "state", "push_every", "final", "not_before", "text")
 
     def __init__(self, endpoint, state, push_every=0.0, final=False, not_before=0.0):
         self.endpoint = endpoint
@@ -286,11 +290,23 @@ def _server_message(body):
         return ""
 
 
+# What json.dumps raises for a value it cannot encode (a datetime, a circular reference).
+_JSON_ERRORS = (TypeError, ValueError, RecursionError)
+
+
+def _encodable(value):
+    try:
+        json.dumps(value)
+    except _JSON_ERRORS:
+        return False
+    return True
+
+
 def _chunks(entries):
-    """Split entries into batches within the protocol's count and our byte budget."""
+    """Split encoded entries into batches within the protocol's count and our byte budget."""
     batch, size = [], 2
     for entry in entries:
-        encoded = len(json.dumps(entry.state)) + 1
+        encoded = len(entry.text) + 1
         if batch and (len(batch) >= MAX_BATCH_TASKS or size + encoded > MAX_BATCH_BYTES):
             yield batch
             batch, size = [], 2
@@ -399,8 +415,8 @@ class Sender:
     def flush(self, timeout=None):
         """Send everything queued, waiting at most `timeout` s; True if all was delivered.
 
-        False also when the server refused an update for good (see `last_refusal`) since
-        the previous flush().
+        False also when an update was refused for good since the previous flush(): by the
+        server (see `last_refusal`), or because JSON cannot encode it.
 
         Backoff and holds are ignored for one attempt per endpoint; an endpoint that fails
         during the flush is not waited for.
@@ -566,10 +582,20 @@ class Sender:
     # Delivery
 
     def _deliver(self, endpoint, entries, now, flush_id):
+        encoded, unencodable = [], []
         for entry in entries:
             entry.state = dict(entry.state, seq=self._next_seq())
-        delivered, retry, refused = [], [], []
-        batches = list(_chunks(entries))
+            try:
+                entry.text = json.dumps(entry.state)
+            except _JSON_ERRORS as error:
+                # A value of the caller's (a datetime, a numpy int): only this state is lost.
+                unencodable.append(entry)
+                _warn_once("unencodable", "progressista: an update of task %r cannot be encoded "
+                           "as JSON (%s); such updates are dropped", entry.state["task_id"], error)
+            else:
+                encoded.append(entry)
+        delivered, retry, refused = [], [], unencodable
+        batches = list(_chunks(encoded))
         for index, batch in enumerate(batches):
             ok, again, never = self._post(endpoint, batch)
             delivered += ok
@@ -580,6 +606,8 @@ class Sender:
                 break
         delivered_ids = {id(entry) for entry in delivered}
         with self._lock:
+            if unencodable:
+                self._refused_since_flush = True
             for entry in delivered + refused:
                 task_id = entry.state["task_id"]
                 self._last_sent[task_id] = now
@@ -603,8 +631,8 @@ class Sender:
 
     def _post(self, endpoint, entries):
         """Send one batch; return its entries split as (delivered, to retry, refused for good)."""
-        states = [entry.state for entry in entries]
-        body = json.dumps(states if len(states) > 1 else states[0]).encode("utf-8")
+        texts = [entry.text for entry in entries]
+        body = (texts[0] if len(texts) == 1 else "[" + ", ".join(texts) + "]").encode("utf-8")
         try:
             status, answer = self._open(endpoint.url, body, dict(endpoint.headers), endpoint.timeout)
         except Exception as error:  # any network failure, timeout, or odd answer
@@ -653,11 +681,16 @@ class Sender:
                 seq = self._live[task_id].state.get("seq", 0) if task_id in self._live else 0
                 record[task_id] = {"server_url": entry.endpoint.url,
                                    "state": dict(entry.state, seq=seq)}
+        try:
+            text = json.dumps(record)
+        except _JSON_ERRORS:
+            # A state JSON cannot encode (its delivery drops it) must not stop the record.
+            text = json.dumps({task_id: r for task_id, r in record.items() if _encodable(r)})
         # One file per sender: a vendored copy of this module runs its own sender alongside.
         path = os.path.join(self._run_dir, "bars-%d-%x.json" % (os.getpid(), id(self)))
         try:
             with open(path + ".tmp", "w") as file:
-                json.dump(record, file)
+                file.write(text)
             os.replace(path + ".tmp", path)
         except OSError as error:
             _warn_once("run-record", "progressista: cannot write %s: %s", path, error)
@@ -685,16 +718,24 @@ def send_update(state, *, server_url=None, token=None, headers=None, request_tim
                 push_every=None):
     """Queue one task update (a dict with at least `task_id`) on the shared sender.
 
-    Works without tqdm. A `status` of close or error makes it final. Never blocks.
+    Works without tqdm. A `status` of close or error makes it final. Never blocks, never
+    raises: what cannot be sent is warned about once and dropped.
     """
     try:
         endpoint = make_endpoint(server_url, token, headers, request_timeout)
     except ValueError as error:  # as for bars: a bad setting is warned about, never raised
         _warn_once(("bad-url", str(error)), "progressista: %s; this update is not sent", error)
         return
+    try:
+        state = dict(state)
+    except (TypeError, ValueError):
+        state = {}
+    if not isinstance(state.get("task_id"), str) or not state["task_id"]:
+        _warn_once("no-task-id", "progressista: send_update() needs a dict with a task_id "
+                   "(a non-empty string); this update is not sent")
+        return
     if push_every is None:
         push_every = _env_seconds(ENV_PUSH_INTERVAL, DEFAULT_PUSH_INTERVAL_S)
-    state = dict(state)
     state.setdefault("timestamp", time.time())
     default_sender().put(endpoint, state, push_every=push_every,
                          final=state.get("status") in FINAL_STATUSES)

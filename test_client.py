@@ -5,6 +5,7 @@ and the Sender's backoff and heartbeat are driven by an injected clock where the
 is not the point.
 """
 
+import datetime
 import http.server as http_server
 import io
 import json
@@ -245,6 +246,25 @@ def test_flush_is_false_when_the_server_refused_updates_for_good(sender):
 def test_send_update_with_a_malformed_url_warns_and_never_raises(client_log):
     pc.send_update({"task_id": "x", "n": 1}, server_url="127.0.0.1:9")
     assert len(warnings_in(client_log)) == 1 and pc.flush(1)
+
+
+def test_send_update_without_a_task_id_warns_once_and_never_raises(client_log, monkeypatch):
+    monkeypatch.setattr(pc, "_warned", set())  # warnings are once per process
+    for _ in range(2):
+        pc.send_update({"n": 1})
+    assert len(warnings_in(client_log)) == 1 and pc.flush(1)
+
+
+def test_send_update_with_a_value_json_cannot_encode_drops_it_with_one_warning(
+        server, client_log, monkeypatch):
+    monkeypatch.setattr(pc, "_warned", set())
+    for task_id in ("dated", "dated again"):
+        pc.send_update({"task_id": task_id, "n": 1, "started": datetime.datetime.now()},
+                       server_url=server.url)
+    pc.send_update({"task_id": "plain", "n": 2, "status": "close"}, server_url=server.url)
+    assert pc.flush(2) is False  # not everything was delivered
+    assert task(server, "plain")["status"] == "close" and task(server, "dated") is None
+    assert len(warnings_in(client_log)) == 1
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/progress"])
@@ -768,6 +788,28 @@ def test_sender_splits_a_refused_batch_so_good_states_still_arrive():
     sender.tick()
     assert [b["task_id"] if isinstance(b, dict) else len(b) for b in opener.bodies] == [2, "a", "b"]
     assert sender.tick() is None  # the refused one is dropped, not retried forever
+
+
+def test_sender_drops_a_state_json_cannot_encode_and_sends_the_others_of_its_tick(
+        client_log, monkeypatch):
+    monkeypatch.setattr(pc, "_warned", set())
+    sender, _, opener = unit_sender()
+    sender.put(ENDPOINT, state("a", 1))
+    sender.put(ENDPOINT, dict(state("dated", 2), started=datetime.date(2026, 1, 1)), final=True)
+    sender.put(ENDPOINT, state("b", 3, "close"), final=True)
+    sender.tick()
+    sender.tick()  # refused for good: not retried
+    assert len(opener.bodies) == 1 and [s["task_id"] for s in opener.bodies[0]] == ["a", "b"]
+    assert len(warnings_in(client_log)) == 1
+
+
+def test_a_state_json_cannot_encode_does_not_stop_the_record_for_run(tmp_path):
+    sender, _, opener = unit_sender(run_dir=str(tmp_path))
+    sender.put(ENDPOINT, dict(state("dated", 2), started=datetime.date(2026, 1, 1)))
+    sender.put(ENDPOINT, state("a", 1))
+    sender.tick()
+    (path,) = tmp_path.glob("bars-*.json")
+    assert list(json.loads(path.read_text())) == ["a"] and len(opener.bodies) == 1
 
 
 def test_sender_records_open_bars_for_run(tmp_path):
