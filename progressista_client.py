@@ -263,13 +263,12 @@ class _Entry:
 
 
 class _Outage:
-    __slots__ = ("failures", "retry_at", "flush_id", "reason")
+    __slots__ = ("failures", "retry_at", "flush_id")
 
     def __init__(self):
         self.failures = 0
         self.retry_at = 0.0
         self.flush_id = 0
-        self.reason = ""
 
 
 def _urllib_post(url, body, headers, timeout):
@@ -406,11 +405,6 @@ class Sender:
         with self._lock:
             entry = self._pending.get(task_id)
             return entry is not None and entry.final
-
-    def is_down(self, endpoint):
-        """True while the last send to `endpoint` failed (the sender is backing off)."""
-        with self._lock:
-            return endpoint in self._outages
 
     def flush(self, timeout=None):
         """Send everything queued, waiting at most `timeout` s; True if all was delivered.
@@ -620,7 +614,7 @@ class Sender:
                 if self._pending.setdefault(entry.state["task_id"], entry) is entry and entry.final:
                     self._final_ids[entry.state["task_id"]] = None
             if retry:
-                outage = self._outages.setdefault(endpoint, _Outage())
+                outage = self._outages[endpoint]  # made by _warn_down()
                 outage.failures += 1
                 delay = min(self.backoff_initial_s * 2 ** (outage.failures - 1), self.backoff_max_s)
                 outage.retry_at = now + delay
@@ -660,11 +654,9 @@ class Sender:
 
     def _warn_down(self, endpoint, reason):
         with self._lock:
-            outage = self._outages.get(endpoint)
-            first = outage is None or not outage.reason
-            if outage is None:
-                outage = self._outages[endpoint] = _Outage()
-            outage.reason = reason
+            first = endpoint not in self._outages
+            if first:
+                self._outages[endpoint] = _Outage()
         if first:
             log.warning("progressista: cannot deliver to %s (%s); bars go on locally and are "
                         "retried in the background", endpoint.url, reason)
