@@ -484,6 +484,16 @@ def test_a_shared_url_restores_the_view(page, clean_server):
     expect(page.locator(".row.group:not([hidden])")).to_contain_text("job: 17")
 
 
+def test_an_unknown_sort_in_the_url_falls_back_to_newest(page, clean_server):
+    post(clean_server, mixed_tasks())
+    # "constructor" is `in` every object: the page must check its own sorts only
+    open_dashboard(page, clean_server, query=f"?token={TOKEN}&sort=constructor")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(5)
+    expect(page.locator("#sort")).to_have_value("newest")
+    assert page.evaluate("() => window.progressista.state.view.sort") == "newest"
+    assert page.console_errors == []
+
+
 def test_grouping_by_a_meta_key_shows_per_group_totals_and_folds(page, clean_server):
     post(clean_server, mixed_tasks())
     open_dashboard(page, clean_server)
