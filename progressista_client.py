@@ -504,8 +504,9 @@ class Sender:
                     self._in_flight -= 1
                     self._idle.notify_all()
         with self._lock:
-            delay = self._next_due(self._clock())
-            self._wake_at = math.inf if delay is None else self._clock() + delay
+            now = self._clock()  # again: the delivery took time
+            delay = self._next_due(now)
+            self._wake_at = math.inf if delay is None else now + delay
             return delay
 
     def _take_due(self, now, flush_id):
@@ -938,12 +939,11 @@ def _release_held(task_id):
 
 
 def _fail_held(held, error):
-    """Turn a close still on hold into `error`; False if it was sent already."""
+    """Turn a close still on hold into `error` (if it was not sent already)."""
     if not held.sender.pending_final(held.state["task_id"]):
-        return False
+        return
     error_state = dict(held.state, status="error", error=_clip(error, MAX_ERROR_CHARS))
     held.sender.put(held.endpoint, error_state, final=True)
-    return True
 
 
 def _is_clean_exit(exc):
@@ -993,7 +993,7 @@ def make_remote_tqdm(base_class, **defaults):
     return cls
 
 
-def _make_range(bar_class, name="trange"):
+def _make_range(bar_class, name):
     def remote_range(*args, **kwargs):
         return bar_class(range(*args), **kwargs)
     remote_range.__name__ = remote_range.__qualname__ = name
@@ -1164,16 +1164,16 @@ def patch(**defaults):
         _patched.append((namespace, name, namespace[name]))
         namespace[name] = value
 
-    def replace_defaults(function):
+    def replace_defaults(function, by_id):
         # tqdm.contrib's helpers (tenumerate, thread_map, ...) take `tqdm_class=tqdm_auto`
         # as a default argument, bound when they were imported.
-        defaults, kwdefaults = function.__defaults__ or (), function.__kwdefaults__ or {}
-        if any(id(v) in by_id for v in defaults):
+        positional, keyword = function.__defaults__ or (), function.__kwdefaults__ or {}
+        if any(id(v) in by_id for v in positional):
             _patched.append((function, "__defaults__", function.__defaults__))
-            function.__defaults__ = tuple(by_id.get(id(v), v) for v in defaults)
-        if any(id(v) in by_id for v in kwdefaults.values()):
+            function.__defaults__ = tuple(by_id.get(id(v), v) for v in positional)
+        if any(id(v) in by_id for v in keyword.values()):
             _patched.append((function, "__kwdefaults__", function.__kwdefaults__))
-            function.__kwdefaults__ = {k: by_id.get(id(v), v) for k, v in kwdefaults.items()}
+            function.__kwdefaults__ = {k: by_id.get(id(v), v) for k, v in keyword.items()}
 
     for module_name in _PATCHED_MODULES:
         module = sys.modules.get(module_name)
@@ -1203,7 +1203,7 @@ def patch(**defaults):
                 replace(namespace, name, by_id[id(value)])
             elif isinstance(value, types.FunctionType) and module_name.startswith("tqdm.") \
                     and value.__module__ == module_name:
-                replace_defaults(value)
+                replace_defaults(value, by_id)
 
 
 def unpatch():
@@ -1265,9 +1265,6 @@ class _PatchingLoader:
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
 
     def exec_module(self, module):
         self.loader.exec_module(module)
@@ -1500,12 +1497,12 @@ def __getattr__(name):
     if name not in ("RemoteTqdm", "tqdm", "trange"):
         raise AttributeError("module %r has no attribute %r" % (__name__, name))
     try:
-        std = _import_tqdm_std()
+        base = _tqdm_base()
     except ImportError:
         remote_class = _missing_tqdm("RemoteTqdm")
     else:
         # Under `run`, its --unit/--meta/--headers apply to the one-line change's bars too.
-        remote_class = make_remote_tqdm(_tqdm_base(), **_run_defaults())
+        remote_class = make_remote_tqdm(base, **_run_defaults())
         remote_class.__name__ = remote_class.__qualname__ = "RemoteTqdm"
     globals().update(RemoteTqdm=remote_class, tqdm=remote_class,
                      trange=_make_range(remote_class, "trange"))
