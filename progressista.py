@@ -116,8 +116,10 @@ INDEX_FILE = "index.html"
 
 
 def masked_url(url):
-    """`url` with any password replaced by ***, for logs and show-config."""
-    return re.sub(r"//([^@/]*?):[^@/]*@", r"//\1:***@", url)
+    """`url` with any password replaced by ***, for logs, show-config and /health: the
+    one after user: and redis-py's ?password= too."""
+    url = re.sub(r"//([^@/]*?):[^@/]*@", r"//\1:***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def _csv(text):
@@ -403,7 +405,8 @@ def _number(value, where, minimum=0.0, nullable=False):
         finite = False
     if not finite or value < minimum:
         shown = value if finite or type(value) is float else "a number too large"
-        raise HTTPError(400, f"{where}: must be a finite number >= {minimum:g}, not {shown}")
+        bound = f" >= {minimum:g}" if minimum > -math.inf else ""
+        raise HTTPError(400, f"{where}: must be a finite number{bound}, not {shown}")
     return value
 
 
@@ -533,8 +536,8 @@ def validate_update(obj, index=None):
     """Return the known fields of one update, checked; raise HTTPError(400) naming the
     first bad field (``tasks[3].n: ...`` when `index` is a batch position)."""
     if type(obj) is not dict:
-        prefix = "" if index is None else f"tasks[{index}]."
-        raise HTTPError(400, f"{prefix or 'body'}: each update must be a JSON object")
+        where = "body" if index is None else f"tasks[{index}]"
+        raise HTTPError(400, f"{where}: each update must be a JSON object")
     if "task_id" not in obj:
         prefix = "" if index is None else f"tasks[{index}]."
         raise HTTPError(400, f"{prefix}task_id: required, a string of 1 to "
@@ -678,6 +681,18 @@ def expired(task, now, lifetimes):
             and silent_s >= lifetimes.retention_seconds)
 
 
+def sweep_plan(tasks, now, lifetimes):
+    """What a sweep at `now` does: (the tasks to mark stale, the ids that expired). A task
+    that expired is only deleted, never marked stale on its way out."""
+    stale, expired_ids = [], []
+    for task in tasks:
+        if expired(task, now, lifetimes):
+            expired_ids.append(task.task_id)
+        elif task.shown_status(now, lifetimes.stale_seconds) != task.status:
+            stale.append(task)
+    return stale, expired_ids
+
+
 class MemoryStore:
     """Tasks in a dict, oldest first. The narrow interface every store implements:
 
@@ -738,16 +753,11 @@ class MemoryStore:
 
     def sweep(self, now, lifetimes):
         """Mark silent running tasks stale and delete expired ones, as of `now`."""
-        stale_ids, removed_ids = [], []
-        stale_after_s = lifetimes.stale_seconds
-        for task in list(self.by_id.values()):
-            if expired(task, now, lifetimes):
-                removed_ids.append(task.task_id)
-            elif task.shown_status(now, stale_after_s) != task.status:
-                task.status = "stale"
-                stale_ids.append(task.task_id)
+        stale, removed_ids = sweep_plan(self.by_id.values(), now, lifetimes)
+        for task in stale:
+            task.status = "stale"
         self.forget(removed_ids)
-        return stale_ids, removed_ids
+        return [task.task_id for task in stale], removed_ids
 
     def health(self):
         return {"kind": self.kind, "ok": True}
@@ -860,10 +870,11 @@ class SqliteStore(MemoryStore):
     def _write(self, rows, deleted):
         with self.db:  # one transaction
             self.db.execute("BEGIN")
+            # Deletes first: a task deleted and then sent again within one flush is in both.
+            self.db.executemany("DELETE FROM tasks WHERE task_id = ?", deleted)
             # An upsert keeps the row id, which orders tasks created in the same batch.
             self.db.executemany("INSERT INTO tasks VALUES (?, ?, ?) ON CONFLICT(task_id) "
                                 "DO UPDATE SET task = excluded.task", rows)
-            self.db.executemany("DELETE FROM tasks WHERE task_id = ?", deleted)
 
     async def flush(self):
         """Write what changed since the last flush, off the loop."""
@@ -960,7 +971,6 @@ class RedisStore(MemoryStore):
             raise StoreError("the redis store needs the redis package: "
                              "pip install 'progressista[redis]'") from None
         self.errors = (redis.exceptions.RedisError, OSError)
-        self.url = url
         self.shown_url = masked_url(url)  # never log a password
         self.settings = settings
         self.connect = lambda: aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
@@ -1043,7 +1053,8 @@ class RedisStore(MemoryStore):
         removed = [task_id for task_id in self.by_id if task_id not in fresh]
         changed = [task_id for task_id, task in fresh.items()
                    if (self.by_id.get(task_id) is None
-                       or self.by_id[task_id].updated_at != task.updated_at)]
+                       or self.by_id[task_id].updated_at != task.updated_at
+                       or self.by_id[task_id].status != task.status)]  # a stale mark
         self.by_id = fresh
         self.feed.removed(removed)
         self.feed.changed(changed)
@@ -1090,7 +1101,7 @@ class RedisStore(MemoryStore):
                 self.by_id[task.task_id] = task
                 changed.append(task.task_id)
         self.feed.changed(changed)
-        self.feed.removed(super().delete(event.get("removed", ())))
+        self.feed.removed(self.forget(event.get("removed", ())))
 
     async def write_and_publish(self, tasks, same_seq_ok=False):
         """Store `tasks` (where their seq is newest) and tell the other servers; return
@@ -1103,8 +1114,9 @@ class RedisStore(MemoryStore):
                      redis_ttl_ms(task, self.settings), task.task_id, encoded[task.task_id]]
         written = {task_id.decode() for task_id in
                    await self.write_script(keys=keys, args=args)}
-        if written:
-            await self.publish([encoded[task_id] for task_id in written], ())
+        if written:  # in the order given: the other mirrors add new tasks in it
+            await self.publish([text for task_id, text in encoded.items() if task_id in written],
+                               ())
         return written
 
     async def publish(self, changed_json, removed_ids):
@@ -1149,7 +1161,7 @@ class RedisStore(MemoryStore):
                 await self.publish((), removed)
         except self.errors as error:
             raise self.went_down(error) from None
-        super().delete(removed)
+        self.forget(removed)
         return removed
 
     async def sweep(self, now, lifetimes):
@@ -1160,9 +1172,7 @@ class RedisStore(MemoryStore):
                                                            args=[self.origin, lease_ms]))
             if not self.is_sweeper:
                 return [], []
-            stale = [task for task in self.by_id.values()
-                     if task.shown_status(now, lifetimes.stale_seconds) != task.status]
-            doomed = [task.task_id for task in self.by_id.values() if expired(task, now, lifetimes)]
+            stale, doomed = sweep_plan(self.by_id.values(), now, lifetimes)
             for task in stale:
                 task.status = "stale"
             if stale:

@@ -2260,6 +2260,26 @@ def test_connections_past_the_descriptor_budget_are_refused_and_others_served():
         assert http("GET", server.url + "/health")[0] == 200
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("redis://user:hunter2@db:6379/0", "redis://user:***@db:6379/0"),
+    ("redis://db:6379/0?password=hunter2&db=1", "redis://db:6379/0?password=***&db=1"),
+    ("redis://db/0?timeout=1&Password=hunter2", "redis://db/0?timeout=1&Password=***"),
+])
+def test_masked_url_hides_a_password_however_redis_takes_it(url, shown):
+    assert progressista.masked_url(url) == shown  # it is what public /health shows
+
+
+@pytest.mark.parametrize("body, message", [
+    ([1], "tasks[0]: each update must be a JSON object"),
+    ([{"task_id": "a", "timestamp": float("inf")}],
+     "tasks[0].timestamp: must be a finite number, not inf"),
+])
+def test_errors_for_a_non_object_and_a_non_finite_timestamp_read_cleanly(body, message):
+    with pytest.raises(progressista.HTTPError) as refused:
+        progressista.validate_update(body[0], 0)
+    assert refused.value.message == message
+
+
 def test_cli_show_config_masks_a_password_in_the_store_url():
     result = run_cli("show-config", "--store", "redis://user:hunter2@db.internal:6379/0")
     assert result.returncode == 0

@@ -4,6 +4,7 @@ Redis tests run a real `redis-server` on a free loopback port; they skip locally
 is not installed, and fail under CI (where .ci/run installs it).
 """
 
+import asyncio
 import json
 import os
 import socket
@@ -97,9 +98,27 @@ def test_sqlite_max_task_age_continues_from_stored_times(db_url):
     clock = Clock()
     with running_server(store=db_url, max_task_age=30, clock=clock) as server:
         post(server, {"task_id": "forgotten", "n": 1})
+        clock.offset = 20
+        post(server, {"task_id": "recent", "n": 1})
     clock.offset = 31
     with running_server(store=db_url, max_task_age=30, clock=clock) as server:
-        assert tasks_of(server) == {}
+        assert list(tasks_of(server)) == ["recent"]  # stored, and only the old one expired
+
+
+def test_sqlite_task_forgotten_and_sent_again_before_a_flush_is_written(tmp_path):
+    path = str(tmp_path / "tasks.db")
+
+    async def scenario():
+        store = progressista.SqliteStore(path)
+        store.apply([progressista.validate_update({"task_id": "x", "n": 1})], 100.0)
+        await store.flush()
+        store.forget(["x"])  # expired by a sweep...
+        store.apply([progressista.validate_update({"task_id": "x", "n": 2})], 101.0)
+        await store.flush()  # ...and back within the same flush interval
+        await store.close()
+
+    asyncio.run(scenario())
+    assert stored_rows(path)["x"]["n"] == 2
 
 
 def serve_and_fail(store_url):
@@ -240,6 +259,60 @@ def test_redis_newer_seq_wins_whichever_server_gets_it(redis_server):
         assert tasks_of(two)["bar"]["status"] == "close"
     with running_server(store=redis_server.url) as fresh:
         assert tasks_of(fresh)["bar"]["n"] == 9  # what Redis itself holds
+
+
+def test_redis_refuses_an_older_seq_that_this_servers_mirror_has_not_seen_beaten(
+        redis_server):
+    with running_server(store=redis_server.url) as one:
+        post(one, {"task_id": "bar", "n": 5, "seq": 5})
+
+    async def late_retry_through_an_empty_mirror():
+        store = progressista.RedisStore(redis_server.url, progressista.Settings())
+        await store.open(progressista.Feed())
+        store.by_id.clear()  # so that only Redis itself (the Lua script) can refuse it
+        try:
+            return await store.apply(
+                [progressista.validate_update({"task_id": "bar", "n": 3, "seq": 3})], 1.0)
+        finally:
+            await store.close()
+
+    assert asyncio.run(late_retry_through_an_empty_mirror()) == []
+    with running_server(store=redis_server.url) as fresh:
+        assert tasks_of(fresh)["bar"]["n"] == 5
+
+
+def test_redis_batch_of_new_tasks_reaches_the_other_server_in_its_order(redis_server):
+    ids = [f"batch-{n:02d}" for n in range(30)][::-1]
+    with running_server(store=redis_server.url) as one, \
+            running_server(store=redis_server.url) as two:
+        # Once this arrives, two follows the channel (a resync reads Redis in its own order).
+        post(one, {"task_id": "warm-up"})
+        wait_for(lambda: "warm-up" in tasks_of(two), message="the second server to follow")
+        post(one, [{"task_id": task_id} for task_id in ids])
+        wait_for(lambda: len(tasks_of(two)) == 31, message="the batch on the second server")
+        assert list(tasks_of(two))[1:] == ids
+
+
+def test_redis_resync_brings_a_stale_mark_missed_while_cut_off(redis_server):
+    with running_server(store=redis_server.url) as one:
+        post(one, {"task_id": "quiet", "n": 1})
+
+    async def resync_after_a_missed_stale_mark():
+        store = progressista.RedisStore(redis_server.url, progressista.Settings())
+        feed = progressista.Feed()
+        await store.open(feed)
+        try:
+            feed.clear()
+            key = store.key("quiet")
+            stored = json.loads(await store.client.hget(key, "task"))
+            stored["status"] = "stale"  # what the sweeper wrote, unpublished to us
+            await store.client.hset(key, "task", json.dumps(stored))
+            await store.resync()
+            return list(feed.changed_ids), store.get("quiet").status
+        finally:
+            await store.close()
+
+    assert asyncio.run(resync_after_a_missed_stale_mark()) == (["quiet"], "stale")
 
 
 def test_redis_retention_and_max_age_expire_once_for_every_listener(redis_server):
