@@ -5,6 +5,7 @@ and the Sender's backoff and heartbeat are driven by an injected clock where the
 is not the point.
 """
 
+import contextlib
 import datetime
 import http.server as http_server
 import io
@@ -472,14 +473,13 @@ def hanging_server():
     listener.close()
 
 
-@pytest.fixture
-def failing_server():
-    """An HTTP server that answers 500 to everything."""
-    class Failing(http_server.BaseHTTPRequestHandler):
+@contextlib.contextmanager
+def answering_server(answer):
+    """An HTTP server on port 0 that answers each POST with `answer(body) -> (status, bytes)`."""
+    class Answering(http_server.BaseHTTPRequestHandler):
         def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            body = b'{"error": "database on fire"}'
-            self.send_response(500)
+            status, body = answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -487,12 +487,22 @@ def failing_server():
         def log_message(self, *args):
             pass
 
-    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield "http://127.0.0.1:%d" % httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield "http://127.0.0.1:%d" % httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def failing_server():
+    """An HTTP server that answers 500 to everything."""
+    with answering_server(lambda body: (500, b'{"error": "database on fire"}')) as url:
+        yield url
 
 
 @pytest.mark.parametrize("kind", ["down", "hanging", "failing"])
@@ -597,27 +607,13 @@ def test_a_hanging_server_costs_a_recycled_worker_at_most_the_flush_timeout(hang
 @pytest.fixture
 def slow_server(server):
     """A proxy that answers each POST 0.4 s late: a server that is up but slow."""
-    class Slow(http_server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            time.sleep(0.4)
-            status, answer, _ = http("POST", server.url + "/progress", body)
-            answer = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
+    def forward_late(body):
+        time.sleep(0.4)
+        status, answer, _ = http("POST", server.url + "/progress", body)
+        return status, json.dumps(answer).encode()
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield "http://127.0.0.1:%d" % httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+    with answering_server(forward_late) as url:
+        yield url
 
 
 def timed_pool_job(args):
