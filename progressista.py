@@ -1286,6 +1286,7 @@ DISCORD_MAX_CHARS = 2000  # Discord refuses a longer `content`
 NOTIFY_MARKS = {"close": "\u2705", "error": "\u274c", "stale": "\u26a0\ufe0f"}
 ELLIPSIS = "\u2026"
 NOTIFY_USER_AGENT = "progressista/" + __version__
+NOTIFY_OUTCOMES = ("sent", "failed", "dropped")  # what /metrics counts of each message
 
 
 def task_duration(task):
@@ -1296,16 +1297,10 @@ def task_duration(task):
 
 
 def notify_event(task, event, now):
-    """The JSON-able event for `task`, which just turned `event` (close, error, stale)."""
-    wire = {"event": event, "task_id": task.task_id, "desc": task.desc, "status": event,
-            "n": task.n, "total": task.total, "unit": task.unit,
-            "unit_scale": task.unit_scale, "unit_divisor": task.unit_divisor,
-            "elapsed": task.elapsed, "duration": task_duration(task),
-            "postfix": task.postfix, "meta": task.meta, "updated_at": task.updated_at,
-            "at": now}
-    if event == "error":
-        wire["error"] = task.error
-    return wire
+    """The JSON-able event for `task`, which just turned `event` (close, error, stale): the
+    task's fields as GET /tasks shows them, plus `event`, `duration` and `at`."""
+    return {"event": event, **task.as_dict(), "status": event,
+            "duration": task_duration(task), "at": now}
 
 
 def _one_line(text, limit):
@@ -1523,18 +1518,17 @@ class Notifier:
                  ", ".join(event for event in NOTIFY_EVENTS if event in self.notify_on),
                  ", ".join(sender.shown_url for sender in self.senders), self.interval_s)
 
-    async def close(self, now, timeout_s=None):
-        """Send the current window now and give the senders a bounded time to deliver."""
+    async def close(self, now):
+        """Send the current window now and give the senders NOTIFY_SHUTDOWN_S to deliver."""
         self.tick(now, flush=True)
-        timeout_s = NOTIFY_SHUTDOWN_S if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + NOTIFY_SHUTDOWN_S
         while (not all(sender.idle() for sender in self.senders)
                and time.monotonic() < deadline):
             await asyncio.sleep(NOTIFY_POLL_S)
         for sender in self.senders:
             if not sender.idle():  # a webhook that does not answer: say what it misses
                 log.warning("shutting down with notifications to %s not delivered: it did "
-                            "not answer within %g s", sender.shown_url, timeout_s)
+                            "not answer within %g s", sender.shown_url, NOTIFY_SHUTDOWN_S)
             sender.stop()
 
 
@@ -1613,7 +1607,7 @@ class WebhookSender:
         self.condition = threading.Condition()
         self.busy = False  # a message is out: taken from the queue, not yet done with
         self.dropped = 0  # since the last delivery
-        self.outcomes = dict.fromkeys(("sent", "failed", "dropped"), 0)  # for GET /metrics
+        self.outcomes = dict.fromkeys(NOTIFY_OUTCOMES, 0)  # for GET /metrics
         self.failing = False
         self.stopping = threading.Event()
         self.thread = None
@@ -1778,7 +1772,7 @@ def _family(name, kind, help_text, samples):
 def render_metrics(metrics, gauges):
     """The Prometheus text exposition of `metrics` (counters) and `gauges`, a dict of what
     is true now: tasks_by_status, listeners, connections, store_kind, store_up,
-    store_errors."""
+    store_errors, notifications (outcome -> count)."""
     tasks_by_status = gauges["tasks_by_status"]
     lines = []
     lines += _family("progressista_info", "gauge", "The server's version and store.",
@@ -1826,7 +1820,7 @@ def render_metrics(metrics, gauges):
                      "Webhook messages sent, failed (refused or given up) and dropped "
                      "(queue full), over every webhook.",
                      [((("outcome", outcome),), count)
-                      for outcome, count in gauges.get("notifications", {}).items()])
+                      for outcome, count in gauges["notifications"].items()])
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -2106,6 +2100,10 @@ def _seconds_query(request, name):
         return _seconds(raw)  # the rule of the --*-seconds flags
     except argparse.ArgumentTypeError as error:
         raise HTTPError(400, f"{name}: {error}") from None
+
+
+def _path_task_id(request):
+    return urllib.parse.unquote(request.path[len("/tasks/"):])
 
 
 def _status_query(request):
@@ -2479,6 +2477,7 @@ class App:
             "/static/" + INDEX_FILE: {"GET": self.get_dashboard},
             "/ws": {"GET": self.get_ws_without_upgrade},
         }
+        self.task_routes = {"GET": self.get_task, "DELETE": self.delete_task}  # /tasks/{id}
 
     # Extension
 
@@ -2550,7 +2549,7 @@ class App:
         methods = self.routes.get(path)
         if methods is None:
             if path.startswith("/tasks/") and len(path) > len("/tasks/"):
-                methods = {"GET": self.get_task, "DELETE": self.delete_task}
+                methods = self.task_routes
             else:
                 raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
                                      "or the README for the API")
@@ -2665,14 +2664,13 @@ class App:
         now = self.clock()
         stale_after_s = self.settings.stale_seconds
         tasks = {}
-        for task in self.store.tasks():
-            wire = task.as_dict(now, stale_after_s)
-            if status is None or wire["status"] == status:
-                tasks[task.task_id] = wire
+        for task in self.store.tasks():  # the status first: as_dict() only for those shown
+            if status is None or task.shown_status(now, stale_after_s) == status:
+                tasks[task.task_id] = task.as_dict(now, stale_after_s)
         return json_response({"tasks": tasks, "now": now})
 
     def get_task(self, request):
-        task_id = urllib.parse.unquote(request.path[len("/tasks/"):])
+        task_id = _path_task_id(request)
         task = self.store.get(task_id)
         if task is None:
             raise HTTPError(404, f"no task {task_id!r}")
@@ -2699,36 +2697,38 @@ class App:
                              lambda removed: json_response({"removed": removed}))
 
     def delete_task(self, request):
-        task_id = urllib.parse.unquote(request.path[len("/tasks/"):])
-        return self.changing(self.store.delete([task_id]), self.feed.removed,
+        return self.changing(self.store.delete([_path_task_id(request)]), self.feed.removed,
                              lambda removed: json_response({"removed": bool(removed)}))
 
-    def get_health(self, request):
+    def tasks_by_status(self):
+        """How many tasks each status has now, as readers see them (stale included)."""
         now = self.clock()
         stale_after_s = self.settings.stale_seconds
-        active = sum(1 for task in self.store.tasks()
-                     if task.shown_status(now, stale_after_s) == "running")
+        counts = dict.fromkeys(STATUSES, 0)
+        for task in self.store.tasks():
+            counts[task.shown_status(now, stale_after_s)] += 1
+        return counts
+
+    def get_health(self, request):
         store = self.store.health()
         return json_response({"status": "ok" if store.get("ok") else "degraded",
-                              "tasks": len(self.store), "active": active,
+                              "tasks": len(self.store),
+                              "active": self.tasks_by_status()["running"],
                               "listeners": len(self.listeners), "store": store,
                               "version": __version__})
 
     def get_metrics(self, request):
-        now = self.clock()
-        stale_after_s = self.settings.stale_seconds
-        tasks_by_status = dict.fromkeys(STATUSES, 0)
-        for task in self.store.tasks():
-            tasks_by_status[task.shown_status(now, stale_after_s)] += 1
-        gauges = {"tasks_by_status": tasks_by_status, "listeners": len(self.listeners),
-                  "connections": len(self.connections), "store_kind": self.store.kind,
-                  "store_up": self.store.health().get("ok"),
+        store = self.store.health()
+        gauges = {"tasks_by_status": self.tasks_by_status(), "listeners": len(self.listeners),
+                  "connections": len(self.connections),
+                  # From health(), which every store has: a store of your own may lack kind.
+                  "store_kind": store.get("kind", "custom"), "store_up": store.get("ok"),
                   "store_errors": getattr(self.store, "failures", 0),
                   "notifications": self.notification_outcomes()}
         return Response(200, render_metrics(self.metrics, gauges), METRICS_CONTENT_TYPE)
 
     def notification_outcomes(self):
-        outcomes = dict.fromkeys(("sent", "failed", "dropped"), 0)
+        outcomes = dict.fromkeys(NOTIFY_OUTCOMES, 0)
         for sender in self.notifier.senders if self.notifier is not None else ():
             for outcome, count in sender.outcomes.items():
                 outcomes[outcome] += count

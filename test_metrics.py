@@ -50,7 +50,7 @@ def post(server, body, headers=None):
     return http("POST", server.url + "/progress", body, headers=headers)
 
 
-def test_counts_follow_known_traffic(tmp_path):
+def test_counts_follow_known_traffic():
     with running_server() as server:
         assert post(server, {"task_id": "a", "n": 1, "seq": 1})[0] == 200
         assert post(server, {"task_id": "a", "n": 1, "seq": 1})[0] == 200  # a retry
@@ -173,7 +173,7 @@ def test_label_values_are_escaped_so_any_path_or_reason_stays_parseable():
     metrics = progressista.Metrics(started_at=0.0)
     metrics.request_done('we"ird\\route\n', "BREW", 418, reason='odd "reason"')
     gauges = {"tasks_by_status": {}, "listeners": 0, "connections": 0, "store_kind": "memory",
-              "store_up": True, "store_errors": 0}
+              "store_up": True, "store_errors": 0, "notifications": {}}
     text = progressista.render_metrics(metrics, gauges).decode()
     families = {family.name: family for family in text_string_to_metric_families(text)}
     (sample,) = families["progressista_http_requests"].samples
