@@ -760,7 +760,7 @@ def test_sender_does_not_retry_before_the_backoff_delay():
 
 
 def test_sender_resends_a_live_bar_as_a_heartbeat_with_a_new_seq():
-    sender, clock, opener = unit_sender(heartbeat_s=15.0)
+    sender, clock, opener = unit_sender()  # the default: well inside the 60 s stale timeout
     sender.put(ENDPOINT, state("a", 3))
     assert sender.tick() == pytest.approx(15.0)
     clock.now += 15.0
@@ -770,11 +770,38 @@ def test_sender_resends_a_live_bar_as_a_heartbeat_with_a_new_seq():
 
 
 def test_sender_sends_no_heartbeat_for_a_closed_bar():
-    sender, clock, opener = unit_sender(heartbeat_s=15.0)
+    sender, clock, opener = unit_sender()
     sender.put(ENDPOINT, state("a", 3, "close"), final=True)
     sender.tick()
     clock.now += 100
     assert sender.tick() is None and len(opener.bodies) == 1
+
+
+def test_timing_settings_come_from_the_environment_and_an_argument_wins(
+        sender, monkeypatch, client_log):
+    monkeypatch.setattr(sender, "_open", FakeServer())  # the bars' states go nowhere
+    monkeypatch.setattr(pc, "_warned", set())  # warnings are once per process
+    settings = {"PROGRESSISTA_PUSH_INTERVAL": "0.5", "PROGRESSISTA_REQUEST_TIMEOUT": "3",
+                "PROGRESSISTA_HEARTBEAT_INTERVAL": "7"}
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+
+    def read(push_every=None, request_timeout=None, heartbeat_s=None):
+        remote = pc.tqdm(total=1, file=io.StringIO(), server_url=ENDPOINT.url,
+                         push_every=push_every, request_timeout=request_timeout)
+        remote.close()
+        return (remote._remote_push_every, remote._remote_endpoint.timeout,
+                pc.Sender(heartbeat_s=heartbeat_s, autostart=False).heartbeat_s)
+
+    assert read() == (0.5, 3.0, 7.0)
+    assert read(push_every=0.1, request_timeout=1, heartbeat_s=4.0) == (0.1, 1.0, 4.0)
+    for name in settings:
+        monkeypatch.setenv(name, "soon")
+    assert read() == (pc.DEFAULT_PUSH_INTERVAL_S, pc.DEFAULT_REQUEST_TIMEOUT_S,
+                      pc.DEFAULT_HEARTBEAT_INTERVAL_S)
+    ignored = [r.getMessage() for r in warnings_in(client_log)]
+    assert len(ignored) == 3 and all(
+        any(name + "='soon'" in message for message in ignored) for name in settings)
 
 
 def test_sender_splits_a_refused_batch_so_good_states_still_arrive():
