@@ -2280,6 +2280,18 @@ def test_errors_for_a_non_object_and_a_non_finite_timestamp_read_cleanly(body, m
     assert refused.value.message == message
 
 
+def test_without_index_html_the_server_runs_and_the_page_404_says_where_it_looked(
+        monkeypatch):
+    monkeypatch.setattr(progressista, "find_dashboard",
+                        lambda: (None, ["/here/index.html", "/there/index.html"]))
+    with running_server() as server:
+        status, body, _ = http("GET", server.url + "/static/index.html")
+        assert status == 404
+        assert body["error"] == ("dashboard file index.html not found; looked in: "
+                                 "/here/index.html, /there/index.html")
+        assert http("GET", server.url + "/health")[0] == 200
+
+
 def test_cli_show_config_masks_a_password_in_the_store_url():
     result = run_cli("show-config", "--store", "redis://user:hunter2@db.internal:6379/0")
     assert result.returncode == 0

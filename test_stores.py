@@ -341,7 +341,7 @@ def test_redis_retention_and_max_age_expire_once_for_every_listener(redis_server
                 listener.close()
 
 
-def test_redis_stale_is_marked_once_and_shown_by_both_servers(redis_server):
+def test_redis_stale_mark_made_by_the_sweeper_reaches_both_servers(redis_server):
     settings = dict(store=redis_server.url, stale_seconds=0.2, cleanup_interval=0.05)
     with running_server(**settings) as one, running_server(**settings) as two:
         listener = Listener(two)
@@ -437,7 +437,7 @@ def test_sqlite_answered_delete_survives_a_kill_9(db_url):
         assert sorted(tasks_of(server)) == ["kept"]
 
 
-def test_sqlite_write_failure_shows_in_health_and_loses_nothing(db_url, monkeypatch):
+def test_sqlite_failed_write_is_retried_and_loses_nothing(db_url, monkeypatch):
     path = db_url[len("sqlite://"):]
     failures = []
     real_write = progressista.SqliteStore._write
