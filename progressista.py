@@ -45,7 +45,9 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "App",
+    "DomainError",
     "HTTPError",
+    "InvalidUpdate",
     "json_response",
     "MemoryStore",
     "Request",
@@ -53,6 +55,7 @@ __all__ = [
     "Settings",
     "StoreError",
     "StoreFull",
+    "StoreUnavailable",
     "SqliteStore",
     "RedisStore",
     "Task",
@@ -357,28 +360,30 @@ SETTINGS_TABLE = (
 # --- Tasks (pure: no I/O) --------------------------------------------------------------
 
 
-class HTTPError(Exception):
-    """An error answered as ``{"error": message}`` with `status` and extra `headers`."""
-
-    def __init__(self, status, message, headers=(), reason=None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = list(headers)
-        self.reason = reason  # the label GET /metrics counts it under; None: by status
+class DomainError(Exception):
+    """An error of the tasks or the store. The pure core raises these; the HTTP layer
+    maps each kind to one status in `error_response()`."""
 
 
-class StoreFull(HTTPError):
+class InvalidUpdate(DomainError, ValueError):
+    """An update that breaks a rule of docs/PROTOCOL.md; the message names the field
+    (``tasks[3].n: must be a finite number >= 0``)."""
+
+
+class StoreFull(DomainError):
     """The store's task cap refuses a new task_id (existing tasks still update)."""
 
     def __init__(self, max_tasks, task_id):
         super().__init__(
-            503,
             f"task limit reached: the server already holds max_tasks={max_tasks} tasks, so "
             f"new task_id {task_id!r} was refused (existing tasks still update). Delete "
-            "finished tasks (DELETE /tasks?status=close) or raise --max-tasks",
-            headers=[("Retry-After", "5")], reason="store_full",
-        )
+            "finished tasks (DELETE /tasks?status=close) or raise --max-tasks")
+        self.max_tasks = max_tasks
+        self.task_id = task_id
+
+
+class StoreUnavailable(DomainError):
+    """A shared store (Redis) cannot be reached; nothing was stored."""
 
 
 STATUSES = ("running", "stale", "close", "error")
@@ -397,8 +402,8 @@ def _number(value, where, minimum=0.0, nullable=False):
     if value is None and nullable:
         return None
     if not _is_number(value):
-        raise HTTPError(400, f"{where}: must be a number{' or null' if nullable else ''}, "
-                             f"not {type(value).__name__ if value is not None else 'null'}")
+        raise InvalidUpdate(f"{where}: must be a number{' or null' if nullable else ''}, "
+                            f"not {type(value).__name__ if value is not None else 'null'}")
     try:
         finite = math.isfinite(value)
     except OverflowError:  # an integer beyond any float
@@ -406,7 +411,7 @@ def _number(value, where, minimum=0.0, nullable=False):
     if not finite or value < minimum:
         shown = value if finite or type(value) is float else "a number too large"
         bound = f" >= {minimum:g}" if minimum > -math.inf else ""
-        raise HTTPError(400, f"{where}: must be a finite number{bound}, not {shown}")
+        raise InvalidUpdate(f"{where}: must be a finite number{bound}, not {shown}")
     return value
 
 
@@ -424,8 +429,8 @@ def _is_unicode(text):
 
 def _check_unicode(text, where):
     if not _is_unicode(text):
-        raise HTTPError(400, f"{where}: must be valid Unicode (a lone surrogate like "
-                             "\\ud800 is not)")
+        raise InvalidUpdate(f"{where}: must be valid Unicode (a lone surrogate like "
+                            "\\ud800 is not)")
     return text
 
 
@@ -433,24 +438,24 @@ def _text(value, where, limit, nullable=True):
     if value is None and nullable:
         return None
     if type(value) is not str:
-        raise HTTPError(400, f"{where}: must be a string{' or null' if nullable else ''}")
+        raise InvalidUpdate(f"{where}: must be a string{' or null' if nullable else ''}")
     if len(value) > limit:
-        raise HTTPError(400, f"{where}: must be at most {limit} characters, not {len(value)}")
+        raise InvalidUpdate(f"{where}: must be at most {limit} characters, not {len(value)}")
     _check_unicode(value, where)
     return sys.intern(value) if len(value) <= 32 else value
 
 
 def _check_task_id(value, where):
     if type(value) is not str or not 1 <= len(value) <= MAX_TASK_ID_CHARS:
-        raise HTTPError(400, f"{where}: required, a string of 1 to {MAX_TASK_ID_CHARS} characters")
+        raise InvalidUpdate(f"{where}: required, a string of 1 to {MAX_TASK_ID_CHARS} characters")
     return _check_unicode(value, where)
 
 
 def _check_status(value, where):
     status = STATUS_ALIASES.get(value) if type(value) is str else None
     if status is None:
-        raise HTTPError(400, f"{where}: must be one of running, close, error "
-                             f"(start and update mean running), not {value!r}")
+        raise InvalidUpdate(f"{where}: must be one of running, close, error "
+                            f"(start and update mean running), not {value!r}")
     return status
 
 
@@ -463,7 +468,7 @@ def _check_unit_scale(value, where):
 def _check_unit_divisor(value, where):
     value = _number(value, where)
     if value == 0:
-        raise HTTPError(400, f"{where}: must be a number > 0")
+        raise InvalidUpdate(f"{where}: must be a number > 0")
     return value
 
 
@@ -471,7 +476,7 @@ def _check_seq(value, where):
     if type(value) is float and value.is_integer():
         value = int(value)
     if type(value) is not int:
-        raise HTTPError(400, f"{where}: must be an integer")
+        raise InvalidUpdate(f"{where}: must be an integer")
     return value
 
 
@@ -481,7 +486,7 @@ def _check_timestamp(value, where):
 
 def _check_meta(value, where):
     if type(value) is not dict:
-        raise HTTPError(400, f"{where}: must be an object of string keys and scalar values")
+        raise InvalidUpdate(f"{where}: must be an object of string keys and scalar values")
     bound = 2  # an upper bound of the compact JSON size: 12 bytes a character at worst
     interned = {}  # keys and short strings shared by every task (json.loads copies them)
     for key, item in value.items():
@@ -494,21 +499,21 @@ def _check_meta(value, where):
                 item = sys.intern(item)
         elif kind is float:
             if not math.isfinite(item):
-                raise HTTPError(400, f"{where}.{key}: must be a finite number")
+                raise InvalidUpdate(f"{where}.{key}: must be a finite number")
             bound += 12 * len(key) + 30
         elif item is None or kind is bool or (kind is int and -10**20 < item < 10**20):
             bound += 12 * len(key) + 30
         elif kind is int:
             bound += MAX_META_BYTES  # a huge int: let json.dumps measure it
         else:
-            raise HTTPError(400, f"{where}.{key}: must be a string, number, true, false or null")
+            raise InvalidUpdate(f"{where}.{key}: must be a string, number, true, false or null")
         interned[sys.intern(key) if len(key) <= 64 else key] = item
     value = interned
     if bound <= MAX_META_BYTES:
         return value
     size = len(json.dumps(value, separators=(",", ":")))
     if size > MAX_META_BYTES:
-        raise HTTPError(400, f"{where}: must be at most {MAX_META_BYTES} bytes as JSON, not {size}")
+        raise InvalidUpdate(f"{where}: must be at most {MAX_META_BYTES} bytes as JSON, not {size}")
     return value
 
 
@@ -533,15 +538,15 @@ FIELD_CHECKS = {
 
 
 def validate_update(obj, index=None):
-    """Return the known fields of one update, checked; raise HTTPError(400) naming the
+    """Return the known fields of one update, checked; raise InvalidUpdate naming the
     first bad field (``tasks[3].n: ...`` when `index` is a batch position)."""
     if type(obj) is not dict:
         where = "body" if index is None else f"tasks[{index}]"
-        raise HTTPError(400, f"{where}: each update must be a JSON object")
+        raise InvalidUpdate(f"{where}: each update must be a JSON object")
     if "task_id" not in obj:
         prefix = "" if index is None else f"tasks[{index}]."
-        raise HTTPError(400, f"{prefix}task_id: required, a string of 1 to "
-                             f"{MAX_TASK_ID_CHARS} characters")
+        raise InvalidUpdate(f"{prefix}task_id: required, a string of 1 to "
+                            f"{MAX_TASK_ID_CHARS} characters")
     update = {}
     for key, value in obj.items():
         # The common valid cases inline, by type; anything else (including every error)
@@ -999,9 +1004,8 @@ class RedisStore(MemoryStore):
                       "it is back", self.shown_url, error)
         self.ok = False
         self.failures += 1
-        return HTTPError(503, f"the Redis store is unreachable ({error}); the update was "
-                              "not stored: retry later", headers=[("Retry-After", "2")],
-                         reason="store_unavailable")
+        return StoreUnavailable(f"the Redis store is unreachable ({error}); the update was "
+                                "not stored: retry later")
 
     def came_back(self):
         if self.ok is False:
@@ -1182,7 +1186,7 @@ class RedisStore(MemoryStore):
             self.is_sweeper = False
             self.went_down(error)
             return [], []
-        except HTTPError:  # delete() found Redis down and said so
+        except StoreUnavailable:  # delete() found Redis down and said so
             return [], []
         return [task.task_id for task in stale], removed
 
@@ -1830,6 +1834,17 @@ REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) (HTTP/1\.[01])\Z")
 SINGLE_HEADERS = ("content-length", "host")
 
 
+class HTTPError(Exception):
+    """An error answered as ``{"error": message}`` with `status` and extra `headers`."""
+
+    def __init__(self, status, message, headers=(), reason=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+        self.reason = reason  # the label GET /metrics counts it under; None: by status
+
+
 class Request:
     """One parsed HTTP request. `headers` has lower-case names; `query` maps each name to
     its last value."""
@@ -1946,7 +1961,29 @@ def json_response(payload, status=200, headers=None):
     return Response(status, _encode(payload), headers=headers)
 
 
+# How each domain error is answered: (status, extra headers, metrics reason).
+DOMAIN_ERROR_STATUS = {
+    InvalidUpdate: (400, (), None),
+    StoreFull: (503, (("Retry-After", "5"),), "store_full"),
+    StoreUnavailable: (503, (("Retry-After", "2"),), "store_unavailable"),
+}
+ANSWERED_ERRORS = (HTTPError, DomainError)  # what becomes a JSON error, not a 500
+
+
+def as_http_error(error):
+    """The HTTPError that answers `error`, an HTTPError or a DomainError."""
+    if isinstance(error, HTTPError):
+        return error
+    for kind in type(error).__mro__:
+        if kind in DOMAIN_ERROR_STATUS:
+            status, headers, reason = DOMAIN_ERROR_STATUS[kind]
+            return HTTPError(status, str(error), headers, reason)
+    return HTTPError(500, "internal server error; see the server log")
+
+
 def error_response(error):
+    """The JSON answer to an HTTPError or a DomainError."""
+    error = as_http_error(error)
     response = json_response({"error": error.message}, error.status, list(error.headers))
     response.reason = error.reason
     return response
@@ -2511,7 +2548,7 @@ class App:
             call = _calling(middleware, call)
         try:
             return await call(request)
-        except HTTPError as error:
+        except ANSWERED_ERRORS as error:
             return error_response(error)
 
     def result_of(self, request, done):
@@ -2524,7 +2561,7 @@ class App:
                 raise TypeError(f"a middleware returned {type(response).__name__}, "
                                 "not a Response")
             return response
-        except HTTPError as error:
+        except ANSWERED_ERRORS as error:
             return error_response(error)
         except Exception:
             return internal_error(request)
@@ -2535,7 +2572,7 @@ class App:
         cors = self.cors_headers(request)  # on errors too, so a page can read them
         try:
             response = self.route(request)
-        except HTTPError as error:
+        except ANSWERED_ERRORS as error:
             response = error_response(error)
         except Exception:
             response = internal_error(request)
@@ -2573,7 +2610,7 @@ class App:
     async def completed(pending, cors):
         try:
             response = await pending
-        except HTTPError as error:
+        except ANSWERED_ERRORS as error:
             response = error_response(error)
         response.headers.extend(cors)
         return response
@@ -2777,7 +2814,7 @@ class App:
     def check_websocket(self, request):
         try:
             self.check_token(request)
-        except HTTPError as error:
+        except ANSWERED_ERRORS as error:
             return error_response(error)
         return None
 

@@ -1507,10 +1507,11 @@ def store_with(*updates, now=100.0, max_tasks=100):
 
 
 def test_validate_update_names_batch_index_in_error():
-    with pytest.raises(progressista.HTTPError) as error:
+    with pytest.raises(progressista.InvalidUpdate) as error:
         progressista.validate_update({"task_id": "a", "n": -1}, 3)
-    assert error.value.status == 400
-    assert error.value.message.startswith("tasks[3].n")
+    answered = progressista.as_http_error(error.value)
+    assert answered.status == 400
+    assert answered.message.startswith("tasks[3].n")
 
 
 def test_validate_update_drops_unknown_fields():
@@ -2275,9 +2276,9 @@ def test_masked_url_hides_a_password_however_redis_takes_it(url, shown):
      "tasks[0].timestamp: must be a finite number, not inf"),
 ])
 def test_errors_for_a_non_object_and_a_non_finite_timestamp_read_cleanly(body, message):
-    with pytest.raises(progressista.HTTPError) as refused:
+    with pytest.raises(progressista.InvalidUpdate) as refused:
         progressista.validate_update(body[0], 0)
-    assert refused.value.message == message
+    assert str(refused.value) == message
 
 
 def test_without_index_html_the_server_runs_and_the_page_404_says_where_it_looked(
