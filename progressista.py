@@ -16,6 +16,7 @@ import base64
 import collections
 import concurrent.futures
 import dataclasses
+import difflib
 import hashlib
 import hmac
 import html.parser
@@ -58,6 +59,7 @@ __all__ = [
     "StoreUnavailable",
     "SqliteStore",
     "RedisStore",
+    "Store",
     "Task",
     "create_app",
     "main",
@@ -698,18 +700,64 @@ def sweep_plan(tasks, now, lifetimes):
     return stale, expired_ids
 
 
-class MemoryStore:
-    """Tasks in a dict, oldest first. The narrow interface every store implements:
+class Store:
+    """The contract every store keeps, written once; subclass it for a store of your own.
 
-    apply(updates, now) -> changed task ids   (all or nothing; may raise StoreFull)
-    get(task_id) -> Task or None;  tasks() -> iterable of Task, oldest created first
-    delete(task_ids) -> removed ids;  sweep(now, lifetimes) -> (stale ids, removed ids)
-    health() -> dict;  __len__;  close()
-    """
+    A store holds the tasks and answers reads from memory. Each method that may wait for
+    I/O (apply, delete, sweep, open, flush, close) returns its result or an awaitable of
+    it: the in-memory store answers at once, so its requests never leave the fast path,
+    and the server awaits the others (see `settle()`). The members with a body here are
+    optional: their defaults suit a store that needs no I/O."""
 
-    kind = "memory"
+    kind = "custom"  # for /health and /metrics
     failures = 0  # failed reads and writes of a persistent store, for GET /metrics
     is_sweeper = True  # the one server on these tasks: it sends the notifications
+
+    def apply(self, updates, now):
+        """Apply validated updates (all or nothing); return the ids that changed.
+        Raise StoreFull when a new task_id would pass the cap."""
+        raise NotImplementedError
+
+    def get(self, task_id):
+        """The Task with this id, or None."""
+        raise NotImplementedError
+
+    def tasks(self):
+        """Every Task, oldest created first."""
+        raise NotImplementedError
+
+    def delete(self, task_ids):
+        """Delete these tasks; return the ids that were there."""
+        raise NotImplementedError
+
+    def sweep(self, now, settings):
+        """Apply the lifetimes of `settings` as of `now`: return (ids whose shown status
+        changed, ids deleted)."""
+        raise NotImplementedError
+
+    def __len__(self):
+        raise NotImplementedError
+
+    def health(self):
+        """A JSON-able dict for GET /health; "ok" False marks the server degraded."""
+        return {"kind": self.kind, "ok": True}
+
+    def open(self, feed):
+        """Called once the loop runs, before the first request; `feed` takes changes
+        that reach this store from elsewhere (another server on the same Redis)."""
+
+    def flush(self):
+        """Called every broadcast interval: write what is pending."""
+
+    def close(self):
+        """Called at shutdown, after the last request."""
+
+
+class MemoryStore(Store):
+    """Tasks in a dict, oldest first: the default store, and the in-memory table the
+    persistent stores serve reads from."""
+
+    kind = "memory"
 
     def __init__(self, max_tasks=MAX_TASKS):
         self.max_tasks = max_tasks
@@ -750,6 +798,14 @@ class MemoryStore:
     def delete(self, task_ids):
         return self.forget(task_ids)
 
+    def put(self, task):
+        """Hold `task` as it is: one another server wrote (Redis)."""
+        self.by_id[task.task_id] = task
+
+    def replace_all(self, tasks_by_id):
+        """Hold exactly these tasks (a resync from a shared store), in their order."""
+        self.by_id = dict(tasks_by_id)
+
     def forget(self, task_ids):
         """Drop `task_ids`; return the ones the store held. delete() is what a user
         asked for; forget() also serves the sweep."""
@@ -764,11 +820,6 @@ class MemoryStore:
         self.forget(removed_ids)
         return [task.task_id for task in stale], removed_ids
 
-    def health(self):
-        return {"kind": self.kind, "ok": True}
-
-    def close(self):
-        pass
 
 
 # --- Stores that persist: SQLite and Redis (I/O) ---------------------------------------
@@ -958,7 +1009,7 @@ def redis_ttl_ms(task, lifetimes):
     return int((min(limits) + 2 * lifetimes.cleanup_interval) * 1000) if limits else 0
 
 
-class RedisStore(MemoryStore):
+class RedisStore(Store):
     """Tasks in Redis, shared by every server on it; each server mirrors them in memory.
 
     Writes go to Redis first (503 when it is unreachable) and are published on a channel;
@@ -968,7 +1019,7 @@ class RedisStore(MemoryStore):
     kind = "redis"
 
     def __init__(self, url, settings):
-        super().__init__(settings.max_tasks)
+        self.local = MemoryStore(settings.max_tasks)  # the mirror that answers reads
         try:
             import redis.asyncio as aioredis
             import redis.exceptions
@@ -991,6 +1042,15 @@ class RedisStore(MemoryStore):
         self.subscriber = None
         self.closing = False
         self.is_sweeper = False  # holds the sweeper lease (as of the last sweep)
+
+    def get(self, task_id):
+        return self.local.get(task_id)
+
+    def tasks(self):
+        return self.local.tasks()
+
+    def __len__(self):
+        return len(self.local)
 
     def key(self, task_id):
         return REDIS_PREFIX + "task:" + task_id
@@ -1054,12 +1114,13 @@ class RedisStore(MemoryStore):
         gone = [task_id for task_id in ids if task_id not in fresh]
         if gone:  # expired by Redis itself while no server was sweeping
             await self.client.zrem(self.index_key, *gone)
-        removed = [task_id for task_id in self.by_id if task_id not in fresh]
+        local = self.local
+        removed = [task.task_id for task in local.tasks() if task.task_id not in fresh]
         changed = [task_id for task_id, task in fresh.items()
-                   if (self.by_id.get(task_id) is None
-                       or self.by_id[task_id].updated_at != task.updated_at
-                       or self.by_id[task_id].status != task.status)]  # a stale mark
-        self.by_id = fresh
+                   if (local.get(task_id) is None
+                       or local.get(task_id).updated_at != task.updated_at
+                       or local.get(task_id).status != task.status)]  # a stale mark
+        local.replace_all(fresh)
         self.feed.removed(removed)
         self.feed.changed(changed)
 
@@ -1100,12 +1161,12 @@ class RedisStore(MemoryStore):
         changed = []
         for stored in event.get("changed", ()):
             task = Task.from_dict(stored)
-            local = self.by_id.get(task.task_id)
-            if local is None or local.seq is None or task.seq is None or task.seq >= local.seq:
-                self.by_id[task.task_id] = task
+            held = self.local.get(task.task_id)
+            if held is None or held.seq is None or task.seq is None or task.seq >= held.seq:
+                self.local.put(task)
                 changed.append(task.task_id)
         self.feed.changed(changed)
-        self.feed.removed(self.forget(event.get("removed", ())))
+        self.feed.removed(self.local.forget(event.get("removed", ())))
 
     async def write_and_publish(self, tasks, same_seq_ok=False):
         """Store `tasks` (where their seq is newest) and tell the other servers; return
@@ -1130,12 +1191,11 @@ class RedisStore(MemoryStore):
 
     async def apply(self, updates, now):
         """Store in Redis, then in the mirror; all or nothing, 503 when Redis is down."""
-        self.check_room(updates)
-        by_id = self.by_id
+        self.local.check_room(updates)
         staged = {}
         for update in updates:
             task_id = update["task_id"]
-            task = staged.get(task_id) or by_id.get(task_id)
+            task = staged.get(task_id) or self.local.get(task_id)
             task = task.copy() if task is not None else Task(task_id, now)
             if apply_update(task, update, now):
                 staged[task_id] = task
@@ -1147,7 +1207,8 @@ class RedisStore(MemoryStore):
         except self.errors as error:
             raise self.went_down(error) from None
         self.came_back()
-        by_id.update(staged)
+        for task in staged.values():
+            self.local.put(task)
         return list(staged)
 
     async def delete(self, task_ids):
@@ -1165,7 +1226,7 @@ class RedisStore(MemoryStore):
                 await self.publish((), removed)
         except self.errors as error:
             raise self.went_down(error) from None
-        self.forget(removed)
+        self.local.forget(removed)
         return removed
 
     async def sweep(self, now, lifetimes):
@@ -1176,7 +1237,7 @@ class RedisStore(MemoryStore):
                                                            args=[self.origin, lease_ms]))
             if not self.is_sweeper:
                 return [], []
-            stale, doomed = sweep_plan(self.by_id.values(), now, lifetimes)
+            stale, doomed = sweep_plan(self.local.tasks(), now, lifetimes)
             for task in stale:
                 task.status = "stale"
             if stale:
@@ -1995,6 +2056,10 @@ def internal_error(request):
     return json_response({"error": "internal server error; see the server log"}, 500)
 
 
+def shutting_down():
+    return json_response({"error": "the server is shutting down"}, 503)
+
+
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 
 
@@ -2150,6 +2215,369 @@ def _status_query(request):
     return status
 
 
+
+def settle(result, then):
+    """`then(result)`: at once when `result` is a value, or as a coroutine that awaits it
+    first. The one place that tells a store's (or a middleware's) value from a coroutine,
+    so that the in-memory store's requests never leave the synchronous fast path."""
+    if asyncio.iscoroutine(result):
+        return _settled_later(result, then)
+    return then(result)
+
+
+async def _settled_later(result, then):
+    return then(await result)
+
+
+async def resolved(result):
+    """`result`, awaited first when it is a coroutine; for code that is already async."""
+    return await result if asyncio.iscoroutine(result) else result
+
+
+def _calling(middleware, call_next):
+    """One link of the middleware chain: `middleware` with what comes after it."""
+    return lambda request: middleware(request, call_next)
+
+
+WEBSOCKET_ADMITTED = Response(101)  # what middleware's call_next gives for an admitted /ws
+
+
+class Api:
+    """The HTTP API: a Request in, a Response (or a coroutine of one) out.
+
+    It owns the routes, the middleware chain and the access policy (tokens, origins,
+    CORS), and logs and counts each answered request. It needs no socket: a test can call
+    `handle()` with a parsed Request. What it changes in the store it tells `feed`."""
+
+    def __init__(self, settings, store, feed, metrics, clock, server_gauges):
+        self.settings = settings
+        self.store = store
+        self.feed = feed
+        self.metrics = metrics
+        self.clock = clock
+        self.server_gauges = server_gauges  # () -> live counts the server keeps (listeners...)
+        self.middleware = []
+        self.log_requests = False  # set at start: one debug line per request
+        self.page, self.script_hashes, self.page_source = load_dashboard()
+        self.routes = {
+            "/progress": {"POST": self.post_progress},
+            "/tasks": {"GET": self.get_tasks, "DELETE": self.delete_tasks},
+            "/health": {"GET": self.get_health},
+            "/metrics": {"GET": self.get_metrics},
+            "/auth": {"GET": self.get_auth},
+            "/": {"GET": self.get_root},
+            "/static/" + INDEX_FILE: {"GET": self.get_dashboard},
+            "/ws": {"GET": self.get_ws_without_upgrade},
+        }
+        self.task_routes = {"GET": self.get_task, "DELETE": self.delete_task}  # /tasks/{id}
+
+    # Middleware
+
+    def add_middleware(self, middleware):
+        """Wrap request handling: ``async def middleware(request, call_next) -> Response``.
+
+        The first added is the outermost. Return a Response to answer early (e.g. a
+        rejection), or ``await call_next(request)`` to go on. It runs before routing and
+        token checks; raise HTTPError(status, message) for a JSON error."""
+        self.middleware.append(middleware)
+        return middleware
+
+    def handle(self, request):
+        """A Response, or a coroutine producing one when middleware or an asynchronous
+        store is involved. Never raises: any failure is a JSON error or a logged 500."""
+        if self.middleware:
+            return self.through_middleware(request, lambda request: resolved(
+                self.dispatch(request)))
+        return self.dispatch(request)
+
+    async def through_middleware(self, request, innermost):
+        call = innermost
+        for middleware in reversed(self.middleware):
+            call = _calling(middleware, call)
+        try:
+            response = await call(request)
+            if not isinstance(response, Response):
+                raise TypeError(f"a middleware returned {type(response).__name__}, "
+                                "not a Response")
+            return response
+        except ANSWERED_ERRORS as error:
+            return error_response(error)
+        except asyncio.CancelledError:  # only at shutdown
+            return shutting_down()
+        except Exception:
+            return internal_error(request)
+
+    def dispatch(self, request):
+        """Route one request. The one catch-all: an unexpected error is logged and
+        answered 500, and the server goes on serving every other connection."""
+        cors = self.cors_headers(request)  # on errors too, so a page can read them
+        try:
+            response = self.route(request)
+        except ANSWERED_ERRORS as error:
+            response = error_response(error)
+        except Exception:
+            response = internal_error(request)
+        if asyncio.iscoroutine(response):  # an asynchronous store is still at work
+            return self.completed(request, response, cors)
+        response.headers.extend(cors)
+        return response
+
+    async def completed(self, request, pending, cors):
+        try:
+            response = await pending
+        except ANSWERED_ERRORS as error:
+            response = error_response(error)
+        except asyncio.CancelledError:  # only at shutdown
+            response = shutting_down()
+        except Exception:
+            response = internal_error(request)
+        response.headers.extend(cors)
+        return response
+
+    def route(self, request):
+        path = request.path
+        methods = self.routes.get(path)
+        if methods is None:
+            if path.startswith("/tasks/") and len(path) > len("/tasks/"):
+                methods = self.task_routes
+            else:
+                raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
+                                     "or docs/PROTOCOL.md for the API")
+        method = "GET" if request.method == "HEAD" else request.method
+        if method == "OPTIONS":
+            return self.preflight(request, methods)
+        handler = methods.get(method)
+        if handler is None:
+            allow = allowed_methods(methods)
+            raise HTTPError(405, f"{request.method} is not allowed on {path}; "
+                                 f"use {allow}", headers=[("Allow", allow)])
+        if method != "GET" and not origin_allowed(request, self.settings.allow_origins):
+            # A page on another site must not change tasks, even without tokens.
+            raise HTTPError(403, f"origin {request.headers.get('origin')!r} is not "
+                                 "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS",
+                            reason="origin")
+        self.check_token(request)
+        return handler(request)
+
+    def access(self, request):
+        """What the request's token allows: "write" (every route; also when no tokens
+        are configured), "read" (GET and HEAD only), or None (no valid token)."""
+        settings = self.settings
+        if not settings.api_tokens or token_ok(request, settings.api_tokens):
+            return "write"
+        if settings.read_tokens and token_ok(request, settings.read_tokens):
+            return "read"
+        return None
+
+    def check_token(self, request):
+        if not self.settings.api_tokens:  # Settings refuses read tokens without these
+            return
+        path = request.path
+        if path in PUBLIC_PATHS or path.startswith("/static/"):
+            return
+        access = self.access(request)
+        if access == "write" or (access == "read" and request.method in ("GET", "HEAD")):
+            return
+        if access == "read":
+            # A shared dashboard link must not be able to delete or forge tasks.
+            raise HTTPError(403, f"this token may only read: {request.method} {path} needs "
+                                 "an API token (PROGRESSISTA_API_TOKEN), not a read token",
+                            reason="read_only_token")
+        raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
+                             "<token>' or add ?token=<token> to the URL",
+                        headers=[("WWW-Authenticate", "Bearer")], reason="unauthorized")
+
+    def cors_headers(self, request):
+        origin = request.headers.get("origin")
+        allowed = self.settings.allow_origins
+        if origin is None or not allowed or not ("*" in allowed or origin in allowed):
+            return []
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+
+    def preflight(self, request, methods):
+        allow = allowed_methods(methods)
+        if request.headers.get("origin") is not None and not self.cors_headers(request):
+            raise HTTPError(403, f"origin {request.headers['origin']!r} is not allowed; "
+                                 "list it in PROGRESSISTA_ALLOW_ORIGINS", reason="origin")
+        return Response(204, content_type=None, headers=[
+            ("Allow", allow),
+            ("Access-Control-Allow-Methods", allow),
+            ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+            ("Access-Control-Max-Age", "600"),
+        ])
+
+    # Routes: one small handler each
+
+    def post_progress(self, request):
+        payload = request.json()
+        if type(payload) is list:
+            if len(payload) > MAX_BATCH_ITEMS:
+                raise HTTPError(400, f"batch of {len(payload)} updates is over the limit of "
+                                     f"{MAX_BATCH_ITEMS}: split it")
+            updates = [validate_update(item, index) for index, item in enumerate(payload)]
+        else:
+            updates = [validate_update(payload)]
+        self.metrics.updates_received += len(updates)
+        accepted = Response(200, b'{"ok":true,"accepted":%d}' % len(updates))
+        return settle(self.store.apply(updates, self.clock()),
+                      lambda changed: self.applied(changed, accepted))
+
+    def applied(self, changed, response):
+        self.metrics.updates_applied += len(changed)
+        self.feed.changed(changed)
+        return response
+
+    def get_tasks(self, request):
+        status = _status_query(request)
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        tasks = {}
+        for task in self.store.tasks():  # the status first: as_dict() only for those shown
+            if status is None or task.shown_status(now, stale_after_s) == status:
+                tasks[task.task_id] = task.as_dict(now, stale_after_s)
+        return json_response({"tasks": tasks, "now": now})
+
+    def get_task(self, request):
+        task_id = _path_task_id(request)
+        task = self.store.get(task_id)
+        if task is None:
+            raise HTTPError(404, f"no task {task_id!r}")
+        return json_response(task.as_dict(self.clock(), self.settings.stale_seconds))
+
+    def delete_tasks(self, request):
+        # With no filter this deletes everything: a misspelt filter must not mean that.
+        unknown = set(request.query) - DELETE_FILTERS
+        if unknown:
+            raise HTTPError(400, f"unknown filter {sorted(unknown)[0]!r}: DELETE /tasks takes "
+                                 "status, older_than and task_id (none deletes every task)")
+        status = _status_query(request)
+        older_than = _seconds_query(request, "older_than")
+        # An id as a filter too: a browser cannot put "." or ".." in a path segment.
+        task_id = request.query.get("task_id")
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        candidates = self.store.tasks() if task_id is None else filter(
+            None, [self.store.get(task_id)])
+        doomed = [task.task_id for task in candidates
+                  if (status is None or task.shown_status(now, stale_after_s) == status)
+                  and (older_than is None or now - task.updated_at >= older_than)]
+        return settle(self.store.delete(doomed),
+                      lambda removed: self.deleted(removed, removed))
+
+    def delete_task(self, request):
+        return settle(self.store.delete([_path_task_id(request)]),
+                      lambda removed: self.deleted(removed, bool(removed)))
+
+    def deleted(self, removed, answer):
+        self.feed.removed(removed)
+        return json_response({"removed": answer})
+
+    def tasks_by_status(self):
+        """How many tasks each status has now, as readers see them (stale included)."""
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        counts = dict.fromkeys(STATUSES, 0)
+        for task in self.store.tasks():
+            counts[task.shown_status(now, stale_after_s)] += 1
+        return counts
+
+    def get_health(self, request):
+        store = self.store.health()
+        return json_response({"status": "ok" if store.get("ok") else "degraded",
+                              "tasks": len(self.store),
+                              "active": self.tasks_by_status()["running"],
+                              "listeners": self.server_gauges()["listeners"], "store": store,
+                              "version": __version__})
+
+    def get_metrics(self, request):
+        store = self.store.health()
+        gauges = {"tasks_by_status": self.tasks_by_status(), **self.server_gauges(),
+                  # From health(), which every store has: a store of your own may lack kind.
+                  "store_kind": store.get("kind", "custom"), "store_up": store.get("ok"),
+                  "store_errors": self.store.failures}
+        return Response(200, render_metrics(self.metrics, gauges), METRICS_CONTENT_TYPE)
+
+    def get_auth(self, request):
+        # The dashboard asks, to hide the controls a read-only token may not use.
+        return json_response({"access": self.access(request)})
+
+    def get_ws_without_upgrade(self, request):
+        # A GET with the upgrade headers never gets here (Connection.upgrade takes it).
+        raise HTTPError(426, "/ws is a WebSocket: connect with a WebSocket client",
+                        headers=[("Upgrade", "websocket")])
+
+    def get_root(self, request):
+        query = request.target.partition("?")[2]
+        location = "/static/" + INDEX_FILE + ("?" + query if query else "")
+        return Response(307, b"", content_type=None, headers=[("Location", location)])
+
+    def get_dashboard(self, request):
+        if self.page is None:
+            raise HTTPError(404, self.page_source)
+        return Response(200, self.page, "text/html; charset=utf-8", headers=[
+            ("Content-Security-Policy",
+             content_security_policy(self.script_hashes, request.headers.get("host"))),
+            ("Cache-Control", "no-cache"),
+            ("Referrer-Policy", "no-referrer"),  # the URL may carry ?token=
+        ])
+
+
+    # WebSocket admission
+
+    def admit_websocket(self, request):
+        """None when a /ws handshake may go on, else the Response refusing it; a coroutine
+        of either when middleware must see the handshake first (as it sees every request)."""
+        if self.middleware:
+            return self.admitted_by_middleware(request)
+        return self.check_websocket(request)
+
+    async def admitted_by_middleware(self, request):
+        async def innermost(request):
+            return self.check_websocket(request) or WEBSOCKET_ADMITTED
+
+        response = await self.through_middleware(request, innermost)
+        return None if response is WEBSOCKET_ADMITTED else response
+
+    def check_websocket(self, request):
+        try:
+            self.check_token(request)
+        except ANSWERED_ERRORS as error:
+            return error_response(error)
+        return None
+
+    def websocket_origins(self, request):
+        if "*" in self.settings.allow_origins:
+            return None
+        return [None, *sorted(own_origins(request)), *self.settings.allow_origins]
+
+    # Logging
+
+    def route_label(self, path):
+        """The route a path belongs to, for GET /metrics: a bounded set of labels."""
+        if path in self.routes:
+            return path
+        if path.startswith("/tasks/"):
+            return "/tasks/{task_id}"
+        return "other"
+
+    def request_done(self, request, status, reason=None):
+        """Count an answered request (None: one too malformed to parse) and log it."""
+        if request is None:
+            self.metrics.request_done("unparsed", "other", status, reason)
+            return
+        self.metrics.request_done(self.route_label(request.path), request.method, status,
+                                  reason)
+        if self.log_requests:
+            path = request.target
+            if "token" in request.query:  # never log a token, however it was escaped
+                path = request.path + "?" + "&".join(
+                    urllib.parse.quote(name) + "=" + ("***" if name == "token"
+                                                      else urllib.parse.quote(value))
+                    for name, value in request.query.items())
+            log.debug("%s %s %d %.1fms", request.method, path, status,
+                      (time.perf_counter() - request.started) * 1000)
+
+
 # --- WebSocket -------------------------------------------------------------------------
 
 try:  # keep the file importable for `version` and `--help` when websockets is missing
@@ -2163,7 +2591,10 @@ except ImportError:  # pragma: no cover - reported by App.start()
 
 
 class Listener:
-    """One /ws client: its Sans-I/O protocol and whether it fell behind."""
+    """One /ws client: its Sans-I/O protocol, whether it keeps up, and its ping deadline.
+
+    The hub offers it each broadcast (`offer()`) and asks it to keep its deadlines
+    (`expire()`); the listener decides what to send, to skip or to give up."""
 
     __slots__ = ("connection", "protocol", "behind_since", "high_water", "ping_sent_at",
                  "last_ping_at")
@@ -2186,6 +2617,39 @@ class Listener:
         # listener that has not read it by the next tick would fall behind, again and again.
         self.high_water = LISTENER_BUFFER_HIGH_BYTES + len(snapshot)
         self.send(snapshot)
+
+    def offer(self, messages, now):
+        """Send this broadcast's `messages` if the listener keeps up. Return SENT, or
+        RESYNC when it has drained after falling behind and needs a fresh snapshot, or
+        None (skipped: it is behind, or closed for not reading)."""
+        unsent = self.unsent_bytes()
+        if self.behind_since is not None:
+            # It missed messages: once it has drained, a fresh snapshot resyncs it.
+            if unsent <= LISTENER_BUFFER_LOW_BYTES:
+                self.behind_since = None
+                return RESYNC
+            if now - self.behind_since > LISTENER_BEHIND_TIMEOUT_S:
+                log.info("closing /ws listener %s: it stopped reading", self.connection.peer)
+                self.connection.abort()
+            return None
+        if unsent > self.high_water:
+            self.behind_since = now  # drop what it has pending, never block the others
+            return None
+        for message in messages:
+            self.send(message)
+        return SENT
+
+    def expire(self, now):
+        """Ping when one is due; close a listener that left a ping unanswered too long."""
+        if self.ping_sent_at is not None:
+            if now - self.ping_sent_at > WS_PING_TIMEOUT_S:
+                log.info("closing /ws listener %s: no pong", self.connection.peer)
+                self.connection.abort()
+        elif (now - self.last_ping_at >= WS_PING_INTERVAL_S
+              and self.protocol.state is State.OPEN):
+            self.ping_sent_at = self.last_ping_at = now
+            self.protocol.send_ping(os.urandom(4))
+            self.flush()
 
     def flush(self):
         transport = self.connection.transport
@@ -2217,6 +2681,68 @@ class Listener:
         if self.protocol.state is State.OPEN:
             self.protocol.send_close(code, reason)
             self.flush()
+
+
+SENT, RESYNC = "sent", "resync"  # what Listener.offer() did
+
+
+class Hub:
+    """The live feed's listeners: a snapshot for each newcomer, each broadcast offered to
+    every listener (one that falls behind never slows the others), and their pings."""
+
+    def __init__(self, feed, store, settings, clock, metrics):
+        self.feed = feed
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+        self.listeners = set()
+        self.cached_snapshot = None
+
+    def __len__(self):
+        return len(self.listeners)
+
+    def add(self, listener):
+        self.listeners.add(listener)
+        self.metrics.listeners_opened += 1
+        self.send_snapshot(listener)
+
+    def discard(self, listener):
+        self.listeners.discard(listener)
+
+    def snapshot(self):
+        """The snapshot message, built once per broadcast interval however many listeners
+        (re)connect in it: what changes after it is built is in the feed, and goes to
+        them with the next update."""
+        if self.cached_snapshot is None:
+            self.cached_snapshot = snapshot_message(self.store, self.clock(),
+                                                    self.settings.stale_seconds)
+        return self.cached_snapshot
+
+    def send_snapshot(self, listener):
+        snapshot = self.snapshot()
+        self.metrics.broadcast((snapshot,), 1)
+        listener.send_snapshot(snapshot)
+
+    def broadcast(self, loop_now):
+        """Send what changed since the last call to every listener that keeps up."""
+        self.cached_snapshot = None  # from here on it would miss what the feed hands out
+        if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
+            self.feed.clear()
+            return
+        messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
+        sent_to = 0
+        for listener in list(self.listeners):
+            outcome = listener.offer(messages, loop_now)
+            if outcome is SENT:
+                sent_to += 1
+            elif outcome is RESYNC:
+                self.send_snapshot(listener)
+        self.metrics.broadcast(messages, sent_to)
+
+    def close_all(self):
+        for listener in list(self.listeners):
+            listener.close()
 
 
 def upgrade_to_websocket(connection, request, head, origins, compression):
@@ -2254,14 +2780,12 @@ def upgrade_to_websocket(connection, request, head, origins, compression):
 # --- Server ----------------------------------------------------------------------------
 
 
-WEBSOCKET_ADMITTED = Response(101)  # what middleware's call_next gives for an admitted /ws
-
-
 class Connection(asyncio.Protocol):
     """One TCP connection: HTTP/1.1 requests, kept alive, until it becomes a /ws listener.
 
-    Requests are answered in order; while a middleware or async store works on one, reading
-    pauses so that pipelined requests wait their turn."""
+    Requests are answered in order; while a middleware or an asynchronous store works on
+    one, reading pauses so that pipelined requests wait their turn. The connection keeps
+    its own deadline (`expire()`): for the rest of a head, a body, or the next request."""
 
     def __init__(self, app):
         self.app = app
@@ -2280,18 +2804,13 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
-        if len(self.app.connections) >= self.app.max_connections:
-            # Refuse one rather than run out of file descriptors for everyone.
-            self.app.refused_connection()
-            transport.abort()
+        if not self.app.connection_opened(self):
+            transport.abort()  # one refused rather than file descriptors run out for all
             return
-        self.app.connections.add(self)
         self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
 
     def connection_lost(self, exc):
-        self.app.connections.discard(self)
-        if self.listener is not None:
-            self.app.listeners.discard(self.listener)
+        self.app.connection_closed(self)
         self.transport = None
 
     def data_received(self, data):
@@ -2317,6 +2836,20 @@ class Connection(asyncio.Protocol):
             self.listener.protocol.receive_eof()
             self.listener.flush()
         return False  # close our side too
+
+    # Deadlines
+
+    def expire(self, now):
+        """Close this connection if it is past its deadline at loop time `now`; return
+        True when that cut off a request that never finished. A listener keeps its own."""
+        if self.listener is not None:
+            self.listener.expire(now)
+            return False
+        if now <= self.deadline or self.busy:
+            return False
+        cut_off = self.pending is not None or self.head_started
+        self.close()
+        return cut_off
 
     # HTTP
 
@@ -2385,31 +2918,36 @@ class Connection(asyncio.Protocol):
             self.head_started = True
             self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
 
-    def respond(self, request):
-        result = self.app.handle(request)
-        if isinstance(result, Response):
-            self.write(request, result)
+    def after(self, result, then):
+        """`then(result)` at once, or, when `result` is a coroutine (middleware, an
+        asynchronous store), once it is done; reading pauses meanwhile, so requests
+        pipelined behind this one wait their turn."""
+        if not asyncio.iscoroutine(result):
+            then(result)
             return
-        # A coroutine (middleware, async store): answer when it is done, in order.
         self.busy = True
         self.transport.pause_reading()
-        task = self.app.loop.create_task(result)
-        task.add_done_callback(lambda done: self.finish(request, done))
+        self.app.loop.create_task(result).add_done_callback(
+            lambda done: self.resume(done, then))
 
-    def finish(self, request, done):
+    def resume(self, done, then):
         self.busy = False
         if self.transport is None:
             return
-        self.write(request, self.app.result_of(request, done))
         self.transport.resume_reading()  # closing after the write: this does nothing
-        self.process()
+        then(shutting_down() if done.cancelled() else done.result())
+        if self.listener is None:
+            self.process()  # the requests that waited behind this one
+
+    def respond(self, request):
+        self.after(self.app.api.handle(request), lambda response: self.write(request, response))
 
     def write(self, request, response):
         keep_alive = request.keep_alive
         if keep_alive and request.version == "HTTP/1.0":  # 1.0 closes unless told otherwise
             response.headers.append(("Connection", "keep-alive"))
         self.transport.write(serialize_response(response, keep_alive, request.method == "HEAD"))
-        self.app.request_done(request, response.status, response.reason)
+        self.app.api.request_done(request, response.status, response.reason)
         if not keep_alive:
             # Nothing after a "Connection: close" is read, let alone applied unanswered.
             self.buffer.clear()
@@ -2423,7 +2961,7 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             return
         self.transport.write(serialize_response(error_response(error), keep_alive=False))
-        self.app.request_done(request, error.status, error.reason)
+        self.app.api.request_done(request, error.status, error.reason)
         self.discarding = unread_body_bytes - len(self.buffer)
         self.buffer.clear()
         if 0 < self.discarding <= MAX_DISCARD_BYTES:
@@ -2432,25 +2970,11 @@ class Connection(asyncio.Protocol):
             self.discarding = 0
             self.close()
 
-    def upgrade(self, request, head):
-        verdict = self.app.admit_websocket(request)
-        if not asyncio.iscoroutine(verdict):
-            self.open_websocket(request, head, verdict)
-            return
-        self.busy = True  # middleware first; what follows the head waits
-        self.transport.pause_reading()
-        task = self.app.loop.create_task(verdict)
-        task.add_done_callback(lambda done: self.admitted(request, head, done))
+    # WebSocket
 
-    def admitted(self, request, head, done):
-        self.busy = False
-        if self.transport is None:
-            return
-        refusal = None
-        if done.cancelled() or done.exception() is not None or done.result() is not None:
-            refusal = self.app.result_of(request, done)
-        self.transport.resume_reading()
-        self.open_websocket(request, head, refusal)
+    def upgrade(self, request, head):
+        self.after(self.app.api.admit_websocket(request),
+                   lambda refusal: self.open_websocket(request, head, refusal))
 
     def open_websocket(self, request, head, refusal):
         """Upgrade to a /ws listener, or answer `refusal` and go on with HTTP."""
@@ -2459,16 +2983,14 @@ class Connection(asyncio.Protocol):
             self.write(request, refusal)
             self.process()  # requests pipelined behind the refused handshake
             return
-        listener = upgrade_to_websocket(self, request, head, app.websocket_origins(request),
+        listener = upgrade_to_websocket(self, request, head, app.api.websocket_origins(request),
                                         app.settings.ws_compression)
         if listener is None:  # refused, answered and counted
             return
-        app.request_done(request, 101)
+        app.api.request_done(request, 101)
         self.listener = listener
-        self.deadline = math.inf  # pings watch a listener from now on
-        app.listeners.add(listener)
-        app.metrics.listeners_opened += 1
-        app.send_snapshot(listener)
+        self.deadline = math.inf  # its listener keeps the deadlines from now on
+        app.hub.add(listener)
         if self.buffer:  # bytes that followed the head belong to the WebSocket
             rest, self.buffer = bytes(self.buffer), bytearray()
             self.data_received(rest)
@@ -2477,292 +2999,47 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self):
+        """Close at once, dropping what is unsent (a listener that stopped reading)."""
+        if self.transport is not None:
+            self.transport.abort()
+
 
 class App:
-    """The server: settings, store, routes, live feed and connections on one loop.
+    """The server: it builds the parts and runs them on one loop.
 
-    Serve it with `run()` (blocking, stops on SIGINT/SIGTERM) or `await start()` and
-    `await stop()` from your own loop. Extend it with `add_middleware()`."""
+    `api` answers requests, `hub` runs the live feed, `store` holds the tasks and
+    `notifier` sends webhooks; the App owns the connections, the timers (broadcast,
+    sweep, deadlines, store flush) and the lifecycle. Serve it with `run()` (blocking,
+    stops on SIGINT/SIGTERM) or `await start()` and `await stop()` from your own loop.
+    Extend it with `add_middleware()`."""
 
     def __init__(self, settings, store=None, clock=time.time):
         self.settings = settings
         self.clock = clock
         self.store = store if store is not None else open_store(settings.store, settings)
-        self.feed = Feed()
+        self.feed = Feed()  # every change to the store goes through it to the hub
+        self.metrics = Metrics(clock())
         self.notifier = Notifier.from_settings(settings)  # None without --notify
-        self.middleware = []
+        self.hub = Hub(self.feed, self.store, settings, clock, self.metrics)
+        self.api = Api(settings, self.store, self.feed, self.metrics, clock, self.gauges)
         self.loop = None
         self.server = None
         self.port = None
         self.connections = set()
-        self.listeners = set()
-        self.background = []
-        self.stopping = False
-        self.cached_snapshot = None
         self.max_connections = connection_limit()
         self.refusals_logged_at = -math.inf
-        self.page, self.script_hashes, self.page_source = load_dashboard()
-        self.log_requests = False
-        self.metrics = Metrics(clock())
-        self.routes = {
-            "/progress": {"POST": self.post_progress},
-            "/tasks": {"GET": self.get_tasks, "DELETE": self.delete_tasks},
-            "/health": {"GET": self.get_health},
-            "/metrics": {"GET": self.get_metrics},
-            "/auth": {"GET": self.get_auth},
-            "/": {"GET": self.get_root},
-            "/static/" + INDEX_FILE: {"GET": self.get_dashboard},
-            "/ws": {"GET": self.get_ws_without_upgrade},
-        }
-        self.task_routes = {"GET": self.get_task, "DELETE": self.delete_task}  # /tasks/{id}
-
-    # Extension
+        self.background = []
+        self.stopping = False
 
     def add_middleware(self, middleware):
-        """Wrap request handling: ``async def middleware(request, call_next) -> Response``.
+        """Wrap request handling (and /ws handshakes); see `Api.add_middleware()`."""
+        return self.api.add_middleware(middleware)
 
-        The first added is the outermost. Return a Response to answer early (e.g. a
-        rejection), or ``await call_next(request)`` to go on. It runs before routing and
-        token checks; raise HTTPError(status, message) for a JSON error."""
-        self.middleware.append(middleware)
-        return middleware
-
-    # Request handling
-
-    def handle(self, request):
-        """A Response, or a coroutine producing one when middleware is installed."""
-        if self.middleware:
-            return self.handle_with_middleware(request)
-        return self.dispatch(request)
-
-    async def handle_with_middleware(self, request):
-        async def innermost(request):
-            result = self.dispatch(request)
-            return await result if asyncio.iscoroutine(result) else result
-
-        return await self.through_middleware(request, innermost)
-
-    async def through_middleware(self, request, innermost):
-        call = innermost
-        for middleware in reversed(self.middleware):
-            call = _calling(middleware, call)
-        try:
-            return await call(request)
-        except ANSWERED_ERRORS as error:
-            return error_response(error)
-
-    def result_of(self, request, done):
-        """The Response of a finished handling task; any failure becomes a 500."""
-        if done.cancelled():  # only at shutdown
-            return json_response({"error": "the server is shutting down"}, 503)
-        try:
-            response = done.result()
-            if not isinstance(response, Response):
-                raise TypeError(f"a middleware returned {type(response).__name__}, "
-                                "not a Response")
-            return response
-        except ANSWERED_ERRORS as error:
-            return error_response(error)
-        except Exception:
-            return internal_error(request)
-
-    def dispatch(self, request):
-        """Route one request. The one catch-all: an unexpected error is logged and
-        answered 500, and the server goes on serving every other connection."""
-        cors = self.cors_headers(request)  # on errors too, so a page can read them
-        try:
-            response = self.route(request)
-        except ANSWERED_ERRORS as error:
-            response = error_response(error)
-        except Exception:
-            response = internal_error(request)
-        if not isinstance(response, Response):  # an async store is still at work
-            return self.completed(response, cors)
-        response.headers.extend(cors)
-        return response
-
-    def route(self, request):
-        path = request.path
-        methods = self.routes.get(path)
-        if methods is None:
-            if path.startswith("/tasks/") and len(path) > len("/tasks/"):
-                methods = self.task_routes
-            else:
-                raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
-                                     "or the README for the API")
-        method = "GET" if request.method == "HEAD" else request.method
-        if method == "OPTIONS":
-            return self.preflight(request, methods)
-        handler = methods.get(method)
-        if handler is None:
-            allow = allowed_methods(methods)
-            raise HTTPError(405, f"{request.method} is not allowed on {path}; "
-                                 f"use {allow}", headers=[("Allow", allow)])
-        if method != "GET" and not origin_allowed(request, self.settings.allow_origins):
-            # A page on another site must not change tasks, even without tokens.
-            raise HTTPError(403, f"origin {request.headers.get('origin')!r} is not "
-                                 "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS",
-                            reason="origin")
-        self.check_token(request)
-        return handler(request)
-
-    @staticmethod
-    async def completed(pending, cors):
-        try:
-            response = await pending
-        except ANSWERED_ERRORS as error:
-            response = error_response(error)
-        response.headers.extend(cors)
-        return response
-
-    async def recorded(self, pending, record, respond):
-        """Await an async store's answer, send it down the broadcast path, respond."""
-        outcome = await pending
-        record(outcome)
-        return respond(outcome)
-
-    def changing(self, outcome, record, respond):
-        """Send what a store call changed down the broadcast path; the Response, or a
-        coroutine of it when the store is asynchronous (Redis)."""
-        if asyncio.iscoroutine(outcome):
-            return self.recorded(outcome, record, respond)
-        record(outcome)
-        return respond(outcome)
-
-    def access(self, request):
-        """What the request's token allows: "write" (every route; also when no tokens
-        are configured), "read" (GET and HEAD only), or None (no valid token)."""
-        settings = self.settings
-        if not settings.api_tokens or token_ok(request, settings.api_tokens):
-            return "write"
-        if settings.read_tokens and token_ok(request, settings.read_tokens):
-            return "read"
-        return None
-
-    def check_token(self, request):
-        if not self.settings.api_tokens:  # Settings refuses read tokens without these
-            return
-        path = request.path
-        if path in PUBLIC_PATHS or path.startswith("/static/"):
-            return
-        access = self.access(request)
-        if access == "write" or (access == "read" and request.method in ("GET", "HEAD")):
-            return
-        if access == "read":
-            # A shared dashboard link must not be able to delete or forge tasks.
-            raise HTTPError(403, f"this token may only read: {request.method} {path} needs "
-                                 "an API token (PROGRESSISTA_API_TOKEN), not a read token",
-                            reason="read_only_token")
-        raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
-                             "<token>' or add ?token=<token> to the URL",
-                        headers=[("WWW-Authenticate", "Bearer")], reason="unauthorized")
-
-    def cors_headers(self, request):
-        origin = request.headers.get("origin")
-        allowed = self.settings.allow_origins
-        if origin is None or not allowed or not ("*" in allowed or origin in allowed):
-            return []
-        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-
-    def preflight(self, request, methods):
-        allow = allowed_methods(methods)
-        if request.headers.get("origin") is not None and not self.cors_headers(request):
-            raise HTTPError(403, f"origin {request.headers['origin']!r} is not allowed; "
-                                 "list it in PROGRESSISTA_ALLOW_ORIGINS", reason="origin")
-        return Response(204, content_type=None, headers=[
-            ("Allow", allow),
-            ("Access-Control-Allow-Methods", allow),
-            ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
-            ("Access-Control-Max-Age", "600"),
-        ])
-
-    # Routes: one small handler each
-
-    def post_progress(self, request):
-        payload = request.json()
-        if type(payload) is list:
-            if len(payload) > MAX_BATCH_ITEMS:
-                raise HTTPError(400, f"batch of {len(payload)} updates is over the limit of "
-                                     f"{MAX_BATCH_ITEMS}: split it")
-            updates = [validate_update(item, index) for index, item in enumerate(payload)]
-        else:
-            updates = [validate_update(payload)]
-        self.metrics.updates_received += len(updates)
-        accepted = Response(200, b'{"ok":true,"accepted":%d}' % len(updates))
-        return self.changing(self.store.apply(updates, self.clock()), self.applied,
-                             lambda changed: accepted)
-
-    def applied(self, changed):
-        self.metrics.updates_applied += len(changed)
-        self.feed.changed(changed)
-
-    def get_tasks(self, request):
-        status = _status_query(request)
-        now = self.clock()
-        stale_after_s = self.settings.stale_seconds
-        tasks = {}
-        for task in self.store.tasks():  # the status first: as_dict() only for those shown
-            if status is None or task.shown_status(now, stale_after_s) == status:
-                tasks[task.task_id] = task.as_dict(now, stale_after_s)
-        return json_response({"tasks": tasks, "now": now})
-
-    def get_task(self, request):
-        task_id = _path_task_id(request)
-        task = self.store.get(task_id)
-        if task is None:
-            raise HTTPError(404, f"no task {task_id!r}")
-        return json_response(task.as_dict(self.clock(), self.settings.stale_seconds))
-
-    def delete_tasks(self, request):
-        # With no filter this deletes everything: a misspelt filter must not mean that.
-        unknown = set(request.query) - DELETE_FILTERS
-        if unknown:
-            raise HTTPError(400, f"unknown filter {sorted(unknown)[0]!r}: DELETE /tasks takes "
-                                 "status, older_than and task_id (none deletes every task)")
-        status = _status_query(request)
-        older_than = _seconds_query(request, "older_than")
-        # An id as a filter too: a browser cannot put "." or ".." in a path segment.
-        task_id = request.query.get("task_id")
-        now = self.clock()
-        stale_after_s = self.settings.stale_seconds
-        candidates = self.store.tasks() if task_id is None else filter(
-            None, [self.store.get(task_id)])
-        doomed = [task.task_id for task in candidates
-                  if (status is None or task.shown_status(now, stale_after_s) == status)
-                  and (older_than is None or now - task.updated_at >= older_than)]
-        return self.changing(self.store.delete(doomed), self.feed.removed,
-                             lambda removed: json_response({"removed": removed}))
-
-    def delete_task(self, request):
-        return self.changing(self.store.delete([_path_task_id(request)]), self.feed.removed,
-                             lambda removed: json_response({"removed": bool(removed)}))
-
-    def tasks_by_status(self):
-        """How many tasks each status has now, as readers see them (stale included)."""
-        now = self.clock()
-        stale_after_s = self.settings.stale_seconds
-        counts = dict.fromkeys(STATUSES, 0)
-        for task in self.store.tasks():
-            counts[task.shown_status(now, stale_after_s)] += 1
-        return counts
-
-    def get_health(self, request):
-        store = self.store.health()
-        return json_response({"status": "ok" if store.get("ok") else "degraded",
-                              "tasks": len(self.store),
-                              "active": self.tasks_by_status()["running"],
-                              "listeners": len(self.listeners), "store": store,
-                              "version": __version__})
-
-    def get_metrics(self, request):
-        store = self.store.health()
-        gauges = {"tasks_by_status": self.tasks_by_status(), "listeners": len(self.listeners),
-                  "connections": len(self.connections),
-                  # From health(), which every store has: a store of your own may lack kind.
-                  "store_kind": store.get("kind", "custom"), "store_up": store.get("ok"),
-                  "store_errors": getattr(self.store, "failures", 0),
-                  "notifications": self.notification_outcomes()}
-        return Response(200, render_metrics(self.metrics, gauges), METRICS_CONTENT_TYPE)
+    def gauges(self):
+        """What the server counts live, for /health and /metrics."""
+        return {"listeners": len(self.hub), "connections": len(self.connections),
+                "notifications": self.notification_outcomes()}
 
     def notification_outcomes(self):
         outcomes = dict.fromkeys(NOTIFY_OUTCOMES, 0)
@@ -2771,180 +3048,59 @@ class App:
                 outcomes[outcome] += count
         return outcomes
 
-    def get_auth(self, request):
-        # The dashboard asks, to hide the controls a read-only token may not use.
-        return json_response({"access": self.access(request)})
+    # Connections
 
-    def get_ws_without_upgrade(self, request):
-        # A GET with the upgrade headers never gets here (Connection.upgrade takes it).
-        raise HTTPError(426, "/ws is a WebSocket: connect with a WebSocket client",
-                        headers=[("Upgrade", "websocket")])
+    def connection_opened(self, connection):
+        """Admit a new connection; False when the descriptor limit is reached."""
+        if len(self.connections) >= self.max_connections:
+            self.metrics.reject("connection_limit")
+            now = time.monotonic()
+            if now - self.refusals_logged_at > 60:  # a flood of them is one line a minute
+                self.refusals_logged_at = now
+                log.warning("refusing connections: %d open, the most this process's file "
+                            "descriptors allow (raise ulimit -n)", len(self.connections))
+            return False
+        self.connections.add(connection)
+        return True
 
-    def get_root(self, request):
-        query = request.target.partition("?")[2]
-        location = "/static/" + INDEX_FILE + ("?" + query if query else "")
-        return Response(307, b"", content_type=None, headers=[("Location", location)])
+    def connection_closed(self, connection):
+        self.connections.discard(connection)
+        if connection.listener is not None:
+            self.hub.discard(connection.listener)
 
-    def get_dashboard(self, request):
-        if self.page is None:
-            raise HTTPError(404, self.page_source)
-        return Response(200, self.page, "text/html; charset=utf-8", headers=[
-            ("Content-Security-Policy",
-             content_security_policy(self.script_hashes, request.headers.get("host"))),
-            ("Cache-Control", "no-cache"),
-            ("Referrer-Policy", "no-referrer"),  # the URL may carry ?token=
-        ])
-
-    # WebSocket
-
-    def admit_websocket(self, request):
-        """None when a /ws handshake may go on, else the Response refusing it; a coroutine
-        of either when middleware must see the handshake first (as it sees every request)."""
-        if self.middleware:
-            return self.admit_websocket_with_middleware(request)
-        return self.check_websocket(request)
-
-    async def admit_websocket_with_middleware(self, request):
-        async def innermost(request):
-            return self.check_websocket(request) or WEBSOCKET_ADMITTED
-
-        response = await self.through_middleware(request, innermost)
-        return None if response is WEBSOCKET_ADMITTED else response
-
-    def check_websocket(self, request):
-        try:
-            self.check_token(request)
-        except ANSWERED_ERRORS as error:
-            return error_response(error)
-        return None
-
-    def websocket_origins(self, request):
-        if "*" in self.settings.allow_origins:
-            return None
-        return [None, *sorted(own_origins(request)), *self.settings.allow_origins]
-
-    def snapshot(self):
-        """The snapshot message, built once per broadcast interval however many listeners
-        (re)connect in it: what changes after it is built is in the feed, and goes to
-        them with the next update."""
-        if self.cached_snapshot is None:
-            self.cached_snapshot = snapshot_message(self.store, self.clock(),
-                                                    self.settings.stale_seconds)
-        return self.cached_snapshot
-
-    def send_snapshot(self, listener):
-        snapshot = self.snapshot()
-        self.metrics.broadcast((snapshot,), 1)
-        listener.send_snapshot(snapshot)
+    # Timers
 
     def broadcast(self):
-        """Send what changed since the last call to every listener that keeps up."""
-        self.cached_snapshot = None  # from here on it would miss what the feed hands out
-        if self.notifier is not None:  # first: the feed is cleared below
+        """Tell the notifier and every listener what changed since the last call."""
+        if self.notifier is not None:  # first: the hub clears the feed
             self.notifier.observe(self.feed.changed_ids, self.feed.removed_ids, self.store,
                                   self.clock(), self.settings.stale_seconds)
             self.notifier.tick(self.clock())
-        if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
-            self.feed.clear()
-            return
-        messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
-        now = self.loop.time()
-        sent_to = 0
-        for listener in list(self.listeners):
-            unsent = listener.unsent_bytes()
-            if listener.behind_since is not None:
-                # It missed messages: once it has drained, a fresh snapshot resyncs it.
-                if unsent <= LISTENER_BUFFER_LOW_BYTES:
-                    listener.behind_since = None
-                    self.send_snapshot(listener)
-                elif now - listener.behind_since > LISTENER_BEHIND_TIMEOUT_S:
-                    log.info("closing /ws listener %s: it stopped reading",
-                             listener.connection.peer)
-                    listener.connection.transport.abort()
-            elif unsent > listener.high_water:
-                listener.behind_since = now  # drop what it has pending, never block
-            else:
-                for message in messages:
-                    listener.send(message)
-                sent_to += 1
-        self.metrics.broadcast(messages, sent_to)
-
-    # Lifetimes
+        self.hub.broadcast(self.loop.time())
 
     def sweep(self):
-        return self.changing(self.store.sweep(self.clock(), self.settings), self.swept,
-                             lambda outcome: None)
+        return settle(self.store.sweep(self.clock(), self.settings), self.swept)
 
     def swept(self, outcome):
-        stale_ids, removed_ids = outcome
-        self.feed.changed(stale_ids)
+        changed_ids, removed_ids = outcome
+        self.feed.changed(changed_ids)
         self.feed.removed(removed_ids)
 
     def reap(self):
-        """Close connections past their deadline; ping listeners, drop the silent ones."""
+        """Let every connection keep its deadlines: close the late, ping the listeners."""
         now = self.loop.time()
         for connection in list(self.connections):
-            listener = connection.listener
-            if listener is None:
-                if now > connection.deadline and not connection.busy:
-                    if connection.pending is not None or connection.head_started:
-                        self.metrics.reject("timeout")  # a request that never finished
-                    connection.close()
-            elif listener.ping_sent_at is not None:
-                if now - listener.ping_sent_at > WS_PING_TIMEOUT_S:
-                    log.info("closing /ws listener %s: no pong", connection.peer)
-                    connection.transport.abort()
-            elif (now - listener.last_ping_at >= WS_PING_INTERVAL_S
-                  and listener.protocol.state is State.OPEN):
-                listener.ping_sent_at = listener.last_ping_at = now
-                listener.protocol.send_ping(os.urandom(4))
-                listener.flush()
+            if connection.expire(now):
+                self.metrics.reject("timeout")  # a request that never finished
 
     async def every(self, interval_s, work):
         # Not `while True`: redis-py can swallow a cancel, and the loop must still end.
         while not self.stopping:
             await asyncio.sleep(interval_s)
             try:
-                pending = work()
-                if asyncio.iscoroutine(pending):
-                    await pending
+                await resolved(work())
             except Exception:
                 log.error("%s failed; will retry", work.__name__, exc_info=True)
-
-    # Logging
-
-    def refused_connection(self):
-        self.metrics.reject("connection_limit")
-        now = time.monotonic()
-        if now - self.refusals_logged_at > 60:  # a flood of them is one line a minute
-            self.refusals_logged_at = now
-            log.warning("refusing connections: %d open, the most this process's file "
-                        "descriptors allow (raise ulimit -n)", len(self.connections))
-
-    def route_label(self, path):
-        """The route a path belongs to, for GET /metrics: a bounded set of labels."""
-        if path in self.routes:
-            return path
-        if path.startswith("/tasks/"):
-            return "/tasks/{task_id}"
-        return "other"
-
-    def request_done(self, request, status, reason=None):
-        """Count an answered request (None: one too malformed to parse) and log it."""
-        if request is None:
-            self.metrics.request_done("unparsed", "other", status, reason)
-            return
-        self.metrics.request_done(self.route_label(request.path), request.method, status,
-                                  reason)
-        if self.log_requests:
-            path = request.target
-            if "token" in request.query:  # never log a token, however it was escaped
-                path = request.path + "?" + "&".join(
-                    urllib.parse.quote(name) + "=" + ("***" if name == "token"
-                                                      else urllib.parse.quote(value))
-                    for name, value in request.query.items())
-            log.debug("%s %s %d %.1fms", request.method, path, status,
-                      (time.perf_counter() - request.started) * 1000)
 
     # Serving
 
@@ -2953,31 +3109,26 @@ class App:
         if ServerProtocol is None:
             raise RuntimeError("the websockets package is missing: pip install websockets")
         self.loop = asyncio.get_running_loop()
-        self.log_requests = log.isEnabledFor(logging.DEBUG)
+        self.api.log_requests = log.isEnabledFor(logging.DEBUG)
         host = self.settings.host or None
         self.server = await self.loop.create_server(
             lambda: Connection(self), host, self.settings.port,
             reuse_address=True, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
-        opening = getattr(self.store, "open", None)
-        if opening is not None:
-            await opening(self.feed)
+        await resolved(self.store.open(self.feed))
         # A persistent store may hold tasks whose lifetime ran out while we were down.
-        swept = self.sweep()
-        if asyncio.iscoroutine(swept):
-            await swept
+        await resolved(self.sweep())
         if self.notifier is not None:  # after the first sweep: old news is not news
             self.notifier.start(self.store.tasks(), self.clock(), self.settings.stale_seconds)
-        flush = getattr(self.store, "flush", None)
+        interval_s = self.settings.broadcast_interval
         self.background = [
-            self.loop.create_task(self.every(self.settings.broadcast_interval, self.broadcast)),
+            self.loop.create_task(self.every(interval_s, self.broadcast)),
             self.loop.create_task(self.every(self.settings.cleanup_interval, self.sweep)),
             self.loop.create_task(self.every(min(REAP_INTERVAL_S, WS_PING_INTERVAL_S),
                                              self.reap)),
+            # Persistent stores write once per broadcast interval; memory's is a no-op.
+            self.loop.create_task(self.every(interval_s, self.store.flush)),
         ]
-        if flush is not None:  # persistent stores write once per broadcast interval
-            self.background.append(
-                self.loop.create_task(self.every(self.settings.broadcast_interval, flush)))
         self.announce()
 
     def announce(self):
@@ -2985,10 +3136,12 @@ class App:
         shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
         if ":" in shown:
             shown = f"[{shown}]"
-        log.info("Progressista %s listening on %s:%d; dashboard: http://%s:%d/static/%s",
-                 __version__, host or "*", self.port, shown, self.port, INDEX_FILE)
-        if self.page is None:
-            log.warning("%s", self.page_source)
+        store = self.store.health()
+        log.info("Progressista %s listening on %s:%d; dashboard: http://%s:%d/static/%s; "
+                 "store: %s, %d tasks loaded", __version__, host or "*", self.port, shown,
+                 self.port, INDEX_FILE, store.get("kind", self.store.kind), len(self.store))
+        if self.api.page is None:
+            log.warning("%s", self.api.page_source)
         if not self.settings.api_tokens and not _is_loopback(host):
             log.warning("listening on %s without a token: anyone who can reach this port "
                         "can read and change tasks; set PROGRESSISTA_API_TOKEN or "
@@ -3003,8 +3156,7 @@ class App:
         for task in self.background:
             task.cancel()
         self.broadcast()  # the last changes, before the goodbye
-        for listener in list(self.listeners):
-            listener.close()
+        self.hub.close_all()
         for connection in list(self.connections):
             if connection.listener is None and not connection.busy:
                 connection.close()
@@ -3012,8 +3164,7 @@ class App:
         while self.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
         for connection in list(self.connections):
-            if connection.transport is not None:
-                connection.transport.abort()
+            connection.abort()
         if self.notifier is not None:  # a job that closed just before SIGTERM is announced
             await self.notifier.close(self.clock())
         # Bounded: a task whose store call swallowed the cancel ends at its next turn.
@@ -3021,9 +3172,7 @@ class App:
             await asyncio.wait(self.background, timeout=SHUTDOWN_TIMEOUT_S)
         await self.server.wait_closed()
         self.server = None
-        closing = self.store.close()
-        if asyncio.iscoroutine(closing):
-            await closing
+        await resolved(self.store.close())
 
     def run(self):
         """Serve until SIGINT or SIGTERM, then shut down gracefully."""
@@ -3065,11 +3214,6 @@ def raise_file_limit():
             pass  # keep the soft limit; connection_limit() follows it
 
 
-def _calling(middleware, call_next):
-    """One link of the middleware chain: `middleware` with what comes after it."""
-    return lambda request: middleware(request, call_next)
-
-
 def _is_loopback(host):
     if host in ("localhost",):
         return True
@@ -3094,7 +3238,7 @@ def create_app(store=None, middleware=(), clock=time.time, **settings):
 
 # --- Command line ----------------------------------------------------------------------
 
-COMMANDS = ("serve", "demo", "run", "watch", "version", "show-config")
+
 
 
 class _Parser(argparse.ArgumentParser):
@@ -3124,7 +3268,18 @@ def _add_server_flags(parser):
         kind = setting.parse
         parser.add_argument(flag, dest=setting.name, type=kind, default=None,
                             metavar=setting.name.upper(),
-                            help=f"{setting.help} [env {env}]")
+                            help=f"{setting.help} [env {env}; default "
+                                 f"{_shown_default(setting.name)}]")
+
+
+def _shown_default(name):
+    """A setting's default as --help shows it."""
+    default = Settings.__dataclass_fields__[name].default
+    if isinstance(default, tuple):
+        return ",".join(default) or "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return f"{default:g}" if isinstance(default, float) else str(default)
 
 
 def settings_help():
@@ -3202,6 +3357,7 @@ def build_parser():
                        help="print the table once and exit (for scripts and watch -n)")
     watch.add_argument("--json", action="store_true",
                        help='print {"tasks": {...}, "now": T}, filtered, as JSON and exit')
+    parser.command_names = tuple(commands.choices)
     return parser
 
 
@@ -3875,13 +4031,21 @@ def _watch_once(args, base, headers, screen, ascii):
 def main(argv=None):
     """The command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+    parser = build_parser()
+    commands = parser.command_names
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        guess = difflib.get_close_matches(argv[0], commands, n=1)
+        print(f"progressista: unknown command {argv[0]!r}"
+              + (f" (did you mean {guess[0]!r}?)" if guess else "")
+              + f"; the commands are {', '.join(commands)} (see --help)", file=sys.stderr)
+        return 2
+    if not argv or argv[0] not in (*commands, "-h", "--help", "--version"):
         argv.insert(0, "serve")  # `python progressista.py --port 8000` means serve
     program_args = []
     if argv[0] == "run" and "--" in argv:
         split = argv.index("--")
         argv, program_args = argv[:split], argv[split + 1:]
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     if args.command == "version":
         print(f"progressista {__version__}")
         return 0

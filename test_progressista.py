@@ -14,6 +14,7 @@ import hashlib
 from http.client import HTTPConnection
 import itertools
 import json
+import logging
 import os
 import re
 import signal
@@ -1204,8 +1205,8 @@ def test_ws_listener_that_closes_is_forgotten_by_the_server():
     with running_server() as server:
         with open_listener(server) as ws:
             ws.recv(timeout=3)
-            assert on_server_loop(server, lambda: len(server.app.listeners)) == 1
-        wait_for(lambda: on_server_loop(server, lambda: len(server.app.listeners)) == 0, 3,
+            assert on_server_loop(server, lambda: len(server.app.hub.listeners)) == 1
+        wait_for(lambda: on_server_loop(server, lambda: len(server.app.hub.listeners)) == 0, 3,
                  message="the listener to be dropped")
 
 
@@ -1359,7 +1360,7 @@ def test_listener_that_falls_behind_has_bounded_buffer_and_resyncs_or_is_closed(
             assert response.status == 200
             time.sleep(0.03)  # let a broadcast tick pass, as a steady sender would
             most_unsent = max([most_unsent] + on_server_loop(server, lambda: [
-                listener.unsent_bytes() for listener in server.app.listeners]))
+                listener.unsent_bytes() for listener in server.app.hub.listeners]))
         conn.close()
         assert most_unsent < 2 * progressista.LISTENER_BUFFER_HIGH_BYTES
         post(server, {"task_id": marker, "n": 1})
@@ -1783,8 +1784,8 @@ def test_middleware_error_is_answered_500_and_server_keeps_serving():
         assert http("GET", server.url + "/health")[0] == 200
 
 
-class RecordingStore:
-    """A custom store: MemoryStore's interface by delegation, recording every apply."""
+class RecordingStore(progressista.Store):
+    """A custom store: the Store contract by delegation, recording every apply."""
 
     kind = "recording"
 
@@ -1808,14 +1809,8 @@ class RecordingStore:
     def sweep(self, now, lifetimes):
         return self.inner.sweep(now, lifetimes)
 
-    def health(self):
-        return {"kind": self.kind, "ok": True}
-
     def __len__(self):
         return len(self.inner)
-
-    def close(self):
-        pass
 
 
 def test_custom_store_object_replaces_memory_store():
@@ -2334,3 +2329,34 @@ def test_delete_tasks_with_a_misspelt_filter_deletes_nothing(srv):
     status, body, _ = http("DELETE", srv.url + "/tasks?taskid=" + task_id)
     assert status == 400 and "unknown filter 'taskid'" in body["error"]
     assert get_task(srv, task_id)[0] == 200
+
+
+# --- Command line: a newcomer's mistakes --------------------------------------------------
+
+
+def test_a_mistyped_command_says_unknown_command_and_lists_the_commands(capsys):
+    assert progressista.main(["servee"]) == 2
+    message = capsys.readouterr().err
+    assert "unknown command 'servee'" in message and "did you mean 'serve'?" in message
+    for command in ("serve", "demo", "run", "watch", "version", "show-config"):
+        assert command in message
+
+
+def test_serve_help_shows_every_settings_default(capsys):
+    with pytest.raises(SystemExit):
+        progressista.main(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "PROGRESSISTA_STALE_SECONDS; default 60]" in shown
+    assert "PROGRESSISTA_STORE; default memory://]" in shown
+    assert "PROGRESSISTA_WS_COMPRESSION; default off]" in shown
+
+
+def test_the_startup_line_names_the_store_and_how_many_tasks_it_loaded(tmp_path, caplog):
+    path = tmp_path / "tasks.db"
+    with running_server(store=f"sqlite:///{path}") as server:
+        post(server, [{"task_id": "a"}, {"task_id": "b", "status": "close"}])
+    caplog.set_level(logging.INFO, logger="progressista")
+    with running_server(store=f"sqlite:///{path}"):
+        pass
+    assert any("store: sqlite, 2 tasks loaded" in record.getMessage()
+               for record in caplog.records)

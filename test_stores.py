@@ -269,7 +269,7 @@ def test_redis_refuses_an_older_seq_that_this_servers_mirror_has_not_seen_beaten
     async def late_retry_through_an_empty_mirror():
         store = progressista.RedisStore(redis_server.url, progressista.Settings())
         await store.open(progressista.Feed())
-        store.by_id.clear()  # so that only Redis itself (the Lua script) can refuse it
+        store.local.replace_all({})  # so that only Redis itself (the Lua script) can refuse it
         try:
             return await store.apply(
                 [progressista.validate_update({"task_id": "bar", "n": 3, "seq": 3})], 1.0)
