@@ -6,8 +6,8 @@ package's Sans-I/O layer). Start it with::
 
     python progressista.py --port 8000        # or, installed: progressista serve
 
-then open http://localhost:8000/ . The wire protocol is documented in README.md
-("Protocol"); ``progressista --help`` lists every command and setting.
+then open http://localhost:8000/ . The wire protocol is documented in docs/PROTOCOL.md;
+``progressista --help`` lists every command and setting.
 """
 
 import argparse
@@ -105,7 +105,7 @@ DISCARD_TIMEOUT_S = 5.0  # to send the rest of a refused body before we close
 SHUTDOWN_TIMEOUT_S = 5.0
 REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 
-# Defaults of PROTOCOL.md
+# Defaults of docs/PROTOCOL.md ("Lifetimes", "The live feed")
 BROADCAST_INTERVAL_S = 0.1
 STALE_SECONDS = 60.0
 RETENTION_SECONDS = 86400.0
@@ -133,7 +133,7 @@ def _csv(text):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every server setting, with PROTOCOL.md's defaults. See `Settings.from_env()`."""
+    """Every server setting, with docs/PROTOCOL.md's defaults. See `Settings.from_env()`."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -680,7 +680,7 @@ def apply_update(task, update, now):
 
 
 def expired(task, now, lifetimes):
-    """True when a lifetime rule deletes `task` at `now` (PROTOCOL.md "Lifetimes")."""
+    """True when a lifetime rule deletes `task` at `now` (docs/PROTOCOL.md "Lifetimes")."""
     silent_s = now - task.updated_at
     if lifetimes.max_task_age and silent_s >= lifetimes.max_task_age:
         return True
@@ -1938,7 +1938,8 @@ class Request:
         """The body as JSON; 400 for bad JSON, NaN or Infinity."""
         try:
             body = self.body
-            if body[:1] in (b"{", b"[") and body[1:2] != b"\x00":  # UTF-8, as PROTOCOL.md says
+            # UTF-8 is what docs/PROTOCOL.md ("Transport") asks for: the fast path
+            if body[:1] in (b"{", b"[") and body[1:2] != b"\x00":
                 text = body.decode()
                 value, end = _JSON_DECODER.raw_decode(text)
                 if end != len(text) and text[end:].strip(" \t\n\r"):
@@ -2342,7 +2343,7 @@ class Api:
                 methods = self.task_routes
             else:
                 raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
-                                     "or docs/PROTOCOL.md for the API")
+                                     "or docs/PROTOCOL.md (\"Routes\") for the API")
         method = "GET" if request.method == "HEAD" else request.method
         if method == "OPTIONS":
             return self.preflight(request, methods)
@@ -3301,7 +3302,8 @@ def settings_help():
             + "\n\nclient settings (demo, run, watch, progressista_client):"
             "\n  PROGRESSISTA_SERVER_URL, PROGRESSISTA_API_TOKEN, PROGRESSISTA_PUSH_INTERVAL,"
             "\n  PROGRESSISTA_REQUEST_TIMEOUT, PROGRESSISTA_FLUSH_TIMEOUT,"
-            "\n  PROGRESSISTA_HEARTBEAT_INTERVAL (see the README)"
+            "\n  PROGRESSISTA_HEARTBEAT_INTERVAL, PROGRESSISTA_RUN, PROGRESSISTA_RUN_NAME,"
+            "\n  PROGRESSISTA_CA_BUNDLE (see docs/client.md)"
             "\n\nRun 'progressista COMMAND --help' for a command's options.")
 
 
@@ -3724,7 +3726,7 @@ def render_table(tasks, now, width=None, height=None, text_filter=None, status=N
 
 
 def apply_feed_message(tasks, message):
-    """Apply one /ws message (PROTOCOL.md "The live feed") to `tasks`, task_id -> task, in
+    """Apply one /ws message (docs/PROTOCOL.md "The live feed") to `tasks`, task_id -> task, in
     place; return the server's `now` it carries, or None for a message of another kind."""
     kind = message.get("type") if isinstance(message, dict) else None
     sent = message.get("tasks") if kind in ("snapshot", "update") else None

@@ -205,8 +205,8 @@ def test_protocol_states_each_field_limit_the_server_enforces():
 
 def registered_routes():
     app = progressista.App(progressista.Settings())
-    routes = [(method, path) for path, methods in app.routes.items() for method in methods]
-    routes += [(method, "/tasks/{task_id}") for method in app.task_routes]
+    routes = [(method, path) for path, methods in app.api.routes.items() for method in methods]
+    routes += [(method, "/tasks/{task_id}") for method in app.api.task_routes]
     return sorted(routes)
 
 
