@@ -466,32 +466,26 @@ def test_redis_retention_and_max_age_expire_once_for_every_listener(redis_server
                 listener.close()
 
 
-def test_redis_stale_mark_made_by_the_sweeper_reaches_both_servers(redis_server):
-    settings = dict(store=redis_server.url, stale_seconds=0.2, cleanup_interval=0.05)
-    with running_server(**settings) as one, running_server(**settings) as two:
-        listener = Listener(two)
-        try:
-            post(one, {"task_id": "hung", "n": 1})
-            listener.receive_until(
-                lambda item: item["type"] == "update"
-                and item["tasks"].get("hung", {}).get("status") == "stale",
-                message="the stale update")
-            assert tasks_of(one)["hung"]["status"] == "stale"
-        finally:
-            listener.close()
-
-
-def test_redis_stale_mark_of_a_bar_with_seq_reaches_every_server(redis_server):
+@pytest.mark.parametrize("seq", [None, 7], ids=["without-seq", "with-seq"])
+def test_redis_stale_mark_made_by_the_sweeper_reaches_every_server(redis_server, seq):
+    # A task posted through each server: whichever holds the sweeper lease marks both.
     settings = dict(store=redis_server.url, stale_seconds=0.2, cleanup_interval=0.05)
     with running_server(**settings) as one, running_server(**settings) as two:
         listeners = [Listener(one), Listener(two)]
         try:
-            post(two, {"task_id": "quiet-with-seq", "n": 1, "seq": 7})
-            for listener in listeners:  # whichever server holds the sweeper lease
-                listener.receive_until(
-                    lambda item: item["type"] == "update"
-                    and item["tasks"].get("quiet-with-seq", {}).get("status") == "stale",
-                    message="the stale update on both servers")
+            for server, task_id in ((one, "hung-via-one"), (two, "hung-via-two")):
+                update = {"task_id": task_id, "n": 1}
+                if seq is not None:
+                    update["seq"] = seq
+                assert post(server, update)[0] == 200
+            for listener in listeners:
+                for task_id in ("hung-via-one", "hung-via-two"):
+                    listener.receive_until(
+                        lambda item, task_id=task_id: item["type"] == "update"
+                        and item["tasks"].get(task_id, {}).get("status") == "stale",
+                        message=f"the stale update of {task_id} on both servers")
+            for server in (one, two):
+                assert {task["status"] for task in tasks_of(server).values()} == {"stale"}
         finally:
             for listener in listeners:
                 listener.close()
