@@ -147,6 +147,8 @@ SERVER_ONLY = {
     "MAX_WS_MESSAGE_BYTES": "messages from /ws clients, which the client does not open",
     "MAX_DISCARD_BYTES": "how much of a refused body the server reads and drops",
     "MAX_CONNECTIONS_FALLBACK": "connections where the descriptor limit is unknown",
+    "MAX_PAGE_TASKS": "the largest ?limit= of GET /tasks, which the client does not read",
+    "MAX_REMOVED_REMEMBERED": "deletions GET /tasks?since= can list",
 }
 
 
