@@ -81,6 +81,20 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def port_is_free(port):
+    """True when a new socket can listen on loopback `port` (nothing listens there)."""
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not in use
+    try:
+        probe.bind(("127.0.0.1", port))
+        probe.listen()
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def clean_env(**extra):
     """This environment for a subprocess, without PROGRESSISTA_* settings or a terminal
     size from the test runner, plus `extra`."""

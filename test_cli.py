@@ -10,7 +10,6 @@ import json
 import logging
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,8 +18,8 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 import progressista
-from conftest import (PROGRAM, bearer, clean_env, cli_server, free_port, http, open_listener, post,
-                      run_cli, running_server, wait_for)
+from conftest import (PROGRAM, bearer, clean_env, cli_server, free_port, http, open_listener,
+                      port_is_free, post, run_cli, running_server, wait_for)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -280,10 +279,4 @@ def test_cli_signal_exits_0_promptly_and_frees_the_port(signum):
             assert server.stop(signum, timeout=5) == 0
             assert time.monotonic() - started < 3
         idle.close()
-    probe = socket.socket()
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        probe.bind(("127.0.0.1", server.port))
-        probe.listen()
-    finally:
-        probe.close()
+    assert port_is_free(server.port)

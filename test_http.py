@@ -15,7 +15,8 @@ import pytest
 
 import progressista
 from conftest import (closed_by_server, get_task, http, new_id, post, raw_connection,
-                      read_response, request_bytes, running_server, wait_for)
+                      port_is_free, read_response, request_bytes, running_server,
+                      wait_for)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -332,10 +333,5 @@ def test_stop_frees_the_port():
     with running_server() as server:
         port = server.port
         http("GET", server.url + "/health")
-    probe = socket.socket()
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        probe.bind(("127.0.0.1", port))
-        probe.listen()
-    finally:
-        probe.close()
+        assert not port_is_free(port)
+    assert port_is_free(port)
