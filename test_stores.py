@@ -17,11 +17,10 @@ import sys
 import time
 
 import pytest
-from websockets.sync.client import connect
 
 import progressista
-from conftest import (HERE, Clock, cli_server, free_port, get_task, http, post, run_cli,
-                      running_server, store_with, tasks_of, wait_for)
+from conftest import (HERE, Clock, cli_server, free_port, get_task, http, open_listener, post,
+                      run_cli, running_server, store_with, tasks_of, wait_for)
 
 
 def stored_rows(path):
@@ -318,8 +317,7 @@ class Listener:
 
     def __init__(self, server):
         # Entered by hand: websockets 17 wants a context manager, 15 has no other way.
-        self.connection = connect(server.url.replace("http://", "ws://") + "/ws",
-                                  max_size=None, proxy=None)
+        self.connection = open_listener(server)
         self.socket = self.connection.__enter__()
         self.messages = [json.loads(self.socket.recv(timeout=5))]
 
