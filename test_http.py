@@ -247,7 +247,7 @@ def test_connections_past_the_descriptor_budget_are_refused_and_others_served():
         assert http("GET", server.url + "/health")[0] == 200
 
 
-# --- Garbage -----------------------------------------------------------------------------
+# --- Malformed requests ------------------------------------------------------------------
 
 
 def test_garbage_instead_of_request_line_is_400(shared_server):
