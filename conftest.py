@@ -168,7 +168,7 @@ def on_server_loop(server, function):
     return asyncio.run_coroutine_threadsafe(call(), server.loop).result(5)
 
 
-def store_with(*updates, now=100.0, max_tasks=100):
+def memory_store_of(*updates, now=100.0, max_tasks=100):
     """A MemoryStore holding `updates` (raw, validated here), applied at `now`."""
     store = progressista.MemoryStore(max_tasks)
     store.apply([progressista.validate_update(u) for u in updates], now)

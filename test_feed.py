@@ -17,9 +17,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 import progressista
-from conftest import (WS_HANDSHAKE, ServerThread, http, new_id, on_server_loop, open_listener,
-                      post, raw_connection, read_response, receive_until, running_server,
-                      store_with, task_url, updated, wait_for)
+from conftest import (WS_HANDSHAKE, ServerThread, http, memory_store_of, new_id, on_server_loop,
+                      open_listener, post, raw_connection, read_response, receive_until,
+                      running_server, task_url, updated, wait_for)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -132,7 +132,7 @@ def decoded(messages):
 
 
 def test_feed_coalesces_many_changes_into_one_update_with_latest_state():
-    store = store_with({"task_id": "a", "n": 1})
+    store = memory_store_of({"task_id": "a", "n": 1})
     feed = progressista.Feed()
     for n in range(2, 50):
         store.apply([progressista.validate_update({"task_id": "a", "n": n})], 100.0 + n)
@@ -142,7 +142,7 @@ def test_feed_coalesces_many_changes_into_one_update_with_latest_state():
 
 
 def test_feed_take_forgets_what_it_sent():
-    store = store_with({"task_id": "a"})
+    store = memory_store_of({"task_id": "a"})
     feed = progressista.Feed()
     feed.changed(["a"])
     feed.take(store, 101.0, 60)
@@ -150,7 +150,7 @@ def test_feed_take_forgets_what_it_sent():
 
 
 def test_feed_removal_cancels_a_pending_change():
-    store = store_with({"task_id": "a"})
+    store = memory_store_of({"task_id": "a"})
     feed = progressista.Feed()
     feed.changed(["a"])
     store.delete(["a"])
@@ -170,7 +170,7 @@ def test_feed_update_lists_a_batchs_new_tasks_in_the_order_they_were_created():
 
 
 def test_feed_update_shows_stale_status_as_of_now():
-    store = store_with({"task_id": "a"}, now=100.0)
+    store = memory_store_of({"task_id": "a"}, now=100.0)
     feed = progressista.Feed()
     feed.changed(["a"])
     (message,) = decoded(feed.take(store, 170.0, 60))

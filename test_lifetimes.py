@@ -11,8 +11,8 @@ import time
 import pytest
 
 import progressista
-from conftest import (get_task, http, new_id, open_listener, post, receive_until,
-                      running_server, store_with, updated, wait_for)
+from conftest import (get_task, http, memory_store_of, new_id, open_listener, post,
+                      receive_until, running_server, updated, wait_for)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,30 +68,30 @@ def test_apply_update_revives_stale_task():
 
 
 def test_sweep_marks_silent_running_task_stale_at_timeout():
-    store = store_with({"task_id": "a"}, now=100.0)
+    store = memory_store_of({"task_id": "a"}, now=100.0)
     assert store.sweep(160.0, lifetimes(stale=60)) == (["a"], [])
     assert store.get("a").status == "stale"
 
 
 def test_sweep_leaves_running_task_alone_before_timeout():
-    store = store_with({"task_id": "a"}, now=100.0)
+    store = memory_store_of({"task_id": "a"}, now=100.0)
     assert store.sweep(159.9, lifetimes(stale=60)) == ([], [])
     assert store.get("a").status == "running"
 
 
 def test_sweep_reports_a_stale_task_only_once():
-    store = store_with({"task_id": "a"}, now=100.0)
+    store = memory_store_of({"task_id": "a"}, now=100.0)
     store.sweep(200.0, lifetimes(stale=60))
     assert store.sweep(300.0, lifetimes(stale=60)) == ([], [])
 
 
 def test_sweep_with_zero_stale_seconds_never_marks_stale():
-    store = store_with({"task_id": "a"}, now=100.0)
+    store = memory_store_of({"task_id": "a"}, now=100.0)
     assert store.sweep(1e9, lifetimes(stale=0, retention=0)) == ([], [])
 
 
 def test_sweep_never_marks_closed_task_stale():
-    store = store_with({"task_id": "a", "status": "close"}, now=100.0)
+    store = memory_store_of({"task_id": "a", "status": "close"}, now=100.0)
     assert store.sweep(200.0, lifetimes(stale=60, retention=0)) == ([], [])
 
 
@@ -117,21 +117,21 @@ def test_retention_deletion_is_broadcast_as_remove(quick_lifetimes_server):
 
 
 def test_sweep_deletes_closed_and_errored_tasks_after_retention():
-    store = store_with({"task_id": "c", "status": "close"}, {"task_id": "e", "status": "error"},
-                       now=100.0)
+    store = memory_store_of({"task_id": "c", "status": "close"},
+                            {"task_id": "e", "status": "error"}, now=100.0)
     assert store.sweep(109.9, lifetimes(retention=10)) == ([], [])
     stale_ids, removed_ids = store.sweep(110.0, lifetimes(retention=10))
     assert sorted(removed_ids) == ["c", "e"] and len(store) == 0
 
 
 def test_sweep_with_zero_retention_keeps_closed_tasks():
-    store = store_with({"task_id": "c", "status": "close"}, now=100.0)
+    store = memory_store_of({"task_id": "c", "status": "close"}, now=100.0)
     assert store.sweep(1e9, lifetimes(retention=0)) == ([], [])
     assert len(store) == 1
 
 
 def test_sweep_does_not_delete_stale_task_by_retention():
-    store = store_with({"task_id": "a"}, now=100.0)
+    store = memory_store_of({"task_id": "a"}, now=100.0)
     store.sweep(200.0, lifetimes(stale=60, retention=10))
     assert store.sweep(1000.0, lifetimes(stale=60, retention=10)) == ([], [])
 
@@ -161,7 +161,7 @@ def test_max_task_age_spares_tasks_that_keep_updating():
 
 
 def test_sweep_max_age_deletes_every_status():
-    store = store_with({"task_id": "r"}, {"task_id": "c", "status": "close"}, now=100.0)
+    store = memory_store_of({"task_id": "r"}, {"task_id": "c", "status": "close"}, now=100.0)
     store.apply([progressista.validate_update({"task_id": "s"})], 0.0)
     store.sweep(61.0, lifetimes(stale=60, retention=0))  # s goes stale
     stale_ids, removed_ids = store.sweep(130.0, lifetimes(stale=60, retention=0, max_age=30))

@@ -517,7 +517,7 @@ def notifier(**kwargs):
     return progressista.Notifier(server="srv", clock=FakeClock(0.0), **kwargs)
 
 
-def store_holding(*tasks):
+def store_with(*tasks):
     store = progressista.MemoryStore()
     for task in tasks:
         store.by_id[task.task_id] = task
@@ -533,7 +533,7 @@ def observed(notice, store, ids, removed=(), now=1000.0, stale_after_s=60.0):
 def test_observe_makes_one_event_per_change_of_notified_status():
     notice = notifier()
     task = make_task("a", n=1)
-    store = store_holding(task)
+    store = store_with(task)
     assert observed(notice, store, ["a"]) == []  # running: nothing to say
     task.status = "close"
     assert observed(notice, store, ["a"]) == ["close"]
@@ -543,7 +543,7 @@ def test_observe_makes_one_event_per_change_of_notified_status():
 def test_observe_reads_a_silent_running_task_as_stale_and_forgets_it_when_it_runs():
     notice = notifier()
     task = make_task("a", now=1000.0)
-    store = store_holding(task)
+    store = store_with(task)
     assert observed(notice, store, ["a"], now=1061.0) == ["stale"]
     task.updated_at = 1062.0  # an update: running again
     assert observed(notice, store, ["a"], now=1062.0) == []
@@ -552,7 +552,7 @@ def test_observe_reads_a_silent_running_task_as_stale_and_forgets_it_when_it_run
 
 def test_observe_forgets_removed_tasks():
     notice = notifier()
-    store = store_holding(make_task("a", status="close"))
+    store = store_with(make_task("a", status="close"))
     observed(notice, store, ["a"])
     notice.observe([], ["a"], store, 1000.0, 60.0)
     assert "a" not in notice.notified_by_id
@@ -560,10 +560,10 @@ def test_observe_forgets_removed_tasks():
 
 def test_observe_filters_by_event_and_by_duration():
     notice = notifier(notify_on=("error",), min_duration_s=10.0)
-    store = store_holding(make_task("closed", status="close", ran_s=60),
-                          make_task("short", status="error", ran_s=5),
-                          make_task("short-by-elapsed", status="error", ran_s=60, elapsed=3.0),
-                          make_task("long", status="error", ran_s=60))
+    store = store_with(make_task("closed", status="close", ran_s=60),
+                       make_task("short", status="error", ran_s=5),
+                       make_task("short-by-elapsed", status="error", ran_s=60, elapsed=3.0),
+                       make_task("long", status="error", ran_s=60))
     notice.observe(list(store.by_id), (), store, 1000.0, 60.0)
     assert [event["task_id"] for event in notice.pending_events] == ["long"]
 
@@ -571,7 +571,7 @@ def test_observe_filters_by_event_and_by_duration():
 def test_observe_on_a_server_that_is_not_the_sweeper_tracks_but_sends_nothing():
     notice = notifier()
     task = make_task("a", status="close")
-    store = store_holding(task)
+    store = store_with(task)
     store.is_sweeper = False
     assert observed(notice, store, ["a"]) == []
     store.is_sweeper = True  # it takes the lease: what it saw is not sent again
@@ -580,8 +580,8 @@ def test_observe_on_a_server_that_is_not_the_sweeper_tracks_but_sends_nothing():
 
 def test_seed_counts_what_the_store_holds_as_already_notified():
     notice = notifier()
-    store = store_holding(make_task("done", status="close"), make_task("silent", now=900.0),
-                          make_task("live", now=1000.0))
+    store = store_with(make_task("done", status="close"), make_task("silent", now=900.0),
+                       make_task("live", now=1000.0))
     notice.seed(store.tasks(), 1000.0, 60.0)
     assert notice.notified_by_id == {"done": "close", "silent": "stale"}
     assert observed(notice, store, list(store.by_id)) == []
@@ -589,7 +589,7 @@ def test_seed_counts_what_the_store_holds_as_already_notified():
 
 def test_window_gives_one_message_after_its_interval_or_at_a_flush():
     notice = notifier(interval_s=10.0)
-    store = store_holding(make_task("a", status="close"), make_task("b", status="close"))
+    store = store_with(make_task("a", status="close"), make_task("b", status="close"))
     notice.observe(["a"], (), store, 1000.0, 60.0)
     notice.clock.now = 5.0
     notice.observe(["b"], (), store, 1005.0, 60.0)
@@ -606,7 +606,7 @@ def test_window_gives_one_message_after_its_interval_or_at_a_flush():
 def test_window_lists_at_most_max_events_and_counts_the_rest(monkeypatch):
     monkeypatch.setattr(progressista, "NOTIFY_MAX_EVENTS", 3)
     notice = notifier()
-    store = store_holding(*[make_task(f"t{index}", status="close") for index in range(5)])
+    store = store_with(*[make_task(f"t{index}", status="close") for index in range(5)])
     notice.observe(list(store.by_id), (), store, 1000.0, 60.0)
     message = notice.take_message(1000.0, flush=True)
     assert (message["count"], len(message["events"])) == (5, 3)

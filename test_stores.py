@@ -19,8 +19,8 @@ import time
 import pytest
 
 import progressista
-from conftest import (HERE, Clock, cli_server, free_port, get_task, http, open_listener, post,
-                      run_cli, running_server, store_with, tasks_of, wait_for)
+from conftest import (HERE, Clock, cli_server, free_port, get_task, http, memory_store_of,
+                      open_listener, post, run_cli, running_server, tasks_of, wait_for)
 
 
 def stored_rows(path):
@@ -62,7 +62,7 @@ def test_batch_with_a_new_task_past_max_tasks_stores_nothing():
 
 
 def test_memory_store_refuses_new_task_past_cap_and_applies_nothing():
-    store = store_with({"task_id": "a"}, {"task_id": "b"}, max_tasks=2)
+    store = memory_store_of({"task_id": "a"}, {"task_id": "b"}, max_tasks=2)
     updates = [progressista.validate_update(u) for u in ({"task_id": "a", "n": 9},
                                                          {"task_id": "c"})]
     with pytest.raises(progressista.StoreFull):
@@ -71,7 +71,7 @@ def test_memory_store_refuses_new_task_past_cap_and_applies_nothing():
 
 
 def test_memory_store_lists_tasks_oldest_created_first():
-    store = store_with({"task_id": "z"}, now=1.0)
+    store = memory_store_of({"task_id": "z"}, now=1.0)
     store.apply([progressista.validate_update({"task_id": "a"})], 2.0)
     store.apply([progressista.validate_update({"task_id": "z", "n": 1})], 3.0)
     assert [task.task_id for task in store.tasks()] == ["z", "a"]
