@@ -14,19 +14,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 import progressista
-from conftest import FakeClock, http, running_server
-
-
-def post(server, body):
-    status, answer, _ = http("POST", server.url + "/progress", body)
-    assert status == 200, answer
-    return answer
-
-
-def all_tasks(server):
-    status, body, _ = http("GET", server.url + "/tasks")
-    assert status == 200
-    return body["tasks"]
+from conftest import FakeClock, http, post_ok as post, running_server, tasks_of as all_tasks
 
 
 # --- ChangeLog (pure) ----------------------------------------------------------------------
