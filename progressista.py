@@ -703,8 +703,8 @@ class Task:
         self.updated_at = now
         self.progressed_at = now  # server time of the last change of n
         self.typical_step_s = None  # seconds between two changes of n; None until it moved
-        self.history = None  # settled [t, n] pairs, flat; None until the second update
-        self.history_step_s = 0.0  # least time between two settled pairs
+        self.history = None  # settled pairs, flat: see settle_history()
+        self.history_step_s = HISTORY_FIRST_STEP_S  # least time between two of them
 
     def shown_status(self, now, thresholds):
         """The status a reader sees at `now`, derived here and nowhere else: a silent
@@ -750,7 +750,7 @@ class Task:
     def as_stored(self):
         stored = dict(zip(Task.__slots__, _task_fields(self)))
         if self.history is not None:
-            stored["history"] = self.history.tolist()
+            stored["history"] = history_text(self.history)
         return stored
 
     def copy(self):
@@ -771,7 +771,7 @@ class Task:
         if "progressed_at" not in stored:  # stored by a v1 server: no better guess
             task.progressed_at = task.updated_at
         if task.history is not None:
-            task.history = array.array(HISTORY_TYPECODE, task.history)
+            task.history = history_from_text(task.history)
         return task
 
 
@@ -780,18 +780,83 @@ _wire_fields = operator.attrgetter(*WIRE_FIELDS)
 _task_fields = operator.attrgetter(*Task.__slots__)
 
 
-# History: the settled [t, n] pairs of a task's life live in one flat array of floats
-# (t0, n0, t1, n1, ...), not a list of lists: see bench/bench_memory.py. The last pair
-# shown, the current state (updated_at, n), is not stored: it is the task's own fields.
-HISTORY_TYPECODE = "d"
+# History: [t, n] pairs over a task's whole life, at most MAX_HISTORY_PAIRS, spread
+# evenly in time however long it runs.
+#
+# The last pair shown is the current state, (updated_at, n): the task's own fields, never
+# stored twice. Before an update replaces it, that state is "settled" into the stored
+# pairs when it lies at least `history_step_s` after the last settled pair, so settled
+# pairs are spaced by the step. When they are full, every other one is dropped (the
+# first, the start, stays) and the step becomes their mean spacing, at least doubled:
+# what is kept and what comes next share one spacing, so the list keeps the shape of the
+# whole life. A settle is an append; a thinning, O(MAX_HISTORY_PAIRS), comes after at
+# least MAX_HISTORY_PAIRS / 2 settles: O(1) amortised per update.
+#
+# Stored compactly (bench/bench_memory.py): one flat array of 4-byte floats per task,
+# (t - created_at, n, t - created_at, n, ...), not a list of lists: about 8 bytes a pair
+# instead of about 100. A float32 keeps a time offset to 8 ms within a day of the start
+# and 2 s within a year, and n to 7 significant digits: plenty for a chart, and the
+# current pair, which is exact, is not stored.
+HISTORY_TYPECODE = "f"
+HISTORY_FIRST_STEP_S = 1.0  # least spacing of settled pairs until the first thinning
+MAX_HISTORY_SETTLED = MAX_HISTORY_PAIRS - 1  # the current state is the last pair
+
+
+def settle_history(task, now):
+    """Before an update at `now` replaces `task`'s current state, keep that state as a
+    history pair if it is due (see above); thin the pairs when they are full."""
+    flat = task.history
+    then = task.updated_at - task.created_at
+    if flat is None:
+        # Not a state replaced at once: a new task's blank one before its first update.
+        if now > task.updated_at:
+            task.history = array.array(HISTORY_TYPECODE, (then, task.n))
+        return
+    if then - flat[-2] < task.history_step_s:
+        return
+    flat.append(then)
+    flat.append(task.n)
+    if len(flat) > 2 * MAX_HISTORY_SETTLED:
+        task.history_step_s = thinned(flat, task.history_step_s)
+
+
+def thinned(flat, step_s):
+    """Drop every other pair of `flat` in place, the first kept; return the next step."""
+    del flat[2::4]  # the t of pairs 1, 3, 5, ...
+    del flat[2::3]  # ...and then their n, now every third item from the third
+    spacing_s = (flat[-2] - flat[0]) / (len(flat) // 2 - 1)
+    return max(2 * step_s, spacing_s)
 
 
 def history_pairs(task):
     """`task`'s history as [t, n] pairs, oldest first, ending with its current state."""
     flat = task.history or ()
-    pairs = [[flat[i], flat[i + 1]] for i in range(0, len(flat), 2)]
+    start = task.created_at
+    pairs = [[round(start + flat[i], 3), _int_if_whole(flat[i + 1])]
+             for i in range(0, len(flat), 2)]
     pairs.append([task.updated_at, task.n])
     return pairs
+
+
+def _int_if_whole(number):
+    return int(number) if number.is_integer() else number
+
+
+def history_text(flat):
+    """The stored pairs as text for a persistent store: base64 of little-endian float32s
+    (a JSON list of them would be three times longer and far slower to write)."""
+    if sys.byteorder == "big":
+        flat = array.array(HISTORY_TYPECODE, flat)
+        flat.byteswap()
+    return base64.b64encode(flat.tobytes()).decode("ascii")
+
+
+def history_from_text(text):
+    flat = array.array(HISTORY_TYPECODE)
+    flat.frombytes(base64.b64decode(text))
+    if sys.byteorder == "big":
+        flat.byteswap()
+    return flat
 
 
 def apply_update(task, update, now):
@@ -806,6 +871,7 @@ def apply_update(task, update, now):
     elif task.timestamp is not None and update.get("timestamp", math.inf) < task.timestamp:
         return False  # 0.2.x clients send no seq; their timestamp orders them instead
     old_n, old_status = task.n, task.status
+    settle_history(task, now)
     for name, value in update.items():
         setattr(task, name, value)
     if task.n != old_n:

@@ -375,3 +375,131 @@ def test_watch_shows_stalled_with_its_reason_and_counts():
     assert [task["task_id"] for task in progressista.order_tasks([row])] == ["t"]
     assert progressista.task_matches(row, status="active")
     assert progressista.watch_status("stalled") == "stalled"
+
+
+# --- history -------------------------------------------------------------------------------
+
+
+def updated_every(store, step_s, count, start=0.0, n_per_step=1):
+    """Task "t" updated `count` times, `step_s` apart, n moving by `n_per_step`."""
+    task = applied(store, start, n=0, seq=1)
+    for i in range(1, count + 1):
+        applied(store, start + i * step_s, n=i * n_per_step, seq=i + 1)
+    return task
+
+
+def test_history_is_bounded_and_ends_with_the_current_state():
+    store = MemoryStore()
+    task = updated_every(store, 0.25, 20_000)
+    pairs = progressista.history_pairs(task)
+    assert len(pairs) <= progressista.MAX_HISTORY_PAIRS == 120
+    assert len(pairs) >= 60  # thinned to half, never to nothing
+    assert pairs[-1] == [task.updated_at, task.n] == [5000.0, 20_000]
+    assert pairs[0] == [0.0, 0]  # the state the first update made: the whole life
+
+
+def test_history_is_thinned_evenly_over_the_whole_life():
+    store = MemoryStore()
+    task = updated_every(store, 15.0, 2_000)  # 8 h 20 min of heartbeats
+    times = [t for t, _ in progressista.history_pairs(task)]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:-1])]
+    assert max(gaps) <= 1.01 * min(gaps)  # one spacing from the start to now
+    assert times == sorted(times)
+    assert max(gaps) * len(gaps) == pytest.approx(times[-2] - times[0])
+
+
+def test_history_of_a_bar_that_sped_up_stays_even_in_time():
+    store = MemoryStore()
+    task = applied(store, 0.0, n=0, seq=1)
+    seq, now = 1, 0.0
+    for step_s, count in ((20.0, 100), (0.25, 20_000), (15.0, 300)):
+        for _ in range(count):
+            seq, now = seq + 1, now + step_s
+            applied(store, now, n=seq, seq=seq)
+    times = [t for t, _ in progressista.history_pairs(task)]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:-1])]
+    assert max(gaps) <= 2.5 * (times[-1] - times[0]) / len(gaps)  # no stretch left sparse
+    assert len(times) <= 120
+
+
+def test_history_pairs_follow_the_count():
+    store = MemoryStore()
+    task = updated_every(store, 1.0, 400, n_per_step=3)
+    for t, n in progressista.history_pairs(task):
+        assert n == 3 * round(t)  # each pair is a real (time, count) of the task
+
+
+def test_history_of_a_new_task_is_its_one_state():
+    store = MemoryStore()
+    task = applied(store, 10.0, n=5, seq=1)
+    assert progressista.history_pairs(task) == [[10.0, 5]]
+    assert task.history is None  # nothing stored until there is a past
+
+
+def test_history_is_kept_per_pair_in_a_few_bytes():
+    store = MemoryStore()
+    task = updated_every(store, 1.0, 5_000)
+    assert task.history.itemsize * len(task.history) <= 8 * 119
+
+
+def test_history_survives_the_stored_form():
+    store = MemoryStore()
+    task = updated_every(store, 0.5, 3_000, n_per_step=7)
+    twin = Task.from_dict(json.loads(json.dumps(task.as_stored())))
+    assert progressista.history_pairs(twin) == progressista.history_pairs(task)
+    assert twin.history_step_s == task.history_step_s
+    applied(store, 1501.0, n=1, seq=task.seq + 1)  # copies own their history
+    assert progressista.history_pairs(twin) != progressista.history_pairs(task)
+
+
+def test_get_task_has_history_and_bulk_answers_do_not():
+    clock = FakeClock(1000.0)
+    with running_server(clock=clock) as server:
+        for seq in range(1, 6):
+            post(server, task_id="t", n=10 * seq, seq=seq)
+            clock.now += 2.0
+        one = http("GET", server.url + "/tasks/t")[1]
+        assert one["history"] == [[1000.0, 10], [1002.0, 20], [1004.0, 30], [1006.0, 40],
+                                  [1008.0, 50]]
+        listed = http("GET", server.url + "/tasks")[1]["tasks"]["t"]
+        assert "history" not in listed and "history_step_s" not in listed
+        assert {key: value for key, value in one.items() if key != "history"} == listed
+
+
+def test_history_survives_a_sqlite_restart(tmp_path):
+    clock = FakeClock(1000.0)
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    with running_server(store=url, clock=clock) as server:
+        for seq in range(1, 300):
+            post(server, task_id="t", n=seq, seq=seq)
+            clock.now += 1.5
+        before = http("GET", server.url + "/tasks/t")[1]["history"]
+    assert len(before) > 60
+    with running_server(store=url, clock=clock) as server:
+        after = http("GET", server.url + "/tasks/t")[1]["history"]
+        post(server, task_id="t", n=1000, seq=1000)
+        grown = http("GET", server.url + "/tasks/t")[1]["history"]
+    assert after == before
+    assert grown[:-1] in (before, before[:-1])  # the old current state, settled if due
+    assert grown[-1] == [clock.now, 1000]
+
+
+def test_history_is_shared_through_redis_and_outlives_a_server(tmp_path):
+    from test_stores import RedisServer
+
+    redis = RedisServer(tmp_path).start()
+    clock = FakeClock(1000.0)
+    try:
+        with running_server(store=redis.url, clock=clock) as one, \
+                running_server(store=redis.url, clock=clock) as two:
+            for seq in range(1, 40):
+                post(one, task_id="t", n=seq, seq=seq)
+                clock.now += 3.0
+            history = http("GET", one.url + "/tasks/t")[1]["history"]
+            assert len(history) == 39
+            wait_for(lambda: http("GET", two.url + "/tasks/t")[1].get("history") == history,
+                     message="the other server's mirror to have the history")
+        with running_server(store=redis.url, clock=clock) as again:
+            assert http("GET", again.url + "/tasks/t")[1]["history"] == history
+    finally:
+        redis.stop()
