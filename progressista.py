@@ -677,7 +677,7 @@ class Task:
                  "timestamp", "run", "run_name", "parent", "transient",
                  "created_at", "updated_at", "progressed_at", "typical_step_s",
                  # Kept, not shown in bulk: see "History" below.
-                 "history", "history_step_s")
+                 "history", "history_step_s", "history_t_exp", "history_n_exp")
 
     def __init__(self, task_id, now):
         self.task_id = task_id
@@ -705,6 +705,8 @@ class Task:
         self.typical_step_s = None  # seconds between two changes of n; None until it moved
         self.history = None  # settled pairs, flat: see settle_history()
         self.history_step_s = HISTORY_FIRST_STEP_S  # least time between two of them
+        self.history_t_exp = HISTORY_FIRST_T_EXP  # their units: 2**exp seconds...
+        self.history_n_exp = HISTORY_FIRST_N_EXP  # ...and 2**exp of n
 
     def shown_status(self, now, thresholds):
         """The status a reader sees at `now`, derived here and nowhere else: a silent
@@ -792,12 +794,20 @@ _task_fields = operator.attrgetter(*Task.__slots__)
 # whole life. A settle is an append; a thinning, O(MAX_HISTORY_PAIRS), comes after at
 # least MAX_HISTORY_PAIRS / 2 settles: O(1) amortised per update.
 #
-# Stored compactly (bench/bench_memory.py): one flat array of 4-byte floats per task,
-# (t - created_at, n, t - created_at, n, ...), not a list of lists: about 8 bytes a pair
-# instead of about 100. A float32 keeps a time offset to 8 ms within a day of the start
-# and 2 s within a year, and n to 7 significant digits: plenty for a chart, and the
-# current pair, which is exact, is not stored.
-HISTORY_TYPECODE = "f"
+# Stored compactly, for the memory target of 1.5 KiB per task (bench/bench_memory.py):
+# one flat array of 16-bit integers per task, (t, n, t, n, ...), t in units of
+# 2**history_t_exp seconds after created_at and n in units of 2**history_n_exp; 4 bytes
+# a pair, where a list of lists would take about 100. The units start fine and coarsen,
+# for every stored value at once, when a value no longer fits: a pair is exact to about
+# 1/32,768 of the task's life and of its largest n, plenty for a chart (a rescale is
+# O(MAX_HISTORY_PAIRS), once each time the life or n doubles). The current pair, which
+# is exact, is not stored.
+HISTORY_TYPECODE = "H"
+HISTORY_MAX_UNITS = 0xFFFF  # the largest stored value, in units
+# The first units are fine (2**-16): a short life or a bar counting fractions (total=1)
+# keeps its shape; a longer one coarsens them within its first few pairs.
+HISTORY_FIRST_T_EXP = -16
+HISTORY_FIRST_N_EXP = -16
 HISTORY_FIRST_STEP_S = 1.0  # least spacing of settled pairs until the first thinning
 MAX_HISTORY_SETTLED = MAX_HISTORY_PAIRS - 1  # the current state is the last pair
 
@@ -806,34 +816,52 @@ def settle_history(task, now):
     """Before an update at `now` replaces `task`'s current state, keep that state as a
     history pair if it is due (see above); thin the pairs when they are full."""
     flat = task.history
-    then = task.updated_at - task.created_at
+    then = max(task.updated_at - task.created_at, 0.0)  # a clock set back: no negative t
     if flat is None:
-        # Not a state replaced at once: a new task's blank one before its first update.
-        if now > task.updated_at:
-            task.history = array.array(HISTORY_TYPECODE, (then, task.n))
+        if now <= task.updated_at:  # a new task's blank state, replaced at once
+            return
+        flat = task.history = array.array(HISTORY_TYPECODE)
+    elif then - math.ldexp(flat[-2], task.history_t_exp) < task.history_step_s:
         return
-    if then - flat[-2] < task.history_step_s:
-        return
-    flat.append(then)
-    flat.append(task.n)
+    n = task.n
+    if then > math.ldexp(HISTORY_MAX_UNITS, task.history_t_exp):
+        task.history_t_exp = _rescaled(flat, 0, task.history_t_exp, then)
+    if n > math.ldexp(HISTORY_MAX_UNITS, task.history_n_exp):
+        task.history_n_exp = _rescaled(flat, 1, task.history_n_exp, n)
+    flat.append(_units(then, task.history_t_exp))
+    flat.append(_units(n, task.history_n_exp))
     if len(flat) > 2 * MAX_HISTORY_SETTLED:
-        task.history_step_s = thinned(flat, task.history_step_s)
+        task.history_step_s = thinned(flat, task.history_step_s, task.history_t_exp)
 
 
-def thinned(flat, step_s):
+def _units(value, exp):
+    return round(math.ldexp(value, -exp))
+
+
+def _rescaled(flat, offset, exp, value):
+    """Coarsen every stored t (offset 0) or n (offset 1) so that `value` fits; return the
+    new exp. (frexp, not a division: n may be as large as a float goes.)"""
+    shift = max(1, math.frexp(value)[1] - 15 - exp)  # value / 2**(exp + shift) < 2**15
+    half = 1 << (shift - 1)
+    for i in range(offset, len(flat), 2):
+        flat[i] = min((flat[i] + half) >> shift, HISTORY_MAX_UNITS)
+    return exp + shift
+
+
+def thinned(flat, step_s, t_exp):
     """Drop every other pair of `flat` in place, the first kept; return the next step."""
     del flat[2::4]  # the t of pairs 1, 3, 5, ...
     del flat[2::3]  # ...and then their n, now every third item from the third
-    spacing_s = (flat[-2] - flat[0]) / (len(flat) // 2 - 1)
+    spacing_s = math.ldexp(flat[-2] - flat[0], t_exp) / (len(flat) // 2 - 1)
     return max(2 * step_s, spacing_s)
 
 
 def history_pairs(task):
     """`task`'s history as [t, n] pairs, oldest first, ending with its current state."""
     flat = task.history or ()
-    start = task.created_at
-    pairs = [[round(start + flat[i], 3), _int_if_whole(flat[i + 1])]
-             for i in range(0, len(flat), 2)]
+    start, t_exp, n_exp = task.created_at, task.history_t_exp, task.history_n_exp
+    pairs = [[round(start + math.ldexp(flat[i], t_exp), 3),
+              _int_if_whole(math.ldexp(flat[i + 1], n_exp))] for i in range(0, len(flat), 2)]
     pairs.append([task.updated_at, task.n])
     return pairs
 
@@ -843,8 +871,8 @@ def _int_if_whole(number):
 
 
 def history_text(flat):
-    """The stored pairs as text for a persistent store: base64 of little-endian float32s
-    (a JSON list of them would be three times longer and far slower to write)."""
+    """The stored pairs as text for a persistent store: base64 of little-endian uint16s
+    (a JSON list of them would be longer and slower to write)."""
     if sys.byteorder == "big":
         flat = array.array(HISTORY_TYPECODE, flat)
         flat.byteswap()

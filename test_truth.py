@@ -439,7 +439,7 @@ def test_history_of_a_new_task_is_its_one_state():
 def test_history_is_kept_per_pair_in_a_few_bytes():
     store = MemoryStore()
     task = updated_every(store, 1.0, 5_000)
-    assert task.history.itemsize * len(task.history) <= 8 * 119
+    assert task.history.itemsize * len(task.history) <= 4 * 119
 
 
 def test_history_survives_the_stored_form():
@@ -503,3 +503,20 @@ def test_history_is_shared_through_redis_and_outlives_a_server(tmp_path):
             assert http("GET", again.url + "/tasks/t")[1]["history"] == history
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("rate, step_s, count", [
+    (2500.123, 60.0, 43_200),  # 30 days of a 7.3 GB download, a heartbeat a minute
+    (1e-4, 0.25, 4000),  # a bar counting fractions: total=1
+    (1e290, 1.0, 500),  # n as large as a float goes
+])
+def test_history_pairs_stay_within_a_fine_resolution_of_the_truth(rate, step_s, count):
+    store = MemoryStore()
+    task = applied(store, 0.0, n=0, seq=1)
+    for i in range(1, count + 1):
+        applied(store, i * step_s, n=i * step_s * rate, seq=i + 1)
+    pairs = progressista.history_pairs(task)
+    life_s, largest = count * step_s, count * step_s * rate
+    for t, n in pairs:
+        assert abs(n - t * rate) <= largest / 2 ** 14 + rate * life_s / 2 ** 14, (t, n)
+    assert pairs[-1] == [life_s, largest]  # the current pair is exact
