@@ -932,12 +932,15 @@ def moved(task, now):
 
 
 def expired(task, now, lifetimes):
-    """True when a lifetime rule deletes `task` at `now` (PROTOCOL.md "Lifetimes")."""
+    """True when a lifetime rule deletes `task` at `now` (PROTOCOL.md "Lifetimes"): a
+    finished task, or one marked stale, the retention period after its last update (a
+    process that died without a word does not leave its bars forever). Marked, not just
+    reading stale: a sweep has told everyone it went stale before one deletes it."""
     silent_s = now - task.updated_at
     if lifetimes.max_task_age and silent_s >= lifetimes.max_task_age:
         return True
-    return (task.status in FINAL_STATUSES and lifetimes.retention_seconds
-            and silent_s >= lifetimes.retention_seconds)
+    return bool(lifetimes.retention_seconds and silent_s >= lifetimes.retention_seconds
+                and (task.status in FINAL_STATUSES or task.status == "stale"))
 
 
 def sweep_plan(tasks, now, lifetimes):
@@ -1210,7 +1213,7 @@ def redis_ttl_ms(task, lifetimes):
     limits = []
     if lifetimes.max_task_age:
         limits.append(lifetimes.max_task_age)
-    if task.status in FINAL_STATUSES and lifetimes.retention_seconds:
+    if (task.status in FINAL_STATUSES or task.status == "stale") and lifetimes.retention_seconds:
         limits.append(lifetimes.retention_seconds)
     # A margin past the sweep, so that the sweeper broadcasts the removal first.
     return int((min(limits) + 2 * lifetimes.cleanup_interval) * 1000) if limits else 0

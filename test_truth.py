@@ -520,3 +520,70 @@ def test_history_pairs_stay_within_a_fine_resolution_of_the_truth(rate, step_s, 
     for t, n in pairs:
         assert abs(n - t * rate) <= largest / 2 ** 14 + rate * life_s / 2 ** 14, (t, n)
     assert pairs[-1] == [life_s, largest]  # the current pair is exact
+
+
+# --- Lifetimes: a stale task is deleted like a finished one ------------------------------
+
+LIFETIMES = progressista.Settings(stale_seconds=60.0, retention_seconds=600.0)
+
+
+def test_a_task_stale_for_the_retention_period_is_deleted():
+    store = MemoryStore()
+    applied(store, 0.0, n=3, seq=1)
+    assert store.sweep(60.0, LIFETIMES) == (["t"], [])  # stale, and broadcast as such
+    assert store.sweep(599.9, LIFETIMES) == ([], [])
+    assert store.sweep(600.0, LIFETIMES) == ([], ["t"])  # counted from its last update
+    assert len(store) == 0
+
+
+def test_a_task_silent_past_retention_is_marked_stale_before_it_is_deleted():
+    # As after a restart over a persistent store: silent since long, never marked. The
+    # feed says stale first, then remove: a reader never loses a bar without a reason.
+    store = MemoryStore()
+    applied(store, 0.0, n=3, seq=1)
+    assert store.sweep(10_000.0, LIFETIMES) == (["t"], [])
+    assert store.sweep(10_001.0, LIFETIMES) == ([], ["t"])
+
+
+def test_retention_zero_keeps_stale_tasks_and_a_stalled_task_is_kept():
+    keep_all = progressista.Settings(stale_seconds=60.0, retention_seconds=0.0)
+    store = MemoryStore()
+    applied(store, 0.0, n=3, seq=1)
+    store.sweep(100.0, keep_all)
+    assert store.sweep(1e9, keep_all) == ([], []) and len(store) == 1
+    alive = MemoryStore()
+    task = applied(alive, 0.0, n=3, seq=1)
+    for beat in range(1, 100):  # heard from every 15 s, never moving: stalled, not stale
+        heartbeat(alive, beat * 15.0)
+    assert alive.sweep(1490.0, LIFETIMES) == (["t"], [])
+    assert task.status == "stalled" and len(alive) == 1
+
+
+def test_a_stale_task_that_speaks_again_is_not_deleted():
+    store = MemoryStore()
+    task = applied(store, 0.0, n=3, seq=1)
+    store.sweep(100.0, LIFETIMES)
+    heartbeat(store, 500.0)
+    assert task.status == "running"
+    assert store.sweep(1099.9, LIFETIMES) == (["t"], [])  # stale again, not yet expired
+    assert store.sweep(1100.0, LIFETIMES) == ([], ["t"])  # 600 s after it last spoke
+
+
+def test_server_deletes_a_stale_task_after_retention_and_says_so_on_the_feed():
+    from websockets.sync.client import connect
+
+    clock = FakeClock(1000.0)
+    with running_server(clock=clock, stale_seconds=30, retention_seconds=300,
+                        cleanup_interval=0.02, broadcast_interval=0.02) as server:
+        post(server, task_id="gone", n=1, seq=1)
+        post(server, task_id="done", n=1, seq=1, status="close")
+        with connect(f"ws://127.0.0.1:{server.port}/ws", proxy=None, open_timeout=5) as ws:
+            json.loads(ws.recv(timeout=5))  # the snapshot
+            clock.now += 31
+            assert statuses_until(ws, "gone", "stale") <= {"running", "stale"}
+            clock.now += 270  # 301 s after the last update of both
+            removed = set()
+            while removed != {"gone", "done"}:
+                message = json.loads(ws.recv(timeout=5))
+                removed.update(message.get("ids", ()) if message["type"] == "remove" else ())
+        assert http("GET", server.url + "/tasks/gone")[0] == 404
