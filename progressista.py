@@ -368,7 +368,8 @@ SETTINGS_TABLE = (
     _Setting("max_task_age", "MAX_TASK_AGE", _seconds,
              "any task is deleted after this long without an update; 0 is off"),
     _Setting("cleanup_interval", "CLEANUP_INTERVAL", _positive_seconds,
-             "seconds between sweeps that apply the three rules above"),
+             "seconds between sweeps that mark stale and stalled tasks and apply the "
+             "lifetimes above"),
     _Setting("broadcast_interval", "BROADCAST_INTERVAL", _positive_seconds,
              "seconds between two coalesced /ws update messages"),
     _Setting("max_tasks", "MAX_TASKS", _positive_int,
@@ -963,7 +964,8 @@ class MemoryStore:
 
     apply(updates, now) -> changed task ids   (all or nothing; may raise StoreFull)
     get(task_id) -> Task or None;  tasks() -> iterable of Task, oldest created first
-    delete(task_ids) -> removed ids;  sweep(now, lifetimes) -> (stale ids, removed ids)
+    delete(task_ids) -> removed ids;  sweep(now, lifetimes) -> (marked ids, removed ids),
+    marked: went stale, stalled or back to running
     health() -> dict;  __len__;  close()
     """
 
