@@ -817,13 +817,14 @@ def settle_history(task, now):
     """Before an update at `now` replaces `task`'s current state, keep that state as a
     history pair if it is due (see above); thin the pairs when they are full."""
     flat = task.history
-    then = max(task.updated_at - task.created_at, 0.0)  # a clock set back: no negative t
+    then = task.updated_at - task.created_at
     if flat is None:
         if now <= task.updated_at:  # a new task's blank state, replaced at once
             return
         flat = task.history = array.array(HISTORY_TYPECODE)
     elif then - math.ldexp(flat[-2], task.history_t_exp) < task.history_step_s:
-        return
+        return  # the common case: one subtraction and one comparison
+    then = max(then, 0.0)  # a clock set back: no negative t
     n = task.n
     if then > math.ldexp(HISTORY_MAX_UNITS, task.history_t_exp):
         task.history_t_exp = _rescaled(flat, 0, task.history_t_exp, then)
