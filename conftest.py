@@ -233,8 +233,9 @@ def clocked_server(clock):
 
 @pytest.fixture(scope="module")
 def quick_lifetimes_server():
-    """A shared server where tasks go stale, and finished ones expire, after 0.3 s."""
-    with running_server(stale_seconds=0.3, retention_seconds=0.3,
+    """A shared server where tasks go stale after 0.3 s, and finished (or stale) ones
+    expire 1 s after their last update: time for a test to see a stale task come back."""
+    with running_server(stale_seconds=0.3, retention_seconds=1.0,
                         cleanup_interval=0.05) as running:
         yield running
 

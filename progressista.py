@@ -11,6 +11,7 @@ then open http://localhost:8000/ . The wire protocol is documented in docs/PROTO
 """
 
 import argparse
+import array
 import asyncio
 import base64
 import collections
@@ -81,12 +82,15 @@ MAX_BODY_BYTES = 1 << 20  # default body limit; --max-body-bytes
 MAX_HEADER_BYTES = 16 * 1024  # request line plus headers
 MAX_BATCH_ITEMS = 1000
 MAX_TASKS = 100_000  # default cap on stored tasks; --max-tasks
-MAX_TASK_ID_CHARS = 256
+MAX_TASK_ID_CHARS = 256  # also of `parent`, which names a task
+MAX_RUN_CHARS = 256  # a run id
+MAX_RUN_NAME_CHARS = 1000
 MAX_DESC_CHARS = 1000
 MAX_UNIT_CHARS = 32
 MAX_POSTFIX_CHARS = 1000
 MAX_ERROR_CHARS = 2000
 MAX_META_BYTES = 4 * 1024  # meta, as compact JSON
+MAX_HISTORY_PAIRS = 120  # [t, n] pairs of a task's history, the current one included
 FD_RESERVE = 64  # file descriptors kept free for the store, logs and the listening socket
 MAX_CONNECTIONS_FALLBACK = 10_000  # where the descriptor limit cannot be read
 MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they send small
@@ -111,12 +115,17 @@ REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 # Defaults of docs/PROTOCOL.md ("Lifetimes", "The live feed")
 BROADCAST_INTERVAL_S = 0.1
 STALE_SECONDS = 60.0
+STALL_SECONDS = 300.0  # least time without a change of n before a task reads stalled
+STALL_FACTOR = 10.0  # ...or this many times its typical time between two changes, if longer
 RETENTION_SECONDS = 86400.0
 MAX_TASK_AGE_S = 0.0
 CLEANUP_INTERVAL_S = 1.0
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
-NOTIFY_EVENTS = ("close", "error", "stale")  # what --notify-on may name, and its default
+NOTIFY_EVENTS = ("close", "error", "stale", "stalled")  # what --notify-on may name
+# Not stalled by default: an outer bar (epochs) that has not moved yet reads stalled
+# after --stall-seconds, as its pace is not known; a user who wants it says so.
+NOTIFY_DEFAULT_EVENTS = ("close", "error", "stale")
 NOTIFY_INTERVAL_S = 10.0  # default batching window of notifications; --notify-interval
 
 ENV_PREFIX = "PROGRESSISTA_"
@@ -144,6 +153,8 @@ class Settings:
     read_tokens: tuple = ()
     allow_origins: tuple = ()
     stale_seconds: float = STALE_SECONDS
+    stall_seconds: float = STALL_SECONDS
+    stall_factor: float = STALL_FACTOR
     retention_seconds: float = RETENTION_SECONDS
     max_task_age: float = MAX_TASK_AGE_S
     cleanup_interval: float = CLEANUP_INTERVAL_S
@@ -154,7 +165,7 @@ class Settings:
     store: str = "memory://"
     log_level: str = "info"
     notify: tuple = ()
-    notify_on: tuple = NOTIFY_EVENTS
+    notify_on: tuple = NOTIFY_DEFAULT_EVENTS
     notify_min_duration: float = 0.0
     notify_interval: float = NOTIFY_INTERVAL_S
     notify_name: str = ""
@@ -233,6 +244,13 @@ def _seconds(text):
     return value
 
 
+def _factor(text):
+    value = _real(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
+    return value
+
+
 def _positive_seconds(text):
     value = _real(text)
     if not math.isfinite(value) or value <= 0:
@@ -269,9 +287,9 @@ def _notify_events(text):
     for event in events:
         if event not in NOTIFY_EVENTS:
             raise argparse.ArgumentTypeError(
-                f"unknown event {event!r}: name one or more of close, error, stale")
+                f"unknown event {event!r}: name one or more of {', '.join(NOTIFY_EVENTS)}")
     if not events:  # nothing would ever be sent: without --notify, nothing is
-        raise argparse.ArgumentTypeError("name one or more of close, error, stale")
+        raise argparse.ArgumentTypeError(f"name one or more of {', '.join(NOTIFY_EVENTS)}")
     return tuple(dict.fromkeys(events))
 
 
@@ -311,6 +329,18 @@ def _check_notify(values):
 
 
 @dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """When a running task reads stale or stalled (docs/PROTOCOL.md, "The task").
+
+    Settings has the same three fields: wherever a status is derived, pass the Settings
+    (or one of these, in tests and tools)."""
+
+    stale_seconds: float = STALE_SECONDS
+    stall_seconds: float = STALL_SECONDS
+    stall_factor: float = STALL_FACTOR
+
+
+@dataclasses.dataclass(frozen=True)
 class _Setting:
     name: str
     env: str
@@ -330,12 +360,21 @@ SETTINGS_TABLE = (
              "comma-separated browser origins allowed cross-origin (CORS and /ws)"),
     _Setting("stale_seconds", "STALE_SECONDS", _seconds,
              "a running task with no update this long reads 'stale'; 0 turns it off"),
+    _Setting("stall_seconds", "STALL_SECONDS", _seconds,
+             "a running task still heard from whose n has not changed this long (or "
+             "stall-factor times its usual time per step, if longer) reads 'stalled'; "
+             "0 turns it off"),
+    _Setting("stall_factor", "STALL_FACTOR", _factor,
+             "how many of a task's usual times between two steps without one make it "
+             "stalled (when that is longer than stall-seconds)"),
     _Setting("retention_seconds", "RETENTION_SECONDS", _seconds,
-             "close/error tasks are deleted this long after their last update; 0 keeps"),
+             "close/error tasks, and stale ones, are deleted this long after their last "
+             "update; 0 keeps"),
     _Setting("max_task_age", "MAX_TASK_AGE", _seconds,
              "any task is deleted after this long without an update; 0 is off"),
     _Setting("cleanup_interval", "CLEANUP_INTERVAL", _positive_seconds,
-             "seconds between sweeps that apply the three rules above"),
+             "seconds between sweeps that mark stale and stalled tasks and apply the "
+             "lifetimes above"),
     _Setting("broadcast_interval", "BROADCAST_INTERVAL", _positive_seconds,
              "seconds between two coalesced /ws update messages"),
     _Setting("max_tasks", "MAX_TASKS", _positive_int,
@@ -352,7 +391,8 @@ SETTINGS_TABLE = (
              "webhook URL to POST to when a task closes, fails or goes stale (repeatable; "
              "the variable: comma-separated)"),
     _Setting("notify_on", "NOTIFY_ON", _notify_events,
-             "which of close, error, stale are notified (comma-separated; default all)"),
+             "which of close, error, stale, stalled are notified (comma-separated; "
+             "default close,error,stale)"),
     _Setting("notify_min_duration", "NOTIFY_MIN_DURATION", _seconds,
              "a task that ran less than this many seconds is not notified; 0 notifies all"),
     _Setting("notify_interval", "NOTIFY_INTERVAL", _positive_seconds,
@@ -391,8 +431,10 @@ class StoreUnavailable(DomainError):
     """A shared store (Redis) cannot be reached; nothing was stored."""
 
 
-STATUSES = ("running", "stale", "close", "error")
+STATUSES = ("running", "stalled", "stale", "close", "error")
 FINAL_STATUSES = ("close", "error")
+# How much the newest time between two changes of n moves a task's typical_step_s.
+TYPICAL_STEP_WEIGHT = 0.2
 # Old (0.2.x) clients send start/update for a bar in progress.
 STATUS_ALIASES = {"running": "running", "start": "running", "update": "running",
                   "close": "close", "error": "error"}
@@ -454,6 +496,21 @@ def _check_task_id(value, where):
     if type(value) is not str or not 1 <= len(value) <= MAX_TASK_ID_CHARS:
         raise InvalidUpdate(f"{where}: required, a string of 1 to {MAX_TASK_ID_CHARS} characters")
     return _check_unicode(value, where)
+
+
+def _id_or_null(value, where, limit):
+    # run and parent: shared by many bars, so one interned string serves them all.
+    if value is None:
+        return None
+    if type(value) is not str or not 1 <= len(value) <= limit:
+        raise InvalidUpdate(f"{where}: must be null or a string of 1 to {limit} characters")
+    return sys.intern(_check_unicode(value, where))
+
+
+def _check_bool(value, where):
+    if type(value) is not bool:
+        raise InvalidUpdate(f"{where}: must be true or false")
+    return value
 
 
 def _check_status(value, where):
@@ -539,6 +596,10 @@ FIELD_CHECKS = {
     "meta": _check_meta,
     "seq": _check_seq,
     "timestamp": _check_timestamp,
+    "run": lambda value, where: _id_or_null(value, where, MAX_RUN_CHARS),
+    "run_name": lambda value, where: _text(value, where, MAX_RUN_NAME_CHARS),
+    "parent": lambda value, where: _id_or_null(value, where, MAX_TASK_ID_CHARS),
+    "transient": _check_bool,
 }
 
 
@@ -585,11 +646,15 @@ def validate_update(obj, index=None):
                 if status is not None:
                     update[key] = status
                     continue
+            elif key in _ID_LIMITS:  # run, parent
+                if 0 < len(value) <= _ID_LIMITS[key] and _is_unicode(value):
+                    update[key] = sys.intern(value)
+                    continue
         elif value is None:
             if key in _NULLABLE:
                 update[key] = None
                 continue
-        elif vtype is bool and key == "unit_scale":
+        elif vtype is bool and key in _BOOLEAN:
             update[key] = value
             continue
         check = FIELD_CHECKS.get(key)
@@ -601,16 +666,24 @@ def validate_update(obj, index=None):
 _MAX_FLOAT = sys.float_info.max  # also refuses inf, NaN and ints beyond any float
 _NON_NEGATIVE = frozenset(("n", "total", "rate", "elapsed", "unit_divisor", "unit_scale"))
 _TEXT_LIMITS = {"desc": MAX_DESC_CHARS, "unit": MAX_UNIT_CHARS, "postfix": MAX_POSTFIX_CHARS,
-                "error": MAX_ERROR_CHARS}
-_NULLABLE = frozenset(("desc", "total", "rate", "postfix", "error"))
+                "error": MAX_ERROR_CHARS, "run_name": MAX_RUN_NAME_CHARS}
+_ID_LIMITS = {"run": MAX_RUN_CHARS, "parent": MAX_TASK_ID_CHARS}  # 1 to N characters
+_NULLABLE = frozenset(("desc", "total", "rate", "postfix", "error", "run", "run_name",
+                       "parent"))
+_BOOLEAN = frozenset(("unit_scale", "transient"))
 
 
 class Task:
-    """One progress bar as stored. `as_dict(now, stale_after_s)` is the wire form."""
+    """One progress bar as stored. `as_dict(now, ...)` is its bulk wire form (GET /tasks,
+    the feed), `as_detail(now, ...)` the one with `history` (GET /tasks/{id}), and
+    `as_stored()` what a persistent store writes and `from_dict()` reads back."""
 
     __slots__ = ("task_id", "desc", "n", "total", "unit", "unit_scale", "unit_divisor",
                  "rate", "elapsed", "postfix", "status", "error", "meta", "seq",
-                 "timestamp", "created_at", "updated_at")
+                 "timestamp", "run", "run_name", "parent", "transient",
+                 "created_at", "updated_at", "progressed_at", "typical_step_s",
+                 # Kept, not shown in bulk: see "History" below.
+                 "history", "history_step_s", "history_t_exp", "history_n_exp")
 
     def __init__(self, task_id, now):
         self.task_id = task_id
@@ -628,39 +701,197 @@ class Task:
         self.meta = {}
         self.seq = None
         self.timestamp = None
+        self.run = None
+        self.run_name = None
+        self.parent = None
+        self.transient = False
         self.created_at = now
         self.updated_at = now
+        self.progressed_at = now  # server time of the last change of n
+        self.typical_step_s = None  # seconds between two changes of n; None until it moved
+        self.history = None  # settled pairs, flat: see settle_history()
+        self.history_step_s = HISTORY_FIRST_STEP_S  # least time between two of them
+        self.history_t_exp = HISTORY_FIRST_T_EXP  # their units: 2**exp seconds...
+        self.history_n_exp = HISTORY_FIRST_N_EXP  # ...and 2**exp of n
 
-    def shown_status(self, now, stale_after_s):
-        """The status a reader sees: a silent running task reads stale between sweeps too."""
-        if (self.status == "running" and stale_after_s
-                and now - self.updated_at >= stale_after_s):
-            return "stale"
-        return self.status
+    def shown_status(self, now, thresholds):
+        """The status a reader sees at `now`, derived here and nowhere else: a silent
+        running task reads stale, a heard-from one whose n stopped reads stalled (both
+        between sweeps too). `thresholds`: the Settings, or a Thresholds."""
+        status = self.status
+        if status != "running" and status != "stalled":
+            return status  # close and error are final; stale lasts until it is heard from
+        stale_after_s = thresholds.stale_seconds
+        if stale_after_s and now - self.updated_at >= stale_after_s:
+            return "stale"  # stale wins: nothing heard says more than nothing moved
+        stall_s = thresholds.stall_seconds
+        if (stall_s and now - self.progressed_at > stall_s
+                # Still heard from: an update came after n last changed. Without it a
+                # task is silent, not stalled (what stale says, when it is on).
+                and self.updated_at > self.progressed_at
+                and (self.typical_step_s is None
+                     or now - self.progressed_at > thresholds.stall_factor * self.typical_step_s)):
+            return "stalled"
+        return "running"
 
-    def as_dict(self, now=None, stale_after_s=0):
-        wire = dict(zip(Task.__slots__, _task_fields(self)))
+    def stall_after_s(self, thresholds):
+        """Seconds without a change of n after which this task reads stalled; None: never."""
+        if not thresholds.stall_seconds:
+            return None
+        if self.typical_step_s is None:  # not moved yet: its pace is not known
+            return thresholds.stall_seconds
+        return max(thresholds.stall_seconds, thresholds.stall_factor * self.typical_step_s)
+
+    def as_dict(self, now=None, thresholds=None):
+        """The bulk wire form; `status` as of `now` when given (see shown_status())."""
+        wire = dict(zip(WIRE_FIELDS, _wire_fields(self)))
         if now is not None:
-            wire["status"] = self.shown_status(now, stale_after_s)
+            wire["status"] = self.shown_status(now, thresholds)
         return wire
+
+    def as_detail(self, now=None, thresholds=None):
+        """The wire form with `history`: [t, n] pairs, oldest first, the last one now's."""
+        wire = self.as_dict(now, thresholds)
+        wire["history"] = history_pairs(self)
+        return wire
+
+    def as_stored(self):
+        stored = dict(zip(Task.__slots__, _task_fields(self)))
+        if self.history is not None:
+            stored["history"] = history_text(self.history)
+        return stored
 
     def copy(self):
         twin = Task.__new__(Task)
         for name, value in zip(Task.__slots__, _task_fields(self)):
             setattr(twin, name, value)
+        if self.history is not None:  # the only mutable field changed in place
+            twin.history = array.array(HISTORY_TYPECODE, self.history)
         return twin
 
     @classmethod
     def from_dict(cls, stored):
-        """Rebuild a task from `as_dict()` output (persistent stores)."""
+        """Rebuild a task from `as_stored()` output (persistent stores)."""
         task = cls(stored["task_id"], stored.get("created_at", 0.0))
         for name in cls.__slots__:
             if name in stored:
                 setattr(task, name, stored[name])
+        if "progressed_at" not in stored:  # stored by a v1 server: no better guess
+            task.progressed_at = task.updated_at
+        if task.history is not None:
+            task.history = history_from_text(task.history)
         return task
 
 
+WIRE_FIELDS = Task.__slots__[:Task.__slots__.index("history")]
+_wire_fields = operator.attrgetter(*WIRE_FIELDS)
 _task_fields = operator.attrgetter(*Task.__slots__)
+
+
+# History: [t, n] pairs over a task's whole life, at most MAX_HISTORY_PAIRS, spread
+# evenly in time however long it runs.
+#
+# The last pair shown is the current state, (updated_at, n): the task's own fields, never
+# stored twice. Before an update replaces it, that state is "settled" into the stored
+# pairs when it lies at least `history_step_s` after the last settled pair, so settled
+# pairs are spaced by the step. When they are full, every other one is dropped (the
+# first, the start, stays) and the step becomes their mean spacing, at least doubled:
+# what is kept and what comes next share one spacing, so the list keeps the shape of the
+# whole life. A settle is an append; a thinning, O(MAX_HISTORY_PAIRS), comes after at
+# least MAX_HISTORY_PAIRS / 2 settles: O(1) amortised per update.
+#
+# Stored compactly, for the memory target of 1.5 KiB per task (bench/bench_memory.py):
+# one flat array of 16-bit integers per task, (t, n, t, n, ...), t in units of
+# 2**history_t_exp seconds after created_at and n in units of 2**history_n_exp; 4 bytes
+# a pair, where a list of lists would take about 100. The units start fine and coarsen,
+# for every stored value at once, when a value no longer fits: a pair is exact to about
+# 1/32,768 of the task's life and of its largest n, plenty for a chart (a rescale is
+# O(MAX_HISTORY_PAIRS), once each time the life or n doubles). The current pair, which
+# is exact, is not stored.
+HISTORY_TYPECODE = "H"
+HISTORY_MAX_UNITS = 0xFFFF  # the largest stored value, in units
+# The first units are fine (2**-16): a short life or a bar counting fractions (total=1)
+# keeps its shape; a longer one coarsens them within its first few pairs.
+HISTORY_FIRST_T_EXP = -16
+HISTORY_FIRST_N_EXP = -16
+HISTORY_FIRST_STEP_S = 1.0  # least spacing of settled pairs until the first thinning
+MAX_HISTORY_SETTLED = MAX_HISTORY_PAIRS - 1  # the current state is the last pair
+
+
+def settle_history(task, now):
+    """Before an update at `now` replaces `task`'s current state, keep that state as a
+    history pair if it is due (see above); thin the pairs when they are full."""
+    flat = task.history
+    then = task.updated_at - task.created_at
+    if flat is None:
+        if now <= task.updated_at:  # a new task's blank state, replaced at once
+            return
+        flat = task.history = array.array(HISTORY_TYPECODE)
+    elif then - math.ldexp(flat[-2], task.history_t_exp) < task.history_step_s:
+        return  # the common case: one subtraction and one comparison
+    then = max(then, 0.0)  # a clock set back: no negative t
+    n = task.n
+    if then > math.ldexp(HISTORY_MAX_UNITS, task.history_t_exp):
+        task.history_t_exp = _rescaled(flat, 0, task.history_t_exp, then)
+    if n > math.ldexp(HISTORY_MAX_UNITS, task.history_n_exp):
+        task.history_n_exp = _rescaled(flat, 1, task.history_n_exp, n)
+    flat.append(_units(then, task.history_t_exp))
+    flat.append(_units(n, task.history_n_exp))
+    if len(flat) > 2 * MAX_HISTORY_SETTLED:
+        task.history_step_s = thinned(flat, task.history_step_s, task.history_t_exp)
+
+
+def _units(value, exp):
+    return round(math.ldexp(value, -exp))
+
+
+def _rescaled(flat, offset, exp, value):
+    """Coarsen every stored t (offset 0) or n (offset 1) so that `value` fits; return the
+    new exp. (frexp, not a division: n may be as large as a float goes.)"""
+    shift = max(1, math.frexp(value)[1] - 15 - exp)  # value / 2**(exp + shift) < 2**15
+    half = 1 << (shift - 1)
+    for i in range(offset, len(flat), 2):
+        flat[i] = min((flat[i] + half) >> shift, HISTORY_MAX_UNITS)
+    return exp + shift
+
+
+def thinned(flat, step_s, t_exp):
+    """Drop every other pair of `flat` in place, the first kept; return the next step."""
+    del flat[2::4]  # the t of pairs 1, 3, 5, ...
+    del flat[2::3]  # ...and then their n, now every third item from the third
+    spacing_s = math.ldexp(flat[-2] - flat[0], t_exp) / (len(flat) // 2 - 1)
+    return max(2 * step_s, spacing_s)
+
+
+def history_pairs(task):
+    """`task`'s history as [t, n] pairs, oldest first, ending with its current state."""
+    flat = task.history or ()
+    start, t_exp, n_exp = task.created_at, task.history_t_exp, task.history_n_exp
+    pairs = [[round(start + math.ldexp(flat[i], t_exp), 3),
+              _int_if_whole(math.ldexp(flat[i + 1], n_exp))] for i in range(0, len(flat), 2)]
+    pairs.append([task.updated_at, task.n])
+    return pairs
+
+
+def _int_if_whole(number):
+    return int(number) if number.is_integer() else number
+
+
+def history_text(flat):
+    """The stored pairs as text for a persistent store: base64 of little-endian uint16s
+    (a JSON list of them would be longer and slower to write)."""
+    if sys.byteorder == "big":
+        flat = array.array(HISTORY_TYPECODE, flat)
+        flat.byteswap()
+    return base64.b64encode(flat.tobytes()).decode("ascii")
+
+
+def history_from_text(text):
+    flat = array.array(HISTORY_TYPECODE)
+    flat.frombytes(base64.b64decode(text))
+    if sys.byteorder == "big":
+        flat.byteswap()
+    return flat
 
 
 def apply_update(task, update, now):
@@ -674,40 +905,71 @@ def apply_update(task, update, now):
             return False
     elif task.timestamp is not None and update.get("timestamp", math.inf) < task.timestamp:
         return False  # 0.2.x clients send no seq; their timestamp orders them instead
+    old_n, old_status = task.n, task.status
+    settle_history(task, now)
     for name, value in update.items():
         setattr(task, name, value)
+    if task.n != old_n:
+        moved(task, now)
+    elif old_status == "stalled" and task.status == "running":
+        task.status = "stalled"  # a heartbeat is no progress: what the sweep would say
     if task.status == "stale" and "status" not in update:
         task.status = "running"  # any sign of life revives a stale bar
     task.updated_at = now
     return True
 
 
+def moved(task, now):
+    """Note a change of `task`'s n at `now`: progressed_at, and typical_step_s.
+
+    The typical time between two changes of n is an exponentially weighted mean of the
+    intervals (the newest weighs TYPICAL_STEP_WEIGHT): O(1) time and one float per task,
+    it follows a bar that speeds up or slows down within a few steps, and one long pause
+    raises it only for a while. The first interval counts from the task's creation, so
+    an epoch bar's first epoch sets its pace. (The sender pushes at most every
+    push interval, so a fast bar's steps are seen at that pace: far below the
+    --stall-seconds floor, which is what decides for such a bar.)"""
+    step_s = now - task.progressed_at
+    typical_s = task.typical_step_s
+    task.typical_step_s = (step_s if typical_s is None
+                           else typical_s + TYPICAL_STEP_WEIGHT * (step_s - typical_s))
+    task.progressed_at = now
+    if task.status == "stalled":
+        task.status = "running"
+
+
 def expired(task, now, lifetimes):
-    """True when a lifetime rule deletes `task` at `now` (docs/PROTOCOL.md "Lifetimes")."""
+    """True when a lifetime rule deletes `task` at `now` (docs/PROTOCOL.md "Lifetimes"): a
+    finished task, or one marked stale, the retention period after its last update (a
+    process that died without a word does not leave its bars forever). Marked, not just
+    reading stale: a sweep has told everyone it went stale before one deletes it."""
     silent_s = now - task.updated_at
     if lifetimes.max_task_age and silent_s >= lifetimes.max_task_age:
         return True
-    return (task.status in FINAL_STATUSES and lifetimes.retention_seconds
-            and silent_s >= lifetimes.retention_seconds)
+    return bool(lifetimes.retention_seconds and silent_s >= lifetimes.retention_seconds
+                and (task.status in FINAL_STATUSES or task.status == "stale"))
 
 
 def sweep_plan(tasks, now, lifetimes):
-    """What a sweep at `now` does: (the tasks to mark stale, the ids that expired). A task
-    that expired is only deleted, never marked stale on its way out."""
-    stale, expired_ids = [], []
+    """What a sweep at `now` does: (the (task, status) pairs whose status now reads
+    differently: went stale, stalled, or back to running; the ids that expired). A task
+    that expired is only deleted, never marked on its way out."""
+    marked, expired_ids = [], []
     for task in tasks:
         if expired(task, now, lifetimes):
             expired_ids.append(task.task_id)
-        elif task.shown_status(now, lifetimes.stale_seconds) != task.status:
-            stale.append(task)
-    return stale, expired_ids
+        else:
+            shown = task.shown_status(now, lifetimes)
+            if shown != task.status:
+                marked.append((task, shown))
+    return marked, expired_ids
 
 
 class Store:
     """The contract every store keeps, written once; subclass it for a store of your own.
 
     A store holds the tasks and answers reads from memory. Each method that may wait for
-    I/O (apply, delete, sweep, open, flush, close) returns its result or an awaitable of
+    I/O (apply, delete, sweep, open, flush, close) returns its result or a coroutine of
     it: the in-memory store answers at once, so its requests never leave the fast path,
     and the server awaits the others (see `settle()`). The members with a body here are
     optional: their defaults suit a store that needs no I/O."""
@@ -816,12 +1078,13 @@ class MemoryStore(Store):
         return [task_id for task_id in task_ids if by_id.pop(task_id, None) is not None]
 
     def sweep(self, now, lifetimes):
-        """Mark silent running tasks stale and delete expired ones, as of `now`."""
-        stale, removed_ids = sweep_plan(self.by_id.values(), now, lifetimes)
-        for task in stale:
-            task.status = "stale"
+        """Mark tasks that went stale or stalled (or back to running), delete expired
+        ones, as of `now`; return (the marked ids, the removed ids)."""
+        marked, removed_ids = sweep_plan(self.by_id.values(), now, lifetimes)
+        for task, status in marked:
+            task.status = status
         self.forget(removed_ids)
-        return [task.task_id for task in stale], removed_ids
+        return [task.task_id for task, _ in marked], removed_ids
 
 
 
@@ -833,7 +1096,7 @@ class StoreError(Exception):
 
 
 def _task_json(task):
-    return json.dumps(task.as_dict(), separators=(",", ":"))
+    return json.dumps(task.as_stored(), separators=(",", ":"))
 
 
 class SqliteStore(MemoryStore):
@@ -912,9 +1175,9 @@ class SqliteStore(MemoryStore):
         return self.written(removed) if removed else removed
 
     def sweep(self, now, lifetimes):
-        stale_ids, removed_ids = super().sweep(now, lifetimes)
-        self.dirty_ids.update(dict.fromkeys(stale_ids))
-        return stale_ids, removed_ids
+        marked_ids, removed_ids = super().sweep(now, lifetimes)
+        self.dirty_ids.update(dict.fromkeys(marked_ids))
+        return marked_ids, removed_ids
 
     def health(self):
         return {"kind": self.kind, "ok": not self.failed, "path": self.path}
@@ -1006,7 +1269,7 @@ def redis_ttl_ms(task, lifetimes):
     limits = []
     if lifetimes.max_task_age:
         limits.append(lifetimes.max_task_age)
-    if task.status in FINAL_STATUSES and lifetimes.retention_seconds:
+    if (task.status in FINAL_STATUSES or task.status == "stale") and lifetimes.retention_seconds:
         limits.append(lifetimes.retention_seconds)
     # A margin past the sweep, so that the sweeper broadcasts the removal first.
     return int((min(limits) + 2 * lifetimes.cleanup_interval) * 1000) if limits else 0
@@ -1233,18 +1496,20 @@ class RedisStore(Store):
         return removed
 
     async def sweep(self, now, lifetimes):
-        """Mark stale and expire for every server, if this one holds the sweeper lease."""
+        """Mark stale or stalled and expire for every server, if this one holds the
+        sweeper lease."""
         try:
             lease_ms = int(max(3 * lifetimes.cleanup_interval, 1.0) * 1000)
             self.is_sweeper = bool(await self.lease_script(keys=[self.lease_key],
                                                            args=[self.origin, lease_ms]))
             if not self.is_sweeper:
                 return [], []
-            stale, doomed = sweep_plan(self.local.tasks(), now, lifetimes)
-            for task in stale:
-                task.status = "stale"
-            if stale:
-                await self.write_and_publish(stale, same_seq_ok=True)
+            marked, doomed = sweep_plan(self.local.tasks(), now, lifetimes)
+            for task, status in marked:
+                task.status = status
+            marked_tasks = [task for task, _ in marked]
+            if marked_tasks:
+                await self.write_and_publish(marked_tasks, same_seq_ok=True)
             removed = await self.delete(doomed)
         except self.errors as error:
             self.is_sweeper = False
@@ -1252,7 +1517,7 @@ class RedisStore(Store):
             return [], []
         except StoreUnavailable:  # delete() found Redis down and said so
             return [], []
-        return [task.task_id for task in stale], removed
+        return [task.task_id for task in marked_tasks], removed
 
 
 def open_store(url, settings):
@@ -1364,7 +1629,7 @@ class Feed:
         self.changed_ids = {}
         self.removed_ids = set()
 
-    def take(self, store, now, stale_after_s):
+    def take(self, store, now, thresholds):
         """Return the encoded messages pending (possibly none) and forget them."""
         messages = []
         if self.removed_ids:
@@ -1375,20 +1640,20 @@ class Feed:
             for task_id in self.changed_ids:
                 task = store.get(task_id)
                 if task is not None:
-                    tasks[task_id] = task.as_dict(now, stale_after_s)
+                    tasks[task_id] = task.as_dict(now, thresholds)
             if tasks:
                 messages.append(_encode({"type": "update", "tasks": tasks, "now": now}))
         self.clear()
         return messages
 
 
-def snapshot_message(store, now, stale_after_s):
+def snapshot_message(store, now, thresholds):
     """The whole snapshot as one message (a store of at most SNAPSHOT_CHUNK_TASKS)."""
-    tasks = {task.task_id: task.as_dict(now, stale_after_s) for task in store.tasks()}
+    tasks = {task.task_id: task.as_dict(now, thresholds) for task in store.tasks()}
     return _encode({"type": "snapshot", "tasks": tasks, "now": now})
 
 
-def snapshot_chunks(store, clock, stale_after_s, chunk_tasks=None):
+def snapshot_chunks(store, clock, thresholds, chunk_tasks=None):
     """Yield a big store's snapshot as messages of at most `chunk_tasks` tasks, one per
     step, so that no step of the loop encodes more than that: `snapshot` with "more":
     true, then `snapshot_more` messages, the last with "more": false.
@@ -1406,7 +1671,7 @@ def snapshot_chunks(store, clock, stale_after_s, chunk_tasks=None):
         for old in held[start:start + chunk_tasks]:
             task = store.get(old.task_id)
             if task is not None:
-                tasks[task.task_id] = task.as_dict(now, stale_after_s)
+                tasks[task.task_id] = task.as_dict(now, thresholds)
         yield _encode({"type": "snapshot_more" if start else "snapshot", "tasks": tasks,
                        "more": start + chunk_tasks < len(held), "now": now})
 
@@ -1431,7 +1696,8 @@ NOTIFY_ERROR_CHARS = 300  # of an error in a text line (the event has all of it)
 NOTIFY_READ_BYTES = 1024  # of a webhook's answer: kept only for the log
 NOTIFY_LOG_BODY_CHARS = 200  # of a refusing webhook's answer, in the log
 DISCORD_MAX_CHARS = 2000  # Discord refuses a longer `content`
-NOTIFY_MARKS = {"close": "\u2705", "error": "\u274c", "stale": "\u26a0\ufe0f"}
+NOTIFY_MARKS = {"close": "\u2705", "error": "\u274c", "stale": "\u26a0\ufe0f",
+                "stalled": "\u23f8\ufe0f"}
 ELLIPSIS = "\u2026"
 NOTIFY_USER_AGENT = "progressista/" + __version__
 NOTIFY_OUTCOMES = ("sent", "failed", "dropped")  # what /metrics counts of each message
@@ -1445,7 +1711,8 @@ def task_duration(task):
 
 
 def notify_event(task, event, now):
-    """The JSON-able event for `task`, which just turned `event` (close, error, stale): the
+    """The JSON-able event for `task`, which just turned `event` (close, error, stale,
+    stalled): the
     task's fields as GET /tasks shows them, plus `event`, `duration` and `at`."""
     return {"event": event, **task.as_dict(), "status": event,
             "duration": task_duration(task), "at": now}
@@ -1501,6 +1768,25 @@ def _while(seconds):
     return f"{seconds / 3600:.1f} h"
 
 
+def _step_every(seconds):
+    if seconds < 10:
+        return f"{seconds:.2g} s"  # 3 s, 0.25 s, 2.5 s
+    return _while(seconds)
+
+
+def stall_reason(task, now, duration=_while):
+    """Why a task (its wire form) reads stalled, in words: 'no progress for 12 min;
+    usually a step every 3 s' (the second half once its pace is known). `duration`
+    writes the first number (watch gives format_interval: 00:12:00)."""
+    progressed_at, typical_s = task.get("progressed_at"), task.get("typical_step_s")
+    reason = "no progress"
+    if _is_number(progressed_at):  # a task from the network: any field may be missing
+        reason += f" for {duration(max(now - progressed_at, 0.0))}"
+    if _is_number(typical_s) and typical_s >= 0:
+        reason += f"; usually a step every {_step_every(typical_s)}"
+    return reason
+
+
 def _error_summary(error):
     lines = [line for line in str(error).splitlines() if line.strip()]
     if not lines:
@@ -1527,6 +1813,8 @@ def event_line(event):
         summary = _error_summary(event.get("error") or "")
         if summary:
             said += ": " + _one_line(summary, NOTIFY_ERROR_CHARS)
+    elif kind == "stalled":
+        said = f"stalled at {_progress(event)}, {stall_reason(event, event['at'])}"
     else:
         silent_s = max(event["at"] - event["updated_at"], 0.0)
         said = f"stale, no update for {_while(silent_s)} at {_progress(event)}"
@@ -1574,7 +1862,7 @@ class Notifier:
     Feed it every change with `observe()` and call `tick(now)` often (the broadcast loop
     does both); `close(now)` sends the current window at once, at shutdown."""
 
-    def __init__(self, notify_on=NOTIFY_EVENTS, min_duration_s=0.0,
+    def __init__(self, notify_on=NOTIFY_DEFAULT_EVENTS, min_duration_s=0.0,
                  interval_s=NOTIFY_INTERVAL_S, server="", senders=(), clock=time.monotonic):
         self.notify_on = frozenset(notify_on)
         self.min_duration_s = min_duration_s
@@ -1596,15 +1884,15 @@ class Notifier:
                    server=settings.notify_name or socket.gethostname(),
                    senders=[WebhookSender(url) for url in dict.fromkeys(settings.notify)])
 
-    def seed(self, tasks, now, stale_after_s):
+    def seed(self, tasks, now, thresholds):
         """Count what is already closed, failed or stale as notified: a restart over a
         persistent store does not repeat old news."""
         for task in tasks:
-            status = task.shown_status(now, stale_after_s)
+            status = task.shown_status(now, thresholds)
             if status in self.notify_on:
                 self.notified_by_id[task.task_id] = status
 
-    def observe(self, changed_ids, removed_ids, store, now, stale_after_s):
+    def observe(self, changed_ids, removed_ids, store, now, thresholds):
         """Turn changes (the feed's pending ids) into events of the current window."""
         notified = self.notified_by_id
         for task_id in removed_ids:  # forgotten with the task: memory stays bounded
@@ -1617,7 +1905,7 @@ class Notifier:
             task = store.get(task_id)
             if task is None:
                 continue
-            status = task.shown_status(now, stale_after_s)
+            status = task.shown_status(now, thresholds)
             if status not in self.notify_on:
                 if status == "running":  # back to life: a later close or stale is news
                     notified.pop(task_id, None)
@@ -1657,9 +1945,9 @@ class Notifier:
             for sender in self.senders:
                 sender.put(message)
 
-    def start(self, tasks, now, stale_after_s):
+    def start(self, tasks, now, thresholds):
         """Seed from the tasks the store holds and start the sender threads."""
-        self.seed(tasks, now, stale_after_s)
+        self.seed(tasks, now, thresholds)
         for sender in self.senders:
             sender.start()
         log.info("notifying %s to %s, at most one message per %g s",
@@ -2531,7 +2819,6 @@ class Api:
         status = _status_query(request)
         since = _time_query(request, "since")
         now = self.clock()
-        stale_after_s = self.settings.stale_seconds
         answer = {}
         removed = []
         if since is None:
@@ -2547,8 +2834,8 @@ class Api:
                 candidates = filter(None, map(self.store.get, changed_ids))
         tasks = {}
         for task in candidates:  # the status first: as_dict() only for those shown
-            if status is None or task.shown_status(now, stale_after_s) == status:
-                tasks[task.task_id] = task.as_dict(now, stale_after_s)
+            if status is None or task.shown_status(now, self.settings) == status:
+                tasks[task.task_id] = task.as_dict(now, self.settings)
             elif since is not None:
                 removed.append(task.task_id)
         answer.update(tasks=tasks, now=now)
@@ -2561,7 +2848,7 @@ class Api:
         task = self.store.get(task_id)
         if task is None:
             raise HTTPError(404, f"no task {task_id!r}")
-        return json_response(task.as_dict(self.clock(), self.settings.stale_seconds))
+        return json_response(task.as_detail(self.clock(), self.settings))
 
     def delete_tasks(self, request):
         # With no filter this deletes everything: a misspelt filter must not mean that.
@@ -2574,11 +2861,10 @@ class Api:
         # An id as a filter too: a browser cannot put "." or ".." in a path segment.
         task_id = request.query.get("task_id")
         now = self.clock()
-        stale_after_s = self.settings.stale_seconds
         candidates = self.store.tasks() if task_id is None else filter(
             None, [self.store.get(task_id)])
         doomed = [task.task_id for task in candidates
-                  if (status is None or task.shown_status(now, stale_after_s) == status)
+                  if (status is None or task.shown_status(now, self.settings) == status)
                   and (older_than is None or now - task.updated_at >= older_than)]
         return settle(self.store.delete(doomed),
                       lambda removed: self.deleted(removed, removed))
@@ -2594,10 +2880,9 @@ class Api:
     def tasks_by_status(self):
         """How many tasks each status has now, as readers see them (stale included)."""
         now = self.clock()
-        stale_after_s = self.settings.stale_seconds
         counts = dict.fromkeys(STATUSES, 0)
         for task in self.store.tasks():
-            counts[task.shown_status(now, stale_after_s)] += 1
+            counts[task.shown_status(now, self.settings)] += 1
         return counts
 
     def get_health(self, request):
@@ -2849,7 +3134,7 @@ class Hub:
         goes to them with the next update."""
         if self.cached_snapshot is None:
             self.cached_snapshot = snapshot_message(self.store, self.clock(),
-                                                    self.settings.stale_seconds)
+                                                    self.settings)
         return self.cached_snapshot
 
     def send_snapshot(self, listener):
@@ -2870,7 +3155,7 @@ class Hub:
         if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
             self.feed.clear()
         else:
-            messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
+            messages = self.feed.take(self.store, self.clock(), self.settings)
             sent_to = 0
             for listener in list(self.listeners):
                 outcome = listener.offer(messages, loop_now)
@@ -2880,7 +3165,7 @@ class Hub:
                     self.send_snapshot(listener)
             self.metrics.broadcast(messages, sent_to)
         if self.waiting:
-            chunks = snapshot_chunks(self.store, self.clock, self.settings.stale_seconds)
+            chunks = snapshot_chunks(self.store, self.clock, self.settings)
             self.runs.append([chunks, self.waiting, None])  # None: not waiting on a reader
             self.waiting = []
         if self.runs:
@@ -3253,7 +3538,7 @@ class App:
         """Tell the notifier and every listener what changed since the last call."""
         if self.notifier is not None:  # first: the hub clears the feed
             self.notifier.observe(self.feed.changed_ids, self.feed.removed_ids, self.store,
-                                  self.clock(), self.settings.stale_seconds)
+                                  self.clock(), self.settings)
             self.notifier.tick(self.clock())
         self.hub.broadcast(self.loop.time())
         if self.hub.runs:
@@ -3305,7 +3590,7 @@ class App:
         # A persistent store may hold tasks whose lifetime ran out while we were down.
         await resolved(self.sweep())
         if self.notifier is not None:  # after the first sweep: old news is not news
-            self.notifier.start(self.store.tasks(), self.clock(), self.settings.stale_seconds)
+            self.notifier.start(self.store.tasks(), self.clock(), self.settings)
         interval_s = self.settings.broadcast_interval
         self.background = [
             self.loop.create_task(self.every(interval_s, self.broadcast)),
@@ -3536,8 +3821,8 @@ def build_parser():
                        help="only tasks whose id, description, postfix, error, status or "
                             "meta key=value contain TEXT (case-insensitive)")
     watch.add_argument("--status", type=watch_status, metavar="S",
-                       help="only tasks in status S: running, stale, close (or done), error, "
-                            "or active (running and stale)")
+                       help="only tasks in status S: running, stalled, stale, close (or done), "
+                            "error, or active (running, stalled and stale)")
     watch.add_argument("--interval", type=_positive_seconds, default=WATCH_INTERVAL_S,
                        metavar="SEC", help=f"redraw at most every SEC s ({WATCH_INTERVAL_S:g})")
     watch.add_argument("--once", action="store_true",
@@ -3642,7 +3927,7 @@ def cmd_run(args, program_args):
 # apply_feed_message) and a thin I/O layer (the /ws client, GET /tasks, the screen).
 
 WATCH_DEFAULT_SERVER = f"http://localhost:{DEFAULT_PORT}"
-WATCH_STATUSES = STATUSES + ("active",)  # active: running or stale, as in the dashboard
+WATCH_STATUSES = STATUSES + ("active",)  # active: not ended, as in the dashboard
 WATCH_STATUS_ALIASES = {"done": "close"}  # the word the table shows for close
 WATCH_INTERVAL_S = 0.5  # default --interval: the screen is redrawn at most this often
 WATCH_RETRY_FIRST_S = 0.5  # reconnect backoff: the first wait, doubled after each failure...
@@ -3651,9 +3936,12 @@ WATCH_TIMEOUT_S = 5.0  # to open the WebSocket, or for GET /tasks to answer
 WATCH_CLOSE_TIMEOUT_S = 1.0  # Ctrl-C waits no longer than this for the closing handshake
 # The largest snapshot there can be: MAX_TASKS tasks with every text field at its limit.
 WATCH_MAX_MESSAGE_BYTES = 1 << 30
-STATUS_COLUMN_CELLS = 6  # "error " in front of each bar; blank for a running task
-STATUS_WORDS = {"running": "", "stale": "stale", "close": "done", "error": "error"}
-STATUS_COLOURS = {"stale": "33", "close": "32", "error": "31"}  # SGR: yellow, green, red
+STATUS_COLUMN_CELLS = 6  # "error " in front of each bar; blank for a running task...
+STALLED_COLUMN_CELLS = 8  # ..."stalled " when a row shown reads stalled
+STATUS_WORDS = {"running": "", "stalled": "stalled", "stale": "stale", "close": "done",
+                "error": "error"}
+# SGR: magenta (alive, not moving), yellow (not heard from), green, red
+STATUS_COLOURS = {"stalled": "35", "stale": "33", "close": "32", "error": "31"}
 NATURAL_BAR_CELLS = 10  # tqdm's bar when it is given no ncols
 MIN_LABEL_CELLS = 8  # a description is cut to half the row, but never below this
 # Every control character, and the bidirectional overrides that could reorder what a
@@ -3726,15 +4014,15 @@ def meter_fields(task, now, ascii=False):
     updated_at = _number_or(task.get("updated_at"), now)
     # A sender that reports no elapsed (curl) has been seen working since it was created.
     elapsed = _number_or(task.get("elapsed"), max(0.0, updated_at - created_at))
-    if status == "running":
-        # The sender's elapsed is as of its last update; between updates a running bar's
+    if status in ("running", "stalled"):
+        # The sender's elapsed is as of its last update; between updates a live bar's
         # clock keeps going, as tqdm's own does. Stale and finished bars stand still.
         elapsed += max(0.0, now - updated_at)
     unit_scale = task.get("unit_scale", False)
     if isinstance(unit_scale, bool) or not isinstance(unit_scale, (int, float)):
         unit_scale = bool(unit_scale)
     has_bar = bool(total) and n < total + 0.5  # tqdm shows no bar past the total
-    # A stale or failed bar has no honest ETA, a finished one has none left (as the dashboard).
+    # A stalled, stale or failed bar has no honest ETA, a finished one has none left.
     eta = None if status == "running" or not has_bar else ("00:00" if status == "close" else "?")
     return {
         "n": n, "total": total, "elapsed": elapsed,
@@ -3804,20 +4092,24 @@ def _row_tail(task, status, now):
     if status == "stale":
         silent_s = now - _number_or(task.get("updated_at"), now)
         return f"  no update for {format_interval(silent_s)}"
+    if status == "stalled":
+        return "  " + stall_reason(task, now, format_interval)
     return ""
 
 
-def format_row(task, now, width=None, *, meter=None, ascii=False):
-    """One line for one task at `now`: a status column (blank while running), the bar as
-    tqdm draws it, and why a stale or failed task stopped, in at most `width` cells."""
+def format_row(task, now, width=None, *, meter=None, ascii=False,
+               column_cells=STATUS_COLUMN_CELLS):
+    """One line for one task at `now`: a status column of `column_cells` (blank while
+    running), the bar as tqdm draws it, and why a stalled, stale or failed task stopped,
+    in at most `width` cells."""
     meter = meter or default_meter()
     status = task.get("status") or "running"
-    column = _pad(_printable(STATUS_WORDS.get(status, status)), STATUS_COLUMN_CELLS - 1) + " "
+    column = _pad(_printable(STATUS_WORDS.get(status, status)), column_cells - 1) + " "
     fields = meter_fields(task, now, ascii)
     tail = _row_tail(task, status, now)
     if width is None:
         return column + meter(fields, None) + tail
-    room = width - STATUS_COLUMN_CELLS
+    room = width - column_cells
     if room <= 0:
         return _fit(column, width)
     fields["prefix"] = _fit(fields["prefix"], max(MIN_LABEL_CELLS, room // 2))
@@ -3834,7 +4126,7 @@ def format_row(task, now, width=None, *, meter=None, ascii=False):
 
 
 def watch_status(text):
-    """--status: running, stale, close (or done), error, or active (running and stale)."""
+    """--status: running, stalled, stale, close (or done), error, or active (not ended)."""
     status = WATCH_STATUS_ALIASES.get(text.strip().lower(), text.strip().lower())
     if status not in WATCH_STATUSES:
         raise argparse.ArgumentTypeError(
@@ -3846,7 +4138,7 @@ def task_matches(task, text_filter=None, status=None):
     """The dashboard's filter: `text_filter` in the id, description, postfix, error, status or
     a meta key=value (case-insensitive); `status` one status, or active."""
     shown = task.get("status") or "running"
-    if status and (shown not in ("running", "stale") if status == "active" else shown != status):
+    if status and (shown in FINAL_STATUSES if status == "active" else shown != status):
         return False
     if not text_filter:
         return True
@@ -3903,7 +4195,12 @@ def render_table(tasks, now, width=None, height=None, text_filter=None, status=N
         return [_fit(line, width) for line in (lines + body)[:height]]
     room = len(ordered) if height is None else height - len(lines)
     shown = ordered if room >= len(ordered) else ordered[:max(0, room - 1)]
-    lines += [format_row(task, now, width, meter=meter, ascii=ascii) for task in shown]
+    # The status column widens for "stalled" only when a row says it: the usual table
+    # keeps its bars where they were.
+    column_cells = (STALLED_COLUMN_CELLS if any(task.get("status") == "stalled" for task in shown)
+                    else STATUS_COLUMN_CELLS)
+    lines += [format_row(task, now, width, meter=meter, ascii=ascii, column_cells=column_cells)
+              for task in shown]
     if len(shown) < len(ordered):
         hidden = ordered[len(shown):]
         lines.append(f"+{len(hidden)} more ({_status_counts(hidden)})")

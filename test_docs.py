@@ -149,6 +149,8 @@ SERVER_ONLY = {
     "MAX_CONNECTIONS_FALLBACK": "connections where the descriptor limit is unknown",
     "MAX_PAGE_TASKS": "the largest ?limit= of GET /tasks, which the client does not read",
     "MAX_REMOVED_REMEMBERED": "deletions GET /tasks?since= can list",
+    "MAX_HISTORY_PAIRS": "the [t, n] pairs of a task's history, which the server keeps",
+    "MAX_HISTORY_SETTLED": "history pairs before the latest, part of MAX_HISTORY_PAIRS",
 }
 
 

@@ -23,6 +23,8 @@ from conftest import (WS_HANDSHAKE, ServerThread, http, memory_store_of, new_id,
 
 pytestmark = pytest.mark.timeout(60)
 
+STALE_60 = progressista.Thresholds(stale_seconds=60.0)  # the feed's derived statuses
+
 
 # --- The handshake -----------------------------------------------------------------------
 
@@ -137,7 +139,7 @@ def test_feed_coalesces_many_changes_into_one_update_with_latest_state():
     for n in range(2, 50):
         store.apply([progressista.validate_update({"task_id": "a", "n": n})], 100.0 + n)
         feed.changed(["a"])
-    (message,) = decoded(feed.take(store, 200.0, 60))
+    (message,) = decoded(feed.take(store, 200.0, STALE_60))
     assert (message["type"], message["tasks"]["a"]["n"], message["now"]) == ("update", 49, 200.0)
 
 
@@ -145,8 +147,8 @@ def test_feed_take_forgets_what_it_sent():
     store = memory_store_of({"task_id": "a"})
     feed = progressista.Feed()
     feed.changed(["a"])
-    feed.take(store, 101.0, 60)
-    assert feed.take(store, 102.0, 60) == []
+    feed.take(store, 101.0, STALE_60)
+    assert feed.take(store, 102.0, STALE_60) == []
 
 
 def test_feed_removal_cancels_a_pending_change():
@@ -155,7 +157,7 @@ def test_feed_removal_cancels_a_pending_change():
     feed.changed(["a"])
     store.delete(["a"])
     feed.removed(["a"])
-    assert decoded(feed.take(store, 101.0, 60)) == [{"type": "remove", "ids": ["a"],
+    assert decoded(feed.take(store, 101.0, STALE_60)) == [{"type": "remove", "ids": ["a"],
                                                      "now": 101.0}]
 
 
@@ -165,7 +167,7 @@ def test_feed_update_lists_a_batchs_new_tasks_in_the_order_they_were_created():
     feed = progressista.Feed()
     feed.changed(store.apply([progressista.validate_update({"task_id": task_id})
                               for task_id in ids], 100.0))
-    (message,) = decoded(feed.take(store, 101.0, 60))
+    (message,) = decoded(feed.take(store, 101.0, STALE_60))
     assert list(message["tasks"]) == ids == [task.task_id for task in store.tasks()]
 
 
@@ -173,7 +175,7 @@ def test_feed_update_shows_stale_status_as_of_now():
     store = memory_store_of({"task_id": "a"}, now=100.0)
     feed = progressista.Feed()
     feed.changed(["a"])
-    (message,) = decoded(feed.take(store, 170.0, 60))
+    (message,) = decoded(feed.take(store, 170.0, STALE_60))
     assert message["tasks"]["a"]["status"] == "stale"
 
 

@@ -184,7 +184,7 @@ def test_each_chunk_reads_the_store_as_it_is_at_its_step():
     store.apply([progressista.validate_update({"task_id": f"t{i}", "seq": 1})
                  for i in range(7)], 100.0)
     clock = FakeClock(100.0)
-    chunks = progressista.snapshot_chunks(store, clock, 60.0, chunk_tasks=3)
+    chunks = progressista.snapshot_chunks(store, clock, progressista.Thresholds(), chunk_tasks=3)
     first = json.loads(next(chunks))
     assert (first["type"], first["more"], list(first["tasks"])) == ("snapshot", True,
                                                                      ["t0", "t1", "t2"])
