@@ -1,6 +1,6 @@
 """Memory per stored task, with and without its history, at 100,000 tasks.
 
-    python bench/bench_memory.py                  # about two minutes on 2 cores
+    python bench/bench_memory.py                  # a few minutes on 2 cores
     python bench/bench_memory.py --tasks 20000 --lengths 2,120
 
 For each history length it starts a fresh Python process (this script, --one), which
