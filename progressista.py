@@ -113,6 +113,7 @@ SHUTDOWN_TIMEOUT_S = 5.0
 REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 
 # Defaults of docs/PROTOCOL.md ("Lifetimes", "The live feed")
+CLIENT_HEARTBEAT_S = 15.0  # the client's default heartbeat (progressista_client.py)
 BROADCAST_INTERVAL_S = 0.1
 STALE_SECONDS = 60.0
 STALL_SECONDS = 300.0  # least time without a change of n before a task reads stalled
@@ -3613,6 +3614,11 @@ class App:
                  self.port, INDEX_FILE, store.get("kind", self.store.kind), len(self.store))
         if self.api.page is None:
             log.warning("%s", self.api.page_source)
+        stale_s = self.settings.stale_seconds
+        if 0 < stale_s < 2 * CLIENT_HEARTBEAT_S:
+            log.warning("--stale-seconds %g is below twice the client's heartbeat (%g s): "
+                        "healthy slow bars will flip between stale and running; use %g or "
+                        "more", stale_s, CLIENT_HEARTBEAT_S, 2 * CLIENT_HEARTBEAT_S)
         if not self.settings.api_tokens and not _is_loopback(host):
             log.warning("listening on %s without a token: anyone who can reach this port "
                         "can read and change tasks; set PROGRESSISTA_API_TOKEN or "

@@ -280,3 +280,22 @@ def test_cli_signal_exits_0_promptly_and_frees_the_port(signum):
             assert time.monotonic() - started < 3
         idle.close()
     assert port_is_free(server.port)
+
+
+def test_a_stale_timeout_below_twice_the_client_heartbeat_is_warned_about(caplog):
+    caplog.set_level(logging.WARNING, logger="progressista")
+    with running_server(stale_seconds=20):
+        pass
+    warned = [record.getMessage() for record in caplog.records
+              if "heartbeat" in record.getMessage()]
+    assert warned and "--stale-seconds 20 is below twice the client's heartbeat (15 s)" in \
+        warned[0]
+    caplog.clear()
+    with running_server(stale_seconds=30):
+        pass
+    assert not [record for record in caplog.records if "heartbeat" in record.getMessage()]
+
+
+def test_the_server_knows_the_clients_default_heartbeat():
+    import progressista_client
+    assert progressista.CLIENT_HEARTBEAT_S == progressista_client.DEFAULT_HEARTBEAT_INTERVAL_S
