@@ -109,6 +109,7 @@ STALE_SECONDS = 60.0
 RETENTION_SECONDS = 86400.0
 MAX_TASK_AGE_S = 0.0
 CLEANUP_INTERVAL_S = 1.0
+RUN_SETTLE_S = 10.0  # an ended run is news once none of its tasks changed this long
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
 NOTIFY_EVENTS = ("close", "error", "stale")  # what --notify-on may name, and its default
@@ -142,6 +143,7 @@ class Settings:
     retention_seconds: float = RETENTION_SECONDS
     max_task_age: float = MAX_TASK_AGE_S
     cleanup_interval: float = CLEANUP_INTERVAL_S
+    run_settle_seconds: float = RUN_SETTLE_S
     broadcast_interval: float = BROADCAST_INTERVAL_S
     max_tasks: int = MAX_TASKS
     max_body_bytes: int = MAX_BODY_BYTES
@@ -331,6 +333,9 @@ SETTINGS_TABLE = (
              "any task is deleted after this long without an update; 0 is off"),
     _Setting("cleanup_interval", "CLEANUP_INTERVAL", _positive_seconds,
              "seconds between sweeps that apply the three rules above"),
+    _Setting("run_settle_seconds", "RUN_SETTLE_SECONDS", _seconds,
+             "a run whose tasks have all ended is news (feed, notifications) once none "
+             "has changed this long"),
     _Setting("broadcast_interval", "BROADCAST_INTERVAL", _positive_seconds,
              "seconds between two coalesced /ws update messages"),
     _Setting("max_tasks", "MAX_TASKS", _positive_int,
@@ -769,6 +774,266 @@ class MemoryStore:
 
     def close(self):
         pass
+
+
+# --- Runs (pure: no I/O) ---------------------------------------------------------------
+
+RUN_MAX_HOSTS = 100  # hosts listed in a run's summary (PROTOCOL.md "Runs")
+RUN_MAX_DEPTH = 32  # nesting levels that count in a run's progress; deeper bars add nothing
+
+
+def _steps_done(task, children, depth=0):
+    # task.n plus, for each open child with a known total, that child's fraction of one
+    # more step; never past task.total. The depth bound keeps a hostile chain of parents
+    # from reaching the recursion limit.
+    done = task.n
+    if depth < RUN_MAX_DEPTH:
+        for child in children.get(task.task_id, ()):
+            if child.total is not None and child.status not in FINAL_STATUSES:
+                done += _fraction(child, children, depth + 1)
+    return min(done, task.total)
+
+
+def _fraction(task, children, depth=0):
+    # A bar with a total of 0 has nothing to do: it is done.
+    return _steps_done(task, children, depth) / task.total if task.total else 1.0
+
+
+def run_summary(run_id, tasks, now, shown_status):
+    """The summary of run `run_id` (PROTOCOL.md "Runs") from its tasks at `now`, with each
+    task's status read through `shown_status(task, now)`.
+
+    Choices where PROTOCOL.md leaves room:
+
+    - name: the `run_name` of the bar with the latest `updated_at` among those that sent
+      one (ties: the larger task_id). Senders repeat their fields in every update, so
+      that is the latest one sent; and unlike arrival order it survives a restart and is
+      the same on every server sharing a Redis store.
+    - progress: the mean, over the top-level bars with a known total, of each bar's
+      fraction done. A top-level bar has no `parent`, or one that is not a task of this
+      run (or itself). A bar's fraction is (n + c) / total, at most 1, where c adds, for
+      each of its child bars that is open (not close or error) and has a known total,
+      that child's own fraction, computed the same way (so grandchildren count too).
+      Closed children add nothing: their parent's `n` already counts them. A total of 0
+      is done (1). Example: epoch bar E (n=3, total=10, open) with an open batch bar
+      under it (n=50, total=100) and a closed one (n=100, total=100); eval bar V (n=4,
+      total=4, close); bar W whose parent is in another run (n=1, total=2); and bar X
+      without a total. E = (3 + 0.5) / 10 = 0.35, V = 1, W = 0.5, X does not count:
+      progress = (0.35 + 1 + 0.5) / 3 = 0.6167.
+    - eta: over the open top-level bars with a known total, each ends at its
+      `updated_at` + (total - n - c) / rate (its own rate, with the same c as above);
+      eta is the latest such end minus the run's `updated_at`, at least 0 (a reader
+      adds it to `updated_at` for the wall-clock end). Null when there is no such bar,
+      when one of them has no rate yet (null or 0) while work remains, or when the
+      figure is not finite.
+    - hosts: the distinct `meta.host` values that are strings; other values are left out.
+    """
+    by_id = {task.task_id: task for task in tasks}
+    counts = {}
+    hosts = set()
+    created_at, updated_at = math.inf, -math.inf
+    named_by = None  # (updated_at, task_id) of the bar whose run_name is shown
+    name = run_id
+    top, children = [], {}
+    for task_id, task in by_id.items():
+        status = shown_status(task, now)
+        counts[status] = counts.get(status, 0) + 1
+        created_at = min(created_at, task.created_at)
+        updated_at = max(updated_at, task.updated_at)
+        host = task.meta.get("host") if task.meta else None
+        if type(host) is str:
+            hosts.add(host)
+        if task.run_name is not None and (named_by is None
+                                          or (task.updated_at, task_id) > named_by):
+            named_by, name = (task.updated_at, task_id), task.run_name
+        parent = task.parent
+        if parent is None or parent == task_id or parent not in by_id:
+            top.append(task)
+        else:
+            children.setdefault(parent, []).append(task)
+
+    ended = all(status in FINAL_STATUSES for status in counts)
+    if not ended:
+        status = ("stale" if "stale" in counts else "stalled" if "stalled" in counts
+                  else "running")
+    else:
+        status = "error" if "error" in counts else "close"
+
+    fractions, ends = [], []
+    for task in top:
+        if task.total is None:
+            continue
+        fractions.append(_fraction(task, children))
+        if task.status in FINAL_STATUSES or ends is None:
+            continue
+        remaining = task.total - _steps_done(task, children) if task.total else 0
+        if remaining <= 0:
+            ends.append(task.updated_at)
+        elif task.rate:
+            ends.append(task.updated_at + remaining / task.rate)
+        else:
+            ends = None  # this bar's end cannot be told, so neither can the slowest's
+    eta = max(0.0, max(ends) - updated_at) if ends else None
+    return {
+        "run": run_id,
+        "name": name,
+        "status": status,
+        "counts": counts,
+        "tasks": len(by_id),
+        "hosts": sorted(hosts)[:RUN_MAX_HOSTS],
+        "progress": sum(fractions) / len(fractions) if fractions else None,
+        "eta": eta if eta is not None and math.isfinite(eta) else None,
+        "created_at": created_at if by_id else None,
+        "updated_at": updated_at if by_id else None,
+        "ended_at": updated_at if by_id and ended else None,
+    }
+
+
+class _Run:
+    """RunIndex's bookkeeping for one run."""
+
+    __slots__ = ("task_ids", "open_ids", "changed_at", "told")
+
+    def __init__(self):
+        self.task_ids = {}  # an ordered set: the summary lists tasks in arrival order
+        self.open_ids = set()  # members whose stored status is not close or error
+        self.changed_at = -math.inf  # the latest updated_at seen: the settle clock
+        self.told = False  # its end was news; a new open bar makes it news again
+
+
+class RunIndex:
+    """Which tasks belong to which run, and each run's summary, kept up to date
+    incrementally: O(1) per changed task, a summary recomputed only when asked for and
+    only for runs with a changed member since it was last computed.
+
+    The store's duty: call `changed(task)` for every task it reports changed (apply,
+    sweep, and a mirror or resync of another server's writes) and `removed(task_ids)` for
+    every id it drops. `get_task(task_id)` must return the store's current Task.
+
+    Statuses that depend on time (stale, stalled) are read when a summary is computed,
+    so a summary lags the task list by at most one sweep: the sweep reports those tasks
+    as changed, which recomputes their runs."""
+
+    def __init__(self, get_task, shown_status, run_settle_s=RUN_SETTLE_S):
+        self.get_task = get_task
+        self.shown_status = shown_status  # (task, now) -> the status a reader sees
+        self.run_settle_s = run_settle_s
+        self.runs = {}  # run id -> _Run
+        self.run_of = {}  # task_id -> run id, for the tasks in a run
+        self.summary_by_run = {}  # valid until a member changes: changed() drops it
+        self.changed_runs = {}  # ordered set, since take_changed()
+        self.removed_runs = set()  # since take_changed()
+        self.settling = {}  # ordered set: all ended, not told yet; ended_runs() checks
+
+    def __len__(self):
+        return len(self.runs)
+
+    def changed(self, task):
+        """Record that `task` was added or changed, possibly moving to another run."""
+        task_id, run_id = task.task_id, task.run
+        before = self.run_of.get(task_id)
+        if before is not None and before != run_id:
+            self._leave(before, task_id)
+        if run_id is None:
+            return
+        run = self.runs.get(run_id)
+        if run is None:
+            run = self.runs[run_id] = _Run()
+            self.removed_runs.discard(run_id)
+        if before != run_id:
+            self.run_of[task_id] = run_id
+            run.task_ids[task_id] = None
+        if task.status in FINAL_STATUSES:
+            run.open_ids.discard(task_id)
+        else:
+            run.open_ids.add(task_id)
+            run.told = False  # reopened: its next end is news again
+        if task.updated_at > run.changed_at:
+            run.changed_at = task.updated_at
+        self._touched(run_id, run)
+
+    def removed(self, task_ids):
+        """Record that the store dropped `task_ids` (deleted or expired)."""
+        run_of = self.run_of
+        for task_id in task_ids:
+            run_id = run_of.get(task_id)
+            if run_id is not None:
+                self._leave(run_id, task_id)
+
+    def _leave(self, run_id, task_id):
+        run = self.runs[run_id]
+        del run.task_ids[task_id]
+        run.open_ids.discard(task_id)
+        del self.run_of[task_id]
+        if run.task_ids:
+            self._touched(run_id, run)
+            return
+        # A run is its tasks: with the last one gone, it is gone.
+        del self.runs[run_id]
+        self.summary_by_run.pop(run_id, None)
+        self.changed_runs.pop(run_id, None)
+        self.settling.pop(run_id, None)
+        self.removed_runs.add(run_id)
+
+    def _touched(self, run_id, run):
+        self.summary_by_run.pop(run_id, None)
+        self.changed_runs[run_id] = None
+        if not run.open_ids and not run.told:
+            self.settling[run_id] = None
+
+    def load(self, tasks, now):
+        """Index the tasks a persistent store holds at startup. Runs that had ended and
+        settled before `now` are not news again, and nothing is pending for the feed."""
+        for task in tasks:
+            self.changed(task)
+        self.ended_runs(now)
+        self.take_changed()
+
+    def summary(self, run_id, now):
+        """One run's summary (see `run_summary()`), or None when there is no such run.
+        The dict is shared with the cache: read it, do not change it."""
+        cached = self.summary_by_run.get(run_id)
+        if cached is not None:
+            return cached
+        run = self.runs.get(run_id)
+        if run is None:
+            return None
+        get_task = self.get_task
+        tasks = [task for task in map(get_task, run.task_ids) if task is not None]
+        cached = self.summary_by_run[run_id] = run_summary(run_id, tasks, now,
+                                                           self.shown_status)
+        return cached
+
+    def summaries(self, now):
+        """Every run's summary, keyed by run id (GET /runs, a snapshot)."""
+        return {run_id: self.summary(run_id, now) for run_id in self.runs}
+
+    def task_ids(self, run_id):
+        """The ids of the tasks of `run_id`, in arrival order (GET /runs/{run})."""
+        run = self.runs.get(run_id)
+        return list(run.task_ids) if run is not None else []
+
+    def take_changed(self):
+        """(run ids changed, run ids gone) since the last call, for the feed's update and
+        remove messages; a run that went and came back is only changed."""
+        changed, removed = list(self.changed_runs), sorted(self.removed_runs)
+        self.changed_runs = {}
+        self.removed_runs = set()
+        return changed, removed
+
+    def ended_runs(self, now):
+        """The runs whose end is news at `now`: all their tasks ended and none changed for
+        run_settle_s. Each is returned once, until a new open bar reopens it."""
+        news = []
+        for run_id in list(self.settling):
+            run = self.runs[run_id]
+            if run.open_ids or run.told:
+                del self.settling[run_id]
+            elif now - run.changed_at >= self.run_settle_s:
+                run.told = True
+                del self.settling[run_id]
+                news.append(run_id)
+        return news
 
 
 # --- Stores that persist: SQLite and Redis (I/O) ---------------------------------------
