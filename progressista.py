@@ -11,6 +11,7 @@ then open http://localhost:8000/ . The wire protocol is documented in README.md
 """
 
 import argparse
+import array
 import asyncio
 import base64
 import collections
@@ -79,12 +80,15 @@ MAX_BODY_BYTES = 1 << 20  # default body limit; --max-body-bytes
 MAX_HEADER_BYTES = 16 * 1024  # request line plus headers
 MAX_BATCH_ITEMS = 1000
 MAX_TASKS = 100_000  # default cap on stored tasks; --max-tasks
-MAX_TASK_ID_CHARS = 256
+MAX_TASK_ID_CHARS = 256  # also of `parent`, which names a task
+MAX_RUN_CHARS = 256  # a run id
+MAX_RUN_NAME_CHARS = 1000
 MAX_DESC_CHARS = 1000
 MAX_UNIT_CHARS = 32
 MAX_POSTFIX_CHARS = 1000
 MAX_ERROR_CHARS = 2000
 MAX_META_BYTES = 4 * 1024  # meta, as compact JSON
+MAX_HISTORY_PAIRS = 120  # [t, n] pairs of a task's history, the current one included
 FD_RESERVE = 64  # file descriptors kept free for the store, logs and the listening socket
 MAX_CONNECTIONS_FALLBACK = 10_000  # where the descriptor limit cannot be read
 MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they send small
@@ -456,6 +460,21 @@ def _check_task_id(value, where):
     return _check_unicode(value, where)
 
 
+def _id_or_null(value, where, limit):
+    # run and parent: shared by many bars, so one interned string serves them all.
+    if value is None:
+        return None
+    if type(value) is not str or not 1 <= len(value) <= limit:
+        raise InvalidUpdate(f"{where}: must be null or a string of 1 to {limit} characters")
+    return sys.intern(_check_unicode(value, where))
+
+
+def _check_bool(value, where):
+    if type(value) is not bool:
+        raise InvalidUpdate(f"{where}: must be true or false")
+    return value
+
+
 def _check_status(value, where):
     status = STATUS_ALIASES.get(value) if type(value) is str else None
     if status is None:
@@ -539,6 +558,10 @@ FIELD_CHECKS = {
     "meta": _check_meta,
     "seq": _check_seq,
     "timestamp": _check_timestamp,
+    "run": lambda value, where: _id_or_null(value, where, MAX_RUN_CHARS),
+    "run_name": lambda value, where: _text(value, where, MAX_RUN_NAME_CHARS),
+    "parent": lambda value, where: _id_or_null(value, where, MAX_TASK_ID_CHARS),
+    "transient": _check_bool,
 }
 
 
@@ -585,11 +608,15 @@ def validate_update(obj, index=None):
                 if status is not None:
                     update[key] = status
                     continue
+            elif key in _ID_LIMITS:  # run, parent
+                if 0 < len(value) <= _ID_LIMITS[key] and _is_unicode(value):
+                    update[key] = sys.intern(value)
+                    continue
         elif value is None:
             if key in _NULLABLE:
                 update[key] = None
                 continue
-        elif vtype is bool and key == "unit_scale":
+        elif vtype is bool and key in _BOOLEAN:
             update[key] = value
             continue
         check = FIELD_CHECKS.get(key)
@@ -601,16 +628,24 @@ def validate_update(obj, index=None):
 _MAX_FLOAT = sys.float_info.max  # also refuses inf, NaN and ints beyond any float
 _NON_NEGATIVE = frozenset(("n", "total", "rate", "elapsed", "unit_divisor", "unit_scale"))
 _TEXT_LIMITS = {"desc": MAX_DESC_CHARS, "unit": MAX_UNIT_CHARS, "postfix": MAX_POSTFIX_CHARS,
-                "error": MAX_ERROR_CHARS}
-_NULLABLE = frozenset(("desc", "total", "rate", "postfix", "error"))
+                "error": MAX_ERROR_CHARS, "run_name": MAX_RUN_NAME_CHARS}
+_ID_LIMITS = {"run": MAX_RUN_CHARS, "parent": MAX_TASK_ID_CHARS}  # 1 to N characters
+_NULLABLE = frozenset(("desc", "total", "rate", "postfix", "error", "run", "run_name",
+                       "parent"))
+_BOOLEAN = frozenset(("unit_scale", "transient"))
 
 
 class Task:
-    """One progress bar as stored. `as_dict(now, stale_after_s)` is the wire form."""
+    """One progress bar as stored. `as_dict(now, ...)` is its bulk wire form (GET /tasks,
+    the feed), `as_detail(now, ...)` the one with `history` (GET /tasks/{id}), and
+    `as_stored()` what a persistent store writes and `from_dict()` reads back."""
 
     __slots__ = ("task_id", "desc", "n", "total", "unit", "unit_scale", "unit_divisor",
                  "rate", "elapsed", "postfix", "status", "error", "meta", "seq",
-                 "timestamp", "created_at", "updated_at")
+                 "timestamp", "run", "run_name", "parent", "transient",
+                 "created_at", "updated_at", "progressed_at", "typical_step_s",
+                 # Kept, not shown in bulk: see "History" below.
+                 "history", "history_step_s")
 
     def __init__(self, task_id, now):
         self.task_id = task_id
@@ -628,8 +663,16 @@ class Task:
         self.meta = {}
         self.seq = None
         self.timestamp = None
+        self.run = None
+        self.run_name = None
+        self.parent = None
+        self.transient = False
         self.created_at = now
         self.updated_at = now
+        self.progressed_at = now  # server time of the last change of n
+        self.typical_step_s = None  # seconds between two changes of n; None until it moved
+        self.history = None  # settled [t, n] pairs, flat; None until the second update
+        self.history_step_s = 0.0  # least time between two settled pairs
 
     def shown_status(self, now, stale_after_s):
         """The status a reader sees: a silent running task reads stale between sweeps too."""
@@ -639,28 +682,62 @@ class Task:
         return self.status
 
     def as_dict(self, now=None, stale_after_s=0):
-        wire = dict(zip(Task.__slots__, _task_fields(self)))
+        wire = dict(zip(WIRE_FIELDS, _wire_fields(self)))
         if now is not None:
             wire["status"] = self.shown_status(now, stale_after_s)
         return wire
+
+    def as_detail(self, now=None, stale_after_s=0):
+        """The wire form with `history`: [t, n] pairs, oldest first, the last one now's."""
+        wire = self.as_dict(now, stale_after_s)
+        wire["history"] = history_pairs(self)
+        return wire
+
+    def as_stored(self):
+        stored = dict(zip(Task.__slots__, _task_fields(self)))
+        if self.history is not None:
+            stored["history"] = self.history.tolist()
+        return stored
 
     def copy(self):
         twin = Task.__new__(Task)
         for name, value in zip(Task.__slots__, _task_fields(self)):
             setattr(twin, name, value)
+        if self.history is not None:  # the only mutable field changed in place
+            twin.history = array.array(HISTORY_TYPECODE, self.history)
         return twin
 
     @classmethod
     def from_dict(cls, stored):
-        """Rebuild a task from `as_dict()` output (persistent stores)."""
+        """Rebuild a task from `as_stored()` output (persistent stores)."""
         task = cls(stored["task_id"], stored.get("created_at", 0.0))
         for name in cls.__slots__:
             if name in stored:
                 setattr(task, name, stored[name])
+        if "progressed_at" not in stored:  # stored by a v1 server: no better guess
+            task.progressed_at = task.updated_at
+        if task.history is not None:
+            task.history = array.array(HISTORY_TYPECODE, task.history)
         return task
 
 
+WIRE_FIELDS = Task.__slots__[:Task.__slots__.index("history")]
+_wire_fields = operator.attrgetter(*WIRE_FIELDS)
 _task_fields = operator.attrgetter(*Task.__slots__)
+
+
+# History: the settled [t, n] pairs of a task's life live in one flat array of floats
+# (t0, n0, t1, n1, ...), not a list of lists: see bench/bench_memory.py. The last pair
+# shown, the current state (updated_at, n), is not stored: it is the task's own fields.
+HISTORY_TYPECODE = "d"
+
+
+def history_pairs(task):
+    """`task`'s history as [t, n] pairs, oldest first, ending with its current state."""
+    flat = task.history or ()
+    pairs = [[flat[i], flat[i + 1]] for i in range(0, len(flat), 2)]
+    pairs.append([task.updated_at, task.n])
+    return pairs
 
 
 def apply_update(task, update, now):
@@ -674,11 +751,14 @@ def apply_update(task, update, now):
             return False
     elif task.timestamp is not None and update.get("timestamp", math.inf) < task.timestamp:
         return False  # 0.2.x clients send no seq; their timestamp orders them instead
+    old_n = task.n
     for name, value in update.items():
         setattr(task, name, value)
     if task.status == "stale" and "status" not in update:
         task.status = "running"  # any sign of life revives a stale bar
     task.updated_at = now
+    if task.n != old_n:
+        task.progressed_at = now
     return True
 
 
@@ -1044,7 +1124,7 @@ class StoreError(Exception):
 
 
 def _task_json(task):
-    return json.dumps(task.as_dict(), separators=(",", ":"))
+    return json.dumps(task.as_stored(), separators=(",", ":"))
 
 
 class SqliteStore(MemoryStore):
