@@ -969,50 +969,97 @@ def run_summary(run_id, tasks, now, shown_status):
     }
 
 
-class _Run:
-    """RunIndex's bookkeeping for one run."""
+class _Member:
+    """What RunIndex keeps of one task: the fields a summary reads, copied at changed(),
+    and the task's share of its run's figures as last added (to take it back exactly)."""
 
-    __slots__ = ("task_ids", "open_ids", "changed_at", "told")
+    __slots__ = ("task_id", "parent", "status", "is_open", "host", "run_name", "created_at",
+                 "updated_at", "n", "total", "rate", "is_top", "done", "end")
+
+    def __init__(self, task_id):
+        self.task_id = task_id
+        self.is_top = False
+        self.created_at = self.updated_at = self.done = self.end = None
+
+    def fraction(self):
+        return self.done / self.total if self.total else 1.0
+
+    def feeds_parent(self):
+        # An open child with a total counts in its parent's steps (see run_summary()).
+        return (self.is_open and self.total is not None and self.parent is not None
+                and self.parent != self.task_id)
+
+
+class _Run:
+    """RunIndex's running totals for one run."""
+
+    __slots__ = ("members", "pending", "children", "fed", "fed_count", "counts", "hosts",
+                 "created_at", "updated_at", "named_by", "name", "rescan", "top_sum",
+                 "top_count", "ends", "eta_end", "eta_by", "eta_unknown", "rescan_eta",
+                 "changed_at", "told")
 
     def __init__(self):
-        self.task_ids = {}  # an ordered set: the summary lists tasks in arrival order
-        self.open_ids = set()  # members whose stored status is not close or error
+        self.members = {}  # task_id -> _Member, in arrival order
+        self.pending = {}  # task_id -> Task changed since the figures were brought up to date
+        self.children = {}  # parent id -> ids of the members naming it, present or not
+        self.fed = {}  # parent id -> sum of the fractions of its open children with totals
+        self.fed_count = {}  # parent id -> how many children `fed` sums
+        self.counts = {}  # shown status -> tasks
+        self.hosts = {}  # meta.host -> tasks
+        self.created_at, self.updated_at = math.inf, -math.inf
+        self.named_by, self.name = (-math.inf, ""), None  # (updated_at, task_id) of the name
+        self.rescan = False  # a task that held the times or the name left or went back
+        self.top_sum, self.top_count = 0.0, 0  # fractions of the top-level bars with totals
+        self.ends = {}  # open top-level bars with totals -> when each ends (None: unknown)
+        self.eta_end, self.eta_by = -math.inf, None  # the latest end and its bar
+        self.eta_unknown = 0  # how many `ends` are None
+        self.rescan_eta = False  # the bar that ended last left or moved earlier
         self.changed_at = -math.inf  # the latest updated_at seen: the settle clock
         self.told = False  # its end was news; a new open bar makes it news again
 
 
 class RunIndex:
-    """Which tasks belong to which run, and each run's summary, kept up to date
-    incrementally: O(1) per changed task, a summary recomputed only when asked for and
-    only for runs with a changed member since it was last computed.
+    """Which tasks belong to which run, and every run's summary (`run_summary()` defines
+    the figures), kept by running totals: `changed()` and `removed()` cost O(1) per task
+    (O(nesting depth) for a nested bar), and a summary is built from the totals when
+    asked for, then cached until one of its run's tasks changes.
 
-    The store's duty: call `changed(task)` for every task it reports changed (apply,
+    The store's duty: call `changed(task, now)` for every task it reports changed (apply,
     sweep, and a mirror or resync of another server's writes) and `removed(task_ids)` for
-    every id it drops. `get_task(task_id)` must return the store's current Task.
+    every id it drops. A task's shown status is read through `shown_status(task, now)` at
+    `changed()`: time-dependent statuses (stale, stalled) reach a run when the sweep
+    reports the task changed, so a run lags its tasks by at most one sweep."""
 
-    Statuses that depend on time (stale, stalled) are read when a summary is computed,
-    so a summary lags the task list by at most one sweep: the sweep reports those tasks
-    as changed, which recomputes their runs."""
-
-    def __init__(self, get_task, shown_status, run_settle_s=RUN_SETTLE_S):
-        self.get_task = get_task
+    def __init__(self, shown_status, run_settle_s=RUN_SETTLE_S):
         self.shown_status = shown_status  # (task, now) -> the status a reader sees
         self.run_settle_s = run_settle_s
         self.runs = {}  # run id -> _Run
         self.run_of = {}  # task_id -> run id, for the tasks in a run
-        self.summary_by_run = {}  # valid until a member changes: changed() drops it
+        self.summary_by_run = {}  # valid until a member changes: _touched() drops it
         self.changed_runs = {}  # ordered set, since take_changed()
         self.removed_runs = set()  # since take_changed()
         self.settling = {}  # ordered set: all ended, not told yet; ended_runs() checks
+        self.pending_runs = {}  # ordered set: runs with changes not yet in their figures
 
     def __len__(self):
         return len(self.runs)
 
-    def changed(self, task):
-        """Record that `task` was added or changed, possibly moving to another run."""
+    # Keeping the totals
+
+    def changed(self, task, now):
+        """Record that `task` was added or changed at `now`, possibly moving to another
+        run (or out of every run). O(1): a change within a run is only noted, and its
+        figures are brought up to date when the run is next read."""
         task_id, run_id = task.task_id, task.run
         before = self.run_of.get(task_id)
-        if before is not None and before != run_id:
+        if before == run_id:
+            if run_id is not None:
+                self.runs[run_id].pending[task_id] = task  # the latest object wins
+                self.pending_runs[run_id] = None
+                self.summary_by_run.pop(run_id, None)
+                self.changed_runs[run_id] = None
+            return
+        if before is not None:
             self._leave(before, task_id)
         if run_id is None:
             return
@@ -1020,17 +1067,50 @@ class RunIndex:
         if run is None:
             run = self.runs[run_id] = _Run()
             self.removed_runs.discard(run_id)
-        if before != run_id:
-            self.run_of[task_id] = run_id
-            run.task_ids[task_id] = None
-        if task.status in FINAL_STATUSES:
-            run.open_ids.discard(task_id)
-        else:
-            run.open_ids.add(task_id)
-            run.told = False  # reopened: its next end is news again
-        if task.updated_at > run.changed_at:
-            run.changed_at = task.updated_at
+        member = run.members[task_id] = _Member(task_id)
+        self.run_of[task_id] = run_id
+        for child_id in run.children.get(task_id, ()):  # no longer top-level
+            child = run.members[child_id]
+            if child.is_top:
+                self._untop(run, child)
+                child.is_top = False
+        self._update(run_id, run, member, task, now, new=True)
         self._touched(run_id, run)
+
+    def _catch_up(self, run_id, run, now):
+        # Apply the changes noted since the run was last read, each task's latest once.
+        pending, run.pending = run.pending, {}
+        del self.pending_runs[run_id]
+        members = run.members
+        for task_id, task in pending.items():
+            self._update(run_id, run, members[task_id], task, now)
+
+    def _update(self, run_id, run, member, task, now, new=False):
+        status = self.shown_status(task, now)
+        host = task.meta.get("host") if task.meta else None
+        host = host if type(host) is str else None
+        old_created, old_updated = member.created_at, member.updated_at
+        if (not new and status == member.status and host == member.host
+                and task.parent == member.parent and task.total == member.total):
+            # The common update (the bar moved on): its counts, its links and whether
+            # the run has ended stay as they are; its steps, rate and times move.
+            member.n, member.rate, member.run_name = task.n, task.rate, task.run_name
+            member.created_at, member.updated_at = task.created_at, task.updated_at
+            self._refresh_up(run, member.task_id)
+            self._note_times(run, member, old_created, old_updated)
+            return
+        if not new:
+            self._uncount(run, member)
+        member.parent, member.run_name = task.parent, task.run_name
+        member.n, member.total, member.rate = task.n, task.total, task.rate
+        member.created_at, member.updated_at = task.created_at, task.updated_at
+        member.is_open = task.status not in FINAL_STATUSES
+        member.status, member.host = status, host
+        self._count(run, member)
+        self._note_times(run, member, old_created, old_updated)
+        if member.is_open:
+            run.told = False  # reopened: its next end is news again
+        self._check_end(run_id, run)
 
     def removed(self, task_ids):
         """Record that the store dropped `task_ids` (deleted or expired)."""
@@ -1042,10 +1122,18 @@ class RunIndex:
 
     def _leave(self, run_id, task_id):
         run = self.runs[run_id]
-        del run.task_ids[task_id]
-        run.open_ids.discard(task_id)
+        member = run.members.pop(task_id)
+        run.pending.pop(task_id, None)
         del self.run_of[task_id]
-        if run.task_ids:
+        self._uncount(run, member)
+        for child_id in run.children.get(task_id, ()):  # top-level again
+            child = run.members[child_id]
+            child.is_top = True
+            self._top(run, child)
+        if (member.created_at == run.created_at or member.updated_at == run.updated_at
+                or run.named_by[1] == task_id):
+            run.rescan = True
+        if run.members:
             self._touched(run_id, run)
             return
         # A run is its tasks: with the last one gone, it is gone.
@@ -1053,45 +1141,241 @@ class RunIndex:
         self.summary_by_run.pop(run_id, None)
         self.changed_runs.pop(run_id, None)
         self.settling.pop(run_id, None)
+        self.pending_runs.pop(run_id, None)
         self.removed_runs.add(run_id)
+
+    def _count(self, run, member):
+        # Add the member's share; its fields are set, its parent link is new.
+        run.counts[member.status] = run.counts.get(member.status, 0) + 1
+        if member.host is not None:
+            run.hosts[member.host] = run.hosts.get(member.host, 0) + 1
+        parent, task_id = member.parent, member.task_id
+        if parent is not None and parent != task_id:
+            run.children.setdefault(parent, set()).add(task_id)
+        member.is_top = parent is None or parent == task_id or parent not in run.members
+        member.done = self._done(run, member)
+        if member.is_top:
+            self._top(run, member)
+        if member.feeds_parent():
+            self._feed(run, member)
+            self._refresh_up(run, parent)
+
+    def _uncount(self, run, member):
+        # Take back exactly what _count() added, before the member's fields change.
+        self._decrement(run.counts, member.status)
+        if member.host is not None:
+            self._decrement(run.hosts, member.host)
+        parent, task_id = member.parent, member.task_id
+        if parent is not None and parent != task_id:
+            siblings = run.children[parent]
+            siblings.discard(task_id)
+            if not siblings:
+                del run.children[parent]
+        if member.is_top:
+            self._untop(run, member)
+        if member.feeds_parent():
+            self._unfeed(run, member)
+            self._refresh_up(run, parent, stop_at=task_id)  # taken back: not again
+
+    @staticmethod
+    def _decrement(counter, key):
+        if counter[key] == 1:
+            del counter[key]
+        else:
+            counter[key] -= 1
+
+    @staticmethod
+    def _done(run, member):
+        # Steps done: n plus the fractions of the open children with totals, at most total.
+        if member.total is None:
+            return None
+        return min(member.n + run.fed.get(member.task_id, 0.0), member.total)
+
+    @staticmethod
+    def _feed(run, member):
+        parent = member.parent
+        run.fed[parent] = run.fed.get(parent, 0.0) + member.fraction()
+        run.fed_count[parent] = run.fed_count.get(parent, 0) + 1
+
+    @staticmethod
+    def _unfeed(run, member):
+        parent = member.parent
+        if run.fed_count[parent] == 1:  # start again from 0: no rounding left behind
+            del run.fed[parent], run.fed_count[parent]
+        else:
+            run.fed[parent] -= member.fraction()
+            run.fed_count[parent] -= 1
+
+    def _refresh_up(self, run, task_id, stop_at=None):
+        # `task_id`'s children changed its steps done: update it and the bars above it.
+        # At most RUN_MAX_DEPTH levels: a cycle of parents, or a hostile chain, ends here.
+        for _ in range(RUN_MAX_DEPTH):
+            member = run.members.get(task_id)
+            if member is None or member.total is None or task_id == stop_at:
+                return
+            feeds = member.feeds_parent()
+            if member.is_top:
+                self._untop(run, member)
+            if feeds:
+                self._unfeed(run, member)
+            member.done = self._done(run, member)
+            if member.is_top:
+                self._top(run, member)
+            if not feeds:
+                return
+            self._feed(run, member)
+            task_id = member.parent
+
+    @staticmethod
+    def _top(run, member):
+        if member.total is None:
+            return
+        run.top_sum += member.fraction()
+        run.top_count += 1
+        if not member.is_open:
+            return
+        remaining = member.total - member.done
+        if remaining <= 0:
+            member.end = member.updated_at
+        elif member.rate:
+            member.end = member.updated_at + remaining / member.rate
+        else:
+            member.end = None
+        run.ends[member.task_id] = member.end
+        if member.end is None:
+            run.eta_unknown += 1
+        elif member.end >= run.eta_end:
+            # eta_end only grows between rescans, so it bounds every end: this one is the
+            # latest, even if the previous latest left (the common case: it moved on).
+            run.eta_end, run.eta_by = member.end, member.task_id
+            run.rescan_eta = False
+
+    @staticmethod
+    def _untop(run, member):
+        if member.total is None:
+            return
+        run.top_count -= 1
+        run.top_sum = run.top_sum - member.fraction() if run.top_count else 0.0
+        if not member.is_open:
+            return
+        del run.ends[member.task_id]
+        if member.end is None:
+            run.eta_unknown -= 1
+        elif run.eta_by == member.task_id:
+            run.rescan_eta = True
+
+    @staticmethod
+    def _note_times(run, member, old_created, old_updated):
+        updated_at, task_id = member.updated_at, member.task_id
+        run.changed_at = max(run.changed_at, updated_at)
+        if updated_at >= run.updated_at:
+            run.updated_at = updated_at
+        elif old_updated == run.updated_at:  # the latest went back (another server's clock)
+            run.rescan = True
+        if member.created_at <= run.created_at:
+            run.created_at = member.created_at
+        elif old_created == run.created_at:
+            run.rescan = True
+        if member.run_name is not None and (updated_at, task_id) >= run.named_by:
+            run.named_by, run.name = (updated_at, task_id), member.run_name
+        elif run.named_by[1] == task_id:  # the name's bar dropped it or went back
+            run.rescan = True
 
     def _touched(self, run_id, run):
         self.summary_by_run.pop(run_id, None)
         self.changed_runs[run_id] = None
-        if not run.open_ids and not run.told:
+        self._check_end(run_id, run)
+
+    def _check_end(self, run_id, run):
+        if not run.told and self._has_ended(run):
             self.settling[run_id] = None
+
+    @staticmethod
+    def _has_ended(run):
+        counts = run.counts
+        return counts.get("close", 0) + counts.get("error", 0) == len(run.members)
+
+    @staticmethod
+    def _rescan(run):
+        # O(tasks of the run): only after the bar holding a time or the name left.
+        run.created_at, run.updated_at = math.inf, -math.inf
+        run.named_by, run.name = (-math.inf, ""), None
+        for task_id, member in run.members.items():
+            run.created_at = min(run.created_at, member.created_at)
+            run.updated_at = max(run.updated_at, member.updated_at)
+            if member.run_name is not None and (member.updated_at, task_id) >= run.named_by:
+                run.named_by, run.name = (member.updated_at, task_id), member.run_name
+        run.rescan = False
+
+    @staticmethod
+    def _rescan_eta(run):
+        run.eta_end, run.eta_by = -math.inf, None
+        for task_id, end in run.ends.items():
+            if end is not None and end >= run.eta_end:
+                run.eta_end, run.eta_by = end, task_id
+        run.rescan_eta = False
+
+    # Reading
 
     def load(self, tasks, now):
         """Index the tasks a persistent store holds at startup. Runs that had ended and
         settled before `now` are not news again, and nothing is pending for the feed."""
         for task in tasks:
-            self.changed(task)
+            self.changed(task, now)
         self.ended_runs(now)
         self.take_changed()
 
     def summary(self, run_id, now):
-        """One run's summary (see `run_summary()`), or None when there is no such run.
-        The dict is shared with the cache: read it, do not change it."""
+        """One run's summary at `now` (see `run_summary()`), or None when there is no
+        such run. The dict is shared with the cache: read it, do not change it."""
         cached = self.summary_by_run.get(run_id)
         if cached is not None:
             return cached
         run = self.runs.get(run_id)
         if run is None:
             return None
-        get_task = self.get_task
-        tasks = [task for task in map(get_task, run.task_ids) if task is not None]
-        cached = self.summary_by_run[run_id] = run_summary(run_id, tasks, now,
-                                                           self.shown_status)
+        if run.pending:
+            self._catch_up(run_id, run, now)
+        if run.rescan:
+            self._rescan(run)
+        if run.rescan_eta:
+            self._rescan_eta(run)
+        counts = dict(run.counts)
+        ended = self._has_ended(run)
+        if not ended:
+            status = ("stale" if "stale" in counts else "stalled" if "stalled" in counts
+                      else "running")
+        else:
+            status = "error" if "error" in counts else "close"
+        eta = None
+        if run.eta_by is not None and not run.eta_unknown:
+            eta = max(0.0, run.eta_end - run.updated_at)
+        progress = None
+        if run.top_count:  # within 0..1 whatever rounding the running sum gathered
+            progress = min(1.0, max(0.0, run.top_sum / run.top_count))
+        cached = self.summary_by_run[run_id] = {
+            "run": run_id,
+            "name": run_id if run.name is None else run.name,
+            "status": status,
+            "counts": counts,
+            "tasks": len(run.members),
+            "hosts": sorted(run.hosts)[:RUN_MAX_HOSTS],
+            "progress": progress,
+            "eta": eta if eta is not None and math.isfinite(eta) else None,
+            "created_at": run.created_at,
+            "updated_at": run.updated_at,
+            "ended_at": run.updated_at if ended else None,
+        }
         return cached
 
     def summaries(self, now):
-        """Every run's summary, keyed by run id (GET /runs, a snapshot)."""
+        """Every run's summary at `now`, keyed by run id (GET /runs, a snapshot)."""
         return {run_id: self.summary(run_id, now) for run_id in self.runs}
 
     def task_ids(self, run_id):
         """The ids of the tasks of `run_id`, in arrival order (GET /runs/{run})."""
         run = self.runs.get(run_id)
-        return list(run.task_ids) if run is not None else []
+        return list(run.members) if run is not None else []
 
     def take_changed(self):
         """(run ids changed, run ids gone) since the last call, for the feed's update and
@@ -1104,10 +1388,12 @@ class RunIndex:
     def ended_runs(self, now):
         """The runs whose end is news at `now`: all their tasks ended and none changed for
         run_settle_s. Each is returned once, until a new open bar reopens it."""
+        for run_id in list(self.pending_runs):
+            self._catch_up(run_id, self.runs[run_id], now)
         news = []
         for run_id in list(self.settling):
             run = self.runs[run_id]
-            if run.open_ids or run.told:
+            if run.told or not self._has_ended(run):
                 del self.settling[run_id]
             elif now - run.changed_at >= self.run_settle_s:
                 run.told = True

@@ -2,23 +2,25 @@
 
 No server and no clock: tasks are built by hand, `now` is a number the test picks, and a
 task's shown status is its stored status (the tests set `stale` and `stalled` directly,
-as a sweep would report them). Expected values are worked out by hand in each test.
+as a sweep would report them). `run_summary()` is the definition, checked against values
+worked out by hand; `RunIndex` keeps the same figures by running totals, checked by hand
+and against `run_summary()` over a long random sequence of changes.
 """
 
 import json
-import types
+import random
 
 import pytest
 
 import progressista
-from progressista import RunIndex, run_summary
+from progressista import RunIndex, Task, run_summary
 
 
 def bar(task_id, run="r1", **fields):
-    """A task as the store holds it, with the v2 fields this file reads."""
-    task = types.SimpleNamespace(
-        task_id=task_id, run=run, run_name=None, parent=None, n=0, total=None, rate=None,
-        status="running", meta={}, created_at=0.0, updated_at=0.0)
+    """A task as the store holds it, its fields set by hand."""
+    task = Task(task_id, fields.pop("created_at", 0.0))
+    task.run = run
+    task.updated_at = task.created_at
     for name, value in fields.items():
         setattr(task, name, value)
     return task
@@ -37,28 +39,26 @@ class Tracked:
 
     def __init__(self, run_settle_s=10.0):
         self.by_id = {}
-        self.status_reads = []  # task ids whose status a summary read, in order
-        self.index = RunIndex(self.by_id.get, self.counted_status, run_settle_s)
-
-    def counted_status(self, task, now):
-        self.status_reads.append(task.task_id)
-        return task.status
+        self.index = RunIndex(stored_status, run_settle_s)
 
     def put(self, task):
         self.by_id[task.task_id] = task
-        self.index.changed(task)
+        self.index.changed(task, task.updated_at)
         return task
 
     def update(self, task_id, **fields):
         task = self.by_id[task_id]
         for name, value in fields.items():
             setattr(task, name, value)
-        self.index.changed(task)
+        self.index.changed(task, task.updated_at)
 
     def delete(self, *task_ids):
         for task_id in task_ids:
             del self.by_id[task_id]
         self.index.removed(task_ids)
+
+    def tasks_of(self, run_id):
+        return [task for task in self.by_id.values() if task.run == run_id]
 
 
 # --- progress --------------------------------------------------------------------------
@@ -309,39 +309,166 @@ def test_removing_an_id_the_index_never_saw_changes_nothing():
     assert tracked.index.take_changed() == ([], [])
 
 
-def test_changing_one_task_recomputes_only_its_run():
+def test_changing_one_task_rebuilds_only_its_runs_summary():
     tracked = Tracked()
     for run in ("r1", "r2", "r3"):
         for i in range(3):
             tracked.put(bar(f"{run}-{i}", run=run, n=i, total=10))
     first = tracked.index.summaries(0.0)
-    assert len(tracked.status_reads) == 9
-    tracked.status_reads.clear()
-    assert tracked.index.summaries(0.0) == first
-    assert tracked.status_reads == []  # warm: nothing recomputed
+    warm = tracked.index.summaries(0.0)
+    assert all(warm[run] is first[run] for run in first)  # served from the cache
     tracked.update("r2-1", n=7)
     second = tracked.index.summaries(0.0)
-    assert sorted(tracked.status_reads) == ["r2-0", "r2-1", "r2-2"]
     assert second["r1"] is first["r1"] and second["r3"] is first["r3"]
+    assert second["r2"] is not first["r2"]
     assert second["r2"]["progress"] == pytest.approx((0 + 7 + 2) / 30)
+    assert first["r2"]["progress"] == pytest.approx((0 + 1 + 2) / 30)  # left as it was
 
 
-def test_a_sweep_change_is_seen_once_the_store_reports_it():
-    # Time-dependent statuses change through the sweep, which reports the task changed.
-    tracked = Tracked()
-    tracked.put(bar("a"))
-    assert tracked.index.summary("r1", 0.0)["status"] == "running"
-    tracked.update("a", status="stale")
-    assert tracked.index.summary("r1", 100.0)["status"] == "stale"
+def test_the_index_reads_the_shown_status_at_the_time_of_the_change():
+    # Time-dependent statuses reach a run when the sweep reports the task changed.
+    def shown(task, now):
+        return "stale" if now - task.updated_at >= 60 else task.status
+    index = RunIndex(shown)
+    task = bar("a", updated_at=0.0)
+    index.changed(task, 10.0)
+    assert index.summary("r1", 10.0)["status"] == "running"
+    assert index.summary("r1", 70.0)["status"] == "running"  # cached until a change
+    index.changed(task, 60.0)  # the sweep at t=60 reports it
+    summary = index.summary("r1", 60.0)
+    assert (summary["status"], summary["counts"]) == ("stale", {"stale": 1})
 
 
-def test_the_index_reads_the_stores_current_task_object():
+def test_a_task_put_again_as_a_new_object_replaces_its_old_figures():
     # Redis mirrors replace a task's object on every write.
     tracked = Tracked()
-    tracked.put(bar("a", n=1, total=4))
-    tracked.put(bar("a", n=3, total=4))
+    tracked.put(bar("a", n=1, total=4, meta={"host": "h1"}))
+    tracked.put(bar("a", n=3, total=4, meta={"host": "h2"}))
+    summary = tracked.index.summary("r1", 0.0)
+    assert (summary["progress"], summary["tasks"], summary["hosts"]) == (0.75, 1, ["h2"])
+
+
+def test_a_parent_arriving_after_its_child_takes_it_under_it_and_leaving_frees_it():
+    tracked = Tracked()
+    tracked.put(bar("C", parent="E", n=1, total=2))  # top-level while E is not in the run
+    assert tracked.index.summary("r1", 0.0)["progress"] == 0.5
+    tracked.put(bar("E", n=3, total=10))
+    assert tracked.index.summary("r1", 0.0)["progress"] == pytest.approx(0.35)
+    tracked.delete("E")
+    assert tracked.index.summary("r1", 0.0)["progress"] == 0.5
+
+
+def test_a_child_closing_leaves_its_parents_count_to_the_parent():
+    tracked = Tracked()
+    tracked.put(bar("E", n=3, total=10))
+    tracked.put(bar("C", parent="E", n=1, total=2))
+    assert tracked.index.summary("r1", 0.0)["progress"] == pytest.approx(0.35)
+    tracked.update("C", n=2, status="close")
+    assert tracked.index.summary("r1", 0.0)["progress"] == pytest.approx(0.3)
+    tracked.update("E", n=4)
+    assert tracked.index.summary("r1", 0.0)["progress"] == pytest.approx(0.4)
+
+
+def test_eta_follows_the_slowest_bar_when_it_speeds_up_or_leaves():
+    tracked = Tracked()
+    tracked.put(bar("A", n=0, total=10, rate=1.0, updated_at=100.0))  # ends at 110
+    tracked.put(bar("B", n=0, total=10, rate=0.5, updated_at=100.0))  # ends at 120
+    assert tracked.index.summary("r1", 0.0)["eta"] == 20.0
+    tracked.update("B", rate=5.0)  # now ends at 102: A is the slowest
+    assert tracked.index.summary("r1", 0.0)["eta"] == 10.0
+    tracked.update("B", rate=0.25)  # ends at 140
+    assert tracked.index.summary("r1", 0.0)["eta"] == 40.0
+    tracked.delete("B")
+    assert tracked.index.summary("r1", 0.0)["eta"] == 10.0
+
+
+def test_the_times_and_name_are_found_again_when_their_bar_leaves():
+    tracked = Tracked()
+    tracked.put(bar("a", run_name="old", created_at=1.0, updated_at=5.0))
+    tracked.put(bar("b", run_name="new", created_at=2.0, updated_at=9.0))
+    summary = tracked.index.summary("r1", 0.0)
+    assert (summary["name"], summary["created_at"], summary["updated_at"]) == ("new", 1.0, 9.0)
+    tracked.delete("b")
+    summary = tracked.index.summary("r1", 0.0)
+    assert (summary["name"], summary["created_at"], summary["updated_at"]) == ("old", 1.0, 5.0)
+    tracked.delete("a")
+    tracked.put(bar("c", created_at=3.0))
+    assert tracked.index.summary("r1", 0.0)["name"] == "r1"
+
+
+def test_a_task_whose_update_time_goes_back_lowers_the_runs():
+    # A Redis mirror can bring another server's write stamped by a clock behind ours.
+    tracked = Tracked()
+    tracked.put(bar("a", updated_at=5.0))
+    tracked.put(bar("b", updated_at=9.0))
+    tracked.update("b", updated_at=7.0)
+    assert tracked.index.summary("r1", 0.0)["updated_at"] == 7.0
+
+
+def test_a_summary_already_handed_out_does_not_change_afterwards():
+    tracked = Tracked()
+    tracked.put(bar("a"))
+    before = tracked.index.summary("r1", 0.0)
+    tracked.put(bar("b", status="close"))
+    assert before["counts"] == {"running": 1}
+    assert tracked.index.summary("r1", 0.0)["counts"] == {"running": 1, "close": 1}
+
+
+def test_a_deep_chain_of_parents_keeps_the_index_within_bounds():
+    tracked = Tracked()
+    for i in range(2000):
+        tracked.put(bar(f"b{i}", parent=f"b{i - 1}" if i else None, n=1, total=2))
+    assert 0.0 <= tracked.index.summary("r1", 0.0)["progress"] <= 1.0
+
+
+def test_bars_naming_each_other_as_parents_do_not_hang_the_index():
+    tracked = Tracked()
+    tracked.put(bar("A", parent="B", n=1, total=2))
+    tracked.put(bar("B", parent="A", n=1, total=2))
+    tracked.put(bar("T", n=3, total=4))
     assert tracked.index.summary("r1", 0.0)["progress"] == 0.75
-    assert tracked.index.summary("r1", 0.0)["tasks"] == 1
+
+
+def _random_change(rng, tracked, now):
+    task_ids = [f"t{i}" for i in range(24)]
+    task_id = rng.choice(task_ids)
+    if task_id in tracked.by_id and rng.random() < 0.1:
+        tracked.delete(task_id)
+        return
+    task = tracked.by_id.get(task_id) or Task(task_id, now)
+    task.updated_at = now
+    task.run = rng.choice(["r1", "r1", "r2", "r3", None])
+    task.parent = rng.choice([None, None, *task_ids[:8]])
+    task.run_name = rng.choice([None, "a", "b"])
+    task.total = rng.choice([None, 0, 10, 100])
+    task.n = rng.choice([0, 1, 5, 10, 150])
+    task.rate = rng.choice([None, 0.0, 0.5, 3.0])
+    task.status = rng.choice(["running", "running", "stale", "stalled", "close", "error"])
+    task.meta = {"host": rng.choice(["h1", "h2", 7])}
+    tracked.put(task)
+
+
+def test_the_index_agrees_with_the_definition_over_random_changes():
+    rng = random.Random(12)
+    tracked = Tracked()
+    for step in range(6000):
+        _random_change(rng, tracked, now=float(step))
+        if rng.random() < 0.7:
+            continue  # several changes pile up before the runs are read
+        for run_id in ("r1", "r2", "r3"):
+            tasks = tracked.tasks_of(run_id)
+            kept = tracked.index.summary(run_id, float(step))
+            if not tasks:
+                assert kept is None
+                continue
+            expected = run_summary(run_id, tasks, float(step), stored_status)
+            for field in ("progress", "eta"):
+                if expected[field] is not None:
+                    assert kept[field] == pytest.approx(expected[field], abs=1e-9), (
+                        step, run_id, field)
+                    kept, expected = dict(kept), dict(expected)
+                    kept[field] = expected[field]
+            assert kept == expected, (step, run_id)
 
 
 # --- run end ---------------------------------------------------------------------------
@@ -419,7 +546,7 @@ def test_load_at_startup_keeps_settled_runs_quiet_and_the_rest_pending():
         bar("old", run="done-long-ago", status="close", updated_at=10.0),
         bar("recent", run="just-ended", status="close", updated_at=995.0),
         bar("live", run="running", updated_at=999.0))}
-    index = RunIndex(by_id.get, stored_status, run_settle_s=10.0)
+    index = RunIndex(stored_status, run_settle_s=10.0)
     index.load(by_id.values(), now=1000.0)
     assert index.take_changed() == ([], [])
     assert sorted(index.summaries(1000.0)) == ["done-long-ago", "just-ended", "running"]
