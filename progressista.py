@@ -859,7 +859,7 @@ class MemoryStore:
 # --- Runs (pure: no I/O) ---------------------------------------------------------------
 
 RUN_MAX_HOSTS = 100  # hosts listed in a run's summary (PROTOCOL.md "Runs")
-RUN_MAX_DEPTH = 32  # nesting levels that count in a run's progress; deeper bars add nothing
+RUN_MAX_DEPTH = 32  # nesting levels followed in a run's progress: ends cycles, hostile chains
 
 
 def _steps_done(task, children, depth=0):
@@ -1020,22 +1020,26 @@ class _Run:
 
 class RunIndex:
     """Which tasks belong to which run, and every run's summary (`run_summary()` defines
-    the figures), kept by running totals: `changed()` and `removed()` cost O(1) per task
-    (O(nesting depth) for a nested bar), and a summary is built from the totals when
-    asked for, then cached until one of its run's tasks changes.
+    the figures), kept by running totals per run rather than by walking its tasks.
+
+    `changed()` of a task already in its run only notes the change (O(1) on the ingest
+    path); a run catches up on its noted changes, each task's latest once, when it is
+    next read (`summary()`, `summaries()`, `ended_runs()`), at O(nesting depth) a task.
+    A new or moved task and `removed()` are counted at once. A summary is cached until
+    one of its run's tasks changes.
 
     The store's duty: call `changed(task, now)` for every task it reports changed (apply,
     sweep, and a mirror or resync of another server's writes) and `removed(task_ids)` for
-    every id it drops. A task's shown status is read through `shown_status(task, now)` at
-    `changed()`: time-dependent statuses (stale, stalled) reach a run when the sweep
-    reports the task changed, so a run lags its tasks by at most one sweep."""
+    every id it drops. A task's status is read through `shown_status(task, now)` when its
+    change is counted: time-dependent statuses (stale, stalled) reach a run when the
+    sweep reports the task changed, so a run lags its tasks by at most one sweep."""
 
     def __init__(self, shown_status, run_settle_s=RUN_SETTLE_S):
         self.shown_status = shown_status  # (task, now) -> the status a reader sees
         self.run_settle_s = run_settle_s
         self.runs = {}  # run id -> _Run
         self.run_of = {}  # task_id -> run id, for the tasks in a run
-        self.summary_by_run = {}  # valid until a member changes: _touched() drops it
+        self.summary_by_run = {}  # valid until a member changes, which drops it
         self.changed_runs = {}  # ordered set, since take_changed()
         self.removed_runs = set()  # since take_changed()
         self.settling = {}  # ordered set: all ended, not told yet; ended_runs() checks
@@ -1082,10 +1086,14 @@ class RunIndex:
         pending, run.pending = run.pending, {}
         del self.pending_runs[run_id]
         members = run.members
+        recounted = False
         for task_id, task in pending.items():
-            self._update(run_id, run, members[task_id], task, now)
+            recounted |= self._update(run_id, run, members[task_id], task, now)
+        if recounted:
+            self._check_end(run_id, run)
 
     def _update(self, run_id, run, member, task, now, new=False):
+        # Bring `member` up to date with `task`; return True when its counts changed.
         status = self.shown_status(task, now)
         host = task.meta.get("host") if task.meta else None
         host = host if type(host) is str else None
@@ -1098,7 +1106,7 @@ class RunIndex:
             member.created_at, member.updated_at = task.created_at, task.updated_at
             self._refresh_up(run, member.task_id)
             self._note_times(run, member, old_created, old_updated)
-            return
+            return False
         if not new:
             self._uncount(run, member)
         member.parent, member.run_name = task.parent, task.run_name
@@ -1110,7 +1118,7 @@ class RunIndex:
         self._note_times(run, member, old_created, old_updated)
         if member.is_open:
             run.told = False  # reopened: its next end is news again
-        self._check_end(run_id, run)
+        return True
 
     def removed(self, task_ids):
         """Record that the store dropped `task_ids` (deleted or expired)."""
