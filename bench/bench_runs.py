@@ -102,7 +102,8 @@ def main(argv=None):
     index = progressista.RunIndex(shown_status)
     load_s, _ = timed(lambda: index.load(store.tasks(), NOW))
     print(f"{len(store):,} tasks in {len(index):,} runs (store built in {build_s:.2f} s, "
-          f"indexed in {load_s * 1000:.0f} ms)")
+          f"indexed in {load_s * 1000:.0f} ms); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     cold_s, first = timed(lambda: index.summaries(NOW))
     warm = [timed(lambda: index.summaries(NOW))[0] for _ in range(20)]
@@ -112,13 +113,16 @@ def main(argv=None):
 
     seq = 10
     for count in (100, 1_000, 10_000):
-        batches = moves(store, count, seq, rng)
-        seq += count
-        ingest(store, index, batches, NOW + 1)
-        touched = len(index.take_changed()[0])
-        took_s, _ = timed(lambda: index.summaries(NOW + 1))
-        print(f"all summaries after {count:,} updates to random tasks ({touched:,} runs "
-              f"touched): {took_s * 1000:.1f} ms")
+        took, touched = [], []
+        for _ in range(args.rounds):
+            batches = moves(store, count, seq, rng)
+            seq += count
+            ingest(store, index, batches, NOW + 1)
+            touched.append(len(index.take_changed()[0]))
+            took.append(timed(lambda: index.summaries(NOW + 1))[0])
+        print(f"all summaries after {count:,} updates to random tasks (about "
+              f"{statistics.median(touched):,.0f} runs touched): "
+              f"{statistics.median(took) * 1000:.1f} ms (median of {args.rounds})")
 
     # The same updates to two equal stores, one indexed, in alternate rounds. Every
     # update goes to a different task, so no change coalesces before the next read: the
