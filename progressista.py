@@ -110,13 +110,18 @@ REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 # Defaults of PROTOCOL.md
 BROADCAST_INTERVAL_S = 0.1
 STALE_SECONDS = 60.0
+STALL_SECONDS = 300.0  # least time without a change of n before a task reads stalled
+STALL_FACTOR = 10.0  # ...or this many times its typical time between two changes, if longer
 RETENTION_SECONDS = 86400.0
 MAX_TASK_AGE_S = 0.0
 CLEANUP_INTERVAL_S = 1.0
 RUN_SETTLE_S = 10.0  # an ended run is news once none of its tasks changed this long
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
-NOTIFY_EVENTS = ("close", "error", "stale")  # what --notify-on may name, and its default
+NOTIFY_EVENTS = ("close", "error", "stale", "stalled")  # what --notify-on may name
+# Not stalled by default: an outer bar (epochs) that has not moved yet reads stalled
+# after --stall-seconds, as its pace is not known; a user who wants it says so.
+NOTIFY_DEFAULT_EVENTS = ("close", "error", "stale")
 NOTIFY_INTERVAL_S = 10.0  # default batching window of notifications; --notify-interval
 
 ENV_PREFIX = "PROGRESSISTA_"
@@ -144,6 +149,8 @@ class Settings:
     read_tokens: tuple = ()
     allow_origins: tuple = ()
     stale_seconds: float = STALE_SECONDS
+    stall_seconds: float = STALL_SECONDS
+    stall_factor: float = STALL_FACTOR
     retention_seconds: float = RETENTION_SECONDS
     max_task_age: float = MAX_TASK_AGE_S
     cleanup_interval: float = CLEANUP_INTERVAL_S
@@ -155,7 +162,7 @@ class Settings:
     store: str = "memory://"
     log_level: str = "info"
     notify: tuple = ()
-    notify_on: tuple = NOTIFY_EVENTS
+    notify_on: tuple = NOTIFY_DEFAULT_EVENTS
     notify_min_duration: float = 0.0
     notify_interval: float = NOTIFY_INTERVAL_S
     notify_name: str = ""
@@ -234,6 +241,13 @@ def _seconds(text):
     return value
 
 
+def _factor(text):
+    value = _real(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
+    return value
+
+
 def _positive_seconds(text):
     value = _real(text)
     if not math.isfinite(value) or value <= 0:
@@ -270,9 +284,9 @@ def _notify_events(text):
     for event in events:
         if event not in NOTIFY_EVENTS:
             raise argparse.ArgumentTypeError(
-                f"unknown event {event!r}: name one or more of close, error, stale")
+                f"unknown event {event!r}: name one or more of {', '.join(NOTIFY_EVENTS)}")
     if not events:  # nothing would ever be sent: without --notify, nothing is
-        raise argparse.ArgumentTypeError("name one or more of close, error, stale")
+        raise argparse.ArgumentTypeError(f"name one or more of {', '.join(NOTIFY_EVENTS)}")
     return tuple(dict.fromkeys(events))
 
 
@@ -312,6 +326,18 @@ def _check_notify(values):
 
 
 @dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """When a running task reads stale or stalled (docs/PROTOCOL.md, "The task").
+
+    Settings has the same three fields: wherever a status is derived, pass the Settings
+    (or one of these, in tests and tools)."""
+
+    stale_seconds: float = STALE_SECONDS
+    stall_seconds: float = STALL_SECONDS
+    stall_factor: float = STALL_FACTOR
+
+
+@dataclasses.dataclass(frozen=True)
 class _Setting:
     name: str
     env: str
@@ -331,8 +357,16 @@ SETTINGS_TABLE = (
              "comma-separated browser origins allowed cross-origin (CORS and /ws)"),
     _Setting("stale_seconds", "STALE_SECONDS", _seconds,
              "a running task with no update this long reads 'stale'; 0 turns it off"),
+    _Setting("stall_seconds", "STALL_SECONDS", _seconds,
+             "a running task still heard from whose n has not changed this long (or "
+             "stall-factor times its usual time per step, if longer) reads 'stalled'; "
+             "0 turns it off"),
+    _Setting("stall_factor", "STALL_FACTOR", _factor,
+             "how many of a task's usual times between two steps without one make it "
+             "stalled (when that is longer than stall-seconds)"),
     _Setting("retention_seconds", "RETENTION_SECONDS", _seconds,
-             "close/error tasks are deleted this long after their last update; 0 keeps"),
+             "close/error tasks, and stale ones, are deleted this long after their last "
+             "update; 0 keeps"),
     _Setting("max_task_age", "MAX_TASK_AGE", _seconds,
              "any task is deleted after this long without an update; 0 is off"),
     _Setting("cleanup_interval", "CLEANUP_INTERVAL", _positive_seconds,
@@ -356,7 +390,8 @@ SETTINGS_TABLE = (
              "webhook URL to POST to when a task closes, fails or goes stale (repeatable; "
              "the variable: comma-separated)"),
     _Setting("notify_on", "NOTIFY_ON", _notify_events,
-             "which of close, error, stale are notified (comma-separated; default all)"),
+             "which of close, error, stale, stalled are notified (comma-separated; "
+             "default close,error,stale)"),
     _Setting("notify_min_duration", "NOTIFY_MIN_DURATION", _seconds,
              "a task that ran less than this many seconds is not notified; 0 notifies all"),
     _Setting("notify_interval", "NOTIFY_INTERVAL", _positive_seconds,
@@ -395,8 +430,10 @@ class StoreUnavailable(DomainError):
     """A shared store (Redis) cannot be reached; nothing was stored."""
 
 
-STATUSES = ("running", "stale", "close", "error")
+STATUSES = ("running", "stalled", "stale", "close", "error")
 FINAL_STATUSES = ("close", "error")
+# How much the newest time between two changes of n moves a task's typical_step_s.
+TYPICAL_STEP_WEIGHT = 0.2
 # Old (0.2.x) clients send start/update for a bar in progress.
 STATUS_ALIASES = {"running": "running", "start": "running", "update": "running",
                   "close": "close", "error": "error"}
@@ -671,32 +708,54 @@ class Task:
         self.updated_at = now
         self.progressed_at = now  # server time of the last change of n
         self.typical_step_s = None  # seconds between two changes of n; None until it moved
-        self.history = None  # settled [t, n] pairs, flat; None until the second update
-        self.history_step_s = 0.0  # least time between two settled pairs
+        self.history = None  # settled pairs, flat: see settle_history()
+        self.history_step_s = HISTORY_FIRST_STEP_S  # least time between two of them
 
-    def shown_status(self, now, stale_after_s):
-        """The status a reader sees: a silent running task reads stale between sweeps too."""
-        if (self.status == "running" and stale_after_s
-                and now - self.updated_at >= stale_after_s):
-            return "stale"
-        return self.status
+    def shown_status(self, now, thresholds):
+        """The status a reader sees at `now`, derived here and nowhere else: a silent
+        running task reads stale, a heard-from one whose n stopped reads stalled (both
+        between sweeps too). `thresholds`: the Settings, or a Thresholds."""
+        status = self.status
+        if status != "running" and status != "stalled":
+            return status  # close and error are final; stale lasts until it is heard from
+        stale_after_s = thresholds.stale_seconds
+        if stale_after_s and now - self.updated_at >= stale_after_s:
+            return "stale"  # stale wins: nothing heard says more than nothing moved
+        stall_s = thresholds.stall_seconds
+        if (stall_s and now - self.progressed_at > stall_s
+                # Still heard from: an update came after n last changed. Without it a
+                # task is silent, not stalled (what stale says, when it is on).
+                and self.updated_at > self.progressed_at
+                and (self.typical_step_s is None
+                     or now - self.progressed_at > thresholds.stall_factor * self.typical_step_s)):
+            return "stalled"
+        return "running"
 
-    def as_dict(self, now=None, stale_after_s=0):
+    def stall_after_s(self, thresholds):
+        """Seconds without a change of n after which this task reads stalled; None: never."""
+        if not thresholds.stall_seconds:
+            return None
+        if self.typical_step_s is None:  # not moved yet: its pace is not known
+            return thresholds.stall_seconds
+        return max(thresholds.stall_seconds, thresholds.stall_factor * self.typical_step_s)
+
+    def as_dict(self, now=None, thresholds=None):
+        """The bulk wire form; `status` as of `now` when given (see shown_status())."""
         wire = dict(zip(WIRE_FIELDS, _wire_fields(self)))
         if now is not None:
-            wire["status"] = self.shown_status(now, stale_after_s)
+            wire["status"] = self.shown_status(now, thresholds)
         return wire
 
-    def as_detail(self, now=None, stale_after_s=0):
+    def as_detail(self, now=None, thresholds=None):
         """The wire form with `history`: [t, n] pairs, oldest first, the last one now's."""
-        wire = self.as_dict(now, stale_after_s)
+        wire = self.as_dict(now, thresholds)
         wire["history"] = history_pairs(self)
         return wire
 
     def as_stored(self):
         stored = dict(zip(Task.__slots__, _task_fields(self)))
         if self.history is not None:
-            stored["history"] = self.history.tolist()
+            stored["history"] = history_text(self.history)
         return stored
 
     def copy(self):
@@ -717,7 +776,7 @@ class Task:
         if "progressed_at" not in stored:  # stored by a v1 server: no better guess
             task.progressed_at = task.updated_at
         if task.history is not None:
-            task.history = array.array(HISTORY_TYPECODE, task.history)
+            task.history = history_from_text(task.history)
         return task
 
 
@@ -726,18 +785,83 @@ _wire_fields = operator.attrgetter(*WIRE_FIELDS)
 _task_fields = operator.attrgetter(*Task.__slots__)
 
 
-# History: the settled [t, n] pairs of a task's life live in one flat array of floats
-# (t0, n0, t1, n1, ...), not a list of lists: see bench/bench_memory.py. The last pair
-# shown, the current state (updated_at, n), is not stored: it is the task's own fields.
-HISTORY_TYPECODE = "d"
+# History: [t, n] pairs over a task's whole life, at most MAX_HISTORY_PAIRS, spread
+# evenly in time however long it runs.
+#
+# The last pair shown is the current state, (updated_at, n): the task's own fields, never
+# stored twice. Before an update replaces it, that state is "settled" into the stored
+# pairs when it lies at least `history_step_s` after the last settled pair, so settled
+# pairs are spaced by the step. When they are full, every other one is dropped (the
+# first, the start, stays) and the step becomes their mean spacing, at least doubled:
+# what is kept and what comes next share one spacing, so the list keeps the shape of the
+# whole life. A settle is an append; a thinning, O(MAX_HISTORY_PAIRS), comes after at
+# least MAX_HISTORY_PAIRS / 2 settles: O(1) amortised per update.
+#
+# Stored compactly (bench/bench_memory.py): one flat array of 4-byte floats per task,
+# (t - created_at, n, t - created_at, n, ...), not a list of lists: about 8 bytes a pair
+# instead of about 100. A float32 keeps a time offset to 8 ms within a day of the start
+# and 2 s within a year, and n to 7 significant digits: plenty for a chart, and the
+# current pair, which is exact, is not stored.
+HISTORY_TYPECODE = "f"
+HISTORY_FIRST_STEP_S = 1.0  # least spacing of settled pairs until the first thinning
+MAX_HISTORY_SETTLED = MAX_HISTORY_PAIRS - 1  # the current state is the last pair
+
+
+def settle_history(task, now):
+    """Before an update at `now` replaces `task`'s current state, keep that state as a
+    history pair if it is due (see above); thin the pairs when they are full."""
+    flat = task.history
+    then = task.updated_at - task.created_at
+    if flat is None:
+        # Not a state replaced at once: a new task's blank one before its first update.
+        if now > task.updated_at:
+            task.history = array.array(HISTORY_TYPECODE, (then, task.n))
+        return
+    if then - flat[-2] < task.history_step_s:
+        return
+    flat.append(then)
+    flat.append(task.n)
+    if len(flat) > 2 * MAX_HISTORY_SETTLED:
+        task.history_step_s = thinned(flat, task.history_step_s)
+
+
+def thinned(flat, step_s):
+    """Drop every other pair of `flat` in place, the first kept; return the next step."""
+    del flat[2::4]  # the t of pairs 1, 3, 5, ...
+    del flat[2::3]  # ...and then their n, now every third item from the third
+    spacing_s = (flat[-2] - flat[0]) / (len(flat) // 2 - 1)
+    return max(2 * step_s, spacing_s)
 
 
 def history_pairs(task):
     """`task`'s history as [t, n] pairs, oldest first, ending with its current state."""
     flat = task.history or ()
-    pairs = [[flat[i], flat[i + 1]] for i in range(0, len(flat), 2)]
+    start = task.created_at
+    pairs = [[round(start + flat[i], 3), _int_if_whole(flat[i + 1])]
+             for i in range(0, len(flat), 2)]
     pairs.append([task.updated_at, task.n])
     return pairs
+
+
+def _int_if_whole(number):
+    return int(number) if number.is_integer() else number
+
+
+def history_text(flat):
+    """The stored pairs as text for a persistent store: base64 of little-endian float32s
+    (a JSON list of them would be three times longer and far slower to write)."""
+    if sys.byteorder == "big":
+        flat = array.array(HISTORY_TYPECODE, flat)
+        flat.byteswap()
+    return base64.b64encode(flat.tobytes()).decode("ascii")
+
+
+def history_from_text(text):
+    flat = array.array(HISTORY_TYPECODE)
+    flat.frombytes(base64.b64decode(text))
+    if sys.byteorder == "big":
+        flat.byteswap()
+    return flat
 
 
 def apply_update(task, update, now):
@@ -751,15 +875,37 @@ def apply_update(task, update, now):
             return False
     elif task.timestamp is not None and update.get("timestamp", math.inf) < task.timestamp:
         return False  # 0.2.x clients send no seq; their timestamp orders them instead
-    old_n = task.n
+    old_n, old_status = task.n, task.status
+    settle_history(task, now)
     for name, value in update.items():
         setattr(task, name, value)
+    if task.n != old_n:
+        moved(task, now)
+    elif old_status == "stalled" and task.status == "running":
+        task.status = "stalled"  # a heartbeat is no progress: what the sweep would say
     if task.status == "stale" and "status" not in update:
         task.status = "running"  # any sign of life revives a stale bar
     task.updated_at = now
-    if task.n != old_n:
-        task.progressed_at = now
     return True
+
+
+def moved(task, now):
+    """Note a change of `task`'s n at `now`: progressed_at, and typical_step_s.
+
+    The typical time between two changes of n is an exponentially weighted mean of the
+    intervals (the newest weighs TYPICAL_STEP_WEIGHT): O(1) time and one float per task,
+    it follows a bar that speeds up or slows down within a few steps, and one long pause
+    raises it only for a while. The first interval counts from the task's creation, so
+    an epoch bar's first epoch sets its pace. (The sender pushes at most every
+    push interval, so a fast bar's steps are seen at that pace: far below the
+    --stall-seconds floor, which is what decides for such a bar.)"""
+    step_s = now - task.progressed_at
+    typical_s = task.typical_step_s
+    task.typical_step_s = (step_s if typical_s is None
+                           else typical_s + TYPICAL_STEP_WEIGHT * (step_s - typical_s))
+    task.progressed_at = now
+    if task.status == "stalled":
+        task.status = "running"
 
 
 def expired(task, now, lifetimes):
@@ -772,15 +918,18 @@ def expired(task, now, lifetimes):
 
 
 def sweep_plan(tasks, now, lifetimes):
-    """What a sweep at `now` does: (the tasks to mark stale, the ids that expired). A task
-    that expired is only deleted, never marked stale on its way out."""
-    stale, expired_ids = [], []
+    """What a sweep at `now` does: (the (task, status) pairs whose status now reads
+    differently: went stale, stalled, or back to running; the ids that expired). A task
+    that expired is only deleted, never marked on its way out."""
+    marked, expired_ids = [], []
     for task in tasks:
         if expired(task, now, lifetimes):
             expired_ids.append(task.task_id)
-        elif task.shown_status(now, lifetimes.stale_seconds) != task.status:
-            stale.append(task)
-    return stale, expired_ids
+        else:
+            shown = task.shown_status(now, lifetimes)
+            if shown != task.status:
+                marked.append((task, shown))
+    return marked, expired_ids
 
 
 class MemoryStore:
@@ -842,12 +991,13 @@ class MemoryStore:
         return [task_id for task_id in task_ids if by_id.pop(task_id, None) is not None]
 
     def sweep(self, now, lifetimes):
-        """Mark silent running tasks stale and delete expired ones, as of `now`."""
-        stale, removed_ids = sweep_plan(self.by_id.values(), now, lifetimes)
-        for task in stale:
-            task.status = "stale"
+        """Mark tasks that went stale or stalled (or back to running), delete expired
+        ones, as of `now`; return (the marked ids, the removed ids)."""
+        marked, removed_ids = sweep_plan(self.by_id.values(), now, lifetimes)
+        for task, status in marked:
+            task.status = status
         self.forget(removed_ids)
-        return [task.task_id for task in stale], removed_ids
+        return [task.task_id for task, _ in marked], removed_ids
 
     def health(self):
         return {"kind": self.kind, "ok": True}
@@ -1497,9 +1647,9 @@ class SqliteStore(MemoryStore):
         return self.written(removed) if removed else removed
 
     def sweep(self, now, lifetimes):
-        stale_ids, removed_ids = super().sweep(now, lifetimes)
-        self.dirty_ids.update(dict.fromkeys(stale_ids))
-        return stale_ids, removed_ids
+        marked_ids, removed_ids = super().sweep(now, lifetimes)
+        self.dirty_ids.update(dict.fromkeys(marked_ids))
+        return marked_ids, removed_ids
 
     def health(self):
         return {"kind": self.kind, "ok": not self.failed, "path": self.path}
@@ -1808,18 +1958,20 @@ class RedisStore(MemoryStore):
         return removed
 
     async def sweep(self, now, lifetimes):
-        """Mark stale and expire for every server, if this one holds the sweeper lease."""
+        """Mark stale or stalled and expire for every server, if this one holds the
+        sweeper lease."""
         try:
             lease_ms = int(max(3 * lifetimes.cleanup_interval, 1.0) * 1000)
             self.is_sweeper = bool(await self.lease_script(keys=[self.lease_key],
                                                            args=[self.origin, lease_ms]))
             if not self.is_sweeper:
                 return [], []
-            stale, doomed = sweep_plan(self.by_id.values(), now, lifetimes)
-            for task in stale:
-                task.status = "stale"
-            if stale:
-                await self.write_and_publish(stale, same_seq_ok=True)
+            marked, doomed = sweep_plan(self.by_id.values(), now, lifetimes)
+            for task, status in marked:
+                task.status = status
+            marked_tasks = [task for task, _ in marked]
+            if marked_tasks:
+                await self.write_and_publish(marked_tasks, same_seq_ok=True)
             removed = await self.delete(doomed)
         except self.errors as error:
             self.is_sweeper = False
@@ -1827,7 +1979,7 @@ class RedisStore(MemoryStore):
             return [], []
         except StoreUnavailable:  # delete() found Redis down and said so
             return [], []
-        return [task.task_id for task in stale], removed
+        return [task.task_id for task in marked_tasks], removed
 
 
 def open_store(url, settings):
@@ -1883,7 +2035,7 @@ class Feed:
         self.changed_ids = {}
         self.removed_ids = set()
 
-    def take(self, store, now, stale_after_s):
+    def take(self, store, now, thresholds):
         """Return the encoded messages pending (possibly none) and forget them."""
         messages = []
         if self.removed_ids:
@@ -1894,15 +2046,15 @@ class Feed:
             for task_id in self.changed_ids:
                 task = store.get(task_id)
                 if task is not None:
-                    tasks[task_id] = task.as_dict(now, stale_after_s)
+                    tasks[task_id] = task.as_dict(now, thresholds)
             if tasks:
                 messages.append(_encode({"type": "update", "tasks": tasks, "now": now}))
         self.clear()
         return messages
 
 
-def snapshot_message(store, now, stale_after_s):
-    tasks = {task.task_id: task.as_dict(now, stale_after_s) for task in store.tasks()}
+def snapshot_message(store, now, thresholds):
+    tasks = {task.task_id: task.as_dict(now, thresholds) for task in store.tasks()}
     return _encode({"type": "snapshot", "tasks": tasks, "now": now})
 
 
@@ -1926,7 +2078,8 @@ NOTIFY_ERROR_CHARS = 300  # of an error in a text line (the event has all of it)
 NOTIFY_READ_BYTES = 1024  # of a webhook's answer: kept only for the log
 NOTIFY_LOG_BODY_CHARS = 200  # of a refusing webhook's answer, in the log
 DISCORD_MAX_CHARS = 2000  # Discord refuses a longer `content`
-NOTIFY_MARKS = {"close": "\u2705", "error": "\u274c", "stale": "\u26a0\ufe0f"}
+NOTIFY_MARKS = {"close": "\u2705", "error": "\u274c", "stale": "\u26a0\ufe0f",
+                "stalled": "\u23f8\ufe0f"}
 ELLIPSIS = "\u2026"
 NOTIFY_USER_AGENT = "progressista/" + __version__
 NOTIFY_OUTCOMES = ("sent", "failed", "dropped")  # what /metrics counts of each message
@@ -1940,7 +2093,8 @@ def task_duration(task):
 
 
 def notify_event(task, event, now):
-    """The JSON-able event for `task`, which just turned `event` (close, error, stale): the
+    """The JSON-able event for `task`, which just turned `event` (close, error, stale,
+    stalled): the
     task's fields as GET /tasks shows them, plus `event`, `duration` and `at`."""
     return {"event": event, **task.as_dict(), "status": event,
             "duration": task_duration(task), "at": now}
@@ -1996,6 +2150,25 @@ def _while(seconds):
     return f"{seconds / 3600:.1f} h"
 
 
+def _step_every(seconds):
+    if seconds < 10:
+        return f"{seconds:.2g} s"  # 3 s, 0.25 s, 2.5 s
+    return _while(seconds)
+
+
+def stall_reason(task, now, duration=_while):
+    """Why a task (its wire form) reads stalled, in words: 'no progress for 12 min;
+    usually a step every 3 s' (the second half once its pace is known). `duration`
+    writes the first number (watch gives format_interval: 00:12:00)."""
+    progressed_at, typical_s = task.get("progressed_at"), task.get("typical_step_s")
+    reason = "no progress"
+    if _is_number(progressed_at):  # a task from the network: any field may be missing
+        reason += f" for {duration(max(now - progressed_at, 0.0))}"
+    if _is_number(typical_s) and typical_s >= 0:
+        reason += f"; usually a step every {_step_every(typical_s)}"
+    return reason
+
+
 def _error_summary(error):
     lines = [line for line in str(error).splitlines() if line.strip()]
     if not lines:
@@ -2022,6 +2195,8 @@ def event_line(event):
         summary = _error_summary(event.get("error") or "")
         if summary:
             said += ": " + _one_line(summary, NOTIFY_ERROR_CHARS)
+    elif kind == "stalled":
+        said = f"stalled at {_progress(event)}, {stall_reason(event, event['at'])}"
     else:
         silent_s = max(event["at"] - event["updated_at"], 0.0)
         said = f"stale, no update for {_while(silent_s)} at {_progress(event)}"
@@ -2069,7 +2244,7 @@ class Notifier:
     Feed it every change with `observe()` and call `tick(now)` often (the broadcast loop
     does both); `close(now)` sends the current window at once, at shutdown."""
 
-    def __init__(self, notify_on=NOTIFY_EVENTS, min_duration_s=0.0,
+    def __init__(self, notify_on=NOTIFY_DEFAULT_EVENTS, min_duration_s=0.0,
                  interval_s=NOTIFY_INTERVAL_S, server="", senders=(), clock=time.monotonic):
         self.notify_on = frozenset(notify_on)
         self.min_duration_s = min_duration_s
@@ -2091,15 +2266,15 @@ class Notifier:
                    server=settings.notify_name or socket.gethostname(),
                    senders=[WebhookSender(url) for url in dict.fromkeys(settings.notify)])
 
-    def seed(self, tasks, now, stale_after_s):
+    def seed(self, tasks, now, thresholds):
         """Count what is already closed, failed or stale as notified: a restart over a
         persistent store does not repeat old news."""
         for task in tasks:
-            status = task.shown_status(now, stale_after_s)
+            status = task.shown_status(now, thresholds)
             if status in self.notify_on:
                 self.notified_by_id[task.task_id] = status
 
-    def observe(self, changed_ids, removed_ids, store, now, stale_after_s):
+    def observe(self, changed_ids, removed_ids, store, now, thresholds):
         """Turn changes (the feed's pending ids) into events of the current window."""
         notified = self.notified_by_id
         for task_id in removed_ids:  # forgotten with the task: memory stays bounded
@@ -2112,7 +2287,7 @@ class Notifier:
             task = store.get(task_id)
             if task is None:
                 continue
-            status = task.shown_status(now, stale_after_s)
+            status = task.shown_status(now, thresholds)
             if status not in self.notify_on:
                 if status == "running":  # back to life: a later close or stale is news
                     notified.pop(task_id, None)
@@ -2152,9 +2327,9 @@ class Notifier:
             for sender in self.senders:
                 sender.put(message)
 
-    def start(self, tasks, now, stale_after_s):
+    def start(self, tasks, now, thresholds):
         """Seed from the tasks the store holds and start the sender threads."""
-        self.seed(tasks, now, stale_after_s)
+        self.seed(tasks, now, thresholds)
         for sender in self.senders:
             sender.start()
         log.info("notifying %s to %s, at most one message per %g s",
@@ -3338,11 +3513,11 @@ class App:
     def get_tasks(self, request):
         status = _status_query(request)
         now = self.clock()
-        stale_after_s = self.settings.stale_seconds
+        thresholds = self.settings
         tasks = {}
         for task in self.store.tasks():  # the status first: as_dict() only for those shown
-            if status is None or task.shown_status(now, stale_after_s) == status:
-                tasks[task.task_id] = task.as_dict(now, stale_after_s)
+            if status is None or task.shown_status(now, thresholds) == status:
+                tasks[task.task_id] = task.as_dict(now, thresholds)
         return json_response({"tasks": tasks, "now": now})
 
     def get_task(self, request):
@@ -3350,7 +3525,7 @@ class App:
         task = self.store.get(task_id)
         if task is None:
             raise HTTPError(404, f"no task {task_id!r}")
-        return json_response(task.as_dict(self.clock(), self.settings.stale_seconds))
+        return json_response(task.as_detail(self.clock(), self.settings))
 
     def delete_tasks(self, request):
         # With no filter this deletes everything: a misspelt filter must not mean that.
@@ -3363,11 +3538,11 @@ class App:
         # An id as a filter too: a browser cannot put "." or ".." in a path segment.
         task_id = request.query.get("task_id")
         now = self.clock()
-        stale_after_s = self.settings.stale_seconds
+        thresholds = self.settings
         candidates = self.store.tasks() if task_id is None else filter(
             None, [self.store.get(task_id)])
         doomed = [task.task_id for task in candidates
-                  if (status is None or task.shown_status(now, stale_after_s) == status)
+                  if (status is None or task.shown_status(now, thresholds) == status)
                   and (older_than is None or now - task.updated_at >= older_than)]
         return self.changing(self.store.delete(doomed), self.feed.removed,
                              lambda removed: json_response({"removed": removed}))
@@ -3379,10 +3554,10 @@ class App:
     def tasks_by_status(self):
         """How many tasks each status has now, as readers see them (stale included)."""
         now = self.clock()
-        stale_after_s = self.settings.stale_seconds
+        thresholds = self.settings
         counts = dict.fromkeys(STATUSES, 0)
         for task in self.store.tasks():
-            counts[task.shown_status(now, stale_after_s)] += 1
+            counts[task.shown_status(now, thresholds)] += 1
         return counts
 
     def get_health(self, request):
@@ -3468,7 +3643,7 @@ class App:
         them with the next update."""
         if self.cached_snapshot is None:
             self.cached_snapshot = snapshot_message(self.store, self.clock(),
-                                                    self.settings.stale_seconds)
+                                                    self.settings)
         return self.cached_snapshot
 
     def send_snapshot(self, listener):
@@ -3481,12 +3656,12 @@ class App:
         self.cached_snapshot = None  # from here on it would miss what the feed hands out
         if self.notifier is not None:  # first: the feed is cleared below
             self.notifier.observe(self.feed.changed_ids, self.feed.removed_ids, self.store,
-                                  self.clock(), self.settings.stale_seconds)
+                                  self.clock(), self.settings)
             self.notifier.tick(self.clock())
         if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
             self.feed.clear()
             return
-        messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
+        messages = self.feed.take(self.store, self.clock(), self.settings)
         now = self.loop.time()
         sent_to = 0
         for listener in list(self.listeners):
@@ -3606,7 +3781,7 @@ class App:
         if asyncio.iscoroutine(swept):
             await swept
         if self.notifier is not None:  # after the first sweep: old news is not news
-            self.notifier.start(self.store.tasks(), self.clock(), self.settings.stale_seconds)
+            self.notifier.start(self.store.tasks(), self.clock(), self.settings)
         flush = getattr(self.store, "flush", None)
         self.background = [
             self.loop.create_task(self.every(self.settings.broadcast_interval, self.broadcast)),
@@ -3833,8 +4008,8 @@ def build_parser():
                        help="only tasks whose id, description, postfix, error, status or "
                             "meta key=value contain TEXT (case-insensitive)")
     watch.add_argument("--status", type=watch_status, metavar="S",
-                       help="only tasks in status S: running, stale, close (or done), error, "
-                            "or active (running and stale)")
+                       help="only tasks in status S: running, stalled, stale, close (or done), "
+                            "error, or active (running, stalled and stale)")
     watch.add_argument("--interval", type=_positive_seconds, default=WATCH_INTERVAL_S,
                        metavar="SEC", help=f"redraw at most every SEC s ({WATCH_INTERVAL_S:g})")
     watch.add_argument("--once", action="store_true",
@@ -3938,7 +4113,7 @@ def cmd_run(args, program_args):
 # apply_feed_message) and a thin I/O layer (the /ws client, GET /tasks, the screen).
 
 WATCH_DEFAULT_SERVER = f"http://localhost:{DEFAULT_PORT}"
-WATCH_STATUSES = STATUSES + ("active",)  # active: running or stale, as in the dashboard
+WATCH_STATUSES = STATUSES + ("active",)  # active: not ended, as in the dashboard
 WATCH_STATUS_ALIASES = {"done": "close"}  # the word the table shows for close
 WATCH_INTERVAL_S = 0.5  # default --interval: the screen is redrawn at most this often
 WATCH_RETRY_FIRST_S = 0.5  # reconnect backoff: the first wait, doubled after each failure...
@@ -3947,9 +4122,12 @@ WATCH_TIMEOUT_S = 5.0  # to open the WebSocket, or for GET /tasks to answer
 WATCH_CLOSE_TIMEOUT_S = 1.0  # Ctrl-C waits no longer than this for the closing handshake
 # The largest snapshot there can be: MAX_TASKS tasks with every text field at its limit.
 WATCH_MAX_MESSAGE_BYTES = 1 << 30
-STATUS_COLUMN_CELLS = 6  # "error " in front of each bar; blank for a running task
-STATUS_WORDS = {"running": "", "stale": "stale", "close": "done", "error": "error"}
-STATUS_COLOURS = {"stale": "33", "close": "32", "error": "31"}  # SGR: yellow, green, red
+STATUS_COLUMN_CELLS = 6  # "error " in front of each bar; blank for a running task...
+STALLED_COLUMN_CELLS = 8  # ..."stalled " when a row shown reads stalled
+STATUS_WORDS = {"running": "", "stalled": "stalled", "stale": "stale", "close": "done",
+                "error": "error"}
+# SGR: magenta (alive, not moving), yellow (not heard from), green, red
+STATUS_COLOURS = {"stalled": "35", "stale": "33", "close": "32", "error": "31"}
 NATURAL_BAR_CELLS = 10  # tqdm's bar when it is given no ncols
 MIN_LABEL_CELLS = 8  # a description is cut to half the row, but never below this
 # Every control character, and the bidirectional overrides that could reorder what a
@@ -4022,15 +4200,15 @@ def meter_fields(task, now, ascii=False):
     updated_at = _number_or(task.get("updated_at"), now)
     # A sender that reports no elapsed (curl) has been seen working since it was created.
     elapsed = _number_or(task.get("elapsed"), max(0.0, updated_at - created_at))
-    if status == "running":
-        # The sender's elapsed is as of its last update; between updates a running bar's
+    if status in ("running", "stalled"):
+        # The sender's elapsed is as of its last update; between updates a live bar's
         # clock keeps going, as tqdm's own does. Stale and finished bars stand still.
         elapsed += max(0.0, now - updated_at)
     unit_scale = task.get("unit_scale", False)
     if isinstance(unit_scale, bool) or not isinstance(unit_scale, (int, float)):
         unit_scale = bool(unit_scale)
     has_bar = bool(total) and n < total + 0.5  # tqdm shows no bar past the total
-    # A stale or failed bar has no honest ETA, a finished one has none left (as the dashboard).
+    # A stalled, stale or failed bar has no honest ETA, a finished one has none left.
     eta = None if status == "running" or not has_bar else ("00:00" if status == "close" else "?")
     return {
         "n": n, "total": total, "elapsed": elapsed,
@@ -4100,20 +4278,24 @@ def _row_tail(task, status, now):
     if status == "stale":
         silent_s = now - _number_or(task.get("updated_at"), now)
         return f"  no update for {format_interval(silent_s)}"
+    if status == "stalled":
+        return "  " + stall_reason(task, now, format_interval)
     return ""
 
 
-def format_row(task, now, width=None, *, meter=None, ascii=False):
-    """One line for one task at `now`: a status column (blank while running), the bar as
-    tqdm draws it, and why a stale or failed task stopped, in at most `width` cells."""
+def format_row(task, now, width=None, *, meter=None, ascii=False,
+               column_cells=STATUS_COLUMN_CELLS):
+    """One line for one task at `now`: a status column of `column_cells` (blank while
+    running), the bar as tqdm draws it, and why a stalled, stale or failed task stopped,
+    in at most `width` cells."""
     meter = meter or default_meter()
     status = task.get("status") or "running"
-    column = _pad(_printable(STATUS_WORDS.get(status, status)), STATUS_COLUMN_CELLS - 1) + " "
+    column = _pad(_printable(STATUS_WORDS.get(status, status)), column_cells - 1) + " "
     fields = meter_fields(task, now, ascii)
     tail = _row_tail(task, status, now)
     if width is None:
         return column + meter(fields, None) + tail
-    room = width - STATUS_COLUMN_CELLS
+    room = width - column_cells
     if room <= 0:
         return _fit(column, width)
     fields["prefix"] = _fit(fields["prefix"], max(MIN_LABEL_CELLS, room // 2))
@@ -4130,7 +4312,7 @@ def format_row(task, now, width=None, *, meter=None, ascii=False):
 
 
 def watch_status(text):
-    """--status: running, stale, close (or done), error, or active (running and stale)."""
+    """--status: running, stalled, stale, close (or done), error, or active (not ended)."""
     status = WATCH_STATUS_ALIASES.get(text.strip().lower(), text.strip().lower())
     if status not in WATCH_STATUSES:
         raise argparse.ArgumentTypeError(
@@ -4142,7 +4324,7 @@ def task_matches(task, text_filter=None, status=None):
     """The dashboard's filter: `text_filter` in the id, description, postfix, error, status or
     a meta key=value (case-insensitive); `status` one status, or active."""
     shown = task.get("status") or "running"
-    if status and (shown not in ("running", "stale") if status == "active" else shown != status):
+    if status and (shown in FINAL_STATUSES if status == "active" else shown != status):
         return False
     if not text_filter:
         return True
@@ -4199,7 +4381,12 @@ def render_table(tasks, now, width=None, height=None, text_filter=None, status=N
         return [_fit(line, width) for line in (lines + body)[:height]]
     room = len(ordered) if height is None else height - len(lines)
     shown = ordered if room >= len(ordered) else ordered[:max(0, room - 1)]
-    lines += [format_row(task, now, width, meter=meter, ascii=ascii) for task in shown]
+    # The status column widens for "stalled" only when a row says it: the usual table
+    # keeps its bars where they were.
+    column_cells = (STALLED_COLUMN_CELLS if any(task.get("status") == "stalled" for task in shown)
+                    else STATUS_COLUMN_CELLS)
+    lines += [format_row(task, now, width, meter=meter, ascii=ascii, column_cells=column_cells)
+              for task in shown]
     if len(shown) < len(ordered):
         hidden = ordered[len(shown):]
         lines.append(f"+{len(hidden)} more ({_status_counts(hidden)})")

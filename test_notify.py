@@ -557,9 +557,12 @@ def store_with(*tasks):
     return store
 
 
-def observed(notice, store, ids, removed=(), now=1000.0, stale_after_s=60.0):
+STALE_AFTER_60_S = progressista.Thresholds(stale_seconds=60.0)
+
+
+def observed(notice, store, ids, removed=(), now=1000.0, thresholds=STALE_AFTER_60_S):
     before = len(notice.pending_events)
-    notice.observe(ids, removed, store, now, stale_after_s)
+    notice.observe(ids, removed, store, now, thresholds)
     return [event["event"] for event in notice.pending_events[before:]]
 
 
@@ -587,7 +590,7 @@ def test_observe_forgets_removed_tasks():
     notice = notifier()
     store = store_with(make_task("a", status="close"))
     observed(notice, store, ["a"])
-    notice.observe([], ["a"], store, 1000.0, 60.0)
+    notice.observe([], ["a"], store, 1000.0, STALE_AFTER_60_S)
     assert "a" not in notice.notified_by_id
 
 
@@ -597,7 +600,7 @@ def test_observe_filters_by_event_and_by_duration():
                        make_task("short", status="error", ran_s=5),
                        make_task("short-by-elapsed", status="error", ran_s=60, elapsed=3.0),
                        make_task("long", status="error", ran_s=60))
-    notice.observe(list(store.by_id), (), store, 1000.0, 60.0)
+    notice.observe(list(store.by_id), (), store, 1000.0, STALE_AFTER_60_S)
     assert [event["task_id"] for event in notice.pending_events] == ["long"]
 
 
@@ -615,7 +618,7 @@ def test_seed_counts_what_the_store_holds_as_already_notified():
     notice = notifier()
     store = store_with(make_task("done", status="close"), make_task("silent", now=900.0),
                        make_task("live", now=1000.0))
-    notice.seed(store.tasks(), 1000.0, 60.0)
+    notice.seed(store.tasks(), 1000.0, STALE_AFTER_60_S)
     assert notice.notified_by_id == {"done": "close", "silent": "stale"}
     assert observed(notice, store, list(store.by_id)) == []
 
@@ -623,16 +626,16 @@ def test_seed_counts_what_the_store_holds_as_already_notified():
 def test_window_gives_one_message_after_its_interval_or_at_a_flush():
     notice = notifier(interval_s=10.0)
     store = store_with(make_task("a", status="close"), make_task("b", status="close"))
-    notice.observe(["a"], (), store, 1000.0, 60.0)
+    notice.observe(["a"], (), store, 1000.0, STALE_AFTER_60_S)
     notice.clock.now = 5.0
-    notice.observe(["b"], (), store, 1005.0, 60.0)
+    notice.observe(["b"], (), store, 1005.0, STALE_AFTER_60_S)
     assert notice.take_message(1005.0) is None
     notice.clock.now = 10.0
     message = notice.take_message(1010.0)
     assert [event["task_id"] for event in message["events"]] == ["a", "b"]
     assert notice.take_message(1010.0) is None and notice.take_message(1010, True) is None
     store.by_id["c"] = make_task("c", status="error")
-    notice.observe(["c"], (), store, 1011.0, 60.0)
+    notice.observe(["c"], (), store, 1011.0, STALE_AFTER_60_S)
     assert notice.take_message(1011.0, flush=True)["count"] == 1
 
 
@@ -640,7 +643,7 @@ def test_window_lists_at_most_max_events_and_counts_the_rest(monkeypatch):
     monkeypatch.setattr(progressista, "NOTIFY_MAX_EVENTS", 3)
     notice = notifier()
     store = store_with(*[make_task(f"t{index}", status="close") for index in range(5)])
-    notice.observe(list(store.by_id), (), store, 1000.0, 60.0)
+    notice.observe(list(store.by_id), (), store, 1000.0, STALE_AFTER_60_S)
     message = notice.take_message(1000.0, flush=True)
     assert (message["count"], len(message["events"])) == (5, 3)
     assert message["text"].splitlines()[-1] == "\u2026 and 2 more"

@@ -335,7 +335,8 @@ def test_server_url_that_is_not_http_is_refused(server):
 def test_status_flag_accepts_done_for_close_and_names_the_choices_otherwise():
     assert progressista.watch_status("Done") == "close"
     assert progressista.watch_status("active") == "active"
-    with pytest.raises(argparse.ArgumentTypeError, match="running, stale, close, error, active"):
+    with pytest.raises(argparse.ArgumentTypeError,
+                       match="running, stalled, stale, close, error, active"):
         progressista.watch_status("finished")
 
 
