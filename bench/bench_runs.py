@@ -29,12 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import progressista  # noqa: E402  (after the path set-up above)
 
-STALE_S = 60.0
+THRESHOLDS = progressista.Thresholds()  # the default stale and stall settings
 NOW = 1_790_000_000.0
 
 
 def shown_status(task, now):
-    return task.shown_status(now, STALE_S)
+    return task.shown_status(now, THRESHOLDS)
 
 
 def build_updates(tasks, runs):
