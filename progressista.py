@@ -1143,14 +1143,13 @@ class _Member:
 class _Run:
     """RunIndex's running totals for one run."""
 
-    __slots__ = ("members", "pending", "children", "fed", "fed_count", "counts", "hosts",
+    __slots__ = ("members", "children", "fed", "fed_count", "counts", "hosts",
                  "created_at", "updated_at", "named_by", "name", "rescan", "top_sum",
                  "top_count", "ends", "eta_end", "eta_by", "eta_unknown", "rescan_eta",
                  "changed_at", "told")
 
     def __init__(self):
         self.members = {}  # task_id -> _Member, in arrival order
-        self.pending = {}  # task_id -> Task changed since the figures were brought up to date
         self.children = {}  # parent id -> ids of the members naming it, present or not
         self.fed = {}  # parent id -> sum of the fractions of its open children with totals
         self.fed_count = {}  # parent id -> how many children `fed` sums
@@ -1172,19 +1171,20 @@ class RunIndex:
     """Which tasks belong to which run, and every run's summary (`run_summary()` defines
     the figures), kept by running totals per run rather than by walking its tasks.
 
-    `changed()` of a task already in its run only notes the change (O(1) on the ingest
-    path); a run catches up on its noted changes, each task's latest once, when it is
-    next read (`summary()`, `summaries()`, `ended_runs()`), at O(nesting depth) a task.
-    A new or moved task and `removed()` are counted at once. A summary is cached until
-    one of its run's tasks changes.
+    `changed(task_ids)` only notes the ids (O(1) each, on the ingest path), as the Feed
+    does; at its next read (`summary()`, `summaries()`, `task_ids()`, `take_changed()`,
+    `ended_runs()`) the index catches up on them, each task's latest state once, at
+    O(nesting depth) a task. A summary is cached until one of its run's tasks changes.
 
-    The store's duty: call `changed(task, now)` for every task it reports changed (apply,
-    sweep, and a mirror or resync of another server's writes) and `removed(task_ids)` for
-    every id it drops. A task's status is read through `shown_status(task, now)` when its
-    change is counted: time-dependent statuses (stale, stalled) reach a run when the
-    sweep reports the task changed, so a run lags its tasks by at most one sweep."""
+    The caller's duty: pass `changed()` every id the store reports changed (apply, sweep,
+    a mirror or resync of another server's writes) and `removed()` every id it drops;
+    `get_task(task_id)` gives the store's current Task. A task's status is read through
+    `shown_status(task, now)` when the index catches up on it: time-dependent statuses
+    (stale, stalled) reach a run once the sweep reports the task changed, so a run lags
+    its tasks by at most one sweep."""
 
-    def __init__(self, shown_status, run_settle_s=RUN_SETTLE_S):
+    def __init__(self, get_task, shown_status, run_settle_s=RUN_SETTLE_S):
+        self.get_task = get_task  # task_id -> the store's Task, or None
         self.shown_status = shown_status  # (task, now) -> the status a reader sees
         self.run_settle_s = run_settle_s
         self.runs = {}  # run id -> _Run
@@ -1193,27 +1193,42 @@ class RunIndex:
         self.changed_runs = {}  # ordered set, since take_changed()
         self.removed_runs = set()  # since take_changed()
         self.settling = {}  # ordered set: all ended, not told yet; ended_runs() checks
-        self.pending_runs = {}  # ordered set: runs with changes not yet in their figures
+        self.pending = {}  # ordered set: ids changed since the last catch-up
 
     def __len__(self):
         return len(self.runs)
 
     # Keeping the totals
 
-    def changed(self, task, now):
-        """Record that `task` was added or changed at `now`, possibly moving to another
-        run (or out of every run). O(1): a change within a run is only noted, and its
-        figures are brought up to date when the run is next read."""
+    def changed(self, task_ids):
+        """Note that these tasks were added or changed: O(1) each, on the ingest path.
+        The index catches up on them, each task's latest state once, at its next read."""
+        pending = self.pending
+        for task_id in task_ids:
+            pending[task_id] = None
+
+    def removed(self, task_ids):
+        """Record that the store dropped `task_ids` (deleted or expired)."""
+        run_of = self.run_of
+        for task_id in task_ids:
+            run_id = run_of.get(task_id)
+            if run_id is not None:
+                self._leave(run_id, task_id)
+
+    def _catch_up(self, now):
+        pending, self.pending = self.pending, {}
+        get_task, run_of = self.get_task, self.run_of
+        for task_id in pending:
+            task = get_task(task_id)
+            if task is not None:
+                self._count_change(task, now)
+            elif task_id in run_of:  # gone from the store: as good as removed
+                self._leave(run_of[task_id], task_id)
+
+    def _count_change(self, task, now):
         task_id, run_id = task.task_id, task.run
         before = self.run_of.get(task_id)
-        if before == run_id:
-            if run_id is not None:
-                self.runs[run_id].pending[task_id] = task  # the latest object wins
-                self.pending_runs[run_id] = None
-                self.summary_by_run.pop(run_id, None)
-                self.changed_runs[run_id] = None
-            return
-        if before is not None:
+        if before is not None and before != run_id:
             self._leave(before, task_id)
         if run_id is None:
             return
@@ -1221,28 +1236,24 @@ class RunIndex:
         if run is None:
             run = self.runs[run_id] = _Run()
             self.removed_runs.discard(run_id)
-        member = run.members[task_id] = _Member(task_id)
-        self.run_of[task_id] = run_id
-        for child_id in run.children.get(task_id, ()):  # no longer top-level
-            child = run.members[child_id]
-            if child.is_top:
-                self._untop(run, child)
-                child.is_top = False
-        self._update(run_id, run, member, task, now, new=True)
-        self._touched(run_id, run)
+        member = run.members.get(task_id)
+        if member is None:
+            member = run.members[task_id] = _Member(task_id)
+            self.run_of[task_id] = run_id
+            for child_id in run.children.get(task_id, ()):  # no longer top-level
+                child = run.members[child_id]
+                if child.is_top:
+                    self._untop(run, child)
+                    child.is_top = False
+            self._update(run, member, task, now, new=True)
+            self._touched(run_id, run)
+        elif self._update(run, member, task, now):
+            self._touched(run_id, run)
+        else:
+            self.summary_by_run.pop(run_id, None)
+            self.changed_runs[run_id] = None
 
-    def _catch_up(self, run_id, run, now):
-        # Apply the changes noted since the run was last read, each task's latest once.
-        pending, run.pending = run.pending, {}
-        del self.pending_runs[run_id]
-        members = run.members
-        recounted = False
-        for task_id, task in pending.items():
-            recounted |= self._update(run_id, run, members[task_id], task, now)
-        if recounted:
-            self._check_end(run_id, run)
-
-    def _update(self, run_id, run, member, task, now, new=False):
+    def _update(self, run, member, task, now, new=False):
         # Bring `member` up to date with `task`; return True when its counts changed.
         status = self.shown_status(task, now)
         host = task.meta.get("host") if task.meta else None
@@ -1270,18 +1281,9 @@ class RunIndex:
             run.told = False  # reopened: its next end is news again
         return True
 
-    def removed(self, task_ids):
-        """Record that the store dropped `task_ids` (deleted or expired)."""
-        run_of = self.run_of
-        for task_id in task_ids:
-            run_id = run_of.get(task_id)
-            if run_id is not None:
-                self._leave(run_id, task_id)
-
     def _leave(self, run_id, task_id):
         run = self.runs[run_id]
         member = run.members.pop(task_id)
-        run.pending.pop(task_id, None)
         del self.run_of[task_id]
         self._uncount(run, member)
         for child_id in run.children.get(task_id, ()):  # top-level again
@@ -1299,7 +1301,6 @@ class RunIndex:
         self.summary_by_run.pop(run_id, None)
         self.changed_runs.pop(run_id, None)
         self.settling.pop(run_id, None)
-        self.pending_runs.pop(run_id, None)
         self.removed_runs.add(run_id)
 
     def _count(self, run, member):
@@ -1475,25 +1476,24 @@ class RunIndex:
 
     # Reading
 
-    def load(self, tasks, now):
+    def load(self, task_ids, now):
         """Index the tasks a persistent store holds at startup. Runs that had ended and
         settled before `now` are not news again, and nothing is pending for the feed."""
-        for task in tasks:
-            self.changed(task, now)
+        self.changed(task_ids)
         self.ended_runs(now)
-        self.take_changed()
+        self.take_changed(now)
 
     def summary(self, run_id, now):
         """One run's summary at `now` (see `run_summary()`), or None when there is no
         such run. The dict is shared with the cache: read it, do not change it."""
+        if self.pending:
+            self._catch_up(now)
         cached = self.summary_by_run.get(run_id)
         if cached is not None:
             return cached
         run = self.runs.get(run_id)
         if run is None:
             return None
-        if run.pending:
-            self._catch_up(run_id, run, now)
         if run.rescan:
             self._rescan(run)
         if run.rescan_eta:
@@ -1528,16 +1528,22 @@ class RunIndex:
 
     def summaries(self, now):
         """Every run's summary at `now`, keyed by run id (GET /runs, a snapshot)."""
+        if self.pending:
+            self._catch_up(now)
         return {run_id: self.summary(run_id, now) for run_id in self.runs}
 
-    def task_ids(self, run_id):
+    def task_ids(self, run_id, now):
         """The ids of the tasks of `run_id`, in arrival order (GET /runs/{run})."""
+        if self.pending:
+            self._catch_up(now)
         run = self.runs.get(run_id)
         return list(run.members) if run is not None else []
 
-    def take_changed(self):
+    def take_changed(self, now):
         """(run ids changed, run ids gone) since the last call, for the feed's update and
         remove messages; a run that went and came back is only changed."""
+        if self.pending:
+            self._catch_up(now)
         changed, removed = list(self.changed_runs), sorted(self.removed_runs)
         self.changed_runs = {}
         self.removed_runs = set()
@@ -1546,8 +1552,8 @@ class RunIndex:
     def ended_runs(self, now):
         """The runs whose end is news at `now`: all their tasks ended and none changed for
         run_settle_s. Each is returned once, until a new open bar reopens it."""
-        for run_id in list(self.pending_runs):
-            self._catch_up(run_id, self.runs[run_id], now)
+        if self.pending:
+            self._catch_up(now)
         news = []
         for run_id in list(self.settling):
             run = self.runs[run_id]

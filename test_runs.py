@@ -39,18 +39,18 @@ class Tracked:
 
     def __init__(self, run_settle_s=10.0):
         self.by_id = {}
-        self.index = RunIndex(stored_status, run_settle_s)
+        self.index = RunIndex(self.by_id.get, stored_status, run_settle_s)
 
     def put(self, task):
         self.by_id[task.task_id] = task
-        self.index.changed(task, task.updated_at)
+        self.index.changed([task.task_id])
         return task
 
     def update(self, task_id, **fields):
         task = self.by_id[task_id]
         for name, value in fields.items():
             setattr(task, name, value)
-        self.index.changed(task, task.updated_at)
+        self.index.changed([task_id])
 
     def delete(self, *task_ids):
         for task_id in task_ids:
@@ -254,59 +254,59 @@ def test_index_summaries_are_keyed_by_run_and_leave_out_bars_without_run():
     summaries = tracked.index.summaries(0.0)
     assert sorted(summaries) == ["r1", "r2"]
     assert summaries["r1"]["progress"] == 0.5
-    assert tracked.index.task_ids("r1") == ["a"]
+    assert tracked.index.task_ids("r1", 0.0) == ["a"]
 
 
 def test_a_task_moving_to_another_run_leaves_the_first():
     tracked = Tracked()
     tracked.put(bar("a", run="r1"))
     tracked.put(bar("b", run="r1"))
-    tracked.index.take_changed()
+    tracked.index.take_changed(0.0)
     tracked.update("a", run="r2")
     summaries = tracked.index.summaries(0.0)
     assert (summaries["r1"]["tasks"], summaries["r2"]["tasks"]) == (1, 1)
-    assert tracked.index.task_ids("r1") == ["b"]
-    assert tracked.index.take_changed() == (["r1", "r2"], [])
+    assert tracked.index.task_ids("r1", 0.0) == ["b"]
+    assert tracked.index.take_changed(0.0) == (["r1", "r2"], [])
 
 
 def test_a_task_moving_out_of_its_only_run_removes_that_run():
     tracked = Tracked()
     tracked.put(bar("a", run="r1"))
-    tracked.index.take_changed()
+    tracked.index.take_changed(0.0)
     tracked.update("a", run=None)
     assert tracked.index.summaries(0.0) == {}
-    assert tracked.index.take_changed() == ([], ["r1"])
+    assert tracked.index.take_changed(0.0) == ([], ["r1"])
 
 
 def test_deleting_the_last_task_of_a_run_removes_the_run():
     tracked = Tracked()
     tracked.put(bar("a"))
     tracked.put(bar("b"))
-    tracked.index.take_changed()
+    tracked.index.take_changed(0.0)
     tracked.delete("a")
     assert tracked.index.summary("r1", 0.0)["tasks"] == 1
-    assert tracked.index.take_changed() == (["r1"], [])
+    assert tracked.index.take_changed(0.0) == (["r1"], [])
     tracked.delete("b")
     assert tracked.index.summary("r1", 0.0) is None
     assert len(tracked.index) == 0
-    assert tracked.index.take_changed() == ([], ["r1"])
+    assert tracked.index.take_changed(0.0) == ([], ["r1"])
 
 
 def test_a_run_that_goes_and_comes_back_before_the_feed_asks_is_only_changed():
     tracked = Tracked()
     tracked.put(bar("a"))
-    tracked.index.take_changed()
+    tracked.index.take_changed(0.0)
     tracked.delete("a")
     tracked.put(bar("b"))
-    assert tracked.index.take_changed() == (["r1"], [])
+    assert tracked.index.take_changed(0.0) == (["r1"], [])
 
 
 def test_removing_an_id_the_index_never_saw_changes_nothing():
     tracked = Tracked()
     tracked.put(bar("a"))
-    tracked.index.take_changed()
+    tracked.index.take_changed(0.0)
     tracked.index.removed(["unknown"])
-    assert tracked.index.take_changed() == ([], [])
+    assert tracked.index.take_changed(0.0) == ([], [])
 
 
 def test_changing_one_task_rebuilds_only_its_runs_summary():
@@ -329,14 +329,41 @@ def test_the_index_reads_the_shown_status_at_the_time_of_the_change():
     # Time-dependent statuses reach a run when the sweep reports the task changed.
     def shown(task, now):
         return "stale" if now - task.updated_at >= 60 else task.status
-    index = RunIndex(shown)
     task = bar("a", updated_at=0.0)
-    index.changed(task, 10.0)
+    index = RunIndex({"a": task}.get, shown)
+    index.changed(["a"])
     assert index.summary("r1", 10.0)["status"] == "running"
     assert index.summary("r1", 70.0)["status"] == "running"  # cached until a change
-    index.changed(task, 60.0)  # the sweep at t=60 reports it
+    index.changed(["a"])  # the sweep at t=60 reports it
     summary = index.summary("r1", 60.0)
     assert (summary["status"], summary["counts"]) == ("stale", {"stale": 1})
+
+
+def test_changes_between_two_reads_are_counted_once_at_the_read():
+    looked_up = []
+    task = bar("a", n=1, total=4)
+
+    def get_task(task_id):
+        looked_up.append(task_id)
+        return task
+    index = RunIndex(get_task, stored_status)
+    for n in (2, 3, 4):
+        task.n = n
+        index.changed(["a"])
+    assert looked_up == []  # noting a change does no work
+    assert index.summary("r1", 0.0)["progress"] == 1.0
+    assert looked_up == ["a"]
+
+
+def test_a_task_gone_from_the_store_leaves_its_run_at_the_next_read():
+    tracked = Tracked()
+    tracked.put(bar("a"))
+    tracked.put(bar("b"))
+    assert tracked.index.summary("r1", 0.0)["tasks"] == 2
+    del tracked.by_id["a"]
+    tracked.index.changed(["a"])  # e.g. a resync that dropped it
+    assert tracked.index.summary("r1", 0.0)["tasks"] == 1
+    assert tracked.index.task_ids("r1", 0.0) == ["b"]
 
 
 def test_a_task_put_again_as_a_new_object_replaces_its_old_figures():
@@ -546,9 +573,9 @@ def test_load_at_startup_keeps_settled_runs_quiet_and_the_rest_pending():
         bar("old", run="done-long-ago", status="close", updated_at=10.0),
         bar("recent", run="just-ended", status="close", updated_at=995.0),
         bar("live", run="running", updated_at=999.0))}
-    index = RunIndex(stored_status, run_settle_s=10.0)
-    index.load(by_id.values(), now=1000.0)
-    assert index.take_changed() == ([], [])
+    index = RunIndex(by_id.get, stored_status, run_settle_s=10.0)
+    index.load(by_id, now=1000.0)
+    assert index.take_changed(1000.0) == ([], [])
     assert sorted(index.summaries(1000.0)) == ["done-long-ago", "just-ended", "running"]
     assert index.ended_runs(1004.0) == []
     assert index.ended_runs(1005.0) == ["just-ended"]
