@@ -1120,7 +1120,7 @@ def run_summary(run_id, tasks, now, shown_status):
 
 
 class _Member:
-    """What RunIndex keeps of one task: the fields a summary reads, copied at changed(),
+    """What RunIndex keeps of one task: the fields a summary reads, copied at catch-up,
     and the task's share of its run's figures as last added (to take it back exactly)."""
 
     __slots__ = ("task_id", "parent", "status", "is_open", "host", "run_name", "created_at",
@@ -1484,8 +1484,9 @@ class RunIndex:
         self.take_changed(now)
 
     def summary(self, run_id, now):
-        """One run's summary at `now` (see `run_summary()`), or None when there is no
-        such run. The dict is shared with the cache: read it, do not change it."""
+        """One run's summary (see `run_summary()`), or None when there is no such run;
+        noted changes are caught up on at `now` first. The dict is shared with the
+        cache: read it, do not change it."""
         if self.pending:
             self._catch_up(now)
         cached = self.summary_by_run.get(run_id)
@@ -1527,7 +1528,7 @@ class RunIndex:
         return cached
 
     def summaries(self, now):
-        """Every run's summary at `now`, keyed by run id (GET /runs, a snapshot)."""
+        """Every run's summary, keyed by run id (GET /runs, a snapshot)."""
         if self.pending:
             self._catch_up(now)
         return {run_id: self.summary(run_id, now) for run_id in self.runs}
@@ -1550,8 +1551,9 @@ class RunIndex:
         return changed, removed
 
     def ended_runs(self, now):
-        """The runs whose end is news at `now`: all their tasks ended and none changed for
-        run_settle_s. Each is returned once, until a new open bar reopens it."""
+        """The runs whose end is news at `now`: all their tasks ended and the latest
+        `updated_at` of any of them is run_settle_s old. Each is returned once, until an
+        open bar reopens it; a later change to an ended bar is not news again."""
         if self.pending:
             self._catch_up(now)
         news = []
