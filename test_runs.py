@@ -325,7 +325,7 @@ def test_changing_one_task_rebuilds_only_its_runs_summary():
     assert first["r2"]["progress"] == pytest.approx((0 + 1 + 2) / 30)  # left as it was
 
 
-def test_the_index_reads_the_shown_status_at_the_time_of_the_change():
+def test_the_index_reads_the_shown_status_when_it_catches_up_on_a_change():
     # Time-dependent statuses reach a run when the sweep reports the task changed.
     def shown(task, now):
         return "stale" if now - task.updated_at >= 60 else task.status
