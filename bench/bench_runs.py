@@ -15,7 +15,8 @@ and prints:
   catching up on it adds at the next read of the runs (the worst case: every update is
   to a different task, so nothing coalesces).
 
-Figures move with the machine's load: the first line prints the load average.
+Figures are this process's CPU time (on an idle machine, the wall time); they still
+move with the machine's load (caches, frequency): the first line prints the load average.
 
 No server and no sockets: the HTTP-level figure comes from the server's benchmark once
 GET /runs is routed.
@@ -65,10 +66,12 @@ def build_updates(tasks, runs):
 
 
 def timed(action):
+    """(CPU seconds this process spent on `action`, its result): on a shared machine the
+    wall clock also counts the time other processes held the CPU."""
     gc.collect()
-    started = time.perf_counter()
+    started = time.process_time()
     result = action()
-    return time.perf_counter() - started, result
+    return time.process_time() - started, result
 
 
 def moves(store, count, seq, rng):
