@@ -207,8 +207,11 @@ def test_hosts_are_distinct_sorted_string_values_at_most_100():
     tasks = [bar(f"t{i}", meta={"host": f"h{149 - i % 150:03d}"}) for i in range(300)]
     tasks += [bar("no-meta", meta={}), bar("number", meta={"host": 7}),
               bar("null", meta={"host": None})]
-    hosts = summary_of(*tasks)["hosts"]
-    assert hosts == [f"h{i:03d}" for i in range(100)]
+    assert summary_of(*tasks)["hosts"] == [f"h{i:03d}" for i in range(100)]
+    tracked = Tracked()
+    for task in tasks:
+        tracked.put(task)
+    assert tracked.index.summary("r1", 0.0)["hosts"] == [f"h{i:03d}" for i in range(100)]
 
 
 def test_name_is_the_run_name_of_the_latest_updated_bar_that_sent_one():
