@@ -1246,6 +1246,7 @@ class RunIndex:
                     self._untop(run, child)
                     child.is_top = False
             self._update(run, member, task, now, new=True)
+            run.told = False  # a new bar reopens the run, even one that came closed
             self._touched(run_id, run)
         elif self._update(run, member, task, now):
             self._touched(run_id, run)

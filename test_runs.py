@@ -540,6 +540,17 @@ def test_a_run_that_reopens_and_ends_again_is_news_again():
     assert tracked.index.ended_runs(220.0) == ["r1"]
 
 
+def test_a_new_bar_that_comes_closed_after_the_end_was_news_is_news_again():
+    # A quick bar can send its first and last state as one update (or several updates
+    # can fall between two reads): it still opens the run again.
+    tracked = Tracked(run_settle_s=10.0)
+    tracked.put(bar("a", status="close", updated_at=100.0))
+    assert tracked.index.ended_runs(110.0) == ["r1"]
+    tracked.put(bar("b", status="close", updated_at=200.0))
+    assert tracked.index.ended_runs(209.0) == []
+    assert tracked.index.ended_runs(210.0) == ["r1"]
+
+
 def test_a_late_change_to_an_ended_task_is_not_news_again():
     tracked = Tracked(run_settle_s=10.0)
     tracked.put(bar("a", status="close", updated_at=100.0))
