@@ -1553,8 +1553,9 @@ class RunIndex:
 
     def ended_runs(self, now):
         """The runs whose end is news at `now`: all their tasks ended and the latest
-        `updated_at` of any of them is run_settle_s old. Each is returned once, until an
-        open bar reopens it; a later change to an ended bar is not news again."""
+        `updated_at` of any of them is run_settle_s old. Each is returned once, until a
+        new bar, or a bar that reads open again, reopens it; a later change to an ended
+        bar that stays ended is not news again."""
         if self.pending:
             self._catch_up(now)
         news = []
