@@ -1367,48 +1367,60 @@ class RunIndex:
             run.fed_count[parent] -= 1
 
     def _refresh_up(self, run, task_id, stop_at=None):
-        # `task_id`'s children changed its steps done: update it and the bars above it.
+        # `task_id`'s steps done may have changed (its n, or its children's): pass the
+        # change of its fraction on to the run's sum or to its parent, and so on up.
         # At most RUN_MAX_DEPTH levels: a cycle of parents, or a hostile chain, ends here.
+        members, fed = run.members, run.fed
         for _ in range(RUN_MAX_DEPTH):
-            member = run.members.get(task_id)
+            member = members.get(task_id)
             if member is None or member.total is None or task_id == stop_at:
                 return
-            feeds = member.feeds_parent()
+            before = member.fraction()
+            member.done = min(member.n + fed.get(task_id, 0.0), member.total)
+            change = member.fraction() - before
             if member.is_top:
-                self._untop(run, member)
-            if feeds:
-                self._unfeed(run, member)
-            member.done = self._done(run, member)
-            if member.is_top:
-                self._top(run, member)
-            if not feeds:
+                run.top_sum += change
+                if member.is_open:
+                    self._set_end(run, member)
+            if not member.feeds_parent():
                 return
-            self._feed(run, member)
+            fed[member.parent] += change
             task_id = member.parent
 
     @staticmethod
-    def _top(run, member):
+    def _end(member):
+        # When an open bar with a total would end at its rate; None when it cannot tell.
+        remaining = member.total - member.done
+        if remaining <= 0:
+            return member.updated_at
+        return member.updated_at + remaining / member.rate if member.rate else None
+
+    @staticmethod
+    def _note_end(run, member, end):
+        # Record an open top-level bar's end; eta_end only grows between rescans, so it
+        # bounds every end: one at or past it is the latest, even if the previous latest
+        # left or moved earlier (the common case: the slowest bar moved on).
+        member.end = run.ends[member.task_id] = end
+        if end is None:
+            run.eta_unknown += 1
+        elif end >= run.eta_end:
+            run.eta_end, run.eta_by = end, member.task_id
+            run.rescan_eta = False
+        elif run.eta_by == member.task_id:
+            run.rescan_eta = True
+
+    def _set_end(self, run, member):
+        if member.end is None:
+            run.eta_unknown -= 1
+        self._note_end(run, member, self._end(member))
+
+    def _top(self, run, member):
         if member.total is None:
             return
         run.top_sum += member.fraction()
         run.top_count += 1
-        if not member.is_open:
-            return
-        remaining = member.total - member.done
-        if remaining <= 0:
-            member.end = member.updated_at
-        elif member.rate:
-            member.end = member.updated_at + remaining / member.rate
-        else:
-            member.end = None
-        run.ends[member.task_id] = member.end
-        if member.end is None:
-            run.eta_unknown += 1
-        elif member.end >= run.eta_end:
-            # eta_end only grows between rescans, so it bounds every end: this one is the
-            # latest, even if the previous latest left (the common case: it moved on).
-            run.eta_end, run.eta_by = member.end, member.task_id
-            run.rescan_eta = False
+        if member.is_open:
+            self._note_end(run, member, self._end(member))
 
     @staticmethod
     def _untop(run, member):
