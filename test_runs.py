@@ -170,6 +170,9 @@ def test_eta_of_a_finished_but_open_bar_is_zero():
 def test_eta_is_null_once_the_run_has_ended_and_when_it_would_be_infinite():
     assert summary_of(bar("A", n=10, total=10, status="close"))["eta"] is None
     assert summary_of(bar("A", n=0, total=1e308, rate=1e-300))["eta"] is None
+    tracked = Tracked()
+    tracked.put(bar("A", n=0, total=1e308, rate=1e-300))
+    assert tracked.index.summary("r1", 0.0)["eta"] is None
 
 
 # --- status, counts, hosts, name, times ------------------------------------------------
