@@ -1123,11 +1123,11 @@ class _Member:
     """What RunIndex keeps of one task: the fields a summary reads, copied at catch-up,
     and the task's share of its run's figures as last added (to take it back exactly)."""
 
-    __slots__ = ("task_id", "parent", "status", "is_open", "host", "run_name", "created_at",
-                 "updated_at", "n", "total", "rate", "is_top", "done", "end")
+    __slots__ = ("task_id", "run_id", "parent", "status", "is_open", "host", "run_name",
+                 "created_at", "updated_at", "n", "total", "rate", "is_top", "done", "end")
 
-    def __init__(self, task_id):
-        self.task_id = task_id
+    def __init__(self, task_id, run_id):
+        self.task_id, self.run_id = task_id, run_id
         self.is_top = False
         self.created_at = self.updated_at = self.done = self.end = None
 
@@ -1188,7 +1188,7 @@ class RunIndex:
         self.shown_status = shown_status  # (task, now) -> the status a reader sees
         self.run_settle_s = run_settle_s
         self.runs = {}  # run id -> _Run
-        self.run_of = {}  # task_id -> run id, for the tasks in a run
+        self.member_of = {}  # task_id -> _Member, for the tasks in a run
         self.summary_by_run = {}  # valid until a member changes, which drops it
         self.changed_runs = {}  # ordered set, since take_changed()
         self.removed_runs = set()  # since take_changed()
@@ -1209,50 +1209,50 @@ class RunIndex:
 
     def removed(self, task_ids):
         """Record that the store dropped `task_ids` (deleted or expired)."""
-        run_of = self.run_of
+        member_of = self.member_of
         for task_id in task_ids:
-            run_id = run_of.get(task_id)
-            if run_id is not None:
-                self._leave(run_id, task_id)
+            member = member_of.get(task_id)
+            if member is not None:
+                self._leave(member.run_id, task_id)
 
     def _catch_up(self, now):
         pending, self.pending = self.pending, {}
-        get_task, run_of = self.get_task, self.run_of
+        get_task, member_of = self.get_task, self.member_of
         for task_id in pending:
             task = get_task(task_id)
             if task is not None:
                 self._count_change(task, now)
-            elif task_id in run_of:  # gone from the store: as good as removed
-                self._leave(run_of[task_id], task_id)
+            elif task_id in member_of:  # gone from the store: as good as removed
+                self._leave(member_of[task_id].run_id, task_id)
 
     def _count_change(self, task, now):
         task_id, run_id = task.task_id, task.run
-        before = self.run_of.get(task_id)
-        if before is not None and before != run_id:
-            self._leave(before, task_id)
+        member = self.member_of.get(task_id)
+        if member is not None:
+            if member.run_id == run_id:
+                run = self.runs[run_id]
+                if self._update(run, member, task, now):
+                    self._touched(run_id, run)
+                else:
+                    self.summary_by_run.pop(run_id, None)
+                    self.changed_runs[run_id] = None
+                return
+            self._leave(member.run_id, task_id)
         if run_id is None:
             return
         run = self.runs.get(run_id)
         if run is None:
             run = self.runs[run_id] = _Run()
             self.removed_runs.discard(run_id)
-        member = run.members.get(task_id)
-        if member is None:
-            member = run.members[task_id] = _Member(task_id)
-            self.run_of[task_id] = run_id
-            for child_id in run.children.get(task_id, ()):  # no longer top-level
-                child = run.members[child_id]
-                if child.is_top:
-                    self._untop(run, child)
-                    child.is_top = False
-            self._update(run, member, task, now, new=True)
-            run.told = False  # a new bar reopens the run, even one that came closed
-            self._touched(run_id, run)
-        elif self._update(run, member, task, now):
-            self._touched(run_id, run)
-        else:
-            self.summary_by_run.pop(run_id, None)
-            self.changed_runs[run_id] = None
+        member = self.member_of[task_id] = run.members[task_id] = _Member(task_id, run_id)
+        for child_id in run.children.get(task_id, ()):  # no longer top-level
+            child = run.members[child_id]
+            if child.is_top:
+                self._untop(run, child)
+                child.is_top = False
+        self._update(run, member, task, now, new=True)
+        run.told = False  # a new bar reopens the run, even one that came closed
+        self._touched(run_id, run)
 
     def _update(self, run, member, task, now, new=False):
         # Bring `member` up to date with `task`; return True when its counts changed.
@@ -1266,7 +1266,7 @@ class RunIndex:
             # the run has ended stay as they are; its steps, rate and times move.
             member.n, member.rate, member.run_name = task.n, task.rate, task.run_name
             member.created_at, member.updated_at = task.created_at, task.updated_at
-            self._refresh_up(run, member.task_id)
+            self._refresh_up(run, member)
             self._note_times(run, member, old_created, old_updated)
             return False
         if not new:
@@ -1285,7 +1285,7 @@ class RunIndex:
     def _leave(self, run_id, task_id):
         run = self.runs[run_id]
         member = run.members.pop(task_id)
-        del self.run_of[task_id]
+        del self.member_of[task_id]
         self._uncount(run, member)
         for child_id in run.children.get(task_id, ()):  # top-level again
             child = run.members[child_id]
@@ -1318,7 +1318,7 @@ class RunIndex:
             self._top(run, member)
         if member.feeds_parent():
             self._feed(run, member)
-            self._refresh_up(run, parent)
+            self._refresh_up(run, run.members.get(parent))
 
     def _uncount(self, run, member):
         # Take back exactly what _count() added, before the member's fields change.
@@ -1335,7 +1335,7 @@ class RunIndex:
             self._untop(run, member)
         if member.feeds_parent():
             self._unfeed(run, member)
-            self._refresh_up(run, parent, stop_at=task_id)  # taken back: not again
+            self._refresh_up(run, run.members.get(parent), stop_at=task_id)  # not again
 
     @staticmethod
     def _decrement(counter, key):
@@ -1366,17 +1366,16 @@ class RunIndex:
             run.fed[parent] -= member.fraction()
             run.fed_count[parent] -= 1
 
-    def _refresh_up(self, run, task_id, stop_at=None):
-        # `task_id`'s steps done may have changed (its n, or its children's): pass the
+    def _refresh_up(self, run, member, stop_at=None):
+        # `member`'s steps done may have changed (its n, or its children's): pass the
         # change of its fraction on to the run's sum or to its parent, and so on up.
         # At most RUN_MAX_DEPTH levels: a cycle of parents, or a hostile chain, ends here.
         members, fed = run.members, run.fed
         for _ in range(RUN_MAX_DEPTH):
-            member = members.get(task_id)
-            if member is None or member.total is None or task_id == stop_at:
+            if member is None or member.total is None or member.task_id == stop_at:
                 return
             before = member.fraction()
-            member.done = min(member.n + fed.get(task_id, 0.0), member.total)
+            member.done = min(member.n + fed.get(member.task_id, 0.0), member.total)
             change = member.fraction() - before
             if member.is_top:
                 run.top_sum += change
@@ -1385,7 +1384,7 @@ class RunIndex:
             if not member.feeds_parent():
                 return
             fed[member.parent] += change
-            task_id = member.parent
+            member = members.get(member.parent)
 
     @staticmethod
     def _end(member):
