@@ -1049,13 +1049,14 @@ def run_summary(run_id, tasks, now, shown_status):
       under it (n=50, total=100) and a closed one (n=100, total=100); eval bar V (n=4,
       total=4, close); bar W whose parent is in another run (n=1, total=2); and bar X
       without a total. E = (3 + 0.5) / 10 = 0.35, V = 1, W = 0.5, X does not count:
-      progress = (0.35 + 1 + 0.5) / 3 = 0.6167.
+      progress = (0.35 + 1 + 0.5) / 3 = 0.6167. Nesting is followed RUN_MAX_DEPTH
+      levels deep.
     - eta: over the open top-level bars with a known total, each ends at its
       `updated_at` + (total - n - c) / rate (its own rate, with the same c as above);
       eta is the latest such end minus the run's `updated_at`, at least 0 (a reader
-      adds it to `updated_at` for the wall-clock end). Null when there is no such bar,
-      when one of them has no rate yet (null or 0) while work remains, or when the
-      figure is not finite.
+      adds it to `updated_at` for the wall-clock end). Null when there is no such bar
+      (so once the run has ended), when one of them has work left and no rate (null or
+      0), or when the figure is not finite.
     - hosts: the distinct `meta.host` values that are strings; other values are left out.
     """
     by_id = {task.task_id: task for task in tasks}
