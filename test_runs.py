@@ -494,6 +494,8 @@ def test_the_index_agrees_with_the_definition_over_random_changes():
             if not tasks:
                 assert kept is None
                 continue
+            assert sorted(tracked.index.task_ids(run_id, float(step))) == sorted(
+                task.task_id for task in tasks)
             expected = run_summary(run_id, tasks, float(step), stored_status)
             for field in ("progress", "eta"):
                 if expected[field] is not None:
