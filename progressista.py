@@ -121,6 +121,7 @@ STALL_FACTOR = 10.0  # ...or this many times its typical time between two change
 RETENTION_SECONDS = 86400.0
 MAX_TASK_AGE_S = 0.0
 CLEANUP_INTERVAL_S = 1.0
+RUN_SETTLE_S = 10.0  # an ended run is news once none of its tasks changed this long
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
 NOTIFY_EVENTS = ("close", "error", "stale", "stalled")  # what --notify-on may name
@@ -159,6 +160,7 @@ class Settings:
     retention_seconds: float = RETENTION_SECONDS
     max_task_age: float = MAX_TASK_AGE_S
     cleanup_interval: float = CLEANUP_INTERVAL_S
+    run_settle_seconds: float = RUN_SETTLE_S
     broadcast_interval: float = BROADCAST_INTERVAL_S
     max_tasks: int = MAX_TASKS
     max_body_bytes: int = MAX_BODY_BYTES
@@ -376,6 +378,9 @@ SETTINGS_TABLE = (
     _Setting("cleanup_interval", "CLEANUP_INTERVAL", _positive_seconds,
              "seconds between sweeps that mark stale and stalled tasks and apply the "
              "lifetimes above"),
+    _Setting("run_settle_seconds", "RUN_SETTLE_SECONDS", _seconds,
+             "a run whose tasks have all ended is news (feed, notifications) once none "
+             "has changed this long"),
     _Setting("broadcast_interval", "BROADCAST_INTERVAL", _positive_seconds,
              "seconds between two coalesced /ws update messages"),
     _Setting("max_tasks", "MAX_TASKS", _positive_int,
@@ -1087,6 +1092,582 @@ class MemoryStore(Store):
         self.forget(removed_ids)
         return [task.task_id for task, _ in marked], removed_ids
 
+
+
+# --- Runs (pure: no I/O) ---------------------------------------------------------------
+
+RUN_MAX_HOSTS = 100  # hosts listed in a run's summary (PROTOCOL.md "Runs")
+RUN_MAX_DEPTH = 32  # nesting levels followed in a run's progress: ends cycles, hostile chains
+
+
+def _steps_done(task, children, depth=0):
+    # task.n plus, for each open child with a known total, that child's fraction of one
+    # more step; never past task.total. The depth bound keeps a hostile chain of parents
+    # from reaching the recursion limit.
+    done = task.n
+    if depth < RUN_MAX_DEPTH:
+        for child in children.get(task.task_id, ()):
+            if child.total is not None and child.status not in FINAL_STATUSES:
+                done += _fraction(child, children, depth + 1)
+    return min(done, task.total)
+
+
+def _fraction(task, children, depth=0):
+    # A bar with a total of 0 has nothing to do: it is done.
+    return _steps_done(task, children, depth) / task.total if task.total else 1.0
+
+
+def run_summary(run_id, tasks, now, shown_status):
+    """The summary of run `run_id` (PROTOCOL.md "Runs") from its tasks at `now`, with each
+    task's status read through `shown_status(task, now)`.
+
+    Choices where PROTOCOL.md leaves room:
+
+    - name: the `run_name` of the bar with the latest `updated_at` among those that sent
+      one (ties: the larger task_id). Senders repeat their fields in every update, so
+      that is the latest one sent; and unlike arrival order it survives a restart and is
+      the same on every server sharing a Redis store.
+    - progress: the mean, over the top-level bars with a known total, of each bar's
+      fraction done. A top-level bar has no `parent`, or one that is not a task of this
+      run (or itself). A bar's fraction is (n + c) / total, at most 1, where c adds, for
+      each of its child bars that is open (not close or error) and has a known total,
+      that child's own fraction, computed the same way (so grandchildren count too).
+      Closed children add nothing: their parent's `n` already counts them. A total of 0
+      is done (1). Example: epoch bar E (n=3, total=10, open) with an open batch bar
+      under it (n=50, total=100) and a closed one (n=100, total=100); eval bar V (n=4,
+      total=4, close); bar W whose parent is in another run (n=1, total=2); and bar X
+      without a total. E = (3 + 0.5) / 10 = 0.35, V = 1, W = 0.5, X does not count:
+      progress = (0.35 + 1 + 0.5) / 3 = 0.6167. Nesting is followed RUN_MAX_DEPTH
+      levels deep.
+    - eta: over the open top-level bars with a known total, each ends at its
+      `updated_at` + (total - n - c) / rate (its own rate, with the same c as above);
+      eta is the latest such end minus the run's `updated_at`, at least 0 (a reader
+      adds it to `updated_at` for the wall-clock end). Null when there is no such bar
+      (so once the run has ended), when one of them has work left and no rate (null or
+      0), or when the figure is not finite.
+    - hosts: the distinct `meta.host` values that are strings; other values are left out.
+    """
+    by_id = {task.task_id: task for task in tasks}
+    counts = {}
+    hosts = set()
+    created_at, updated_at = math.inf, -math.inf
+    named_by = None  # (updated_at, task_id) of the bar whose run_name is shown
+    name = run_id
+    top, children = [], {}
+    for task_id, task in by_id.items():
+        status = shown_status(task, now)
+        counts[status] = counts.get(status, 0) + 1
+        created_at = min(created_at, task.created_at)
+        updated_at = max(updated_at, task.updated_at)
+        host = task.meta.get("host") if task.meta else None
+        if type(host) is str:
+            hosts.add(host)
+        if task.run_name is not None and (named_by is None
+                                          or (task.updated_at, task_id) > named_by):
+            named_by, name = (task.updated_at, task_id), task.run_name
+        parent = task.parent
+        if parent is None or parent == task_id or parent not in by_id:
+            top.append(task)
+        else:
+            children.setdefault(parent, []).append(task)
+
+    ended = all(status in FINAL_STATUSES for status in counts)
+    if not ended:
+        status = ("stale" if "stale" in counts else "stalled" if "stalled" in counts
+                  else "running")
+    else:
+        status = "error" if "error" in counts else "close"
+
+    fractions, ends = [], []
+    for task in top:
+        if task.total is None:
+            continue
+        fractions.append(_fraction(task, children))
+        if task.status in FINAL_STATUSES or ends is None:
+            continue
+        remaining = task.total - _steps_done(task, children) if task.total else 0
+        if remaining <= 0:
+            ends.append(task.updated_at)
+        elif task.rate:
+            ends.append(task.updated_at + remaining / task.rate)
+        else:
+            ends = None  # this bar's end cannot be told, so neither can the slowest's
+    eta = max(0.0, max(ends) - updated_at) if ends else None
+    return {
+        "run": run_id,
+        "name": name,
+        "status": status,
+        "counts": counts,
+        "tasks": len(by_id),
+        "hosts": sorted(hosts)[:RUN_MAX_HOSTS],
+        "progress": sum(fractions) / len(fractions) if fractions else None,
+        "eta": eta if eta is not None and math.isfinite(eta) else None,
+        "created_at": created_at if by_id else None,
+        "updated_at": updated_at if by_id else None,
+        "ended_at": updated_at if by_id and ended else None,
+    }
+
+
+class _Member:
+    """What RunIndex keeps of one task: the fields a summary reads, copied at catch-up,
+    and the task's share of its run's figures as last added (to take it back exactly)."""
+
+    __slots__ = ("task_id", "run_id", "parent", "status", "is_open", "host", "run_name",
+                 "created_at", "updated_at", "n", "total", "rate", "is_top", "done", "end")
+
+    def __init__(self, task_id, run_id):
+        self.task_id, self.run_id = task_id, run_id
+        self.is_top = False
+        self.created_at = self.updated_at = self.done = self.end = None
+
+    def fraction(self):
+        return self.done / self.total if self.total else 1.0
+
+    def feeds_parent(self):
+        # An open child with a total counts in its parent's steps (see run_summary()).
+        return (self.is_open and self.total is not None and self.parent is not None
+                and self.parent != self.task_id)
+
+
+class _Run:
+    """RunIndex's running totals for one run."""
+
+    __slots__ = ("members", "children", "fed", "fed_count", "counts", "hosts",
+                 "created_at", "updated_at", "named_by", "name", "rescan", "top_sum",
+                 "top_count", "ends", "eta_end", "eta_by", "eta_unknown", "rescan_eta",
+                 "changed_at", "told")
+
+    def __init__(self):
+        self.members = {}  # task_id -> _Member, in arrival order
+        self.children = {}  # parent id -> ids of the members naming it, present or not
+        self.fed = {}  # parent id -> sum of the fractions of its open children with totals
+        self.fed_count = {}  # parent id -> how many children `fed` sums
+        self.counts = {}  # shown status -> tasks
+        self.hosts = {}  # meta.host -> tasks
+        self.created_at, self.updated_at = math.inf, -math.inf
+        self.named_by, self.name = (-math.inf, ""), None  # (updated_at, task_id) of the name
+        self.rescan = False  # a task that held the times or the name left or went back
+        self.top_sum, self.top_count = 0.0, 0  # fractions of the top-level bars with totals
+        self.ends = {}  # open top-level bars with totals -> when each ends (None: unknown)
+        self.eta_end, self.eta_by = -math.inf, None  # the latest end and its bar
+        self.eta_unknown = 0  # how many `ends` are None
+        self.rescan_eta = False  # the bar that ended last left or moved earlier
+        self.changed_at = -math.inf  # the latest updated_at seen: the settle clock
+        self.told = False  # its end was news; a new open bar makes it news again
+
+
+class RunIndex:
+    """Which tasks belong to which run, and every run's summary (`run_summary()` defines
+    the figures), kept by running totals per run rather than by walking its tasks.
+
+    `changed(task_ids)` only notes the ids (O(1) each, on the ingest path), as the Feed
+    does; at its next read (`summary()`, `summaries()`, `task_ids()`, `take_changed()`,
+    `ended_runs()`) the index catches up on them, each task's latest state once, at
+    O(nesting depth) a task. A summary is cached until one of its run's tasks changes.
+
+    The caller's duty: pass `changed()` every id the store reports changed (apply, sweep,
+    a mirror or resync of another server's writes) and `removed()` every id it drops;
+    `get_task(task_id)` gives the store's current Task. A task's status is read through
+    `shown_status(task, now)` when the index catches up on it: time-dependent statuses
+    (stale, stalled) reach a run once the sweep reports the task changed, so a run lags
+    its tasks by at most one sweep."""
+
+    def __init__(self, get_task, shown_status, run_settle_s=RUN_SETTLE_S):
+        self.get_task = get_task  # task_id -> the store's Task, or None
+        self.shown_status = shown_status  # (task, now) -> the status a reader sees
+        self.run_settle_s = run_settle_s
+        self.runs = {}  # run id -> _Run
+        self.member_of = {}  # task_id -> _Member, for the tasks in a run
+        self.summary_by_run = {}  # valid until a member changes, which drops it
+        self.changed_runs = {}  # ordered set, since take_changed()
+        self.removed_runs = set()  # since take_changed()
+        self.settling = {}  # ordered set: all ended, not told yet; ended_runs() checks
+        self.pending = {}  # ordered set: ids changed since the last catch-up
+
+    def __len__(self):
+        return len(self.runs)
+
+    # Keeping the totals
+
+    def changed(self, task_ids):
+        """Note that these tasks were added or changed: O(1) each, on the ingest path.
+        The index catches up on them, each task's latest state once, at its next read."""
+        pending = self.pending
+        for task_id in task_ids:
+            pending[task_id] = None
+
+    def removed(self, task_ids):
+        """Record that the store dropped `task_ids` (deleted or expired)."""
+        member_of = self.member_of
+        for task_id in task_ids:
+            member = member_of.get(task_id)
+            if member is not None:
+                self._leave(member.run_id, task_id)
+
+    def _catch_up(self, now):
+        pending, self.pending = self.pending, {}
+        get_task, member_of = self.get_task, self.member_of
+        for task_id in pending:
+            task = get_task(task_id)
+            if task is not None:
+                self._count_change(task, now)
+            elif task_id in member_of:  # gone from the store: as good as removed
+                self._leave(member_of[task_id].run_id, task_id)
+
+    def _count_change(self, task, now):
+        task_id, run_id = task.task_id, task.run
+        member = self.member_of.get(task_id)
+        if member is not None:
+            if member.run_id == run_id:
+                run = self.runs[run_id]
+                if self._update(run, member, task, now):
+                    self._touched(run_id, run)
+                else:
+                    self.summary_by_run.pop(run_id, None)
+                    self.changed_runs[run_id] = None
+                return
+            self._leave(member.run_id, task_id)
+        if run_id is None:
+            return
+        run = self.runs.get(run_id)
+        if run is None:
+            run = self.runs[run_id] = _Run()
+            self.removed_runs.discard(run_id)
+        member = self.member_of[task_id] = run.members[task_id] = _Member(task_id, run_id)
+        for child_id in run.children.get(task_id, ()):  # no longer top-level
+            child = run.members[child_id]
+            if child.is_top:
+                self._untop(run, child)
+                child.is_top = False
+        self._update(run, member, task, now, new=True)
+        run.told = False  # a new bar reopens the run, even one that came closed
+        self._touched(run_id, run)
+
+    def _update(self, run, member, task, now, new=False):
+        # Bring `member` up to date with `task`; return True when its counts changed.
+        status = self.shown_status(task, now)
+        host = task.meta.get("host") if task.meta else None
+        host = host if type(host) is str else None
+        old_created, old_updated = member.created_at, member.updated_at
+        if (not new and status == member.status and host == member.host
+                and task.parent == member.parent and task.total == member.total):
+            # The common update (the bar moved on): its counts, its links and whether
+            # the run has ended stay as they are; its steps, rate and times move.
+            member.n, member.rate, member.run_name = task.n, task.rate, task.run_name
+            member.created_at, member.updated_at = task.created_at, task.updated_at
+            self._refresh_up(run, member)
+            self._note_times(run, member, old_created, old_updated)
+            return False
+        if not new:
+            self._uncount(run, member)
+        member.parent, member.run_name = task.parent, task.run_name
+        member.n, member.total, member.rate = task.n, task.total, task.rate
+        member.created_at, member.updated_at = task.created_at, task.updated_at
+        member.is_open = task.status not in FINAL_STATUSES
+        member.status, member.host = status, host
+        self._count(run, member)
+        self._note_times(run, member, old_created, old_updated)
+        if member.is_open:
+            run.told = False  # reopened: its next end is news again
+        return True
+
+    def _leave(self, run_id, task_id):
+        run = self.runs[run_id]
+        member = run.members.pop(task_id)
+        del self.member_of[task_id]
+        self._uncount(run, member)
+        for child_id in run.children.get(task_id, ()):  # top-level again
+            child = run.members[child_id]
+            child.is_top = True
+            self._top(run, child)
+        if (member.created_at == run.created_at or member.updated_at == run.updated_at
+                or run.named_by[1] == task_id):
+            run.rescan = True
+        if run.members:
+            self._touched(run_id, run)
+            return
+        # A run is its tasks: with the last one gone, it is gone.
+        del self.runs[run_id]
+        self.summary_by_run.pop(run_id, None)
+        self.changed_runs.pop(run_id, None)
+        self.settling.pop(run_id, None)
+        self.removed_runs.add(run_id)
+
+    def _count(self, run, member):
+        # Add the member's share; its fields are set, its parent link is new.
+        run.counts[member.status] = run.counts.get(member.status, 0) + 1
+        if member.host is not None:
+            run.hosts[member.host] = run.hosts.get(member.host, 0) + 1
+        parent, task_id = member.parent, member.task_id
+        if parent is not None and parent != task_id:
+            run.children.setdefault(parent, set()).add(task_id)
+        member.is_top = parent is None or parent == task_id or parent not in run.members
+        member.done = self._done(run, member)
+        if member.is_top:
+            self._top(run, member)
+        if member.feeds_parent():
+            self._feed(run, member)
+            self._refresh_up(run, run.members.get(parent))
+
+    def _uncount(self, run, member):
+        # Take back exactly what _count() added, before the member's fields change.
+        self._decrement(run.counts, member.status)
+        if member.host is not None:
+            self._decrement(run.hosts, member.host)
+        parent, task_id = member.parent, member.task_id
+        if parent is not None and parent != task_id:
+            siblings = run.children[parent]
+            siblings.discard(task_id)
+            if not siblings:
+                del run.children[parent]
+        if member.is_top:
+            self._untop(run, member)
+        if member.feeds_parent():
+            self._unfeed(run, member)
+            self._refresh_up(run, run.members.get(parent), stop_at=task_id)  # not again
+
+    @staticmethod
+    def _decrement(counter, key):
+        if counter[key] == 1:
+            del counter[key]
+        else:
+            counter[key] -= 1
+
+    @staticmethod
+    def _done(run, member):
+        # Steps done: n plus the fractions of the open children with totals, at most total.
+        if member.total is None:
+            return None
+        return min(member.n + run.fed.get(member.task_id, 0.0), member.total)
+
+    @staticmethod
+    def _feed(run, member):
+        parent = member.parent
+        run.fed[parent] = run.fed.get(parent, 0.0) + member.fraction()
+        run.fed_count[parent] = run.fed_count.get(parent, 0) + 1
+
+    @staticmethod
+    def _unfeed(run, member):
+        parent = member.parent
+        if run.fed_count[parent] == 1:  # start again from 0: no rounding left behind
+            del run.fed[parent], run.fed_count[parent]
+        else:
+            run.fed[parent] -= member.fraction()
+            run.fed_count[parent] -= 1
+
+    def _refresh_up(self, run, member, stop_at=None):
+        # `member`'s steps done may have changed (its n, or its children's): pass the
+        # change of its fraction on to the run's sum or to its parent, and so on up.
+        # At most RUN_MAX_DEPTH levels: a cycle of parents, or a hostile chain, ends here.
+        members, fed = run.members, run.fed
+        for _ in range(RUN_MAX_DEPTH):
+            if member is None or member.total is None or member.task_id == stop_at:
+                return
+            before = member.fraction()
+            member.done = min(member.n + fed.get(member.task_id, 0.0), member.total)
+            change = member.fraction() - before
+            if member.is_top:
+                run.top_sum += change
+                if member.is_open:
+                    self._set_end(run, member)
+            if not member.feeds_parent():
+                return
+            fed[member.parent] += change
+            member = members.get(member.parent)
+
+    @staticmethod
+    def _end(member):
+        # When an open bar with a total would end at its rate; None when it cannot tell.
+        remaining = member.total - member.done
+        if remaining <= 0:
+            return member.updated_at
+        return member.updated_at + remaining / member.rate if member.rate else None
+
+    @staticmethod
+    def _note_end(run, member, end):
+        # Record an open top-level bar's end; eta_end only grows between rescans, so it
+        # bounds every end: one at or past it is the latest, even if the previous latest
+        # left or moved earlier (the common case: the slowest bar moved on).
+        member.end = run.ends[member.task_id] = end
+        if end is None:
+            run.eta_unknown += 1
+        elif end >= run.eta_end:
+            run.eta_end, run.eta_by = end, member.task_id
+            run.rescan_eta = False
+        elif run.eta_by == member.task_id:
+            run.rescan_eta = True
+
+    def _set_end(self, run, member):
+        if member.end is None:
+            run.eta_unknown -= 1
+        self._note_end(run, member, self._end(member))
+
+    def _top(self, run, member):
+        if member.total is None:
+            return
+        run.top_sum += member.fraction()
+        run.top_count += 1
+        if member.is_open:
+            self._note_end(run, member, self._end(member))
+
+    @staticmethod
+    def _untop(run, member):
+        if member.total is None:
+            return
+        run.top_count -= 1
+        run.top_sum = run.top_sum - member.fraction() if run.top_count else 0.0
+        if not member.is_open:
+            return
+        del run.ends[member.task_id]
+        if member.end is None:
+            run.eta_unknown -= 1
+        elif run.eta_by == member.task_id:
+            run.rescan_eta = True
+
+    @staticmethod
+    def _note_times(run, member, old_created, old_updated):
+        updated_at, task_id = member.updated_at, member.task_id
+        run.changed_at = max(run.changed_at, updated_at)
+        if updated_at >= run.updated_at:
+            run.updated_at = updated_at
+        elif old_updated == run.updated_at:  # the latest went back (another server's clock)
+            run.rescan = True
+        if member.created_at <= run.created_at:
+            run.created_at = member.created_at
+        elif old_created == run.created_at:
+            run.rescan = True
+        if member.run_name is not None and (updated_at, task_id) >= run.named_by:
+            run.named_by, run.name = (updated_at, task_id), member.run_name
+        elif run.named_by[1] == task_id:  # the name's bar dropped it or went back
+            run.rescan = True
+
+    def _touched(self, run_id, run):
+        self.summary_by_run.pop(run_id, None)
+        self.changed_runs[run_id] = None
+        self._check_end(run_id, run)
+
+    def _check_end(self, run_id, run):
+        if not run.told and self._has_ended(run):
+            self.settling[run_id] = None
+
+    @staticmethod
+    def _has_ended(run):
+        counts = run.counts
+        return counts.get("close", 0) + counts.get("error", 0) == len(run.members)
+
+    @staticmethod
+    def _rescan(run):
+        # O(tasks of the run): only after the bar holding a time or the name left.
+        run.created_at, run.updated_at = math.inf, -math.inf
+        run.named_by, run.name = (-math.inf, ""), None
+        for task_id, member in run.members.items():
+            run.created_at = min(run.created_at, member.created_at)
+            run.updated_at = max(run.updated_at, member.updated_at)
+            if member.run_name is not None and (member.updated_at, task_id) >= run.named_by:
+                run.named_by, run.name = (member.updated_at, task_id), member.run_name
+        run.rescan = False
+
+    @staticmethod
+    def _rescan_eta(run):
+        run.eta_end, run.eta_by = -math.inf, None
+        for task_id, end in run.ends.items():
+            if end is not None and end >= run.eta_end:
+                run.eta_end, run.eta_by = end, task_id
+        run.rescan_eta = False
+
+    # Reading
+
+    def load(self, task_ids, now):
+        """Index the tasks a persistent store holds at startup. Runs that had ended and
+        settled before `now` are not news again, and nothing is pending for the feed."""
+        self.changed(task_ids)
+        self.ended_runs(now)
+        self.take_changed(now)
+
+    def summary(self, run_id, now):
+        """One run's summary (see `run_summary()`), or None when there is no such run;
+        noted changes are caught up on at `now` first. The dict is shared with the
+        cache: read it, do not change it."""
+        if self.pending:
+            self._catch_up(now)
+        cached = self.summary_by_run.get(run_id)
+        if cached is not None:
+            return cached
+        run = self.runs.get(run_id)
+        if run is None:
+            return None
+        if run.rescan:
+            self._rescan(run)
+        if run.rescan_eta:
+            self._rescan_eta(run)
+        counts = dict(run.counts)
+        ended = self._has_ended(run)
+        if not ended:
+            status = ("stale" if "stale" in counts else "stalled" if "stalled" in counts
+                      else "running")
+        else:
+            status = "error" if "error" in counts else "close"
+        eta = None
+        if run.eta_by is not None and not run.eta_unknown:
+            eta = max(0.0, run.eta_end - run.updated_at)
+        progress = None
+        if run.top_count:  # within 0..1 whatever rounding the running sum gathered
+            progress = min(1.0, max(0.0, run.top_sum / run.top_count))
+        cached = self.summary_by_run[run_id] = {
+            "run": run_id,
+            "name": run_id if run.name is None else run.name,
+            "status": status,
+            "counts": counts,
+            "tasks": len(run.members),
+            "hosts": sorted(run.hosts)[:RUN_MAX_HOSTS],
+            "progress": progress,
+            "eta": eta if eta is not None and math.isfinite(eta) else None,
+            "created_at": run.created_at,
+            "updated_at": run.updated_at,
+            "ended_at": run.updated_at if ended else None,
+        }
+        return cached
+
+    def summaries(self, now):
+        """Every run's summary, keyed by run id (GET /runs, a snapshot)."""
+        if self.pending:
+            self._catch_up(now)
+        return {run_id: self.summary(run_id, now) for run_id in self.runs}
+
+    def task_ids(self, run_id, now):
+        """The ids of the tasks of `run_id`, in arrival order (GET /runs/{run})."""
+        if self.pending:
+            self._catch_up(now)
+        run = self.runs.get(run_id)
+        return list(run.members) if run is not None else []
+
+    def take_changed(self, now):
+        """(run ids changed, run ids gone) since the last call, for the feed's update and
+        remove messages; a run that went and came back is only changed."""
+        if self.pending:
+            self._catch_up(now)
+        changed, removed = list(self.changed_runs), sorted(self.removed_runs)
+        self.changed_runs = {}
+        self.removed_runs = set()
+        return changed, removed
+
+    def ended_runs(self, now):
+        """The runs whose end is news at `now`: all their tasks ended and the latest
+        `updated_at` of any of them is run_settle_s old. Each is returned once, until a
+        new bar, or a bar that reads open again, reopens it; a later change to an ended
+        bar that stays ended is not news again."""
+        if self.pending:
+            self._catch_up(now)
+        news = []
+        for run_id in list(self.settling):
+            run = self.runs[run_id]
+            if run.told or not self._has_ended(run):
+                del self.settling[run_id]
+            elif now - run.changed_at >= self.run_settle_s:
+                run.told = True
+                del self.settling[run_id]
+                news.append(run_id)
+        return news
 
 
 # --- Stores that persist: SQLite and Redis (I/O) ---------------------------------------
