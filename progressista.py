@@ -14,6 +14,7 @@ import argparse
 import array
 import asyncio
 import base64
+import bisect
 import collections
 import concurrent.futures
 import dataclasses
@@ -689,7 +690,9 @@ class Task:
                  "timestamp", "run", "run_name", "parent", "transient",
                  "created_at", "updated_at", "progressed_at", "typical_step_s",
                  # Kept, not shown in bulk: see "History" below.
-                 "history", "history_step_s", "history_t_exp", "history_n_exp")
+                 "history", "history_step_s", "history_t_exp", "history_n_exp",
+                 # The store's creation order, for paging; not shown, not stored.
+                 "rank")
 
     def __init__(self, task_id, now):
         self.task_id = task_id
@@ -719,6 +722,7 @@ class Task:
         self.history_step_s = HISTORY_FIRST_STEP_S  # least time between two of them
         self.history_t_exp = HISTORY_FIRST_T_EXP  # their units: 2**exp seconds...
         self.history_n_exp = HISTORY_FIRST_N_EXP  # ...and 2**exp of n
+        self.rank = -1  # set by the store that holds it
 
     def shown_status(self, now, thresholds):
         """The status a reader sees at `now`, derived here and nowhere else: a silent
@@ -762,7 +766,7 @@ class Task:
         return wire
 
     def as_stored(self):
-        stored = dict(zip(Task.__slots__, _task_fields(self)))
+        stored = dict(zip(STORED_FIELDS, _stored_fields(self)))
         if self.history is not None:
             stored["history"] = history_text(self.history)
         return stored
@@ -790,7 +794,9 @@ class Task:
 
 
 WIRE_FIELDS = Task.__slots__[:Task.__slots__.index("history")]
+STORED_FIELDS = Task.__slots__[:Task.__slots__.index("rank")]
 _wire_fields = operator.attrgetter(*WIRE_FIELDS)
+_stored_fields = operator.attrgetter(*STORED_FIELDS)
 _task_fields = operator.attrgetter(*Task.__slots__)
 
 
@@ -1009,6 +1015,20 @@ class Store:
     def __len__(self):
         raise NotImplementedError
 
+    def page(self, after, limit, keep):
+        """Up to `limit` tasks for which `keep(task)` is true, in the order of tasks(),
+        after the task with id `after` (None: from the first); and the id to pass as
+        `after` for the next page, None when no kept task follows. Raise LookupError
+        when `after` is unknown. This default walks tasks(); MemoryStore seeks."""
+        tasks = self.tasks()
+        start = 0
+        if after is not None:
+            ids = [task.task_id for task in tasks]
+            if after not in ids:
+                raise LookupError(after)
+            start = ids.index(after) + 1
+        return page_of(iter(tasks[start:]), limit, keep)
+
     def health(self):
         """A JSON-able dict for GET /health; "ok" False marks the server degraded."""
         return {"kind": self.kind, "ok": True}
@@ -1024,15 +1044,37 @@ class Store:
         """Called at shutdown, after the last request."""
 
 
+def page_of(tasks, limit, keep):
+    """The first `limit` kept tasks of the iterator `tasks`, and the id of the last one
+    when another kept task follows (the next page's `after`), else None."""
+    page = []
+    for task in tasks:
+        if keep(task):
+            if len(page) == limit:
+                return page, page[-1].task_id
+            page.append(task)
+    return page, None
+
+
 class MemoryStore(Store):
     """Tasks in a dict, oldest first: the default store, and the in-memory table the
-    persistent stores serve reads from."""
+    persistent stores serve reads from.
+
+    For paging it also keeps each task's creation rank (`Task.rank`) in a list, in order,
+    so that a page after a given task is found by bisection: the entries of deleted tasks
+    stay until they outnumber the live ones, and the ranks of the last
+    MAX_REMOVED_REMEMBERED deleted ids are kept, so a page can follow a task deleted
+    since the last one was read."""
 
     kind = "memory"
 
     def __init__(self, max_tasks=MAX_TASKS):
         self.max_tasks = max_tasks
         self.by_id = {}
+        self.next_rank = 0
+        self.ranked_ids = []  # task ids in creation order; a deleted one until compaction
+        self.ranks = []  # their ranks, increasing: what page() bisects
+        self.gone_ranks = {}  # task_id -> rank of recently deleted tasks, oldest first
 
     def __len__(self):
         return len(self.by_id)
@@ -1054,11 +1096,19 @@ class MemoryStore(Store):
             task = by_id.get(task_id)
             if task is None:
                 task = by_id[task_id] = Task(task_id, now)
+                self.rank(task)
             else:  # the dict key's string, not the equal one json.loads just made
                 update["task_id"] = task.task_id
             if apply_update(task, update, now):
                 changed.append(task_id)
         return changed
+
+    def rank(self, task):
+        """Give a task new to this store the next creation rank."""
+        task.rank = self.next_rank
+        self.next_rank += 1
+        self.ranked_ids.append(task.task_id)
+        self.ranks.append(task.rank)
 
     def get(self, task_id):
         return self.by_id.get(task_id)
@@ -1070,18 +1120,58 @@ class MemoryStore(Store):
         return self.forget(task_ids)
 
     def put(self, task):
-        """Hold `task` as it is: one another server wrote (Redis)."""
-        self.by_id[task.task_id] = task
+        """Hold `task` as it is: one another server wrote (Redis), or one read back from
+        disk (SQLite). A task this store holds already keeps its place."""
+        held = self.by_id.get(task.task_id)
+        if held is None:
+            self.by_id[task.task_id] = task
+            self.rank(task)
+        else:
+            task.rank = held.rank
+            self.by_id[task.task_id] = task
 
     def replace_all(self, tasks_by_id):
         """Hold exactly these tasks (a resync from a shared store), in their order."""
-        self.by_id = dict(tasks_by_id)
+        self.by_id = {}
+        self.ranked_ids, self.ranks = [], []
+        for task in tasks_by_id.values():
+            self.put(task)
 
     def forget(self, task_ids):
         """Drop `task_ids`; return the ones the store held. delete() is what a user
         asked for; forget() also serves the sweep."""
         by_id = self.by_id
-        return [task_id for task_id in task_ids if by_id.pop(task_id, None) is not None]
+        gone = self.gone_ranks
+        removed = []
+        for task_id in task_ids:
+            task = by_id.pop(task_id, None)
+            if task is not None:
+                removed.append(task_id)
+                gone[task_id] = task.rank
+        while len(gone) > MAX_REMOVED_REMEMBERED:
+            del gone[next(iter(gone))]
+        if len(self.ranked_ids) > 2 * len(by_id) + 1024:
+            self.ranked_ids = list(by_id)  # the dict is in creation order too
+            self.ranks = [task.rank for task in by_id.values()]
+        return removed
+
+    def page(self, after, limit, keep):
+        start = 0
+        if after is not None:
+            held = self.by_id.get(after)
+            rank = held.rank if held is not None else self.gone_ranks.get(after)
+            if rank is None:
+                raise LookupError(after)
+            start = bisect.bisect_right(self.ranks, rank)
+        by_id, ranked_ids, ranks = self.by_id, self.ranked_ids, self.ranks
+
+        def live_from_start():
+            for index in range(start, len(ranked_ids)):
+                task = by_id.get(ranked_ids[index])
+                if task is not None and task.rank == ranks[index]:
+                    yield task
+
+        return page_of(live_from_start(), limit, keep)
 
     def sweep(self, now, lifetimes):
         """Mark tasks that went stale or stalled (or back to running), delete expired
@@ -1091,7 +1181,6 @@ class MemoryStore(Store):
             task.status = status
         self.forget(removed_ids)
         return [task.task_id for task, _ in marked], removed_ids
-
 
 
 # --- Runs (pure: no I/O) ---------------------------------------------------------------
@@ -1721,8 +1810,7 @@ class SqliteStore(MemoryStore):
         try:
             rows = self.db.execute("SELECT task FROM tasks ORDER BY created_at, rowid").fetchall()
             for (stored,) in rows:
-                task = Task.from_dict(json.loads(stored))
-                self.by_id[task.task_id] = task
+                self.put(Task.from_dict(json.loads(stored)))
         except (sqlite3.Error, ValueError, KeyError, TypeError, AttributeError) as error:
             raise StoreError(f"cannot read SQLite store {self.path!r}: a stored task is "
                              f"unreadable ({error!r})") from None
@@ -1899,6 +1987,9 @@ class RedisStore(Store):
 
     def __len__(self):
         return len(self.local)
+
+    def page(self, after, limit, keep):
+        return self.local.page(after, limit, keep)
 
     def key(self, task_id):
         return REDIS_PREFIX + "task:" + task_id
@@ -2179,16 +2270,18 @@ class ChangeLog:
 class Feed:
     """What changed since the last broadcast, coalesced: the latest state per task wins.
 
-    Every change to the store goes through `changed()` / `removed()`; `take()` turns
-    what is pending into at most one remove and one update message. A ChangeLog, when
-    given, hears of every change too."""
+    Every change to the store goes through `changed()` / `removed()`, and each observer
+    given (the ChangeLog for pollers, the RunIndex) hears of it too. `take()` turns what
+    is pending into at most one remove and one update message, with the summaries of
+    the runs that changed."""
 
-    def __init__(self, log=None):
+    def __init__(self, *observers):
         # A dict as an ordered set: an update message lists tasks in the order they first
         # changed, so the tasks of one batch arrive in the order they were created.
         self.changed_ids = {}
         self.removed_ids = set()
-        self.log = log
+        self.ended_run_ids = {}  # ordered set: runs whose end is news (once each)
+        self.observers = observers
 
     def changed(self, task_ids):
         changed_ids = self.changed_ids
@@ -2196,46 +2289,68 @@ class Feed:
             changed_ids[task_id] = None
         if self.removed_ids:
             self.removed_ids.difference_update(task_ids)
-        if self.log is not None:
-            self.log.changed(task_ids)
+        for observer in self.observers:
+            observer.changed(task_ids)
 
     def removed(self, task_ids):
         self.removed_ids.update(task_ids)
         changed_ids = self.changed_ids
         for task_id in task_ids:
             changed_ids.pop(task_id, None)
-        if self.log is not None:
-            self.log.removed(task_ids)
+        for observer in self.observers:
+            observer.removed(task_ids)
+
+    def runs_ended(self, run_ids):
+        """Runs whose end is news now (RunIndex.ended_runs): the next update says so."""
+        self.ended_run_ids.update(dict.fromkeys(run_ids))
 
     def clear(self):
         self.changed_ids = {}
         self.removed_ids = set()
+        self.ended_run_ids = {}
 
-    def take(self, store, now, thresholds):
-        """Return the encoded messages pending (possibly none) and forget them."""
+    def take(self, store, now, thresholds, runs=None):
+        """Return the encoded messages pending (possibly none) and forget them. With
+        `runs` (a RunIndex), they carry the summaries of the runs that changed."""
+        changed_runs, gone_runs = runs.take_changed(now) if runs is not None else ((), ())
         messages = []
-        if self.removed_ids:
-            messages.append(_encode({"type": "remove", "ids": sorted(self.removed_ids),
-                                     "now": now}))
-        if self.changed_ids:
-            tasks = {}
-            for task_id in self.changed_ids:
-                task = store.get(task_id)
-                if task is not None:
-                    tasks[task_id] = task.as_dict(now, thresholds)
-            if tasks:
-                messages.append(_encode({"type": "update", "tasks": tasks, "now": now}))
+        if self.removed_ids or gone_runs:
+            remove = {"type": "remove", "ids": sorted(self.removed_ids), "now": now}
+            if gone_runs:
+                remove["runs"] = gone_runs
+            messages.append(_encode(remove))
+        tasks = {}
+        for task_id in self.changed_ids:
+            task = store.get(task_id)
+            if task is not None:
+                tasks[task_id] = task.as_dict(now, thresholds)
+        summaries = {}
+        for run_id in changed_runs:
+            summary = runs.summary(run_id, now)
+            if summary is not None:
+                summaries[run_id] = summary
+        if tasks or summaries or self.ended_run_ids:
+            update = {"type": "update", "tasks": tasks, "now": now}
+            if summaries:
+                update["runs"] = summaries
+            if self.ended_run_ids:
+                update["runs_ended"] = list(self.ended_run_ids)
+            messages.append(_encode(update))
         self.clear()
         return messages
 
 
-def snapshot_message(store, now, thresholds):
-    """The whole snapshot as one message (a store of at most SNAPSHOT_CHUNK_TASKS)."""
+def snapshot_message(store, now, thresholds, runs=None):
+    """The whole snapshot as one message (a store of at most SNAPSHOT_CHUNK_TASKS), with
+    every run's summary when `runs` (a RunIndex) is given."""
     tasks = {task.task_id: task.as_dict(now, thresholds) for task in store.tasks()}
-    return _encode({"type": "snapshot", "tasks": tasks, "now": now})
+    message = {"type": "snapshot", "tasks": tasks, "now": now}
+    if runs is not None:
+        message["runs"] = runs.summaries(now)
+    return _encode(message)
 
 
-def snapshot_chunks(store, clock, thresholds, chunk_tasks=None):
+def snapshot_chunks(store, clock, thresholds, runs=None, chunk_tasks=None):
     """Yield a big store's snapshot as messages of at most `chunk_tasks` tasks, one per
     step, so that no step of the loop encodes more than that: `snapshot` with "more":
     true, then `snapshot_more` messages, the last with "more": false.
@@ -2254,8 +2369,11 @@ def snapshot_chunks(store, clock, thresholds, chunk_tasks=None):
             task = store.get(old.task_id)
             if task is not None:
                 tasks[task.task_id] = task.as_dict(now, thresholds)
-        yield _encode({"type": "snapshot_more" if start else "snapshot", "tasks": tasks,
-                       "more": start + chunk_tasks < len(held), "now": now})
+        message = {"type": "snapshot_more" if start else "snapshot", "tasks": tasks,
+                   "more": start + chunk_tasks < len(held), "now": now}
+        if runs is not None and not start:  # every run's summary, with the first part
+            message["runs"] = runs.summaries(now)
+        yield _encode(message)
 
 
 # --- Notifications ---------------------------------------------------------------------
@@ -3075,7 +3193,7 @@ def origin_allowed(request, allow_origins):
 
 
 PUBLIC_PATHS = ("/health", "/")
-DELETE_FILTERS = {"status", "older_than", "task_id", "token"}
+DELETE_FILTERS = {"status", "older_than", "task_id", "run", "token"}
 
 
 def allowed_methods(methods):
@@ -3173,6 +3291,17 @@ def _time_query(request, name):
     return value
 
 
+def _count_query(request, name, most):
+    """A whole number from 1 to `most` from the query, as GET /tasks?limit= takes it."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and 1 <= int(raw) <= most):
+        raise HTTPError(400, f"{name}: must be a whole number from 1 to {most:,}, "
+                             f"not {raw!r}")
+    return int(raw)
+
+
 def _path_task_id(request):
     return urllib.parse.unquote(request.path[len("/tasks/"):])
 
@@ -3218,11 +3347,13 @@ class Api:
     CORS), and logs and counts each answered request. It needs no socket: a test can call
     `handle()` with a parsed Request. What it changes in the store it tells `feed`."""
 
-    def __init__(self, settings, store, feed, metrics, clock, server_gauges):
+    def __init__(self, settings, store, feed, metrics, clock, server_gauges, *,
+                 changes, runs):
         self.settings = settings
         self.store = store
         self.feed = feed
-        self.changes = feed.log  # for GET /tasks?since=
+        self.changes = changes  # a ChangeLog, for GET /tasks?since=
+        self.runs = runs  # a RunIndex, for GET /runs and ?run=
         self.metrics = metrics
         self.clock = clock
         self.server_gauges = server_gauges  # () -> live counts the server keeps (listeners...)
@@ -3232,6 +3363,7 @@ class Api:
         self.routes = {
             "/progress": {"POST": self.post_progress},
             "/tasks": {"GET": self.get_tasks, "DELETE": self.delete_tasks},
+            "/runs": {"GET": self.get_runs},
             "/health": {"GET": self.get_health},
             "/metrics": {"GET": self.get_metrics},
             "/auth": {"GET": self.get_auth},
@@ -3240,6 +3372,7 @@ class Api:
             "/ws": {"GET": self.get_ws_without_upgrade},
         }
         self.task_routes = {"GET": self.get_task, "DELETE": self.delete_task}  # /tasks/{id}
+        self.run_routes = {"GET": self.get_run}  # /runs/{run}
 
     # Middleware
 
@@ -3310,6 +3443,8 @@ class Api:
         if methods is None:
             if path.startswith("/tasks/") and len(path) > len("/tasks/"):
                 methods = self.task_routes
+            elif path.startswith("/runs/") and len(path) > len("/runs/"):
+                methods = self.run_routes
             else:
                 raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
                                      "or docs/PROTOCOL.md (\"Routes\") for the API")
@@ -3399,31 +3534,64 @@ class Api:
 
     def get_tasks(self, request):
         status = _status_query(request)
+        run = request.query.get("run")
         since = _time_query(request, "since")
+        limit = _count_query(request, "limit", MAX_PAGE_TASKS)
+        after = request.query.get("after")
         now = self.clock()
+        settings = self.settings
+
+        def shown(task):
+            return ((run is None or task.run == run)
+                    and (status is None or task.shown_status(now, settings) == status))
+
         answer = {}
-        removed = []
-        if since is None:
-            candidates = self.store.tasks()
-        else:
+        if since is not None:
             # A poller's delta: what changed since its last call (whose `now` it passes),
             # and what was deleted; a filter that a task no longer passes deletes it too.
             changed_ids, removed, resync = self.changes.since(since)
-            if resync:
-                answer["resync"] = True  # the answer holds every task: replace your copy
-                candidates = self.store.tasks()
-            else:
-                candidates = filter(None, map(self.store.get, changed_ids))
-        tasks = {}
-        for task in candidates:  # the status first: as_dict() only for those shown
-            if status is None or task.shown_status(now, self.settings) == status:
-                tasks[task.task_id] = task.as_dict(now, self.settings)
-            elif since is not None:
-                removed.append(task.task_id)
-        answer.update(tasks=tasks, now=now)
-        if since is not None and "resync" not in answer:
-            answer["removed"] = removed
+            if not resync:
+                tasks = {}
+                for task in filter(None, map(self.store.get, changed_ids)):
+                    if shown(task):
+                        tasks[task.task_id] = task.as_dict(now, settings)
+                    else:
+                        removed.append(task.task_id)
+                return json_response({"tasks": tasks, "now": now, "removed": removed})
+            answer["resync"] = True  # the answer holds every task: replace your copy
+        if limit is None and after is None:
+            candidates = self.run_tasks(run, now) if run is not None else self.store.tasks()
+            page, next_id = [task for task in candidates if shown(task)], None
+        else:
+            try:
+                page, next_id = self.store.page(after, limit or MAX_PAGE_TASKS, shown)
+            except LookupError:
+                raise HTTPError(400, f"after: no task {after!r} here (deleted long ago, or "
+                                     "never): page again from the start") from None
+        answer["tasks"] = {task.task_id: task.as_dict(now, settings) for task in page}
+        answer["now"] = now
+        if next_id is not None:
+            answer["next"] = next_id
         return json_response(answer)
+
+    def run_tasks(self, run, now):
+        """The tasks of run `run`, in the store's order (oldest created first)."""
+        tasks = filter(None, map(self.store.get, self.runs.task_ids(run, now)))
+        return sorted(tasks, key=operator.attrgetter("rank"))
+
+    def get_runs(self, request):
+        now = self.clock()
+        return json_response({"runs": self.runs.summaries(now), "now": now})
+
+    def get_run(self, request):
+        run = urllib.parse.unquote(request.path[len("/runs/"):])
+        now = self.clock()
+        summary = self.runs.summary(run, now)
+        if summary is None:
+            raise HTTPError(404, f"no run {run!r}")
+        tasks = {task.task_id: task.as_dict(now, self.settings)
+                 for task in self.run_tasks(run, now)}
+        return json_response({"run": summary, "tasks": tasks, "now": now})
 
     def get_task(self, request):
         task_id = _path_task_id(request)
@@ -3437,16 +3605,21 @@ class Api:
         unknown = set(request.query) - DELETE_FILTERS
         if unknown:
             raise HTTPError(400, f"unknown filter {sorted(unknown)[0]!r}: DELETE /tasks takes "
-                                 "status, older_than and task_id (none deletes every task)")
+                                 "status, older_than, task_id and run (none deletes every "
+                                 "task)")
         status = _status_query(request)
         older_than = _seconds_query(request, "older_than")
         # An id as a filter too: a browser cannot put "." or ".." in a path segment.
         task_id = request.query.get("task_id")
+        run = request.query.get("run")
         now = self.clock()
-        candidates = self.store.tasks() if task_id is None else filter(
-            None, [self.store.get(task_id)])
+        if task_id is not None:
+            candidates = filter(None, [self.store.get(task_id)])
+        else:
+            candidates = self.run_tasks(run, now) if run is not None else self.store.tasks()
         doomed = [task.task_id for task in candidates
-                  if (status is None or task.shown_status(now, self.settings) == status)
+                  if (run is None or task.run == run)
+                  and (status is None or task.shown_status(now, self.settings) == status)
                   and (older_than is None or now - task.updated_at >= older_than)]
         return settle(self.store.delete(doomed),
                       lambda removed: self.deleted(removed, removed))
@@ -3544,6 +3717,8 @@ class Api:
             return path
         if path.startswith("/tasks/"):
             return "/tasks/{task_id}"
+        if path.startswith("/runs/"):
+            return "/runs/{run}"
         return "other"
 
     def request_done(self, request, status, reason=None):
@@ -3681,15 +3856,16 @@ class Hub:
     out in chunks, one per loop step (`pump()`), to all the listeners that asked within
     one broadcast interval at once; they get the updates from their first chunk on."""
 
-    def __init__(self, feed, store, settings, clock, metrics):
+    def __init__(self, feed, store, settings, clock, metrics, runs=None):
         self.feed = feed
         self.store = store
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
+        self.run_index = runs  # a RunIndex: run summaries go with the tasks
         self.listeners = set()  # those that get the updates
         self.waiting = []  # listeners whose chunked snapshot starts at the next broadcast
-        self.runs = []  # [chunks, listeners, blocked since] of chunked snapshots under way
+        self.snapshot_runs = []  # [chunks, listeners, blocked since] of chunked snapshots
         self.cached_snapshot = None
 
     def __len__(self):
@@ -3706,7 +3882,7 @@ class Hub:
     def leave_snapshots(self, listener):
         if listener in self.waiting:
             self.waiting.remove(listener)
-        for run in self.runs:
+        for run in self.snapshot_runs:
             if listener in run[1]:
                 run[1].remove(listener)
 
@@ -3716,7 +3892,7 @@ class Hub:
         goes to them with the next update."""
         if self.cached_snapshot is None:
             self.cached_snapshot = snapshot_message(self.store, self.clock(),
-                                                    self.settings)
+                                                    self.settings, self.run_index)
         return self.cached_snapshot
 
     def send_snapshot(self, listener):
@@ -3736,8 +3912,10 @@ class Hub:
         self.cached_snapshot = None  # from here on it would miss what the feed hands out
         if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
             self.feed.clear()
+            if self.run_index is not None:  # nor of the runs: the snapshot has them all
+                self.run_index.take_changed(self.clock())
         else:
-            messages = self.feed.take(self.store, self.clock(), self.settings)
+            messages = self.feed.take(self.store, self.clock(), self.settings, self.run_index)
             sent_to = 0
             for listener in list(self.listeners):
                 outcome = listener.offer(messages, loop_now)
@@ -3747,10 +3925,10 @@ class Hub:
                     self.send_snapshot(listener)
             self.metrics.broadcast(messages, sent_to)
         if self.waiting:
-            chunks = snapshot_chunks(self.store, self.clock, self.settings)
-            self.runs.append([chunks, self.waiting, None])  # None: not waiting on a reader
+            chunks = snapshot_chunks(self.store, self.clock, self.settings, self.run_index)
+            self.snapshot_runs.append([chunks, self.waiting, None])  # None: not waiting on a reader
             self.waiting = []
-        if self.runs:
+        if self.snapshot_runs:
             self.pump(loop_now)
 
     def pump(self, loop_now):
@@ -3758,7 +3936,7 @@ class Hub:
         drained the last one; True when a chunk went out and more remain (call again at
         the next step of the loop; the next broadcast calls it anyway)."""
         advanced = False
-        for run in list(self.runs):
+        for run in list(self.snapshot_runs):
             chunks, listeners, blocked_since = run
             listeners[:] = [listener for listener in listeners
                             if listener.connection.transport is not None]
@@ -3776,14 +3954,14 @@ class Hub:
             run[2] = None
             chunk = next(chunks, None)
             if chunk is None or not listeners:
-                self.runs.remove(run)
+                self.snapshot_runs.remove(run)
                 continue
             self.metrics.broadcast((chunk,), len(listeners))
             for listener in listeners:
                 listener.send_snapshot(chunk)
                 self.listeners.add(listener)
             advanced = True
-        return advanced and bool(self.runs)
+        return advanced and bool(self.snapshot_runs)
 
     def close_all(self):
         for listener in [*self.listeners, *self.waiting]:
@@ -4063,12 +4241,17 @@ class App:
         self.settings = settings
         self.clock = clock
         self.store = store if store is not None else open_store(settings.store, settings)
-        # Every change to the store goes through the feed, to the hub and the change log.
-        self.feed = Feed(ChangeLog(clock))
+        # Every change to the store goes through the feed: to the hub, to the change log
+        # of pollers and to the run index.
+        self.changes = ChangeLog(clock)
+        self.runs = RunIndex(self.store.get, lambda task, now: task.shown_status(now, settings),
+                             settings.run_settle_seconds)
+        self.feed = Feed(self.changes, self.runs)
         self.metrics = Metrics(clock())
         self.notifier = Notifier.from_settings(settings)  # None without --notify
-        self.hub = Hub(self.feed, self.store, settings, clock, self.metrics)
-        self.api = Api(settings, self.store, self.feed, self.metrics, clock, self.gauges)
+        self.hub = Hub(self.feed, self.store, settings, clock, self.metrics, self.runs)
+        self.api = Api(settings, self.store, self.feed, self.metrics, clock, self.gauges,
+                       changes=self.changes, runs=self.runs)
         self.loop = None
         self.server = None
         self.port = None
@@ -4123,7 +4306,7 @@ class App:
                                   self.clock(), self.settings)
             self.notifier.tick(self.clock())
         self.hub.broadcast(self.loop.time())
-        if self.hub.runs:
+        if self.hub.snapshot_runs:
             self.loop.call_soon(self.pump)
 
     def pump(self):
@@ -4138,6 +4321,10 @@ class App:
         changed_ids, removed_ids = outcome
         self.feed.changed(changed_ids)
         self.feed.removed(removed_ids)
+        # Every sweep, listeners or not: a run's end is news once it has settled.
+        ended = self.runs.ended_runs(self.clock())
+        if ended:
+            self.feed.runs_ended(ended)
 
     def reap(self):
         """Let every connection keep its deadlines: close the late, ping the listeners."""
@@ -4171,6 +4358,8 @@ class App:
         await resolved(self.store.open(self.feed))
         # A persistent store may hold tasks whose lifetime ran out while we were down.
         await resolved(self.sweep())
+        # What it holds is old news: runs that ended before are not announced again.
+        self.runs.load([task.task_id for task in self.store.tasks()], self.clock())
         if self.notifier is not None:  # after the first sweep: old news is not news
             self.notifier.start(self.store.tasks(), self.clock(), self.settings)
         interval_s = self.settings.broadcast_interval

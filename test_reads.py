@@ -9,6 +9,7 @@ equal to what GET /tasks says, while other threads add, update and delete tasks.
 import json
 import threading
 import time
+import urllib.parse
 
 import pytest
 from websockets.sync.client import connect as ws_connect
@@ -205,3 +206,72 @@ def test_a_small_store_still_gets_one_snapshot_message():
             first = json.loads(socket.recv(timeout=5))
     assert first["type"] == "snapshot" and sorted(first["tasks"]) == ["a", "b"]
     assert "more" not in first
+
+
+# --- Paging: GET /tasks?limit=&after= ------------------------------------------------------
+
+
+def read_pages(server, limit, between_pages=lambda: None, query=""):
+    """Every page of GET /tasks, following `next`; `between_pages()` runs after each."""
+    seen, after = [], None
+    while True:
+        url = f"{server.url}/tasks?limit={limit}{query}"
+        if after is not None:
+            url += "&after=" + urllib.parse.quote(after, safe="")
+        status, body, _ = http("GET", url)
+        assert status == 200, body
+        assert len(body["tasks"]) <= limit
+        seen.extend(body["tasks"])
+        between_pages()
+        after = body.get("next")
+        if after is None:
+            return seen
+
+
+def test_pages_list_every_task_exactly_once_while_tasks_are_added_and_deleted():
+    with running_server() as server:
+        post(server, [{"task_id": f"t{i:03}"} for i in range(100)])
+        kept = {f"t{i:03}" for i in range(100) if i % 10}  # never deleted
+        churn = iter(range(1000))
+
+        def add_and_delete():
+            step = next(churn)
+            post(server, {"task_id": f"new{step}"})
+            http("DELETE", server.url + f"/tasks/t{step * 10:03}")  # incl. a page's last
+
+        seen = read_pages(server, 7, add_and_delete)
+    assert len(seen) == len(set(seen))  # nothing twice
+    assert kept <= set(seen)  # every task that lived throughout, once
+    assert [task_id for task_id in seen if task_id in kept] == sorted(kept)  # in order
+
+
+def test_a_page_can_follow_a_task_deleted_since_it_was_listed():
+    with running_server() as server:
+        post(server, [{"task_id": name} for name in "abcde"])
+        status, first, _ = http("GET", server.url + "/tasks?limit=2")
+        assert list(first["tasks"]) == ["a", "b"] and first["next"] == "b"
+        http("DELETE", server.url + "/tasks/b")
+        status, second, _ = http("GET", server.url + "/tasks?limit=2&after=b")
+    assert status == 200 and list(second["tasks"]) == ["c", "d"] and second["next"] == "d"
+
+
+def test_the_last_page_has_no_next_and_filters_apply_within_pages():
+    with running_server() as server:
+        post(server, [{"task_id": f"t{i}", "status": "close" if i % 2 else "running"}
+                      for i in range(6)])
+        assert read_pages(server, 2, query="&status=close") == ["t1", "t3", "t5"]
+        status, body, _ = http("GET", server.url + "/tasks?limit=3&after=t2")
+    assert list(body["tasks"]) == ["t3", "t4", "t5"] and "next" not in body
+
+
+@pytest.mark.parametrize("query, message", [
+    ("limit=0", "limit: must be a whole number from 1 to 100,000"),
+    ("limit=100001", "limit: must be a whole number from 1 to 100,000"),
+    ("limit=two", "limit: must be a whole number from 1 to 100,000"),
+    ("limit=5&after=ghost", "after: no task 'ghost' here"),
+])
+def test_a_bad_page_request_is_refused_saying_what_to_fix(query, message):
+    with running_server() as server:
+        post(server, {"task_id": "a"})
+        status, body, _ = http("GET", server.url + "/tasks?" + query)
+    assert status == 400 and body["error"].startswith(message)
