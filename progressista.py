@@ -1891,8 +1891,14 @@ def render_metrics(metrics, gauges):
 
 # --- HTTP ------------------------------------------------------------------------------
 
-REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) (HTTP/1\.[01])\Z")
-SINGLE_HEADERS = ("content-length", "host")
+# RFC 9112 section 3: the target is visible ASCII only (no controls, no 8-bit bytes).
+REQUEST_LINE = re.compile(r"([A-Z]+) ([!-~]+) (HTTP/1\.[01])\Z")
+FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")  # a token: no space, no control
+# In a field value: no control but HTAB. A bare CR or LF, or a NUL, is how a head that a
+# front proxy reads one way is read another way here (request smuggling).
+FIELD_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+CONTENT_LENGTH = re.compile(r"[0-9]{1,20}\Z")  # ASCII digits: "²".isdigit() is True too
+SINGLE_HEADERS = ("content-length",)  # may repeat with one value; Host may not repeat
 
 
 class HTTPError(Exception):
@@ -1959,23 +1965,28 @@ def _reject_constant(name):
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
-
-
 def parse_head(head, peer=None):
-    """Parse a request head (without its final blank line); raise HTTPError(400)."""
+    """Parse a request head (without its final blank line); raise HTTPError(400) for
+    anything RFC 9112 does not allow (sections 3.2 and 5), rather than guess."""
     lines = head.decode("latin-1").split("\r\n")
     match = REQUEST_LINE.match(lines[0])
     if match is None:
-        raise HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'")
+        raise HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1' with "
+                             "a target of visible ASCII (percent-encode the rest)")
     headers = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip(_ASCII_SPACE):
+        if not colon or not FIELD_NAME.match(name):
+            # Also a line that starts with a space: obsolete line folding is refused.
             raise HTTPError(400, f"malformed header line {line[:40].encode('latin-1')!r}")
+        value = value.strip(" \t")
+        if FIELD_VALUE_CONTROL.search(value):
+            raise HTTPError(400, f"header {name}: control characters are not allowed in a "
+                                 "header value")
         name = name.lower()
-        value = value.strip(_ASCII_SPACE)
         if name in headers:
+            if name == "host":
+                raise HTTPError(400, "two Host headers: send exactly one")
             if name in SINGLE_HEADERS:
                 if headers[name] != value:
                     # Two framings of one body are how requests get smuggled.
@@ -1983,7 +1994,10 @@ def parse_head(head, peer=None):
                 continue
             value = headers[name] + ", " + value
         headers[name] = value
-    return Request(*match.groups(), headers, peer)
+    version = match.group(3)
+    if version == "HTTP/1.1" and "host" not in headers:
+        raise HTTPError(400, "an HTTP/1.1 request needs a Host header (RFC 9112 section 3.2)")
+    return Request(match.group(1), match.group(2), version, headers, peer)
 
 
 def body_length(request, max_body_bytes):
@@ -1995,8 +2009,9 @@ def body_length(request, max_body_bytes):
         if request.method in ("POST", "PUT", "PATCH"):
             raise HTTPError(411, f"{request.method} needs a Content-Length header")
         return 0
-    if not declared.isdigit():
-        raise HTTPError(400, f"Content-Length must be a whole number, not {declared!r}")
+    if not CONTENT_LENGTH.match(declared):
+        raise HTTPError(400, f"Content-Length must be a whole number of at most 20 ASCII "
+                             f"digits, not {declared[:40]!r}")
     length = int(declared)
     if length > max_body_bytes:
         raise HTTPError(413, f"body of {length} bytes is over the limit of {max_body_bytes} "
@@ -2873,16 +2888,20 @@ class Connection(asyncio.Protocol):
                 try:
                     request = parse_head(head, self.peer)
                     request.started = time.perf_counter()
+                    length = body_length(request, app.settings.max_body_bytes)
                     if request.path == "/ws" and request.method == "GET":
+                        if length:
+                            # Refused or not, its body must never be read as the next
+                            # request: that would run a request no proxy saw.
+                            raise HTTPError(400, "a WebSocket handshake has no body")
                         self.upgrade(request, head + b"\r\n\r\n")
                         return
-                    length = body_length(request, app.settings.max_body_bytes)
                 except HTTPError as error:
                     declared = request.headers.get("content-length", "") if request else ""
                     self.fail(error, int(declared) if error.status == 413 else 0, request)
                     return
                 if length:
-                    if (len(buffer) < length
+                    if (len(buffer) < length and request.version == "HTTP/1.1"  # 1.0: no 100
                             and "100-continue" in request.headers.get("expect", "").lower()):
                         self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.body = length  # the length, until the body is read
