@@ -474,11 +474,14 @@ def _check_unit_divisor(value, where):
     return value
 
 
+MAX_SEQ = 2**63 - 1  # bounded: a 4,300-digit seq made every comparison slow
+
+
 def _check_seq(value, where):
     if type(value) is float and value.is_integer():
         value = int(value)
-    if type(value) is not int:
-        raise InvalidUpdate(f"{where}: must be an integer")
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
+        raise InvalidUpdate(f"{where}: must be an integer from 0 to {MAX_SEQ}")
     return value
 
 
@@ -560,7 +563,7 @@ def validate_update(obj, index=None):
                     update[key] = value
                     continue
             elif key == "seq":
-                if vtype is int:
+                if vtype is int and 0 <= value <= MAX_SEQ:
                     update[key] = value
                     continue
             elif key == "timestamp":
@@ -833,6 +836,41 @@ def _task_json(task):
     return json.dumps(task.as_dict(), separators=(",", ":"))
 
 
+def task_from_store(stored, source):
+    """The Task a store handed back, checked as an update from the network is; None when
+    it does not pass (logged, once per task): one bad record must not stop the server,
+    break /health for everyone, or let anyone who can PUBLISH on Redis do so."""
+    if stored is None:  # not JSON: stored_json() said so
+        return None
+    try:
+        if type(stored) is not dict:
+            raise InvalidUpdate("not a JSON object")
+        # None is what a task holds for a field no update set yet (seq, elapsed...).
+        fields = {name: value for name, value in stored.items() if value is not None}
+        status = fields.pop("status", "running")
+        if status not in STATUSES:
+            raise InvalidUpdate(f"status: must be one of {', '.join(STATUSES)}, not "
+                                f"{status!r:.60}")
+        validate_update(fields)
+        for name in ("created_at", "updated_at"):
+            if name in stored:
+                _number(stored[name], name, minimum=-math.inf)
+        return Task.from_dict(stored)
+    except (InvalidUpdate, ValueError, TypeError, KeyError, AttributeError) as error:
+        task_id = stored.get("task_id") if type(stored) is dict else None
+        log.warning("skipping task %.80r from %s: %s", task_id, source, error)
+        return None
+
+
+def stored_json(text, source):
+    """`text` (a store's record) parsed as JSON, or None, logged, when it is not JSON."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError) as error:
+        log.warning("skipping a record from %s that is not JSON: %s", source, error)
+        return None
+
+
 class SqliteStore(MemoryStore):
     """MemoryStore whose tasks survive a restart, in one SQLite file (WAL mode).
 
@@ -872,12 +910,13 @@ class SqliteStore(MemoryStore):
     def _load(self):
         try:
             rows = self.db.execute("SELECT task FROM tasks ORDER BY created_at, rowid").fetchall()
-            for (stored,) in rows:
-                task = Task.from_dict(json.loads(stored))
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot read SQLite store {self.path!r}: {error}") from None
+        source = f"SQLite store {self.path!r}"
+        for (stored,) in rows:  # a bad row is skipped and logged; the others load
+            task = task_from_store(stored_json(stored, source), source)
+            if task is not None:
                 self.by_id[task.task_id] = task
-        except (sqlite3.Error, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise StoreError(f"cannot read SQLite store {self.path!r}: a stored task is "
-                             f"unreadable ({error!r})") from None
 
     def apply(self, updates, now):
         changed = super().apply(updates, now)
@@ -969,15 +1008,21 @@ REDIS_POLL_S = 0.2  # how long the follower waits for a message before checking 
 # stale mark keeps the seq it saw, so it may also write over that same seq (ARGV[2] = 1).
 # KEYS: task keys; ARGV: index key, same-seq flag, then per task: seq, created_at,
 # ttl_ms, task_id, json.
+# Seqs are compared as decimal strings (0 to 2**63-1, no leading zeros): tonumber() is a
+# double, which cannot tell 2**53 from 2**53 + 1.
 REDIS_WRITE_SCRIPT = """
+local function newer(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
 local written = {}
 local same_ok = ARGV[2] == '1'
 for i, key in ipairs(KEYS) do
   local base = 2 + (i - 1) * 5
   local seq, created, ttl, id, body = ARGV[base+1], ARGV[base+2], ARGV[base+3], ARGV[base+4], ARGV[base+5]
   local stored = redis.call('HGET', key, 'seq')
-  if seq == '' or not stored or stored == '' or tonumber(seq) > tonumber(stored)
-     or (same_ok and tonumber(seq) == tonumber(stored)) then
+  if seq == '' or not stored or stored == '' or newer(seq, stored)
+     or (same_ok and seq == stored) then
     redis.call('HSET', key, 'seq', seq, 'task', body)
     if tonumber(ttl) > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
     redis.call('ZADD', ARGV[1], 'NX', created, id)
@@ -1109,8 +1154,10 @@ class RedisStore(Store):
             for task_id in chunk:
                 pipe.hget(self.key(task_id), "task")
             for task_id, stored in zip(chunk, await pipe.execute()):
-                if stored is not None:
-                    fresh[task_id] = Task.from_dict(json.loads(stored))
+                task = stored is not None and task_from_store(
+                    stored_json(stored, self.shown_url), self.shown_url)
+                if task and task.task_id == task_id:
+                    fresh[task_id] = task
         gone = [task_id for task_id in ids if task_id not in fresh]
         if gone:  # expired by Redis itself while no server was sweeping
             await self.client.zrem(self.index_key, *gone)
@@ -1138,7 +1185,7 @@ class RedisStore(Store):
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                        timeout=REDIS_POLL_S)
                     if message is not None:
-                        self.mirror(json.loads(message["data"]))
+                        self.mirror(stored_json(message["data"], self.channel))
             except asyncio.CancelledError:
                 raise
             except self.errors as error:
@@ -1155,18 +1202,31 @@ class RedisStore(Store):
                 failures += 1
 
     def mirror(self, event):
-        """Apply a change another server published."""
-        if event.get("origin") == self.origin:
+        """Apply a change another server published; skip (and log) what does not pass
+        the checks of an update: anyone who can reach Redis can publish."""
+        if event is None:  # not JSON, and already logged
+            return
+        changed_list = removed = None
+        if type(event) is dict:
+            if event.get("origin") == self.origin:
+                return
+            changed_list, removed = event.get("changed", []), event.get("removed", [])
+        if type(changed_list) is not list or type(removed) is not list or not all(
+                type(task_id) is str for task_id in removed):
+            log.warning("skipping a message on %s that is not a change of tasks",
+                        self.channel)
             return
         changed = []
-        for stored in event.get("changed", ()):
-            task = Task.from_dict(stored)
+        for stored in changed_list:
+            task = task_from_store(stored, self.channel)
+            if task is None:
+                continue
             held = self.local.get(task.task_id)
             if held is None or held.seq is None or task.seq is None or task.seq >= held.seq:
                 self.local.put(task)
                 changed.append(task.task_id)
         self.feed.changed(changed)
-        self.feed.removed(self.local.forget(event.get("removed", ())))
+        self.feed.removed(self.local.forget(removed))
 
     async def write_and_publish(self, tasks, same_seq_ok=False):
         """Store `tasks` (where their seq is newest) and tell the other servers; return

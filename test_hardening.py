@@ -258,3 +258,105 @@ def test_generated_heads_include_both_verdicts():
     # refuse others.
     verdicts = [h11_verdict(head) is None for head in generated_heads(3000, seed=13)]
     assert 300 < sum(verdicts) < 2700
+
+
+# --- seq is bounded ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", [2**63, -1, int("9" * 4300)])
+def test_seq_out_of_range_is_400_naming_seq(seq):
+    with pytest.raises(progressista.InvalidUpdate, match=r"^seq: .*2\*\*63|^seq: .*9223372"):
+        progressista.validate_update({"task_id": "a", "seq": seq})
+
+
+def test_largest_seq_is_accepted_over_http():
+    with running_server() as server:
+        body = json.dumps({"task_id": "big", "seq": 2**63 - 1}).encode()
+        assert http("POST", server.url + "/progress", body)[0] == 200
+        status, answer, _ = http("POST", server.url + "/progress",
+                                 json.dumps([{"task_id": "x", "seq": 2**63}]).encode())
+        assert status == 400 and answer["error"].startswith("tasks[0].seq:")
+
+
+# --- What the stores hand back is checked like input ------------------------------------
+
+
+def test_bad_sqlite_rows_are_skipped_and_logged_and_the_rest_load(tmp_path, caplog):
+    path = str(tmp_path / "tasks.db")
+    with running_server(store="sqlite://" + path) as server:
+        assert http("POST", server.url + "/progress", {"task_id": "good"})[0] == 200
+    bad_rows = {"not-json": "{nope", "bad-status": json.dumps({"task_id": "bad-status",
+                                                                 "status": "bogus"}),
+                "bad-n": json.dumps({"task_id": "bad-n", "n": "many"}),
+                "huge-seq": json.dumps({"task_id": "huge-seq", "seq": 10**30}),
+                "array": "[1, 2]"}
+    with sqlite3.connect(path) as db:
+        db.executemany("INSERT INTO tasks VALUES (?, ?, 0)", list(bad_rows.items()))
+    with caplog.at_level(logging.WARNING, "progressista"), \
+            running_server(store="sqlite://" + path) as server:
+        assert list(http("GET", server.url + "/tasks")[1]["tasks"]) == ["good"]
+        assert http("GET", server.url + "/health")[0] == 200
+        assert http("GET", server.url + "/metrics")[0] == 200
+    skipped = [record for record in caplog.records if "skipping" in record.getMessage()]
+    assert len(skipped) == len(bad_rows)
+    assert not [record for record in caplog.records if record.exc_info]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    from test_stores import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    yield server.url
+    server.stop()
+
+
+def test_hostile_publish_on_redis_is_skipped_and_the_servers_keep_mirroring(redis_url,
+                                                                            caplog):
+    import redis
+
+    with caplog.at_level(logging.WARNING, "progressista"), \
+            running_server(store=redis_url) as one, running_server(store=redis_url) as two:
+        hostile = redis.Redis.from_url(redis_url)
+        for message in ["{nope", "[]", '{"changed": 5}', '{"changed": [{"task_id": "evil", '
+                        '"status": "bogus"}]}', '{"changed": [{"task_id": "evil2", '
+                        '"n": -1}], "removed": [3]}', '{"changed": [7]}']:
+            hostile.publish("progressista:events", message)
+        hostile.close()
+        assert http("POST", one.url + "/progress", {"task_id": "after", "n": 3})[0] == 200
+        wait_for(lambda: "after" in http("GET", two.url + "/tasks")[1]["tasks"],
+                 message="the other server to mirror a good update after the hostile ones")
+        assert set(http("GET", two.url + "/tasks")[1]["tasks"]) == {"after"}
+        assert http("GET", two.url + "/health")[1]["status"] == "ok"
+        assert http("GET", two.url + "/metrics")[0] == 200
+    assert not [record for record in caplog.records if record.exc_info]
+    assert sum("skipping" in record.getMessage() for record in caplog.records) >= 2 * 5
+
+
+def test_bad_task_stored_in_redis_is_skipped_at_resync(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.zadd("progressista:tasks", {"evil": 1, "good": 2})
+    client.hset("progressista:task:evil", mapping={"seq": "", "task": json.dumps(
+        {"task_id": "evil", "status": "bogus"})})
+    client.hset("progressista:task:good", mapping={"seq": "", "task": json.dumps(
+        {"task_id": "good", "created_at": 2.0, "updated_at": 2.0})})
+    client.close()
+    with running_server(store=redis_url) as server:
+        assert list(http("GET", server.url + "/tasks")[1]["tasks"]) == ["good"]
+        assert http("GET", server.url + "/health")[1]["status"] == "ok"
+
+
+def test_redis_compares_seqs_beyond_2_to_the_53_exactly(redis_url):
+    with running_server(store=redis_url) as one:
+        post = lambda seq, n: http("POST", one.url + "/progress",  # noqa: E731
+                                   json.dumps({"task_id": "t", "seq": seq, "n": n}).encode())
+        assert post(2**53, 1)[0] == 200
+        assert post(2**53 + 1, 2)[0] == 200  # a double cannot tell these two apart
+        assert post(2**53 - 1, 3)[0] == 200  # older: ignored
+        assert post(2**63 - 1, 4)[0] == 200
+        assert post(10**18, 5)[0] == 200  # fewer digits: older, ignored
+    with running_server(store=redis_url) as fresh:  # what Redis itself holds
+        task = http("GET", fresh.url + "/tasks/t")[1]
+    assert (task["seq"], task["n"]) == (2**63 - 1, 4)
