@@ -93,6 +93,12 @@ MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they 
 MAX_DISCARD_BYTES = 64 << 20  # of a refused body, read and dropped so the 413 arrives
 LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
 LISTENER_BUFFER_LOW_BYTES = 1 << 20  # ...and gets a fresh snapshot once drained to this
+# Pongs a listener's pings made us queue, beyond its high-water mark, before it is closed:
+# a ping flood from a client that does not read must not buffer pongs without end.
+LISTENER_PONG_BACKLOG_BYTES = 256 * 1024
+# An HTTP connection with this much unsent stops being read (and answered) until its
+# peer has read most of it: pipelined requests never read back cannot fill our memory.
+HTTP_UNSENT_HIGH_BYTES = 256 * 1024
 
 # Timeouts
 HEADER_TIMEOUT_S = 10.0  # from the first byte of a request to the end of its headers
@@ -102,6 +108,9 @@ LISTENER_BEHIND_TIMEOUT_S = 30.0  # a listener that stays behind this long is cl
 WS_PING_INTERVAL_S = 20.0  # the Sans-I/O layer sends no pings of its own
 WS_PING_TIMEOUT_S = 20.0  # a listener that leaves a ping unanswered this long is closed
 DISCARD_TIMEOUT_S = 5.0  # to send the rest of a refused body before we close
+# A connection (HTTP or /ws) whose unsent bytes have not shrunk for this long is dropped,
+# its unsent bytes with it: a peer that stopped reading holds no memory for long.
+UNSENT_STALL_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 5.0
 REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 
@@ -2665,6 +2674,25 @@ except ImportError:  # pragma: no cover - reported by App.start()
     ServerProtocol = None
 
 
+class UnsentWatch:
+    """Tells a peer that reads slowly from one that stopped: `stalled()` is True once the
+    unsent bytes have stayed above zero without shrinking for UNSENT_STALL_TIMEOUT_S."""
+
+    __slots__ = ("unsent", "since")
+
+    def __init__(self):
+        self.unsent = 0
+        self.since = None  # loop time the unsent bytes last shrank (or appeared)
+
+    def stalled(self, unsent, now):
+        if not unsent:
+            self.since = None
+        elif self.since is None or unsent < self.unsent:
+            self.since = now  # it reads: the clock starts again
+        self.unsent = unsent
+        return self.since is not None and now - self.since > UNSENT_STALL_TIMEOUT_S
+
+
 class Listener:
     """One /ws client: its Sans-I/O protocol, whether it keeps up, and its ping deadline.
 
@@ -2672,7 +2700,7 @@ class Listener:
     (`expire()`); the listener decides what to send, to skip or to give up."""
 
     __slots__ = ("connection", "protocol", "behind_since", "high_water", "ping_sent_at",
-                 "last_ping_at")
+                 "last_ping_at", "ping_data", "drain")
 
     def __init__(self, connection, protocol, now):
         self.connection = connection
@@ -2680,7 +2708,9 @@ class Listener:
         self.behind_since = None  # loop time it stopped getting messages, while behind
         self.high_water = LISTENER_BUFFER_HIGH_BYTES
         self.ping_sent_at = None  # while a ping waits for its pong
+        self.ping_data = None  # what that pong must carry
         self.last_ping_at = now
+        self.drain = UnsentWatch()  # a snapshot (or anything) left unread too long
 
     def send(self, payload):
         """Send one text message; the bytes go straight to the transport's buffer."""
@@ -2715,15 +2745,21 @@ class Listener:
         return SENT
 
     def expire(self, now):
-        """Ping when one is due; close a listener that left a ping unanswered too long."""
-        if self.ping_sent_at is not None:
+        """Ping when one is due; close a listener that left a ping unanswered too long, or
+        whose unsent bytes (its snapshot, say) have not shrunk for UNSENT_STALL_TIMEOUT_S:
+        a client that answers pings but never reads must not hold a snapshot forever."""
+        if self.drain.stalled(self.unsent_bytes(), now):
+            log.info("closing /ws listener %s: it stopped reading", self.connection.peer)
+            self.connection.abort()
+        elif self.ping_sent_at is not None:
             if now - self.ping_sent_at > WS_PING_TIMEOUT_S:
                 log.info("closing /ws listener %s: no pong", self.connection.peer)
                 self.connection.abort()
         elif (now - self.last_ping_at >= WS_PING_INTERVAL_S
               and self.protocol.state is State.OPEN):
             self.ping_sent_at = self.last_ping_at = now
-            self.protocol.send_ping(os.urandom(4))
+            self.ping_data = os.urandom(4)
+            self.protocol.send_ping(self.ping_data)
             self.flush()
 
     def flush(self):
@@ -2745,12 +2781,19 @@ class Listener:
         protocol = self.protocol
         protocol.receive_data(data)
         for event in protocol.events_received():
-            # Messages from clients are ignored; only a pong matters, to show liveness.
-            if getattr(event, "opcode", None) is Opcode.PONG:
-                self.ping_sent_at = None
+            # Messages from clients are ignored; only the pong that answers our ping shows
+            # liveness (an unsolicited pong would let a client that never reads stay).
+            if (getattr(event, "opcode", None) is Opcode.PONG and self.ping_data is not None
+                    and event.data == self.ping_data):
+                self.ping_sent_at = self.ping_data = None
         self.flush()
         if protocol.state is State.CLOSED:
             self.connection.close()
+        elif self.unsent_bytes() > self.high_water + LISTENER_PONG_BACKLOG_BYTES:
+            # What we sent is within high_water: the rest is pongs to its pings.
+            log.info("closing /ws listener %s: it pings but does not read",
+                     self.connection.peer)
+            self.connection.abort()
 
     def close(self, code=1001, reason="server shutting down"):
         if self.protocol.state is State.OPEN:
@@ -2873,6 +2916,8 @@ class Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.discarding = 0  # bytes of a refused body still to read before closing
         self.head_started = False  # a partial request head is waiting, its deadline set
+        self.writing_paused = False  # over HTTP_UNSENT_HIGH_BYTES: not reading meanwhile
+        self.drain = UnsentWatch()
 
     # asyncio callbacks
 
@@ -2883,6 +2928,21 @@ class Connection(asyncio.Protocol):
             transport.abort()  # one refused rather than file descriptors run out for all
             return
         self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
+        transport.set_write_buffer_limits(high=HTTP_UNSENT_HIGH_BYTES)
+
+    def pause_writing(self):
+        # The peer reads our answers slower than it sends requests: answer no more, and
+        # read no more, until it has caught up (resume_writing). A listener decides for
+        # itself (Listener.offer) and must still read its client's frames.
+        self.writing_paused = True
+        if self.listener is None:
+            self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.writing_paused = False
+        if self.listener is None and not self.busy and self.transport is not None:
+            self.transport.resume_reading()
+            self.process()  # what was read before the pause
 
     def connection_lost(self, exc):
         self.app.connection_closed(self)
@@ -2920,10 +2980,18 @@ class Connection(asyncio.Protocol):
         if self.listener is not None:
             self.listener.expire(now)
             return False
-        if now <= self.deadline or self.busy:
+        if self.transport is not None and self.drain.stalled(
+                self.transport.get_write_buffer_size(), now):
+            log.info("dropping connection %s: it stopped reading its answers", self.peer)
+            self.abort()
+            return False
+        if now <= self.deadline or self.busy or self.writing_paused:
             return False
         cut_off = self.pending is not None or self.head_started
-        self.close()
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            self.abort()  # close() would wait for a peer that does not read
+        else:
+            self.close()
         return cut_off
 
     # HTTP
@@ -2932,7 +3000,7 @@ class Connection(asyncio.Protocol):
         """Answer every complete request in the buffer."""
         buffer = self.buffer
         app = self.app
-        while self.transport is not None and not self.busy:
+        while self.transport is not None and not self.busy and not self.writing_paused:
             request = self.pending
             if request is None:
                 if not buffer:
@@ -3013,7 +3081,8 @@ class Connection(asyncio.Protocol):
         self.busy = False
         if self.transport is None:
             return
-        self.transport.resume_reading()  # closing after the write: this does nothing
+        if not self.writing_paused:
+            self.transport.resume_reading()  # closing after the write: this does nothing
         then(shutting_down() if done.cancelled() else done.result())
         if self.listener is None:
             self.process()  # the requests that waited behind this one

@@ -360,3 +360,158 @@ def test_redis_compares_seqs_beyond_2_to_the_53_exactly(redis_url):
     with running_server(store=redis_url) as fresh:  # what Redis itself holds
         task = http("GET", fresh.url + "/tasks/t")[1]
     assert (task["seq"], task["n"]) == (2**63 - 1, 4)
+
+
+# --- Peers that send and never read --------------------------------------------------------
+
+
+def small_window_socket(server):
+    """A connected socket whose receive window is tiny: what it does not read backs up."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    return sock
+
+
+def send_what_fits(sock, data, timeout=2.0):
+    """Send `data` until the server stops taking it (it paused reading) or all is sent."""
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(data)
+    except (socket.timeout, OSError):
+        pass
+
+
+def test_pipelined_requests_never_read_back_stop_being_answered_and_are_dropped(
+        monkeypatch):
+    monkeypatch.setattr(progressista, "UNSENT_STALL_TIMEOUT_S", 0.3)
+    with running_server() as server:
+        page_bytes = len(server.app.api.page)
+        sock = small_window_socket(server)
+        try:
+            send_what_fits(sock, b"GET /static/index.html HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                           * 2000)
+            connection = wait_for(lambda: next(iter(server.app.connections), None))
+            peak = 0
+
+            def dropped():
+                nonlocal peak
+                transport = connection.transport
+                if transport is None:
+                    return True
+                peak = max(peak, transport.get_write_buffer_size())
+                return False
+
+            wait_for(dropped, timeout=10, message="the server to drop the non-reader")
+        finally:
+            sock.close()
+        # Before the fix: 2,000 pages (over 100 MB) queued for a peer that reads nothing.
+        assert peak <= progressista.HTTP_UNSENT_HIGH_BYTES + page_bytes
+        assert http("GET", server.url + "/health")[0] == 200
+
+
+def ws_handshake(sock):
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+
+
+def client_frame(opcode, payload=b""):
+    """A masked client frame (a zero mask: the payload goes as it is)."""
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
+
+
+def fill_store(server, tasks=6000):
+    for start in range(0, tasks, 1000):
+        batch = [{"task_id": f"t{index}", "desc": "d" * 1000}
+                 for index in range(start, start + 1000)]
+        assert http("POST", server.url + "/progress", json.dumps(batch).encode())[0] == 200
+
+
+def test_listener_that_never_reads_but_sends_pongs_is_closed(monkeypatch):
+    monkeypatch.setattr(progressista, "UNSENT_STALL_TIMEOUT_S", 0.3)
+    with running_server() as server:
+        fill_store(server)  # a snapshot of about 6 MB: more than the kernel buffers hold
+        sock = small_window_socket(server)
+        try:
+            ws_handshake(sock)
+            wait_for(lambda: len(server.app.hub) == 1)
+
+            def closed():
+                try:
+                    sock.sendall(client_frame(0xA))  # an unsolicited pong: "I am alive"
+                except OSError:
+                    return True
+                return len(server.app.hub) == 0
+
+            wait_for(closed, timeout=10, interval=0.05,
+                     message="the non-reading listener to be closed")
+        finally:
+            sock.close()
+
+
+def server_frame(reader):
+    """(opcode, payload) of the next frame the server sends (servers do not mask)."""
+    first, second = reader.read(2)
+    length = second & 0x7F
+    if length == 126:
+        length = int.from_bytes(reader.read(2), "big")
+    elif length == 127:
+        length = int.from_bytes(reader.read(8), "big")
+    return first & 0x0F, reader.read(length)
+
+
+def frames_until(reader, opcode):
+    while True:
+        kind, payload = server_frame(reader)
+        if kind == opcode:
+            return payload
+
+
+def test_only_the_pong_that_answers_our_ping_counts():
+    with running_server() as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        reader = sock.makefile("rb")
+        try:
+            ws_handshake(sock)
+            listener = wait_for(lambda: next(iter(server.app.hub.listeners), None))
+            server.loop.call_soon_threadsafe(listener.expire, listener.last_ping_at + 1e6)
+            ours = frames_until(reader, 0x9)
+            # A pong that answers nothing, then a ping of ours: its pong proves the server
+            # has read the first one.
+            sock.sendall(client_frame(0xA, b"nope") + client_frame(0x9, b"sync1"))
+            assert frames_until(reader, 0xA) == b"sync1"
+            assert listener.ping_sent_at is not None
+            sock.sendall(client_frame(0xA, ours) + client_frame(0x9, b"sync2"))
+            assert frames_until(reader, 0xA) == b"sync2"
+            assert listener.ping_sent_at is None
+        finally:
+            reader.close()
+            sock.close()
+
+
+def test_ping_flood_from_a_non_reader_is_cut_at_a_byte_cap(monkeypatch):
+    monkeypatch.setattr(progressista, "LISTENER_BUFFER_HIGH_BYTES", 64 * 1024)
+    monkeypatch.setattr(progressista, "LISTENER_PONG_BACKLOG_BYTES", 64 * 1024)
+    with running_server() as server:
+        sock = small_window_socket(server)
+        try:
+            ws_handshake(sock)
+            wait_for(lambda: len(server.app.hub) == 1)
+            batch = client_frame(0x9, b"p" * 125) * 1000
+            sent = 0
+            sock.settimeout(2)
+            while sent < 64 << 20 and len(server.app.hub):
+                try:
+                    sock.sendall(batch)
+                except (OSError, socket.timeout):
+                    break
+                sent += len(batch)
+            wait_for(lambda: len(server.app.hub) == 0, message="the ping flooder to be cut")
+        finally:
+            sock.close()
+        assert sent < 64 << 20
