@@ -32,6 +32,7 @@ import re
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -2204,6 +2205,23 @@ def origin_allowed(request, allow_origins):
             or origin in own_origins(request))
 
 
+# A parameter whose name holds "token" (any case, any separator: & ; #), up to its end.
+_TOKEN_PARAMETER = re.compile(r"(token[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+_UNLOGGABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def loggable_target(target):
+    """A request target as the log shows it: percent-decoded (so that no spelling of
+    "token" hides), every token's value masked, control and other bytes escaped."""
+    for _ in range(3):  # %2574oken is %74oken is token
+        decoded = urllib.parse.unquote(target, "latin-1")
+        if decoded == target:
+            break
+        target = decoded
+    target = _TOKEN_PARAMETER.sub(r"\1***", target)
+    return _UNLOGGABLE.sub(lambda char: f"\\x{ord(char.group()):02x}", target)
+
+
 PUBLIC_PATHS = ("/health", "/")
 DELETE_FILTERS = {"status", "older_than", "task_id", "token"}
 
@@ -2652,14 +2670,8 @@ class Api:
         self.metrics.request_done(self.route_label(request.path), request.method, status,
                                   reason)
         if self.log_requests:
-            path = request.target
-            if "token" in request.query:  # never log a token, however it was escaped
-                path = request.path + "?" + "&".join(
-                    urllib.parse.quote(name) + "=" + ("***" if name == "token"
-                                                      else urllib.parse.quote(value))
-                    for name, value in request.query.items())
-            log.debug("%s %s %d %.1fms", request.method, path, status,
-                      (time.perf_counter() - request.started) * 1000)
+            log.debug("%s %s %d %.1fms", request.method, loggable_target(request.target),
+                      status, (time.perf_counter() - request.started) * 1000)
 
 
 # --- WebSocket -------------------------------------------------------------------------
@@ -3930,6 +3942,13 @@ def _error_message(body):
     return _printable(" ".join(str(text).split())) or "(no message)"
 
 
+def client_tls_context():
+    """What `watch` verifies an https:// or wss:// server with: the CA file in
+    PROGRESSISTA_CA_BUNDLE, else SSL_CERT_FILE, else the system's trust store."""
+    cafile = os.environ.get(ENV_PREFIX + "CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
+    return ssl.create_default_context(cafile=cafile or None)
+
+
 def fetch_tasks(base, headers, timeout=WATCH_TIMEOUT_S):
     """GET /tasks once: the parsed {"tasks": ..., "now": ...}. Raises urllib's errors, or
     ValueError when the answer is not a task list. Every task, not ?status=: the header
@@ -3937,7 +3956,10 @@ def fetch_tasks(base, headers, timeout=WATCH_TIMEOUT_S):
     import urllib.request
 
     request = urllib.request.Request(base + "/tasks", headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    # No redirects: a 301/302 to another host would carry the token there.
+    opener = urllib.request.build_opener(
+        _NoRedirects, urllib.request.HTTPSHandler(context=client_tls_context()))
+    with opener.open(request, timeout=timeout) as response:
         snapshot = json.loads(response.read())
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("tasks"), dict):
         raise ValueError("the answer has no task list")
@@ -4017,7 +4039,8 @@ def _connection_reason(error):
         return f"HTTP {error.response.status_code}"
     if isinstance(error, ConnectionClosed):
         frame = error.rcvd or error.sent
-        said = f" ({frame.reason})" if frame is not None and frame.reason else ""
+        # The server's words go to our terminal or log: no escape codes from them.
+        said = f" ({_printable(frame.reason)})" if frame is not None and frame.reason else ""
         return f"connection closed{said}"
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
@@ -4054,16 +4077,37 @@ class _Watcher:
         from websockets.exceptions import InvalidStatus, WebSocketException
         from websockets.sync.client import connect
 
+        try:
+            tls = client_tls_context() if self.ws_url.startswith("wss:") else None
+        except (OSError, ssl.SSLError) as error:  # a CA file that is missing or not PEM
+            self.screen.close()
+            print(f"progressista watch: cannot read the CA file: {_printable(error)}",
+                  file=sys.stderr)
+            return 1
         retry_s = WATCH_RETRY_FIRST_S
         while True:
             try:
                 with connect(self.ws_url, additional_headers=self.headers,
                              open_timeout=WATCH_TIMEOUT_S, close_timeout=WATCH_CLOSE_TIMEOUT_S,
-                             max_size=WATCH_MAX_MESSAGE_BYTES) as websocket:
+                             max_size=WATCH_MAX_MESSAGE_BYTES, ssl=tls) as websocket:
                     retry_s = WATCH_RETRY_FIRST_S  # in: the next outage starts from scratch
                     self.follow(websocket)
+            except ssl.SSLCertVerificationError as error:
+                # A certificate that fails today fails on every retry: say so once.
+                self.screen.close()
+                print(f"progressista watch: {self.ws_url}: the server's certificate does not "
+                      f"verify ({_printable(error.verify_message or error)}); set "
+                      f"{ENV_PREFIX}CA_BUNDLE to the CA file that signed it",
+                      file=sys.stderr)
+                return 1
             except InvalidStatus as error:
                 status = error.response.status_code
+                if 300 <= status < 400:  # followed, it would carry the token elsewhere
+                    self.screen.close()
+                    print(f"progressista watch: {self.ws_url}: HTTP {status}: redirected to "
+                          f"{_printable(error.response.headers.get('Location', '?'))}; "
+                          "redirects are not followed: give the final URL", file=sys.stderr)
+                    return 1
                 if 400 <= status < 500 and status not in (408, 429):
                     # A wrong token or URL will not fix itself: say what the server said.
                     self.screen.close()
@@ -4150,6 +4194,11 @@ def _watch_once(args, base, headers, screen, ascii):
     try:
         snapshot = fetch_tasks(base, headers)
     except urllib.error.HTTPError as error:
+        if 300 <= error.code < 400:  # followed, it would carry the token elsewhere
+            print(f"progressista watch: {base}/tasks: HTTP {error.code}: redirected to "
+                  f"{_printable(error.headers.get('Location', '?'))}; redirects are not "
+                  "followed: give the final URL", file=sys.stderr)
+            return 1
         print(f"progressista watch: {base}/tasks: HTTP {error.code}: "
               f"{_error_message(error.read())}", file=sys.stderr)
         return 1

@@ -12,7 +12,9 @@ import logging
 import random
 import socket
 import sqlite3
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import h11
 import pytest
@@ -515,3 +517,74 @@ def test_ping_flood_from_a_non_reader_is_cut_at_a_byte_cap(monkeypatch):
         finally:
             sock.close()
         assert sent < 64 << 20
+
+
+# --- What watch prints and what the log writes -------------------------------------------
+
+
+def test_watch_escapes_a_hostile_close_reason():
+    from websockets.exceptions import ConnectionClosedError
+    from websockets.frames import Close
+
+    error = ConnectionClosedError(Close(1008, "bye\x1b[2J\x1b]0;owned\x07"), None)
+    reason = progressista._connection_reason(error)
+    assert "\x1b" not in reason and "\x07" not in reason and "bye" in reason
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    seen = []
+
+    def do_GET(self):
+        _Recorder.seen.append((self.path, self.headers.get("Authorization")))
+        location = getattr(self.server, "location", None)
+        if location:
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            body = b'{"tasks": {}, "now": 1}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_watch_once_follows_no_redirect_and_sends_the_token_nowhere_else(capsys):
+    elsewhere = HTTPServer(("127.0.0.1", 0), _Recorder)
+    redirector = HTTPServer(("127.0.0.1", 0), _Recorder)
+    redirector.location = f"http://127.0.0.1:{elsewhere.server_port}/tasks"
+    for server in (elsewhere, redirector):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Recorder.seen = []
+    try:
+        status = progressista.main(["watch", "--once", "--server",
+                                    f"http://127.0.0.1:{redirector.server_port}",
+                                    "--token", "s3cret"])
+    finally:
+        for server in (elsewhere, redirector):
+            server.shutdown()
+            server.server_close()
+    assert status == 1
+    assert _Recorder.seen == [("/tasks", "Bearer s3cret")]  # the redirector only
+    error = capsys.readouterr().err
+    assert error.count("302") == 1 and "not followed" in error
+
+
+def test_debug_log_masks_every_token_spelling_and_escapes_control_bytes(caplog):
+    targets = ["/tasks?a=1;token=SECRET1", "/tasks#token=SECRET2", "/tasks?TOKEN=SECRET3",
+               "/tasks?%74oken=SECRET4", "/tasks?api_token=SECRET5", "/tasks?x=%1b[31mred",
+               "/tasks?%2574oken=SECRET6"]
+    with caplog.at_level(logging.DEBUG, "progressista"), running_server() as server:
+        for target in targets:
+            answer = exchange(server, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                      "Connection: close\r\n\r\n".encode())
+            assert statuses(answer)
+        wait_for(lambda: sum(record.getMessage().startswith("GET /tasks")
+                             for record in caplog.records) == len(targets))
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "SECRET" not in logged
+    assert "\x1b" not in logged and "\\x1b[31mred" in logged
