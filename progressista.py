@@ -165,6 +165,9 @@ class Settings:
     notify_min_duration: float = 0.0
     notify_interval: float = NOTIFY_INTERVAL_S
     notify_name: str = ""
+    allowed_hosts: tuple = ()  # () is PROTOCOL.md's default; see allowed_host_names()
+    tls_cert: str = ""
+    tls_key: str = ""
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -183,7 +186,8 @@ class Settings:
         if tokens:
             values["api_tokens"] = tokens
         values.update({key: value for key, value in overrides.items() if value is not None})
-        for key in ("api_tokens", "read_tokens", "allow_origins", "notify", "notify_on"):
+        for key in ("api_tokens", "read_tokens", "allow_origins", "notify", "notify_on",
+                    "allowed_hosts"):
             if isinstance(values.get(key), str):
                 values[key] = _csv(values[key])
             elif key in values:
@@ -197,6 +201,10 @@ class Settings:
                              "(or --api-token) for the senders, and give the read token "
                              "to viewers")
         _check_notify(values)
+        if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+            raise ValueError("TLS needs both --tls-cert and --tls-key (PROGRESSISTA_TLS_CERT, "
+                             "PROGRESSISTA_TLS_KEY): give the certificate and its key, or "
+                             "neither for plain HTTP")
         return cls(**values)
 
     def public(self):
@@ -209,6 +217,7 @@ class Settings:
         shown["notify"] = [masked_webhook(url) for url in self.notify]
         shown["notify_name"] = self.notify_name or socket.gethostname()  # what is sent
         shown["notify_on"] = list(self.notify_on)
+        shown["allowed_hosts"] = list(self.allowed_hosts)
         return shown
 
 
@@ -366,6 +375,13 @@ SETTINGS_TABLE = (
              "seconds of events batched into one message per webhook"),
     _Setting("notify_name", "NOTIFY_NAME", str,
              "this server's name in notifications (default: the host name)"),
+    _Setting("allowed_hosts", "ALLOWED_HOSTS", _csv,
+             "Host header names answered, others get 421 (comma-separated, * for any; a "
+             "port is ignored); default: localhost, 127.0.0.1, [::1] and the listening "
+             "address when listening on loopback, else any"),
+    _Setting("tls_cert", "TLS_CERT", str,
+             "certificate file (PEM, with its chain): serve https:// and wss://"),
+    _Setting("tls_key", "TLS_KEY", str, "the certificate's private key file (PEM)"),
 )
 
 
@@ -2222,6 +2238,30 @@ def loggable_target(target):
     return _UNLOGGABLE.sub(lambda char: f"\\x{ord(char.group()):02x}", target)
 
 
+def host_name(host):
+    """The name part of a Host header (or of a setting), lower case, without its port."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0]
+
+
+def allowed_host_names(settings):
+    """The Host names the server answers, or None for any (PROTOCOL.md, "Transport").
+
+    By default a server on a loopback address answers only loopback names: a web page
+    that rebinds its own DNS name to 127.0.0.1 sends that name, and is refused."""
+    if settings.allowed_hosts:
+        names = {host_name(name) for name in settings.allowed_hosts}
+        return None if "*" in names else frozenset(names)
+    if not _is_loopback(settings.host):
+        return None
+    listening = settings.host.lower()
+    if ":" in listening:  # an IPv6 address, as a Host header brackets it
+        listening = f"[{listening}]"
+    return frozenset(("localhost", "127.0.0.1", "[::1]", listening))
+
+
 PUBLIC_PATHS = ("/health", "/")
 DELETE_FILTERS = {"status", "older_than", "task_id", "token"}
 
@@ -2360,6 +2400,7 @@ class Api:
         self.server_gauges = server_gauges  # () -> live counts the server keeps (listeners...)
         self.middleware = []
         self.log_requests = False  # set at start: one debug line per request
+        self.allowed_hosts = allowed_host_names(settings)  # None: any
         self.page, self.script_hashes, self.page_source = load_dashboard()
         self.routes = {
             "/progress": {"POST": self.post_progress},
@@ -2387,6 +2428,9 @@ class Api:
     def handle(self, request):
         """A Response, or a coroutine producing one when middleware or an asynchronous
         store is involved. Never raises: any failure is a JSON error or a logged 500."""
+        refusal = self.host_refusal(request)
+        if refusal is not None:  # before middleware: nothing of the app sees such a request
+            return refusal
         if self.middleware:
             return self.through_middleware(request, lambda request: resolved(
                 self.dispatch(request)))
@@ -2460,6 +2504,15 @@ class Api:
                             reason="origin")
         self.check_token(request)
         return handler(request)
+
+    def host_refusal(self, request):
+        """None when the request's Host is one this server answers, else the 421."""
+        host = request.headers.get("host")
+        if self.allowed_hosts is None or host is None or host_name(host) in self.allowed_hosts:
+            return None  # no Host at all is HTTP/1.0, which no browser sends
+        return error_response(HTTPError(
+            421, f"host {host[:100]!r} is not allowed: list it in "
+                 f"{ENV_PREFIX}ALLOWED_HOSTS (--allowed-hosts)", reason="host"))
 
     def access(self, request):
         """What the request's token allows: "write" (every route; also when no tokens
@@ -2629,6 +2682,9 @@ class Api:
     def admit_websocket(self, request):
         """None when a /ws handshake may go on, else the Response refusing it; a coroutine
         of either when middleware must see the handshake first (as it sees every request)."""
+        refusal = self.host_refusal(request)
+        if refusal is not None:
+            return refusal
         if self.middleware:
             return self.admitted_by_middleware(request)
         return self.check_websocket(request)

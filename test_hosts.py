@@ -1,0 +1,114 @@
+"""The Host check (PROTOCOL.md, "Transport (v2)"): DNS rebinding against a loopback server.
+
+A page on evil.example that rebinds its name to 127.0.0.1 reaches a loopback server with
+`Host: evil.example[:port]` and, being same-origin with itself, passes the Origin check:
+only the Host tells it apart. Real servers on 127.0.0.1; requests carry the Host a
+rebound browser would send (urllib keeps a Host header it is given; the /ws handshake is
+sent by hand, since a WebSocket client sets its own).
+"""
+
+import socket
+
+import pytest
+
+import progressista
+from conftest import http, running_server
+
+REBOUND = ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil",
+           "EVIL.example:80", "[::2]:8000"]
+
+
+def as_host(host, server):
+    return host.replace("PORT", str(server.port))
+
+
+@pytest.fixture(scope="module")
+def loopback_server():
+    with running_server() as server:
+        yield server
+
+
+@pytest.mark.parametrize("host", REBOUND)
+@pytest.mark.parametrize("method, path", [("GET", "/tasks"), ("GET", "/health"),
+                                          ("GET", "/static/index.html"), ("DELETE", "/tasks")])
+def test_rebinding_style_host_is_421_naming_the_setting(loopback_server, host, method, path):
+    status, body, _ = http(method, loopback_server.url + path, headers={"Host": host})
+    assert status == 421
+    assert "PROGRESSISTA_ALLOWED_HOSTS" in body["error"] and "--allowed-hosts" in body["error"]
+
+
+def test_rebound_post_stores_nothing(loopback_server):
+    status, _, _ = http("POST", loopback_server.url + "/progress", {"task_id": "rebound"},
+                        headers={"Host": "evil.example", "Origin": "http://evil.example"})
+    assert status == 421
+    assert http("GET", loopback_server.url + "/tasks/rebound")[0] == 404
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:PORT", "127.0.0.1", "localhost:PORT",
+                                  "LocalHost", "[::1]:PORT", "[::1]"])
+def test_loopback_names_with_any_port_are_answered(loopback_server, host):
+    status, _, _ = http("GET", loopback_server.url + "/tasks",
+                        headers={"Host": as_host(host, loopback_server)})
+    assert status == 200
+
+
+def handshake(server, host):
+    """The status line of a raw /ws handshake with this Host."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        return sock.makefile("rb").readline()
+
+
+def test_ws_handshake_with_a_rebound_host_is_421_and_not_upgraded(loopback_server):
+    assert handshake(loopback_server, "evil.example:8000").startswith(b"HTTP/1.1 421")
+    assert len(loopback_server.app.hub) == 0
+
+
+def test_ws_handshake_with_a_loopback_host_is_upgraded(loopback_server):
+    assert handshake(loopback_server, f"127.0.0.1:{loopback_server.port}").startswith(
+        b"HTTP/1.1 101")
+
+
+def test_star_answers_any_host():
+    with running_server(allowed_hosts=("*",)) as server:
+        assert http("GET", server.url + "/tasks", headers={"Host": "evil.example"})[0] == 200
+        assert handshake(server, "evil.example").startswith(b"HTTP/1.1 101")
+
+
+def test_listed_names_replace_the_default():
+    with running_server(allowed_hosts="dash.example, Other.example:9") as server:
+        for host in ("dash.example:8000", "DASH.EXAMPLE", "other.example"):
+            assert http("GET", server.url + "/tasks", headers={"Host": host})[0] == 200
+        assert http("GET", server.url + "/tasks", headers={"Host": "localhost"})[0] == 421
+
+
+def test_http10_request_without_host_is_answered():
+    with running_server() as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+
+
+def test_refusals_are_counted_under_the_host_reason(loopback_server):
+    http("GET", loopback_server.url + "/tasks", headers={"Host": "evil.example"})
+    assert loopback_server.app.metrics.rejected.get("host", 0) >= 1
+
+
+@pytest.mark.parametrize("host, expected", [
+    ("127.0.0.1", {"localhost", "127.0.0.1", "[::1]"}),
+    ("::1", {"localhost", "127.0.0.1", "[::1]"}),
+    ("127.0.0.2", {"localhost", "127.0.0.1", "[::1]", "127.0.0.2"}),
+    ("localhost", {"localhost", "127.0.0.1", "[::1]"}),
+    ("0.0.0.0", None), ("", None), ("192.0.2.7", None),
+])
+def test_default_allowed_hosts_follow_the_listening_address(host, expected):
+    assert progressista.allowed_host_names(progressista.Settings(host=host)) == (
+        None if expected is None else frozenset(expected))
+
+
+def test_allowed_hosts_come_from_the_environment():
+    settings = progressista.Settings.from_env({"PROGRESSISTA_ALLOWED_HOSTS": "a.example, b:1"})
+    assert settings.allowed_hosts == ("a.example", "b:1")
+    assert progressista.allowed_host_names(settings) == frozenset({"a.example", "b"})
