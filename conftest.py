@@ -2,8 +2,8 @@
 
 `running_server(**settings)` starts `progressista.create_app(**settings)` on its own
 asyncio loop in a background thread and yields a handle with `.url` (the base URL,
-``http://127.0.0.1:PORT``), `.port`, `.app` and `.stop()`. Pass ``port=`` to restart a
-server on the port a previous one used.
+``http://127.0.0.1:PORT``, or ``https://`` with tls_cert), `.port`, `.app` and `.stop()`.
+Pass ``port=`` to restart a server on the port a previous one used.
 """
 
 import asyncio
@@ -78,7 +78,8 @@ class ServerThread:
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.app.start(), self.loop).result(10)
         self.port = self.app.port
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.app.settings.tls_cert else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         return self
 
     def stop(self):

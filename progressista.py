@@ -113,6 +113,7 @@ DISCARD_TIMEOUT_S = 5.0  # to send the rest of a refused body before we close
 # its unsent bytes with it: a peer that stopped reading holds no memory for long.
 UNSENT_STALL_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 5.0
+TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a client that stalls mid-handshake is dropped after this
 REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 
 # Defaults of PROTOCOL.md
@@ -3221,6 +3222,32 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+class StartupError(Exception):
+    """A setting the server cannot start with (a TLS file it cannot read); the message
+    says what to fix."""
+
+
+def server_tls_context(cert_file, key_file):
+    """The server's TLS context: the standard library's defaults, TLS 1.2 or newer, this
+    certificate chain and key. Raise StartupError naming the file that is wrong."""
+    for path, flag in ((cert_file, "--tls-cert"), (key_file, "--tls-key")):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise StartupError(f"{flag} {path!r}: cannot read it ({error.strerror or error})"
+                               ) from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as error:
+        raise StartupError(f"--tls-cert {cert_file!r} with --tls-key {key_file!r}: cannot "
+                           f"use them ({error.reason or error}): give PEM files, the key "
+                           "being the certificate's own") from None
+    return context
+
+
 class App:
     """The server: it builds the parts and runs them on one loop.
 
@@ -3239,6 +3266,8 @@ class App:
         self.notifier = Notifier.from_settings(settings)  # None without --notify
         self.hub = Hub(self.feed, self.store, settings, clock, self.metrics)
         self.api = Api(settings, self.store, self.feed, self.metrics, clock, self.gauges)
+        self.tls = (server_tls_context(settings.tls_cert, settings.tls_key)
+                    if settings.tls_cert else None)  # None: plain HTTP
         self.loop = None
         self.server = None
         self.port = None
@@ -3327,9 +3356,16 @@ class App:
         self.loop = asyncio.get_running_loop()
         self.api.log_requests = log.isEnabledFor(logging.DEBUG)
         host = self.settings.host or None
+        tls_options = {}
+        if self.tls is not None:
+            # A failed or stalled handshake (plain HTTP to this port, a scanner) ends in
+            # asyncio's SSL layer, before any Connection exists: it costs that connection,
+            # and asyncio logs such OSErrors only in its own debug mode (test_tls.py
+            # checks that no warning or traceback is logged).
+            tls_options = {"ssl": self.tls, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
         self.server = await self.loop.create_server(
             lambda: Connection(self), host, self.settings.port,
-            reuse_address=True, backlog=1024)
+            reuse_address=True, backlog=1024, **tls_options)
         self.port = self.server.sockets[0].getsockname()[1]
         await resolved(self.store.open(self.feed))
         # A persistent store may hold tasks whose lifetime ran out while we were down.
@@ -3353,9 +3389,10 @@ class App:
         if ":" in shown:
             shown = f"[{shown}]"
         store = self.store.health()
-        log.info("Progressista %s listening on %s:%d; dashboard: http://%s:%d/static/%s; "
-                 "store: %s, %d tasks loaded", __version__, host or "*", self.port, shown,
-                 self.port, INDEX_FILE, store.get("kind", self.store.kind), len(self.store))
+        log.info("Progressista %s listening on %s:%d; dashboard: %s://%s:%d/static/%s; "
+                 "store: %s, %d tasks loaded", __version__, host or "*", self.port,
+                 "https" if self.tls else "http", shown, self.port, INDEX_FILE,
+                 store.get("kind", self.store.kind), len(self.store))
         if self.api.page is None:
             log.warning("%s", self.api.page_source)
         if not self.settings.api_tokens and not _is_loopback(host):
@@ -3627,7 +3664,7 @@ def cmd_serve(args):
     ws_log.setLevel(max(logging.INFO, logging.getLevelName(level)))
     try:
         app = App(settings)
-    except StoreError as error:
+    except (StoreError, StartupError) as error:
         print(f"progressista: error: {error}", file=sys.stderr)
         return 1
     try:
