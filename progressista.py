@@ -2190,23 +2190,41 @@ def serialize_response(response, keep_alive, head_only=False):
 # --- Routes ----------------------------------------------------------------------------
 
 
-def _token_in(request):
+TOKEN_COOKIE = "progressista_token"  # what a ?token= that opened the dashboard becomes
+
+
+def offered_token(request):
+    """(token, where): the request's token and where it was found, "header", "query" or
+    "cookie", looked for in that order; (None, None) without one."""
     authorization = request.headers.get("authorization", "")
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return request.query.get("token")
+        return credentials.strip(), "header"
+    token = request.query.get("token")
+    if token is not None:
+        return token, "query"
+    cookies = request.headers.get("cookie")
+    if cookies and TOKEN_COOKIE in cookies:
+        for cookie in re.split("[;,]", cookies):  # a repeated Cookie header joins with ", "
+            name, _, value = cookie.strip().partition("=")
+            if name == TOKEN_COOKIE:
+                return urllib.parse.unquote(value.strip()), "cookie"
+    return None, None
 
 
-def token_ok(request, tokens):
-    """True when `request` carries one of `tokens` (compared in constant time)."""
-    offered = _token_in(request)
+def token_in(offered, tokens):
+    """True when `offered` is one of `tokens` (compared in constant time)."""
     if not offered:
         return False
     offered = offered.encode()
     # Compare against every token without stopping early, so timing reveals nothing.
     matches = [hmac.compare_digest(offered, token.encode()) for token in tokens]
     return any(matches)
+
+
+def token_ok(request, tokens):
+    """True when `request` carries one of `tokens`."""
+    return token_in(offered_token(request)[0], tokens)
 
 
 def own_origins(request):
@@ -2532,6 +2550,15 @@ class Api:
         if path in PUBLIC_PATHS or path.startswith("/static/"):
             return
         access = self.access(request)
+        if access is not None and request.method not in ("GET", "HEAD") and (
+                "origin" not in request.headers and offered_token(request)[1] == "cookie"):
+            # CSRF: a browser attaches the cookie itself. SameSite=Strict keeps it off
+            # every request another site starts, and route() refuses a write whose Origin
+            # is foreign; a browser always sends Origin on POST and DELETE, so a cookie
+            # write without one is no page of ours: refuse it rather than trust its age.
+            raise HTTPError(403, "a change authenticated by the dashboard's cookie needs an "
+                                 "Origin header; send 'Authorization: Bearer <token>'",
+                            reason="origin")
         if access == "write" or (access == "read" and request.method in ("GET", "HEAD")):
             return
         if access == "read":
@@ -2670,12 +2697,28 @@ class Api:
     def get_dashboard(self, request):
         if self.page is None:
             raise HTTPError(404, self.page_source)
-        return Response(200, self.page, "text/html; charset=utf-8", headers=[
+        headers = [
             ("Content-Security-Policy",
              content_security_policy(self.script_hashes, request.headers.get("host"))),
             ("Cache-Control", "no-cache"),
             ("Referrer-Policy", "no-referrer"),  # the URL may carry ?token=
-        ])
+        ]
+        cookie = self.token_cookie(request)
+        if cookie is not None:
+            headers.append(("Set-Cookie", cookie))
+        return Response(200, self.page, "text/html; charset=utf-8", headers=headers)
+
+    def token_cookie(self, request):
+        """The Set-Cookie value for a valid ?token= that opens the dashboard (a shared
+        link), or None: the page then drops the token from its address bar, so that it
+        stays out of history, bookmarks and screenshots. HttpOnly: no script reads it;
+        SameSite=Strict: no other site's request carries it; a session cookie."""
+        token = request.query.get("token")
+        settings = self.settings
+        if not token or not token_in(token, settings.api_tokens + settings.read_tokens):
+            return None  # a wrong token sets nothing: the page will show the 401
+        return (f"{TOKEN_COOKIE}={urllib.parse.quote(token, safe='')}; HttpOnly; "
+                f"SameSite=Strict; Path=/" + ("; Secure" if settings.tls_cert else ""))
 
 
     # WebSocket admission

@@ -1,15 +1,20 @@
-"""The Host check (PROTOCOL.md, "Transport (v2)"): DNS rebinding against a loopback server.
+"""What a browser brings (PROTOCOL.md, "Transport (v2)"): the Host check against DNS
+rebinding, and the cookie a shared dashboard link's ?token= becomes.
 
 A page on evil.example that rebinds its name to 127.0.0.1 reaches a loopback server with
 `Host: evil.example[:port]` and, being same-origin with itself, passes the Origin check:
 only the Host tells it apart. Real servers on 127.0.0.1; requests carry the Host a
 rebound browser would send (urllib keeps a Host header it is given; the /ws handshake is
-sent by hand, since a WebSocket client sets its own).
+sent by hand, since a WebSocket client sets its own). The cookie tests send the Cookie
+header a browser would send back, and read Set-Cookie as the browser would get it.
 """
 
 import socket
+import urllib.parse
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 import progressista
 from conftest import http, running_server
@@ -112,3 +117,105 @@ def test_allowed_hosts_come_from_the_environment():
     settings = progressista.Settings.from_env({"PROGRESSISTA_ALLOWED_HOSTS": "a.example, b:1"})
     assert settings.allowed_hosts == ("a.example", "b:1")
     assert progressista.allowed_host_names(settings) == frozenset({"a.example", "b"})
+
+
+# --- Share links: ?token= becomes a cookie ------------------------------------------------
+
+WRITE, READ = "write-token", "read;token ,x"  # a read token that needs encoding in a cookie
+
+
+@pytest.fixture(scope="module")
+def token_server():
+    with running_server(api_tokens=(WRITE,), read_tokens=(READ,)) as server:
+        yield server
+
+
+def page_cookie(server, token):
+    """The Set-Cookie of the dashboard opened with ?token=`token`, or None."""
+    url = server.url + "/static/index.html?token=" + urllib.parse.quote(token, safe="")
+    status, _, headers = http("GET", url)
+    assert status == 200
+    return headers.get("Set-Cookie")
+
+
+def cookie_header(set_cookie):
+    """What a browser sends back for a Set-Cookie: the name=value part."""
+    return set_cookie.split(";", 1)[0]
+
+
+@pytest.mark.parametrize("token", [WRITE, READ])
+def test_valid_token_in_the_dashboard_url_becomes_a_strict_httponly_cookie(token_server,
+                                                                           token):
+    set_cookie = page_cookie(token_server, token)
+    attributes = [part.strip() for part in set_cookie.split(";")]
+    assert attributes[0].startswith("progressista_token=")
+    assert set(attributes[1:]) == {"HttpOnly", "SameSite=Strict", "Path=/"}  # no Secure: http
+
+
+def test_wrong_or_missing_token_sets_no_cookie(token_server):
+    assert page_cookie(token_server, "wrong") is None
+    assert http("GET", token_server.url + "/static/index.html")[2].get("Set-Cookie") is None
+
+
+def test_cookie_is_set_once_by_the_page_not_by_the_redirect_to_it(token_server):
+    status, _, headers = http("GET", token_server.url + "/?token=" + WRITE)  # follows the 307
+    assert status == 200 and len(headers.get_all("Set-Cookie")) == 1
+
+
+def test_no_cookie_without_tokens_configured(loopback_server):
+    assert page_cookie(loopback_server, "anything") is None
+
+
+@pytest.mark.parametrize("token", [WRITE, READ])
+def test_cookie_is_accepted_by_tasks_as_its_token(token_server, token):
+    cookie = cookie_header(page_cookie(token_server, token))
+    assert http("GET", token_server.url + "/tasks", headers={"Cookie": cookie})[0] == 200
+    assert http("GET", token_server.url + "/tasks", headers={
+        "Cookie": "other=1; " + cookie + "; more=2"})[0] == 200
+    assert http("GET", token_server.url + "/tasks")[0] == 401
+
+
+def test_read_token_keeps_read_only_rights_through_the_cookie(token_server):
+    cookie = cookie_header(page_cookie(token_server, READ))
+    origin = {"Cookie": cookie, "Origin": token_server.url}
+    assert http("GET", token_server.url + "/auth", headers={"Cookie": cookie})[1] == {
+        "access": "read"}
+    assert http("DELETE", token_server.url + "/tasks", headers=origin)[0] == 403
+    assert http("POST", token_server.url + "/progress", {"task_id": "r"}, headers=origin)[0] == 403
+
+
+def test_write_token_cookie_may_change_tasks_from_its_own_origin_only(token_server):
+    cookie = cookie_header(page_cookie(token_server, WRITE))
+    own = {"Cookie": cookie, "Origin": token_server.url}
+    assert http("POST", token_server.url + "/progress", {"task_id": "c"}, headers=own)[0] == 200
+    assert http("DELETE", token_server.url + "/tasks/c", headers={
+        "Cookie": cookie, "Origin": "http://evil.example"})[0] == 403
+    assert http("DELETE", token_server.url + "/tasks/c", headers={"Cookie": cookie})[0] == 403
+    assert http("DELETE", token_server.url + "/tasks/c", headers=own)[1] == {"removed": True}
+
+
+def test_header_wins_over_the_cookie(token_server):
+    cookie = cookie_header(page_cookie(token_server, WRITE))
+    assert http("GET", token_server.url + "/tasks", headers={
+        "Cookie": cookie, "Authorization": "Bearer wrong"})[0] == 401
+
+
+def test_ws_accepts_the_cookie_and_refuses_a_wrong_one(token_server):
+    cookie = cookie_header(page_cookie(token_server, READ))
+    url = token_server.url.replace("http://", "ws://") + "/ws"
+    with connect(url, additional_headers={"Cookie": cookie}, open_timeout=5,
+                 proxy=None) as feed:
+        assert '"snapshot"' in feed.recv(timeout=5)
+    with pytest.raises(InvalidStatus) as refused:
+        with connect(url, additional_headers={"Cookie": "progressista_token=wrong"},
+                     open_timeout=5, proxy=None):
+            pass
+    assert refused.value.response.status_code == 401
+
+
+def test_the_page_drops_the_token_from_its_address_bar():
+    # The page's one job here (the browser test is the harness's): replaceState without it.
+    import progressista as module
+
+    page = open(module.find_dashboard()[0], encoding="utf-8").read()
+    assert 'clean.searchParams.delete("token")' in page and "history.replaceState(" in page

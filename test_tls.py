@@ -205,3 +205,16 @@ def test_demo_sends_over_tls_verifying_with_the_ca_file(tls_server, tls_files, t
     assert result.returncode == 0, result.stderr
     tasks = https("GET", tls_server.url + "/tasks", trusting)[1]["tasks"]
     assert any(task_id.startswith("demo-") for task_id in tasks)
+
+
+def test_token_cookie_is_secure_under_tls(tls_files, trusting):
+    cert, key, _ = tls_files
+    with running_server(tls_cert=cert, tls_key=key, api_tokens=("t",)) as server:
+        request = urllib.request.Request(server.url + "/static/index.html?token=t")
+        with urllib.request.urlopen(request, timeout=5, context=trusting) as response:
+            set_cookie = response.headers["Set-Cookie"]
+        assert "; Secure" in set_cookie and "HttpOnly" in set_cookie
+        cookie = set_cookie.split(";", 1)[0]
+        request = urllib.request.Request(server.url + "/tasks", headers={"Cookie": cookie})
+        with urllib.request.urlopen(request, timeout=5, context=trusting) as response:
+            assert response.status == 200
