@@ -1983,7 +1983,10 @@ REQUEST_LINE = re.compile(r"([A-Z]+) ([!-~]+) (HTTP/1\.[01])\Z")
 FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")  # a token: no space, no control
 # In a field value: no control but HTAB. A bare CR or LF, or a NUL, is how a head that a
 # front proxy reads one way is read another way here (request smuggling).
-FIELD_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+FIELD_VALUE_CONTROL = "\\x00-\\x08\\x0a-\\x1f\\x7f"
+# A header line that is not `token ":" value` with no such control: found in one search.
+BAD_HEADER_LINE = re.compile(r"\r\n(?![-!#$%&'*+.^_`|~0-9A-Za-z]+:[^" + FIELD_VALUE_CONTROL
+                             + r"]*(?:\r\n|\Z))")
 CONTENT_LENGTH = re.compile(r"[0-9]{1,20}\Z")  # ASCII digits: "²".isdigit() is True too
 SINGLE_HEADERS = ("content-length",)  # may repeat with one value; Host may not repeat
 
@@ -2055,22 +2058,26 @@ _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 def parse_head(head, peer=None):
     """Parse a request head (without its final blank line); raise HTTPError(400) for
     anything RFC 9112 does not allow (sections 3.2 and 5), rather than guess."""
-    lines = head.decode("latin-1").split("\r\n")
+    text = head.decode("latin-1")
+    lines = text.split("\r\n")
     match = REQUEST_LINE.match(lines[0])
     if match is None:
         raise HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1' with "
                              "a target of visible ASCII (percent-encode the rest)")
+    # Fast path: printable ASCII (or Latin-1) but for the line ends and tabs has no
+    # control; else one search finds the bad line (8-bit obs-text alone is allowed).
+    if not text.replace("\r\n", "").replace("\t", " ").isprintable():
+        bad = BAD_HEADER_LINE.search(text, len(lines[0]))
+        if bad is not None:
+            raise _header_line_error(text[bad.end():].split("\r\n", 1)[0])
     headers = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not FIELD_NAME.match(name):
-            # Also a line that starts with a space: obsolete line folding is refused.
-            raise HTTPError(400, f"malformed header line {line[:40].encode('latin-1')!r}")
-        value = value.strip(" \t")
-        if FIELD_VALUE_CONTROL.search(value):
-            raise HTTPError(400, f"header {name}: control characters are not allowed in a "
-                                 "header value")
+        if not (colon and name.replace("-", "").isalnum() and name.isascii()) and not (
+                colon and FIELD_NAME.match(name)):
+            raise _header_line_error(line)
         name = name.lower()
+        value = value.strip(" \t")
         if name in headers:
             if name == "host":
                 raise HTTPError(400, "two Host headers: send exactly one")
@@ -2085,6 +2092,15 @@ def parse_head(head, peer=None):
     if version == "HTTP/1.1" and "host" not in headers:
         raise HTTPError(400, "an HTTP/1.1 request needs a Host header (RFC 9112 section 3.2)")
     return Request(match.group(1), match.group(2), version, headers, peer)
+
+
+def _header_line_error(line):
+    name, colon, _ = line.partition(":")
+    if colon and FIELD_NAME.match(name):
+        return HTTPError(400, f"header {name}: control characters are not allowed in a "
+                              "header value")
+    # Also a line that starts with a space: obsolete line folding is refused.
+    return HTTPError(400, f"malformed header line {line[:40].encode('latin-1')!r}")
 
 
 def body_length(request, max_body_bytes):
