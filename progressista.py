@@ -378,8 +378,8 @@ SETTINGS_TABLE = (
              "this server's name in notifications (default: the host name)"),
     _Setting("allowed_hosts", "ALLOWED_HOSTS", _csv,
              "Host header names answered, others get 421 (comma-separated, * for any; a "
-             "port is ignored); default: localhost, 127.0.0.1, [::1] and the listening "
-             "address when listening on loopback, else any"),
+             "port is ignored); none listed: localhost, 127.0.0.1, [::1] and the "
+             "listening address when listening on loopback, else any"),
     _Setting("tls_cert", "TLS_CERT", str,
              "certificate file (PEM, with its chain): serve https:// and wss://"),
     _Setting("tls_key", "TLS_KEY", str, "the certificate's private key file (PEM)"),
@@ -4201,6 +4201,22 @@ def _connection_reason(error):
     return _printable(str(error)) or type(error).__name__
 
 
+def _connect_without_redirects():
+    """websockets' sync connect(), following no redirect: a 3xx raises InvalidStatus.
+    (websockets 17's connector follows a same-origin redirect, with our Authorization.)"""
+    from websockets.sync import client
+
+    connector = getattr(client, "reconnect", None)
+    if not isinstance(connector, type) or not hasattr(connector, "process_redirect"):
+        return client.connect  # an older websockets: it follows none
+
+    class connect_here_only(connector):
+        def process_redirect(self, exc):
+            return exc  # "not a redirect to follow": raised as it is
+
+    return connect_here_only
+
+
 class _Watcher:
     """The live mode: the /ws feed into a dict of tasks, drawn at most every `interval` s."""
 
@@ -4227,8 +4243,8 @@ class _Watcher:
     def run(self):
         """Watch until interrupted; return 1 when the server refuses us for good."""
         from websockets.exceptions import InvalidStatus, WebSocketException
-        from websockets.sync.client import connect
 
+        connect = _connect_without_redirects()
         try:
             tls = client_tls_context() if self.ws_url.startswith("wss:") else None
         except (OSError, ssl.SSLError) as error:  # a CA file that is missing or not PEM

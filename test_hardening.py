@@ -532,6 +532,9 @@ def test_watch_escapes_a_hostile_close_reason():
 
 
 class _Recorder(BaseHTTPRequestHandler):
+    """Records each request's path and Authorization; redirects to `server.location`."""
+
+    protocol_version = "HTTP/1.1"  # a WebSocket client refuses an HTTP/1.0 answer
     seen = []
 
     def do_GET(self):
@@ -541,11 +544,13 @@ class _Recorder(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", location)
             self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
             self.end_headers()
         else:
             body = b'{"tasks": {}, "now": 1}'
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
 
@@ -588,3 +593,25 @@ def test_debug_log_masks_every_token_spelling_and_escapes_control_bytes(caplog):
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "SECRET" not in logged
     assert "\x1b" not in logged and "\\x1b[31mred" in logged
+
+
+@pytest.mark.timeout(20)
+def test_live_watch_follows_no_redirect_either(capsys):
+    elsewhere = HTTPServer(("127.0.0.1", 0), _Recorder)
+    redirector = HTTPServer(("127.0.0.1", 0), _Recorder)
+    redirector.location = f"ws://127.0.0.1:{elsewhere.server_port}/ws"
+    for server in (elsewhere, redirector):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Recorder.seen = []
+    try:
+        status = progressista.main(["watch", "--server",
+                                    f"http://127.0.0.1:{redirector.server_port}",
+                                    "--token", "s3cret"])
+    finally:
+        for server in (elsewhere, redirector):
+            server.shutdown()
+            server.server_close()
+    assert status == 1
+    assert _Recorder.seen == [("/ws", "Bearer s3cret")]  # the redirector only
+    error = capsys.readouterr().err
+    assert error.count("302") == 1 and "not followed" in error
