@@ -6,8 +6,8 @@ package's Sans-I/O layer). Start it with::
 
     python progressista.py --port 8000        # or, installed: progressista serve
 
-then open http://localhost:8000/ . The wire protocol is documented in README.md
-("Protocol"); ``progressista --help`` lists every command and setting.
+then open http://localhost:8000/ . The wire protocol is documented in docs/PROTOCOL.md;
+``progressista --help`` lists every command and setting.
 """
 
 import argparse
@@ -91,6 +91,9 @@ MAX_META_BYTES = 4 * 1024  # meta, as compact JSON
 FD_RESERVE = 64  # file descriptors kept free for the store, logs and the listening socket
 MAX_CONNECTIONS_FALLBACK = 10_000  # where the descriptor limit cannot be read
 MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they send small
+MAX_REMOVED_REMEMBERED = 100_000  # deletions GET /tasks?since= can list; older: resync
+MAX_PAGE_TASKS = 100_000  # GET /tasks?limit= at most
+SNAPSHOT_CHUNK_TASKS = 2_000  # a /ws snapshot of more tasks goes out in chunks of this many
 MAX_DISCARD_BYTES = 64 << 20  # of a refused body, read and dropped so the 413 arrives
 LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
 LISTENER_BUFFER_LOW_BYTES = 1 << 20  # ...and gets a fresh snapshot once drained to this
@@ -116,7 +119,7 @@ SHUTDOWN_TIMEOUT_S = 5.0
 TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a client that stalls mid-handshake is dropped after this
 REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 
-# Defaults of PROTOCOL.md
+# Defaults of docs/PROTOCOL.md ("Lifetimes", "The live feed")
 BROADCAST_INTERVAL_S = 0.1
 STALE_SECONDS = 60.0
 RETENTION_SECONDS = 86400.0
@@ -144,7 +147,7 @@ def _csv(text):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every server setting, with PROTOCOL.md's defaults. See `Settings.from_env()`."""
+    """Every server setting, with docs/PROTOCOL.md's defaults. See `Settings.from_env()`."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -710,7 +713,7 @@ def apply_update(task, update, now):
 
 
 def expired(task, now, lifetimes):
-    """True when a lifetime rule deletes `task` at `now` (PROTOCOL.md "Lifetimes")."""
+    """True when a lifetime rule deletes `task` at `now` (docs/PROTOCOL.md "Lifetimes")."""
     silent_s = now - task.updated_at
     if lifetimes.max_task_age and silent_s >= lifetimes.max_task_age:
         return True
@@ -1363,17 +1366,69 @@ def _encode(message):
     return json.dumps(message, separators=(",", ":")).encode()
 
 
+class ChangeLog:
+    """When each task last changed and which were deleted lately, for pollers
+    (GET /tasks?since=T; docs/PROTOCOL.md "Reading tasks: GET /tasks").
+
+    It costs one dict entry per task: its last change time, the dict kept in the order of
+    those times, so that the tasks changed since T are read from its end."""
+
+    def __init__(self, clock, max_removed=MAX_REMOVED_REMEMBERED):
+        self.clock = clock
+        self.changed_at = {}  # task_id -> server time of its last change, oldest first
+        self.removed_log = collections.deque()  # (server time, task_id), oldest first
+        self.max_removed = max_removed
+        self.known_since = clock()  # deletions before this are not known: resync
+
+    def changed(self, task_ids):
+        now = self.clock()
+        changed_at = self.changed_at
+        for task_id in task_ids:
+            changed_at.pop(task_id, None)  # to the end: the order is the order of changes
+            changed_at[task_id] = now
+
+    def removed(self, task_ids):
+        now = self.clock()
+        log_ = self.removed_log
+        for task_id in task_ids:
+            self.changed_at.pop(task_id, None)
+            log_.append((now, task_id))
+        while len(log_) > self.max_removed:
+            self.known_since = log_.popleft()[0]
+
+    def since(self, since_t):
+        """(ids changed at or after `since_t`, oldest change first; ids deleted since then
+        and not back; True when deletions before `since_t` are forgotten or the server
+        started after it, so the caller must resync)."""
+        changed = []
+        changed_at = self.changed_at
+        for task_id in reversed(changed_at):  # newest first; stop at the first older one
+            if changed_at[task_id] < since_t:
+                break
+            changed.append(task_id)
+        changed.reverse()
+        removed = {}
+        for removed_at, task_id in reversed(self.removed_log):
+            if removed_at < since_t:
+                break
+            if task_id not in changed_at:  # deleted and not sent again since
+                removed[task_id] = None
+        return changed, list(removed), since_t < self.known_since
+
+
 class Feed:
     """What changed since the last broadcast, coalesced: the latest state per task wins.
 
     Every change to the store goes through `changed()` / `removed()`; `take()` turns
-    what is pending into at most one remove and one update message."""
+    what is pending into at most one remove and one update message. A ChangeLog, when
+    given, hears of every change too."""
 
-    def __init__(self):
+    def __init__(self, log=None):
         # A dict as an ordered set: an update message lists tasks in the order they first
         # changed, so the tasks of one batch arrive in the order they were created.
         self.changed_ids = {}
         self.removed_ids = set()
+        self.log = log
 
     def changed(self, task_ids):
         changed_ids = self.changed_ids
@@ -1381,12 +1436,16 @@ class Feed:
             changed_ids[task_id] = None
         if self.removed_ids:
             self.removed_ids.difference_update(task_ids)
+        if self.log is not None:
+            self.log.changed(task_ids)
 
     def removed(self, task_ids):
         self.removed_ids.update(task_ids)
         changed_ids = self.changed_ids
         for task_id in task_ids:
             changed_ids.pop(task_id, None)
+        if self.log is not None:
+            self.log.removed(task_ids)
 
     def clear(self):
         self.changed_ids = {}
@@ -1411,8 +1470,32 @@ class Feed:
 
 
 def snapshot_message(store, now, stale_after_s):
+    """The whole snapshot as one message (a store of at most SNAPSHOT_CHUNK_TASKS)."""
     tasks = {task.task_id: task.as_dict(now, stale_after_s) for task in store.tasks()}
     return _encode({"type": "snapshot", "tasks": tasks, "now": now})
+
+
+def snapshot_chunks(store, clock, stale_after_s, chunk_tasks=None):
+    """Yield a big store's snapshot as messages of at most `chunk_tasks` tasks, one per
+    step, so that no step of the loop encodes more than that: `snapshot` with "more":
+    true, then `snapshot_more` messages, the last with "more": false.
+
+    Each step reads the store as it is then: a task changed meanwhile goes out in its
+    latest state (its update message may come too, which is the same or newer); a task
+    deleted meanwhile is left out (its remove message tells the listener); a task
+    created meanwhile comes as an update, since the listener gets updates from the
+    first chunk on."""
+    chunk_tasks = chunk_tasks or SNAPSHOT_CHUNK_TASKS
+    held = store.tasks()  # the order, fixed now; each task is read again at its step
+    for start in range(0, max(len(held), 1), chunk_tasks):
+        now = clock()
+        tasks = {}
+        for old in held[start:start + chunk_tasks]:
+            task = store.get(old.task_id)
+            if task is not None:
+                tasks[task.task_id] = task.as_dict(now, stale_after_s)
+        yield _encode({"type": "snapshot_more" if start else "snapshot", "tasks": tasks,
+                       "more": start + chunk_tasks < len(held), "now": now})
 
 
 # --- Notifications ---------------------------------------------------------------------
@@ -2034,7 +2117,8 @@ class Request:
         """The body as JSON; 400 for bad JSON, NaN or Infinity."""
         try:
             body = self.body
-            if body[:1] in (b"{", b"[") and body[1:2] != b"\x00":  # UTF-8, as PROTOCOL.md says
+            # UTF-8 is what docs/PROTOCOL.md ("Transport") asks for: the fast path
+            if body[:1] in (b"{", b"[") and body[1:2] != b"\x00":
                 text = body.decode()
                 value, end = _JSON_DECODER.raw_decode(text)
                 if end != len(text) and text[end:].strip(" \t\n\r"):
@@ -2381,6 +2465,21 @@ def _seconds_query(request, name):
         raise HTTPError(400, f"{name}: {error}") from None
 
 
+def _time_query(request, name):
+    """A server time (Unix seconds) from the query, as GET /tasks?since= takes it."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise HTTPError(400, f"{name}: must be a server time in Unix seconds (the `now` of "
+                             f"an earlier answer), not {raw!r}")
+    return value
+
+
 def _path_task_id(request):
     return urllib.parse.unquote(request.path[len("/tasks/"):])
 
@@ -2430,6 +2529,7 @@ class Api:
         self.settings = settings
         self.store = store
         self.feed = feed
+        self.changes = feed.log  # for GET /tasks?since=
         self.metrics = metrics
         self.clock = clock
         self.server_gauges = server_gauges  # () -> live counts the server keeps (listeners...)
@@ -2523,7 +2623,7 @@ class Api:
                 methods = self.task_routes
             else:
                 raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
-                                     "or docs/PROTOCOL.md for the API")
+                                     "or docs/PROTOCOL.md (\"Routes\") for the API")
         method = "GET" if request.method == "HEAD" else request.method
         if method == "OPTIONS":
             return self.preflight(request, methods)
@@ -2628,13 +2728,32 @@ class Api:
 
     def get_tasks(self, request):
         status = _status_query(request)
+        since = _time_query(request, "since")
         now = self.clock()
         stale_after_s = self.settings.stale_seconds
+        answer = {}
+        removed = []
+        if since is None:
+            candidates = self.store.tasks()
+        else:
+            # A poller's delta: what changed since its last call (whose `now` it passes),
+            # and what was deleted; a filter that a task no longer passes deletes it too.
+            changed_ids, removed, resync = self.changes.since(since)
+            if resync:
+                answer["resync"] = True  # the answer holds every task: replace your copy
+                candidates = self.store.tasks()
+            else:
+                candidates = filter(None, map(self.store.get, changed_ids))
         tasks = {}
-        for task in self.store.tasks():  # the status first: as_dict() only for those shown
+        for task in candidates:  # the status first: as_dict() only for those shown
             if status is None or task.shown_status(now, stale_after_s) == status:
                 tasks[task.task_id] = task.as_dict(now, stale_after_s)
-        return json_response({"tasks": tasks, "now": now})
+            elif since is not None:
+                removed.append(task.task_id)
+        answer.update(tasks=tasks, now=now)
+        if since is not None and "resync" not in answer:
+            answer["removed"] = removed
+        return json_response(answer)
 
     def get_task(self, request):
         task_id = _path_task_id(request)
@@ -2934,7 +3053,12 @@ SENT, RESYNC = "sent", "resync"  # what Listener.offer() did
 
 class Hub:
     """The live feed's listeners: a snapshot for each newcomer, each broadcast offered to
-    every listener (one that falls behind never slows the others), and their pings."""
+    every listener (one that falls behind never slows the others), and their pings.
+
+    A store of at most SNAPSHOT_CHUNK_TASKS tasks gets one snapshot message, built once
+    per broadcast interval however many listeners (re)connect in it. A bigger one goes
+    out in chunks, one per loop step (`pump()`), to all the listeners that asked within
+    one broadcast interval at once; they get the updates from their first chunk on."""
 
     def __init__(self, feed, store, settings, clock, metrics):
         self.feed = feed
@@ -2942,52 +3066,106 @@ class Hub:
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
-        self.listeners = set()
+        self.listeners = set()  # those that get the updates
+        self.waiting = []  # listeners whose chunked snapshot starts at the next broadcast
+        self.runs = []  # [chunks, listeners, blocked since] of chunked snapshots under way
         self.cached_snapshot = None
 
     def __len__(self):
-        return len(self.listeners)
+        return len(self.listeners) + len(self.waiting)
 
     def add(self, listener):
-        self.listeners.add(listener)
         self.metrics.listeners_opened += 1
         self.send_snapshot(listener)
 
     def discard(self, listener):
         self.listeners.discard(listener)
+        self.leave_snapshots(listener)
+
+    def leave_snapshots(self, listener):
+        if listener in self.waiting:
+            self.waiting.remove(listener)
+        for run in self.runs:
+            if listener in run[1]:
+                run[1].remove(listener)
 
     def snapshot(self):
-        """The snapshot message, built once per broadcast interval however many listeners
-        (re)connect in it: what changes after it is built is in the feed, and goes to
-        them with the next update."""
+        """The one-message snapshot, built once per broadcast interval however many
+        listeners (re)connect in it: what changes after it is built is in the feed, and
+        goes to them with the next update."""
         if self.cached_snapshot is None:
             self.cached_snapshot = snapshot_message(self.store, self.clock(),
                                                     self.settings.stale_seconds)
         return self.cached_snapshot
 
     def send_snapshot(self, listener):
+        self.leave_snapshots(listener)  # a listener resyncing starts over
+        if len(self.store) > SNAPSHOT_CHUNK_TASKS:
+            self.listeners.discard(listener)  # no updates before its first chunk
+            self.waiting.append(listener)
+            return
         snapshot = self.snapshot()
         self.metrics.broadcast((snapshot,), 1)
         listener.send_snapshot(snapshot)
+        self.listeners.add(listener)
 
     def broadcast(self, loop_now):
-        """Send what changed since the last call to every listener that keeps up."""
+        """Send what changed since the last call to every listener that keeps up, and
+        start the chunked snapshot of those waiting for one."""
         self.cached_snapshot = None  # from here on it would miss what the feed hands out
         if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
             self.feed.clear()
-            return
-        messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
-        sent_to = 0
-        for listener in list(self.listeners):
-            outcome = listener.offer(messages, loop_now)
-            if outcome is SENT:
-                sent_to += 1
-            elif outcome is RESYNC:
-                self.send_snapshot(listener)
-        self.metrics.broadcast(messages, sent_to)
+        else:
+            messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
+            sent_to = 0
+            for listener in list(self.listeners):
+                outcome = listener.offer(messages, loop_now)
+                if outcome is SENT:
+                    sent_to += 1
+                elif outcome is RESYNC:
+                    self.send_snapshot(listener)
+            self.metrics.broadcast(messages, sent_to)
+        if self.waiting:
+            chunks = snapshot_chunks(self.store, self.clock, self.settings.stale_seconds)
+            self.runs.append([chunks, self.waiting, None])  # None: not waiting on a reader
+            self.waiting = []
+        if self.runs:
+            self.pump(loop_now)
+
+    def pump(self, loop_now):
+        """Send the next chunk of each chunked snapshot under way whose listeners have
+        drained the last one; True when a chunk went out and more remain (call again at
+        the next step of the loop; the next broadcast calls it anyway)."""
+        advanced = False
+        for run in list(self.runs):
+            chunks, listeners, blocked_since = run
+            listeners[:] = [listener for listener in listeners
+                            if listener.connection.transport is not None]
+            slow = [listener for listener in listeners
+                    if listener.unsent_bytes() > LISTENER_BUFFER_HIGH_BYTES]
+            if slow:  # wait for them: the chunks of a big store must not pile up unsent
+                if run[2] is None:
+                    run[2] = loop_now
+                elif loop_now - blocked_since > LISTENER_BEHIND_TIMEOUT_S:
+                    for listener in slow:
+                        log.info("closing /ws listener %s: it stopped reading its "
+                                 "snapshot", listener.connection.peer)
+                        listener.connection.abort()
+                continue
+            run[2] = None
+            chunk = next(chunks, None)
+            if chunk is None or not listeners:
+                self.runs.remove(run)
+                continue
+            self.metrics.broadcast((chunk,), len(listeners))
+            for listener in listeners:
+                listener.send_snapshot(chunk)
+                self.listeners.add(listener)
+            advanced = True
+        return advanced and bool(self.runs)
 
     def close_all(self):
-        for listener in list(self.listeners):
+        for listener in [*self.listeners, *self.waiting]:
             listener.close()
 
 
@@ -3320,7 +3498,8 @@ class App:
         self.settings = settings
         self.clock = clock
         self.store = store if store is not None else open_store(settings.store, settings)
-        self.feed = Feed()  # every change to the store goes through it to the hub
+        # Every change to the store goes through the feed, to the hub and the change log.
+        self.feed = Feed(ChangeLog(clock))
         self.metrics = Metrics(clock())
         self.notifier = Notifier.from_settings(settings)  # None without --notify
         self.hub = Hub(self.feed, self.store, settings, clock, self.metrics)
@@ -3381,6 +3560,13 @@ class App:
                                   self.clock(), self.settings.stale_seconds)
             self.notifier.tick(self.clock())
         self.hub.broadcast(self.loop.time())
+        if self.hub.runs:
+            self.loop.call_soon(self.pump)
+
+    def pump(self):
+        # One chunk of each snapshot under way per loop step: requests go on in between.
+        if not self.stopping and self.hub.pump(self.loop.time()):
+            self.loop.call_soon(self.pump)
 
     def sweep(self):
         return settle(self.store.sweep(self.clock(), self.settings), self.swept)
@@ -3613,7 +3799,8 @@ def settings_help():
             + "\n\nclient settings (demo, run, watch, progressista_client):"
             "\n  PROGRESSISTA_SERVER_URL, PROGRESSISTA_API_TOKEN, PROGRESSISTA_PUSH_INTERVAL,"
             "\n  PROGRESSISTA_REQUEST_TIMEOUT, PROGRESSISTA_FLUSH_TIMEOUT,"
-            "\n  PROGRESSISTA_HEARTBEAT_INTERVAL (see the README)"
+            "\n  PROGRESSISTA_HEARTBEAT_INTERVAL, PROGRESSISTA_RUN, PROGRESSISTA_RUN_NAME,"
+            "\n  PROGRESSISTA_CA_BUNDLE (see docs/client.md)"
             "\n\nRun 'progressista COMMAND --help' for a command's options.")
 
 
@@ -4036,16 +4223,16 @@ def render_table(tasks, now, width=None, height=None, text_filter=None, status=N
 
 
 def apply_feed_message(tasks, message):
-    """Apply one /ws message (PROTOCOL.md "The live feed") to `tasks`, task_id -> task, in
+    """Apply one /ws message (docs/PROTOCOL.md "The live feed") to `tasks`, task_id -> task, in
     place; return the server's `now` it carries, or None for a message of another kind."""
     kind = message.get("type") if isinstance(message, dict) else None
-    sent = message.get("tasks") if kind in ("snapshot", "update") else None
+    sent = message.get("tasks") if kind in ("snapshot", "snapshot_more", "update") else None
     sent = {task_id: task for task_id, task in sent.items()
             if isinstance(task, dict)} if isinstance(sent, dict) else {}
     if kind == "snapshot":
         tasks.clear()
         tasks.update(sent)
-    elif kind == "update":
+    elif kind in ("update", "snapshot_more"):  # a big snapshot's later chunks add to it
         tasks.update(sent)  # a known task keeps its place
     elif kind == "remove":
         for task_id in message.get("ids") or ():

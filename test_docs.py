@@ -147,6 +147,9 @@ SERVER_ONLY = {
     "MAX_WS_MESSAGE_BYTES": "messages from /ws clients, which the client does not open",
     "MAX_DISCARD_BYTES": "how much of a refused body the server reads and drops",
     "MAX_CONNECTIONS_FALLBACK": "connections where the descriptor limit is unknown",
+    "MAX_PAGE_TASKS": "the largest ?limit= of GET /tasks, which the client does not read",
+    "MAX_REMOVED_REMEMBERED": "deletions GET /tasks?since= can list",
+    "MAX_SEQ": "the largest seq; the client's are wall-clock microseconds, near 2**51",
 }
 
 
@@ -205,8 +208,8 @@ def test_protocol_states_each_field_limit_the_server_enforces():
 
 def registered_routes():
     app = progressista.App(progressista.Settings())
-    routes = [(method, path) for path, methods in app.routes.items() for method in methods]
-    routes += [(method, "/tasks/{task_id}") for method in app.task_routes]
+    routes = [(method, path) for path, methods in app.api.routes.items() for method in methods]
+    routes += [(method, "/tasks/{task_id}") for method in app.api.task_routes]
     return sorted(routes)
 
 

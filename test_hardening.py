@@ -305,12 +305,8 @@ def test_bad_sqlite_rows_are_skipped_and_logged_and_the_rest_load(tmp_path, capl
 
 
 @pytest.fixture
-def redis_url(tmp_path):
-    from test_stores import RedisServer
-
-    server = RedisServer(tmp_path).start()
-    yield server.url
-    server.stop()
+def redis_url(redis_server):
+    return redis_server.url
 
 
 def test_hostile_publish_on_redis_is_skipped_and_the_servers_keep_mirroring(redis_url,

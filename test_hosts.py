@@ -125,7 +125,7 @@ WRITE, READ = "write-token", "read;token ,x"  # a read token that needs encoding
 
 
 @pytest.fixture(scope="module")
-def token_server():
+def share_link_server():
     with running_server(api_tokens=(WRITE,), read_tokens=(READ,)) as server:
         yield server
 
@@ -144,21 +144,21 @@ def cookie_header(set_cookie):
 
 
 @pytest.mark.parametrize("token", [WRITE, READ])
-def test_valid_token_in_the_dashboard_url_becomes_a_strict_httponly_cookie(token_server,
+def test_valid_token_in_the_dashboard_url_becomes_a_strict_httponly_cookie(share_link_server,
                                                                            token):
-    set_cookie = page_cookie(token_server, token)
+    set_cookie = page_cookie(share_link_server, token)
     attributes = [part.strip() for part in set_cookie.split(";")]
     assert attributes[0].startswith("progressista_token=")
     assert set(attributes[1:]) == {"HttpOnly", "SameSite=Strict", "Path=/"}  # no Secure: http
 
 
-def test_wrong_or_missing_token_sets_no_cookie(token_server):
-    assert page_cookie(token_server, "wrong") is None
-    assert http("GET", token_server.url + "/static/index.html")[2].get("Set-Cookie") is None
+def test_wrong_or_missing_token_sets_no_cookie(share_link_server):
+    assert page_cookie(share_link_server, "wrong") is None
+    assert http("GET", share_link_server.url + "/static/index.html")[2].get("Set-Cookie") is None
 
 
-def test_cookie_is_set_once_by_the_page_not_by_the_redirect_to_it(token_server):
-    status, _, headers = http("GET", token_server.url + "/?token=" + WRITE)  # follows the 307
+def test_cookie_is_set_once_by_the_page_not_by_the_redirect_to_it(share_link_server):
+    status, _, headers = http("GET", share_link_server.url + "/?token=" + WRITE)  # follows the 307
     assert status == 200 and len(headers.get_all("Set-Cookie")) == 1
 
 
@@ -167,42 +167,42 @@ def test_no_cookie_without_tokens_configured(loopback_server):
 
 
 @pytest.mark.parametrize("token", [WRITE, READ])
-def test_cookie_is_accepted_by_tasks_as_its_token(token_server, token):
-    cookie = cookie_header(page_cookie(token_server, token))
-    assert http("GET", token_server.url + "/tasks", headers={"Cookie": cookie})[0] == 200
-    assert http("GET", token_server.url + "/tasks", headers={
+def test_cookie_is_accepted_by_tasks_as_its_token(share_link_server, token):
+    cookie = cookie_header(page_cookie(share_link_server, token))
+    assert http("GET", share_link_server.url + "/tasks", headers={"Cookie": cookie})[0] == 200
+    assert http("GET", share_link_server.url + "/tasks", headers={
         "Cookie": "other=1; " + cookie + "; more=2"})[0] == 200
-    assert http("GET", token_server.url + "/tasks")[0] == 401
+    assert http("GET", share_link_server.url + "/tasks")[0] == 401
 
 
-def test_read_token_keeps_read_only_rights_through_the_cookie(token_server):
-    cookie = cookie_header(page_cookie(token_server, READ))
-    origin = {"Cookie": cookie, "Origin": token_server.url}
-    assert http("GET", token_server.url + "/auth", headers={"Cookie": cookie})[1] == {
+def test_read_token_keeps_read_only_rights_through_the_cookie(share_link_server):
+    cookie = cookie_header(page_cookie(share_link_server, READ))
+    origin = {"Cookie": cookie, "Origin": share_link_server.url}
+    assert http("GET", share_link_server.url + "/auth", headers={"Cookie": cookie})[1] == {
         "access": "read"}
-    assert http("DELETE", token_server.url + "/tasks", headers=origin)[0] == 403
-    assert http("POST", token_server.url + "/progress", {"task_id": "r"}, headers=origin)[0] == 403
+    assert http("DELETE", share_link_server.url + "/tasks", headers=origin)[0] == 403
+    assert http("POST", share_link_server.url + "/progress", {"task_id": "r"}, headers=origin)[0] == 403
 
 
-def test_write_token_cookie_may_change_tasks_from_its_own_origin_only(token_server):
-    cookie = cookie_header(page_cookie(token_server, WRITE))
-    own = {"Cookie": cookie, "Origin": token_server.url}
-    assert http("POST", token_server.url + "/progress", {"task_id": "c"}, headers=own)[0] == 200
-    assert http("DELETE", token_server.url + "/tasks/c", headers={
+def test_write_token_cookie_may_change_tasks_from_its_own_origin_only(share_link_server):
+    cookie = cookie_header(page_cookie(share_link_server, WRITE))
+    own = {"Cookie": cookie, "Origin": share_link_server.url}
+    assert http("POST", share_link_server.url + "/progress", {"task_id": "c"}, headers=own)[0] == 200
+    assert http("DELETE", share_link_server.url + "/tasks/c", headers={
         "Cookie": cookie, "Origin": "http://evil.example"})[0] == 403
-    assert http("DELETE", token_server.url + "/tasks/c", headers={"Cookie": cookie})[0] == 403
-    assert http("DELETE", token_server.url + "/tasks/c", headers=own)[1] == {"removed": True}
+    assert http("DELETE", share_link_server.url + "/tasks/c", headers={"Cookie": cookie})[0] == 403
+    assert http("DELETE", share_link_server.url + "/tasks/c", headers=own)[1] == {"removed": True}
 
 
-def test_header_wins_over_the_cookie(token_server):
-    cookie = cookie_header(page_cookie(token_server, WRITE))
-    assert http("GET", token_server.url + "/tasks", headers={
+def test_header_wins_over_the_cookie(share_link_server):
+    cookie = cookie_header(page_cookie(share_link_server, WRITE))
+    assert http("GET", share_link_server.url + "/tasks", headers={
         "Cookie": cookie, "Authorization": "Bearer wrong"})[0] == 401
 
 
-def test_ws_accepts_the_cookie_and_refuses_a_wrong_one(token_server):
-    cookie = cookie_header(page_cookie(token_server, READ))
-    url = token_server.url.replace("http://", "ws://") + "/ws"
+def test_ws_accepts_the_cookie_and_refuses_a_wrong_one(share_link_server):
+    cookie = cookie_header(page_cookie(share_link_server, READ))
+    url = share_link_server.url.replace("http://", "ws://") + "/ws"
     with connect(url, additional_headers={"Cookie": cookie}, open_timeout=5,
                  proxy=None) as feed:
         assert '"snapshot"' in feed.recv(timeout=5)
