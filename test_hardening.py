@@ -408,6 +408,35 @@ def test_pipelined_requests_never_read_back_stop_being_answered_and_are_dropped(
         assert http("GET", server.url + "/health")[0] == 200
 
 
+def test_pipelined_requests_are_all_answered_to_a_client_that_reads_late():
+    # Back-pressure pauses reading; once the client reads, every request is answered.
+    count = 200  # about 11 MB of pages: many pauses and resumes
+    with running_server() as server:
+        sock = small_window_socket(server)
+        try:
+            sent = threading.Thread(target=sock.sendall, args=(
+                b"GET /static/index.html HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * count,))
+            sent.start()
+            connection = wait_for(lambda: next(iter(server.app.connections), None))
+            wait_for(lambda: connection.writing_paused, message="the server to pause")
+            sock.settimeout(10)
+            reader = sock.makefile("rb")
+            for _ in range(count):
+                assert reader.readline().startswith(b"HTTP/1.1 200")
+                length = None
+                while True:
+                    line = reader.readline()
+                    if line == b"\r\n":
+                        break
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                assert len(reader.read(length)) == length
+            sent.join(10)
+            reader.close()
+        finally:
+            sock.close()
+
+
 def ws_handshake(sock):
     sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
