@@ -13,7 +13,6 @@ import random
 import socket
 import sqlite3
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import h11

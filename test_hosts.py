@@ -181,13 +181,15 @@ def test_read_token_keeps_read_only_rights_through_the_cookie(share_link_server)
     assert http("GET", share_link_server.url + "/auth", headers={"Cookie": cookie})[1] == {
         "access": "read"}
     assert http("DELETE", share_link_server.url + "/tasks", headers=origin)[0] == 403
-    assert http("POST", share_link_server.url + "/progress", {"task_id": "r"}, headers=origin)[0] == 403
+    assert http("POST", share_link_server.url + "/progress", {"task_id": "r"},
+                headers=origin)[0] == 403
 
 
 def test_write_token_cookie_may_change_tasks_from_its_own_origin_only(share_link_server):
     cookie = cookie_header(page_cookie(share_link_server, WRITE))
     own = {"Cookie": cookie, "Origin": share_link_server.url}
-    assert http("POST", share_link_server.url + "/progress", {"task_id": "c"}, headers=own)[0] == 200
+    assert http("POST", share_link_server.url + "/progress", {"task_id": "c"},
+                headers=own)[0] == 200
     assert http("DELETE", share_link_server.url + "/tasks/c", headers={
         "Cookie": cookie, "Origin": "http://evil.example"})[0] == 403
     assert http("DELETE", share_link_server.url + "/tasks/c", headers={"Cookie": cookie})[0] == 403
@@ -215,7 +217,6 @@ def test_ws_accepts_the_cookie_and_refuses_a_wrong_one(share_link_server):
 
 def test_the_page_drops_the_token_from_its_address_bar():
     # The page's one job here (the browser test is the harness's): replaceState without it.
-    import progressista as module
-
-    page = open(module.find_dashboard()[0], encoding="utf-8").read()
+    with open(progressista.find_dashboard()[0], encoding="utf-8") as file:
+        page = file.read()
     assert 'clean.searchParams.delete("token")' in page and "history.replaceState(" in page
