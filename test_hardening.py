@@ -362,6 +362,17 @@ def test_redis_compares_seqs_beyond_2_to_the_53_exactly(redis_url):
 # --- Peers that send and never read --------------------------------------------------------
 
 
+def test_unsent_watch_tells_a_slow_reader_from_one_that_stopped(monkeypatch):
+    monkeypatch.setattr(progressista, "UNSENT_STALL_TIMEOUT_S", 10.0)
+    watch = progressista.UnsentWatch()
+    assert not watch.stalled(0, 0.0)
+    assert not watch.stalled(500, 1.0)  # bytes appear: the clock starts
+    assert not watch.stalled(400, 9.0)  # it read some: the clock starts again
+    assert not watch.stalled(900, 18.0)  # more queued, none read, 9 s on
+    assert watch.stalled(900, 19.5)  # 10.5 s without reading a byte
+    assert not watch.stalled(0, 20.0)  # all read: nothing to hold
+
+
 def small_window_socket(server):
     """A connected socket whose receive window is tiny: what it does not read backs up."""
     sock = socket.socket()
