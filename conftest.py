@@ -3,8 +3,8 @@ helper per job for talking to them.
 
 `running_server(**settings)` starts `progressista.create_app(**settings)` on its own
 asyncio loop in a background thread and yields a handle with `.url` (the base URL,
-``http://127.0.0.1:PORT``), `.port`, `.app`, `.loop` and `.stop()`. Pass ``port=`` to
-restart a server on the port a previous one used.
+``http://127.0.0.1:PORT``, or ``https://`` with tls_cert), `.port`, `.app`, `.loop` and
+`.stop()`. Pass ``port=`` to restart a server on the port a previous one used.
 
 The fixtures are named for the server they give: `memory_server` (a fresh one per test),
 `shared_server` (one per test module: its tests use task ids of their own, `new_id()`),
@@ -139,7 +139,8 @@ class ServerThread:
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.app.start(), self.loop).result(10)
         self.port = self.app.port
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.app.settings.tls_cert else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         return self
 
     def stop(self):

@@ -34,6 +34,7 @@ import re
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -101,6 +102,12 @@ SNAPSHOT_CHUNK_TASKS = 2_000  # a /ws snapshot of more tasks goes out in chunks 
 MAX_DISCARD_BYTES = 64 << 20  # of a refused body, read and dropped so the 413 arrives
 LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
 LISTENER_BUFFER_LOW_BYTES = 1 << 20  # ...and gets a fresh snapshot once drained to this
+# Pongs a listener's pings made us queue, beyond its high-water mark, before it is closed:
+# a ping flood from a client that does not read must not buffer pongs without end.
+LISTENER_PONG_BACKLOG_BYTES = 256 * 1024
+# An HTTP connection with this much unsent stops being read (and answered) until its
+# peer has read most of it: pipelined requests never read back cannot fill our memory.
+HTTP_UNSENT_HIGH_BYTES = 256 * 1024
 
 # Timeouts
 HEADER_TIMEOUT_S = 10.0  # from the first byte of a request to the end of its headers
@@ -110,7 +117,11 @@ LISTENER_BEHIND_TIMEOUT_S = 30.0  # a listener that stays behind this long is cl
 WS_PING_INTERVAL_S = 20.0  # the Sans-I/O layer sends no pings of its own
 WS_PING_TIMEOUT_S = 20.0  # a listener that leaves a ping unanswered this long is closed
 DISCARD_TIMEOUT_S = 5.0  # to send the rest of a refused body before we close
+# A connection (HTTP or /ws) whose unsent bytes have not shrunk for this long is dropped,
+# its unsent bytes with it: a peer that stopped reading holds no memory for long.
+UNSENT_STALL_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 5.0
+TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a client that stalls mid-handshake is dropped after this
 REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 
 # Defaults of docs/PROTOCOL.md ("Lifetimes", "The live feed")
@@ -173,6 +184,9 @@ class Settings:
     notify_min_duration: float = 0.0
     notify_interval: float = NOTIFY_INTERVAL_S
     notify_name: str = ""
+    allowed_hosts: tuple = ()  # () is PROTOCOL.md's default; see allowed_host_names()
+    tls_cert: str = ""
+    tls_key: str = ""
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -191,7 +205,8 @@ class Settings:
         if tokens:
             values["api_tokens"] = tokens
         values.update({key: value for key, value in overrides.items() if value is not None})
-        for key in ("api_tokens", "read_tokens", "allow_origins", "notify", "notify_on"):
+        for key in ("api_tokens", "read_tokens", "allow_origins", "notify", "notify_on",
+                    "allowed_hosts"):
             if isinstance(values.get(key), str):
                 values[key] = _csv(values[key])
             elif key in values:
@@ -205,6 +220,10 @@ class Settings:
                              "(or --api-token) for the senders, and give the read token "
                              "to viewers")
         _check_notify(values)
+        if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+            raise ValueError("TLS needs both --tls-cert and --tls-key (PROGRESSISTA_TLS_CERT, "
+                             "PROGRESSISTA_TLS_KEY): give the certificate and its key, or "
+                             "neither for plain HTTP")
         return cls(**values)
 
     def public(self):
@@ -217,6 +236,7 @@ class Settings:
         shown["notify"] = [masked_webhook(url) for url in self.notify]
         shown["notify_name"] = self.notify_name or socket.gethostname()  # what is sent
         shown["notify_on"] = list(self.notify_on)
+        shown["allowed_hosts"] = list(self.allowed_hosts)
         return shown
 
 
@@ -406,6 +426,13 @@ SETTINGS_TABLE = (
              "seconds of events batched into one message per webhook"),
     _Setting("notify_name", "NOTIFY_NAME", str,
              "this server's name in notifications (default: the host name)"),
+    _Setting("allowed_hosts", "ALLOWED_HOSTS", _csv,
+             "Host header names answered, others get 421 (comma-separated, * for any; a "
+             "port is ignored); none listed: localhost, 127.0.0.1, [::1] and the "
+             "listening address when listening on loopback, else any"),
+    _Setting("tls_cert", "TLS_CERT", str,
+             "certificate file (PEM, with its chain): serve https:// and wss://"),
+    _Setting("tls_key", "TLS_KEY", str, "the certificate's private key file (PEM)"),
 )
 
 
@@ -541,11 +568,14 @@ def _check_unit_divisor(value, where):
     return value
 
 
+MAX_SEQ = 2**63 - 1  # bounded: a 4,300-digit seq made every comparison slow
+
+
 def _check_seq(value, where):
     if type(value) is float and value.is_integer():
         value = int(value)
-    if type(value) is not int:
-        raise InvalidUpdate(f"{where}: must be an integer")
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
+        raise InvalidUpdate(f"{where}: must be an integer from 0 to {MAX_SEQ}")
     return value
 
 
@@ -631,7 +661,7 @@ def validate_update(obj, index=None):
                     update[key] = value
                     continue
             elif key == "seq":
-                if vtype is int:
+                if vtype is int and 0 <= value <= MAX_SEQ:
                     update[key] = value
                     continue
             elif key == "timestamp":
@@ -1770,6 +1800,47 @@ def _task_json(task):
     return json.dumps(task.as_stored(), separators=(",", ":"))
 
 
+def task_from_store(stored, source):
+    """The Task a store handed back, checked as an update from the network is; None when
+    it does not pass (logged, once per task): one bad record must not stop the server,
+    break /health for everyone, or let anyone who can PUBLISH on Redis do so."""
+    if stored is None:  # not JSON: stored_json() said so
+        return None
+    try:
+        if type(stored) is not dict:
+            raise InvalidUpdate("not a JSON object")
+        # None is what a task holds for a field no update set yet (seq, elapsed...).
+        fields = {name: value for name, value in stored.items() if value is not None}
+        status = fields.pop("status", "running")
+        if status not in STATUSES:
+            raise InvalidUpdate(f"status: must be one of {', '.join(STATUSES)}, not "
+                                f"{status!r:.60}")
+        validate_update(fields)
+        for name in ("created_at", "updated_at", "progressed_at", "history_step_s"):
+            if name in stored:
+                _number(stored[name], name, minimum=-math.inf)
+        if stored.get("typical_step_s") is not None:
+            _number(stored["typical_step_s"], "typical_step_s")
+        for name in ("history_t_exp", "history_n_exp"):  # units of 2**exp: stay in range
+            if name in stored and not (type(stored[name]) is int
+                                       and -64 <= stored[name] <= 1024):
+                raise InvalidUpdate(f"{name}: must be a whole number from -64 to 1024")
+        return Task.from_dict(stored)
+    except (InvalidUpdate, ValueError, TypeError, KeyError, AttributeError) as error:
+        task_id = stored.get("task_id") if type(stored) is dict else None
+        log.warning("skipping task %.80r from %s: %s", task_id, source, error)
+        return None
+
+
+def stored_json(text, source):
+    """`text` (a store's record) parsed as JSON, or None, logged, when it is not JSON."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError) as error:
+        log.warning("skipping a record from %s that is not JSON: %s", source, error)
+        return None
+
+
 class SqliteStore(MemoryStore):
     """MemoryStore whose tasks survive a restart, in one SQLite file (WAL mode).
 
@@ -1809,11 +1880,13 @@ class SqliteStore(MemoryStore):
     def _load(self):
         try:
             rows = self.db.execute("SELECT task FROM tasks ORDER BY created_at, rowid").fetchall()
-            for (stored,) in rows:
-                self.put(Task.from_dict(json.loads(stored)))
-        except (sqlite3.Error, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise StoreError(f"cannot read SQLite store {self.path!r}: a stored task is "
-                             f"unreadable ({error!r})") from None
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot read SQLite store {self.path!r}: {error}") from None
+        source = f"SQLite store {self.path!r}"
+        for (stored,) in rows:  # a bad row is skipped and logged; the others load
+            task = task_from_store(stored_json(stored, source), source)
+            if task is not None:
+                self.put(task)
 
     def apply(self, updates, now):
         changed = super().apply(updates, now)
@@ -1905,15 +1978,21 @@ REDIS_POLL_S = 0.2  # how long the follower waits for a message before checking 
 # stale mark keeps the seq it saw, so it may also write over that same seq (ARGV[2] = 1).
 # KEYS: task keys; ARGV: index key, same-seq flag, then per task: seq, created_at,
 # ttl_ms, task_id, json.
+# Seqs are compared as decimal strings (0 to 2**63-1, no leading zeros): tonumber() is a
+# double, which cannot tell 2**53 from 2**53 + 1.
 REDIS_WRITE_SCRIPT = """
+local function newer(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
 local written = {}
 local same_ok = ARGV[2] == '1'
 for i, key in ipairs(KEYS) do
   local base = 2 + (i - 1) * 5
   local seq, created, ttl, id, body = ARGV[base+1], ARGV[base+2], ARGV[base+3], ARGV[base+4], ARGV[base+5]
   local stored = redis.call('HGET', key, 'seq')
-  if seq == '' or not stored or stored == '' or tonumber(seq) > tonumber(stored)
-     or (same_ok and tonumber(seq) == tonumber(stored)) then
+  if seq == '' or not stored or stored == '' or newer(seq, stored)
+     or (same_ok and seq == stored) then
     redis.call('HSET', key, 'seq', seq, 'task', body)
     if tonumber(ttl) > 0 then redis.call('PEXPIRE', key, ttl) else redis.call('PERSIST', key) end
     redis.call('ZADD', ARGV[1], 'NX', created, id)
@@ -2048,8 +2127,10 @@ class RedisStore(Store):
             for task_id in chunk:
                 pipe.hget(self.key(task_id), "task")
             for task_id, stored in zip(chunk, await pipe.execute()):
-                if stored is not None:
-                    fresh[task_id] = Task.from_dict(json.loads(stored))
+                task = stored is not None and task_from_store(
+                    stored_json(stored, self.shown_url), self.shown_url)
+                if task and task.task_id == task_id:
+                    fresh[task_id] = task
         gone = [task_id for task_id in ids if task_id not in fresh]
         if gone:  # expired by Redis itself while no server was sweeping
             await self.client.zrem(self.index_key, *gone)
@@ -2077,7 +2158,7 @@ class RedisStore(Store):
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                        timeout=REDIS_POLL_S)
                     if message is not None:
-                        self.mirror(json.loads(message["data"]))
+                        self.mirror(stored_json(message["data"], self.channel))
             except asyncio.CancelledError:
                 raise
             except self.errors as error:
@@ -2094,18 +2175,31 @@ class RedisStore(Store):
                 failures += 1
 
     def mirror(self, event):
-        """Apply a change another server published."""
-        if event.get("origin") == self.origin:
+        """Apply a change another server published; skip (and log) what does not pass
+        the checks of an update: anyone who can reach Redis can publish."""
+        if event is None:  # not JSON, and already logged
+            return
+        changed_list = removed = None
+        if type(event) is dict:
+            if event.get("origin") == self.origin:
+                return
+            changed_list, removed = event.get("changed", []), event.get("removed", [])
+        if type(changed_list) is not list or type(removed) is not list or not all(
+                type(task_id) is str for task_id in removed):
+            log.warning("skipping a message on %s that is not a change of tasks",
+                        self.channel)
             return
         changed = []
-        for stored in event.get("changed", ()):
-            task = Task.from_dict(stored)
+        for stored in changed_list:
+            task = task_from_store(stored, self.channel)
+            if task is None:
+                continue
             held = self.local.get(task.task_id)
             if held is None or held.seq is None or task.seq is None or task.seq >= held.seq:
                 self.local.put(task)
                 changed.append(task.task_id)
         self.feed.changed(changed)
-        self.feed.removed(self.local.forget(event.get("removed", ())))
+        self.feed.removed(self.local.forget(removed))
 
     async def write_and_publish(self, tasks, same_seq_ok=False):
         """Store `tasks` (where their seq is newest) and tell the other servers; return
@@ -2962,8 +3056,17 @@ def render_metrics(metrics, gauges):
 
 # --- HTTP ------------------------------------------------------------------------------
 
-REQUEST_LINE = re.compile(r"([A-Z]+) (\S+) (HTTP/1\.[01])\Z")
-SINGLE_HEADERS = ("content-length", "host")
+# RFC 9112 section 3: the target is visible ASCII only (no controls, no 8-bit bytes).
+REQUEST_LINE = re.compile(r"([A-Z]+) ([!-~]+) (HTTP/1\.[01])\Z")
+FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")  # a token: no space, no control
+# In a field value: no control but HTAB. A bare CR or LF, or a NUL, is how a head that a
+# front proxy reads one way is read another way here (request smuggling).
+FIELD_VALUE_CONTROL = "\\x00-\\x08\\x0a-\\x1f\\x7f"
+# A header line that is not `token ":" value` with no such control: found in one search.
+BAD_HEADER_LINE = re.compile(r"\r\n(?![-!#$%&'*+.^_`|~0-9A-Za-z]+:[^" + FIELD_VALUE_CONTROL
+                             + r"]*(?:\r\n|\Z))")
+CONTENT_LENGTH = re.compile(r"[0-9]{1,20}\Z")  # ASCII digits: "²".isdigit() is True too
+SINGLE_HEADERS = ("content-length",)  # may repeat with one value; Host may not repeat
 
 
 class HTTPError(Exception):
@@ -3031,23 +3134,32 @@ def _reject_constant(name):
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
-
-
 def parse_head(head, peer=None):
-    """Parse a request head (without its final blank line); raise HTTPError(400)."""
-    lines = head.decode("latin-1").split("\r\n")
+    """Parse a request head (without its final blank line); raise HTTPError(400) for
+    anything RFC 9112 does not allow (sections 3.2 and 5), rather than guess."""
+    text = head.decode("latin-1")
+    lines = text.split("\r\n")
     match = REQUEST_LINE.match(lines[0])
     if match is None:
-        raise HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'")
+        raise HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1' with "
+                             "a target of visible ASCII (percent-encode the rest)")
+    # Fast path: printable ASCII (or Latin-1) but for the line ends and tabs has no
+    # control; else one search finds the bad line (8-bit obs-text alone is allowed).
+    if not text.replace("\r\n", "").replace("\t", " ").isprintable():
+        bad = BAD_HEADER_LINE.search(text, len(lines[0]))
+        if bad is not None:
+            raise _header_line_error(text[bad.end():].split("\r\n", 1)[0])
     headers = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip(_ASCII_SPACE):
-            raise HTTPError(400, f"malformed header line {line[:40].encode('latin-1')!r}")
+        if not (colon and name.replace("-", "").isalnum() and name.isascii()) and not (
+                colon and FIELD_NAME.match(name)):
+            raise _header_line_error(line)
         name = name.lower()
-        value = value.strip(_ASCII_SPACE)
+        value = value.strip(" \t")
         if name in headers:
+            if name == "host":
+                raise HTTPError(400, "two Host headers: send exactly one")
             if name in SINGLE_HEADERS:
                 if headers[name] != value:
                     # Two framings of one body are how requests get smuggled.
@@ -3055,7 +3167,19 @@ def parse_head(head, peer=None):
                 continue
             value = headers[name] + ", " + value
         headers[name] = value
-    return Request(*match.groups(), headers, peer)
+    version = match.group(3)
+    if version == "HTTP/1.1" and "host" not in headers:
+        raise HTTPError(400, "an HTTP/1.1 request needs a Host header (RFC 9112 section 3.2)")
+    return Request(match.group(1), match.group(2), version, headers, peer)
+
+
+def _header_line_error(line):
+    name, colon, _ = line.partition(":")
+    if colon and FIELD_NAME.match(name):
+        return HTTPError(400, f"header {name}: control characters are not allowed in a "
+                              "header value")
+    # Also a line that starts with a space: obsolete line folding is refused.
+    return HTTPError(400, f"malformed header line {line[:40].encode('latin-1')!r}")
 
 
 def body_length(request, max_body_bytes):
@@ -3067,8 +3191,9 @@ def body_length(request, max_body_bytes):
         if request.method in ("POST", "PUT", "PATCH"):
             raise HTTPError(411, f"{request.method} needs a Content-Length header")
         return 0
-    if not declared.isdigit():
-        raise HTTPError(400, f"Content-Length must be a whole number, not {declared!r}")
+    if not CONTENT_LENGTH.match(declared):
+        raise HTTPError(400, f"Content-Length must be a whole number of at most 20 ASCII "
+                             f"digits, not {declared[:40]!r}")
     length = int(declared)
     if length > max_body_bytes:
         raise HTTPError(413, f"body of {length} bytes is over the limit of {max_body_bytes} "
@@ -3160,23 +3285,41 @@ def serialize_response(response, keep_alive, head_only=False):
 # --- Routes ----------------------------------------------------------------------------
 
 
-def _token_in(request):
+TOKEN_COOKIE = "progressista_token"  # what a ?token= that opened the dashboard becomes
+
+
+def offered_token(request):
+    """(token, where): the request's token and where it was found, "header", "query" or
+    "cookie", looked for in that order; (None, None) without one."""
     authorization = request.headers.get("authorization", "")
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return request.query.get("token")
+        return credentials.strip(), "header"
+    token = request.query.get("token")
+    if token is not None:
+        return token, "query"
+    cookies = request.headers.get("cookie")
+    if cookies and TOKEN_COOKIE in cookies:
+        for cookie in re.split("[;,]", cookies):  # a repeated Cookie header joins with ", "
+            name, _, value = cookie.strip().partition("=")
+            if name == TOKEN_COOKIE:
+                return urllib.parse.unquote(value.strip()), "cookie"
+    return None, None
 
 
-def token_ok(request, tokens):
-    """True when `request` carries one of `tokens` (compared in constant time)."""
-    offered = _token_in(request)
+def token_in(offered, tokens):
+    """True when `offered` is one of `tokens` (compared in constant time)."""
     if not offered:
         return False
     offered = offered.encode()
     # Compare against every token without stopping early, so timing reveals nothing.
     matches = [hmac.compare_digest(offered, token.encode()) for token in tokens]
     return any(matches)
+
+
+def token_ok(request, tokens):
+    """True when `request` carries one of `tokens`."""
+    return token_in(offered_token(request)[0], tokens)
 
 
 def own_origins(request):
@@ -3190,6 +3333,47 @@ def origin_allowed(request, allow_origins):
     origin = request.headers.get("origin")
     return (origin is None or "*" in allow_origins or origin in allow_origins
             or origin in own_origins(request))
+
+
+# A parameter whose name holds "token" (any case, any separator: & ; #), up to its end.
+_TOKEN_PARAMETER = re.compile(r"(token[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+_UNLOGGABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def loggable_target(target):
+    """A request target as the log shows it: percent-decoded (so that no spelling of
+    "token" hides), every token's value masked, control and other bytes escaped."""
+    for _ in range(3):  # %2574oken is %74oken is token
+        decoded = urllib.parse.unquote(target, "latin-1")
+        if decoded == target:
+            break
+        target = decoded
+    target = _TOKEN_PARAMETER.sub(r"\1***", target)
+    return _UNLOGGABLE.sub(lambda char: f"\\x{ord(char.group()):02x}", target)
+
+
+def host_name(host):
+    """The name part of a Host header (or of a setting), lower case, without its port."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0]
+
+
+def allowed_host_names(settings):
+    """The Host names the server answers, or None for any (PROTOCOL.md, "Transport").
+
+    By default a server on a loopback address answers only loopback names: a web page
+    that rebinds its own DNS name to 127.0.0.1 sends that name, and is refused."""
+    if settings.allowed_hosts:
+        names = {host_name(name) for name in settings.allowed_hosts}
+        return None if "*" in names else frozenset(names)
+    if not _is_loopback(settings.host):
+        return None
+    listening = settings.host.lower()
+    if ":" in listening:  # an IPv6 address, as a Host header brackets it
+        listening = f"[{listening}]"
+    return frozenset(("localhost", "127.0.0.1", "[::1]", listening))
 
 
 PUBLIC_PATHS = ("/health", "/")
@@ -3359,6 +3543,7 @@ class Api:
         self.server_gauges = server_gauges  # () -> live counts the server keeps (listeners...)
         self.middleware = []
         self.log_requests = False  # set at start: one debug line per request
+        self.allowed_hosts = allowed_host_names(settings)  # None: any
         self.page, self.script_hashes, self.page_source = load_dashboard()
         self.routes = {
             "/progress": {"POST": self.post_progress},
@@ -3388,6 +3573,9 @@ class Api:
     def handle(self, request):
         """A Response, or a coroutine producing one when middleware or an asynchronous
         store is involved. Never raises: any failure is a JSON error or a logged 500."""
+        refusal = self.host_refusal(request)
+        if refusal is not None:  # before middleware: nothing of the app sees such a request
+            return refusal
         if self.middleware:
             return self.through_middleware(request, lambda request: resolved(
                 self.dispatch(request)))
@@ -3464,6 +3652,15 @@ class Api:
         self.check_token(request)
         return handler(request)
 
+    def host_refusal(self, request):
+        """None when the request's Host is one this server answers, else the 421."""
+        host = request.headers.get("host")
+        if self.allowed_hosts is None or host is None or host_name(host) in self.allowed_hosts:
+            return None  # no Host at all is HTTP/1.0, which no browser sends
+        return error_response(HTTPError(
+            421, f"host {host[:100]!r} is not allowed: list it in "
+                 f"{ENV_PREFIX}ALLOWED_HOSTS (--allowed-hosts)", reason="host"))
+
     def access(self, request):
         """What the request's token allows: "write" (every route; also when no tokens
         are configured), "read" (GET and HEAD only), or None (no valid token)."""
@@ -3481,6 +3678,15 @@ class Api:
         if path in PUBLIC_PATHS or path.startswith("/static/"):
             return
         access = self.access(request)
+        if access is not None and request.method not in ("GET", "HEAD") and (
+                "origin" not in request.headers and offered_token(request)[1] == "cookie"):
+            # CSRF: a browser attaches the cookie itself. SameSite=Strict keeps it off
+            # every request another site starts, and route() refuses a write whose Origin
+            # is foreign; a browser always sends Origin on POST and DELETE, so a cookie
+            # write without one is no page of ours: refuse it rather than trust its age.
+            raise HTTPError(403, "a change authenticated by the dashboard's cookie needs an "
+                                 "Origin header; send 'Authorization: Bearer <token>'",
+                            reason="origin")
         if access == "write" or (access == "read" and request.method in ("GET", "HEAD")):
             return
         if access == "read":
@@ -3673,12 +3879,28 @@ class Api:
     def get_dashboard(self, request):
         if self.page is None:
             raise HTTPError(404, self.page_source)
-        return Response(200, self.page, "text/html; charset=utf-8", headers=[
+        headers = [
             ("Content-Security-Policy",
              content_security_policy(self.script_hashes, request.headers.get("host"))),
             ("Cache-Control", "no-cache"),
             ("Referrer-Policy", "no-referrer"),  # the URL may carry ?token=
-        ])
+        ]
+        cookie = self.token_cookie(request)
+        if cookie is not None:
+            headers.append(("Set-Cookie", cookie))
+        return Response(200, self.page, "text/html; charset=utf-8", headers=headers)
+
+    def token_cookie(self, request):
+        """The Set-Cookie value for a valid ?token= that opens the dashboard (a shared
+        link), or None: the page then drops the token from its address bar, so that it
+        stays out of history, bookmarks and screenshots. HttpOnly: no script reads it;
+        SameSite=Strict: no other site's request carries it; a session cookie."""
+        token = request.query.get("token")
+        settings = self.settings
+        if not token or not token_in(token, settings.api_tokens + settings.read_tokens):
+            return None  # a wrong token sets nothing: the page will show the 401
+        return (f"{TOKEN_COOKIE}={urllib.parse.quote(token, safe='')}; HttpOnly; "
+                f"SameSite=Strict; Path=/" + ("; Secure" if settings.tls_cert else ""))
 
 
     # WebSocket admission
@@ -3686,6 +3908,9 @@ class Api:
     def admit_websocket(self, request):
         """None when a /ws handshake may go on, else the Response refusing it; a coroutine
         of either when middleware must see the handshake first (as it sees every request)."""
+        refusal = self.host_refusal(request)
+        if refusal is not None:
+            return refusal
         if self.middleware:
             return self.admitted_by_middleware(request)
         return self.check_websocket(request)
@@ -3729,14 +3954,8 @@ class Api:
         self.metrics.request_done(self.route_label(request.path), request.method, status,
                                   reason)
         if self.log_requests:
-            path = request.target
-            if "token" in request.query:  # never log a token, however it was escaped
-                path = request.path + "?" + "&".join(
-                    urllib.parse.quote(name) + "=" + ("***" if name == "token"
-                                                      else urllib.parse.quote(value))
-                    for name, value in request.query.items())
-            log.debug("%s %s %d %.1fms", request.method, path, status,
-                      (time.perf_counter() - request.started) * 1000)
+            log.debug("%s %s %d %.1fms", request.method, loggable_target(request.target),
+                      status, (time.perf_counter() - request.started) * 1000)
 
 
 # --- WebSocket -------------------------------------------------------------------------
@@ -3751,6 +3970,25 @@ except ImportError:  # pragma: no cover - reported by App.start()
     ServerProtocol = None
 
 
+class UnsentWatch:
+    """Tells a peer that reads slowly from one that stopped: `stalled()` is True once the
+    unsent bytes have stayed above zero without shrinking for UNSENT_STALL_TIMEOUT_S."""
+
+    __slots__ = ("unsent", "since")
+
+    def __init__(self):
+        self.unsent = 0
+        self.since = None  # loop time the unsent bytes last shrank (or appeared)
+
+    def stalled(self, unsent, now):
+        if not unsent:
+            self.since = None
+        elif self.since is None or unsent < self.unsent:
+            self.since = now  # it reads: the clock starts again
+        self.unsent = unsent
+        return self.since is not None and now - self.since > UNSENT_STALL_TIMEOUT_S
+
+
 class Listener:
     """One /ws client: its Sans-I/O protocol, whether it keeps up, and its ping deadline.
 
@@ -3758,7 +3996,7 @@ class Listener:
     (`expire()`); the listener decides what to send, to skip or to give up."""
 
     __slots__ = ("connection", "protocol", "behind_since", "high_water", "ping_sent_at",
-                 "last_ping_at")
+                 "last_ping_at", "ping_data", "drain")
 
     def __init__(self, connection, protocol, now):
         self.connection = connection
@@ -3766,7 +4004,9 @@ class Listener:
         self.behind_since = None  # loop time it stopped getting messages, while behind
         self.high_water = LISTENER_BUFFER_HIGH_BYTES
         self.ping_sent_at = None  # while a ping waits for its pong
+        self.ping_data = None  # what that pong must carry
         self.last_ping_at = now
+        self.drain = UnsentWatch()  # a snapshot (or anything) left unread too long
 
     def send(self, payload):
         """Send one text message; the bytes go straight to the transport's buffer."""
@@ -3801,15 +4041,21 @@ class Listener:
         return SENT
 
     def expire(self, now):
-        """Ping when one is due; close a listener that left a ping unanswered too long."""
-        if self.ping_sent_at is not None:
+        """Ping when one is due; close a listener that left a ping unanswered too long, or
+        whose unsent bytes (its snapshot, say) have not shrunk for UNSENT_STALL_TIMEOUT_S:
+        a client that answers pings but never reads must not hold a snapshot forever."""
+        if self.drain.stalled(self.unsent_bytes(), now):
+            log.info("closing /ws listener %s: it stopped reading", self.connection.peer)
+            self.connection.abort()
+        elif self.ping_sent_at is not None:
             if now - self.ping_sent_at > WS_PING_TIMEOUT_S:
                 log.info("closing /ws listener %s: no pong", self.connection.peer)
                 self.connection.abort()
         elif (now - self.last_ping_at >= WS_PING_INTERVAL_S
               and self.protocol.state is State.OPEN):
             self.ping_sent_at = self.last_ping_at = now
-            self.protocol.send_ping(os.urandom(4))
+            self.ping_data = os.urandom(4)
+            self.protocol.send_ping(self.ping_data)
             self.flush()
 
     def flush(self):
@@ -3831,12 +4077,19 @@ class Listener:
         protocol = self.protocol
         protocol.receive_data(data)
         for event in protocol.events_received():
-            # Messages from clients are ignored; only a pong matters, to show liveness.
-            if getattr(event, "opcode", None) is Opcode.PONG:
-                self.ping_sent_at = None
+            # Messages from clients are ignored; only the pong that answers our ping shows
+            # liveness (an unsolicited pong would let a client that never reads stay).
+            if (getattr(event, "opcode", None) is Opcode.PONG and self.ping_data is not None
+                    and event.data == self.ping_data):
+                self.ping_sent_at = self.ping_data = None
         self.flush()
         if protocol.state is State.CLOSED:
             self.connection.close()
+        elif self.unsent_bytes() > self.high_water + LISTENER_PONG_BACKLOG_BYTES:
+            # What we sent is within high_water: the rest is pongs to its pings.
+            log.info("closing /ws listener %s: it pings but does not read",
+                     self.connection.peer)
+            self.connection.abort()
 
     def close(self, code=1001, reason="server shutting down"):
         if self.protocol.state is State.OPEN:
@@ -4021,6 +4274,8 @@ class Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.discarding = 0  # bytes of a refused body still to read before closing
         self.head_started = False  # a partial request head is waiting, its deadline set
+        self.writing_paused = False  # over HTTP_UNSENT_HIGH_BYTES: not reading meanwhile
+        self.drain = UnsentWatch()
 
     # asyncio callbacks
 
@@ -4031,6 +4286,21 @@ class Connection(asyncio.Protocol):
             transport.abort()  # one refused rather than file descriptors run out for all
             return
         self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
+        transport.set_write_buffer_limits(high=HTTP_UNSENT_HIGH_BYTES)
+
+    def pause_writing(self):
+        # The peer reads our answers slower than it sends requests: answer no more, and
+        # read no more, until it has caught up (resume_writing). A listener decides for
+        # itself (Listener.offer) and must still read its client's frames.
+        self.writing_paused = True
+        if self.listener is None:
+            self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.writing_paused = False
+        if self.listener is None and not self.busy and self.transport is not None:
+            self.transport.resume_reading()
+            self.process()  # what was read before the pause
 
     def connection_lost(self, exc):
         self.app.connection_closed(self)
@@ -4068,10 +4338,18 @@ class Connection(asyncio.Protocol):
         if self.listener is not None:
             self.listener.expire(now)
             return False
-        if now <= self.deadline or self.busy:
+        if self.transport is not None and self.drain.stalled(
+                self.transport.get_write_buffer_size(), now):
+            log.info("dropping connection %s: it stopped reading its answers", self.peer)
+            self.abort()
+            return False
+        if now <= self.deadline or self.busy or self.writing_paused:
             return False
         cut_off = self.pending is not None or self.head_started
-        self.close()
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            self.abort()  # close() would wait for a peer that does not read
+        else:
+            self.close()
         return cut_off
 
     # HTTP
@@ -4080,7 +4358,7 @@ class Connection(asyncio.Protocol):
         """Answer every complete request in the buffer."""
         buffer = self.buffer
         app = self.app
-        while self.transport is not None and not self.busy:
+        while self.transport is not None and not self.busy and not self.writing_paused:
             request = self.pending
             if request is None:
                 if not buffer:
@@ -4096,16 +4374,20 @@ class Connection(asyncio.Protocol):
                 try:
                     request = parse_head(head, self.peer)
                     request.started = time.perf_counter()
+                    length = body_length(request, app.settings.max_body_bytes)
                     if request.path == "/ws" and request.method == "GET":
+                        if length:
+                            # Refused or not, its body must never be read as the next
+                            # request: that would run a request no proxy saw.
+                            raise HTTPError(400, "a WebSocket handshake has no body")
                         self.upgrade(request, head + b"\r\n\r\n")
                         return
-                    length = body_length(request, app.settings.max_body_bytes)
                 except HTTPError as error:
                     declared = request.headers.get("content-length", "") if request else ""
                     self.fail(error, int(declared) if error.status == 413 else 0, request)
                     return
                 if length:
-                    if (len(buffer) < length
+                    if (len(buffer) < length and request.version == "HTTP/1.1"  # 1.0: no 100
                             and "100-continue" in request.headers.get("expect", "").lower()):
                         self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.body = length  # the length, until the body is read
@@ -4157,7 +4439,8 @@ class Connection(asyncio.Protocol):
         self.busy = False
         if self.transport is None:
             return
-        self.transport.resume_reading()  # closing after the write: this does nothing
+        if not self.writing_paused:
+            self.transport.resume_reading()  # closing after the write: this does nothing
         then(shutting_down() if done.cancelled() else done.result())
         if self.listener is None:
             self.process()  # the requests that waited behind this one
@@ -4228,6 +4511,32 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+class StartupError(Exception):
+    """A setting the server cannot start with (a TLS file it cannot read); the message
+    says what to fix."""
+
+
+def server_tls_context(cert_file, key_file):
+    """The server's TLS context: the standard library's defaults, TLS 1.2 or newer, this
+    certificate chain and key. Raise StartupError naming the file that is wrong."""
+    for path, flag in ((cert_file, "--tls-cert"), (key_file, "--tls-key")):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise StartupError(f"{flag} {path!r}: cannot read it ({error.strerror or error})"
+                               ) from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as error:
+        raise StartupError(f"--tls-cert {cert_file!r} with --tls-key {key_file!r}: cannot "
+                           f"use them ({error.reason or error}): give PEM files, the key "
+                           "being the certificate's own") from None
+    return context
+
+
 class App:
     """The server: it builds the parts and runs them on one loop.
 
@@ -4252,6 +4561,8 @@ class App:
         self.hub = Hub(self.feed, self.store, settings, clock, self.metrics, self.runs)
         self.api = Api(settings, self.store, self.feed, self.metrics, clock, self.gauges,
                        changes=self.changes, runs=self.runs)
+        self.tls = (server_tls_context(settings.tls_cert, settings.tls_key)
+                    if settings.tls_cert else None)  # None: plain HTTP
         self.loop = None
         self.server = None
         self.port = None
@@ -4351,9 +4662,16 @@ class App:
         self.loop = asyncio.get_running_loop()
         self.api.log_requests = log.isEnabledFor(logging.DEBUG)
         host = self.settings.host or None
+        tls_options = {}
+        if self.tls is not None:
+            # A failed or stalled handshake (plain HTTP to this port, a scanner) ends in
+            # asyncio's SSL layer, before any Connection exists: it costs that connection,
+            # and asyncio logs such OSErrors only in its own debug mode (test_tls.py
+            # checks that no warning or traceback is logged).
+            tls_options = {"ssl": self.tls, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
         self.server = await self.loop.create_server(
             lambda: Connection(self), host, self.settings.port,
-            reuse_address=True, backlog=1024)
+            reuse_address=True, backlog=1024, **tls_options)
         self.port = self.server.sockets[0].getsockname()[1]
         await resolved(self.store.open(self.feed))
         # A persistent store may hold tasks whose lifetime ran out while we were down.
@@ -4379,9 +4697,10 @@ class App:
         if ":" in shown:
             shown = f"[{shown}]"
         store = self.store.health()
-        log.info("Progressista %s listening on %s:%d; dashboard: http://%s:%d/static/%s; "
-                 "store: %s, %d tasks loaded", __version__, host or "*", self.port, shown,
-                 self.port, INDEX_FILE, store.get("kind", self.store.kind), len(self.store))
+        log.info("Progressista %s listening on %s:%d; dashboard: %s://%s:%d/static/%s; "
+                 "store: %s, %d tasks loaded", __version__, host or "*", self.port,
+                 "https" if self.tls else "http", shown, self.port, INDEX_FILE,
+                 store.get("kind", self.store.kind), len(self.store))
         if self.api.page is None:
             log.warning("%s", self.api.page_source)
         stale_s = self.settings.stale_seconds
@@ -4659,7 +4978,7 @@ def cmd_serve(args):
     ws_log.setLevel(max(logging.INFO, logging.getLevelName(level)))
     try:
         app = App(settings)
-    except StoreError as error:
+    except (StoreError, StartupError) as error:
         print(f"progressista: error: {error}", file=sys.stderr)
         return 1
     try:
@@ -5042,6 +5361,13 @@ def _error_message(body):
     return _printable(" ".join(str(text).split())) or "(no message)"
 
 
+def client_tls_context():
+    """What `watch` verifies an https:// or wss:// server with: the CA file in
+    PROGRESSISTA_CA_BUNDLE, else SSL_CERT_FILE, else the system's trust store."""
+    cafile = os.environ.get(ENV_PREFIX + "CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
+    return ssl.create_default_context(cafile=cafile or None)
+
+
 def fetch_tasks(base, headers, timeout=WATCH_TIMEOUT_S):
     """GET /tasks once: the parsed {"tasks": ..., "now": ...}. Raises urllib's errors, or
     ValueError when the answer is not a task list. Every task, not ?status=: the header
@@ -5049,7 +5375,10 @@ def fetch_tasks(base, headers, timeout=WATCH_TIMEOUT_S):
     import urllib.request
 
     request = urllib.request.Request(base + "/tasks", headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    # No redirects: a 301/302 to another host would carry the token there.
+    opener = urllib.request.build_opener(
+        _NoRedirects, urllib.request.HTTPSHandler(context=client_tls_context()))
+    with opener.open(request, timeout=timeout) as response:
         snapshot = json.loads(response.read())
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("tasks"), dict):
         raise ValueError("the answer has no task list")
@@ -5129,13 +5458,30 @@ def _connection_reason(error):
         return f"HTTP {error.response.status_code}"
     if isinstance(error, ConnectionClosed):
         frame = error.rcvd or error.sent
-        said = f" ({frame.reason})" if frame is not None and frame.reason else ""
+        # The server's words go to our terminal or log: no escape codes from them.
+        said = f" ({_printable(frame.reason)})" if frame is not None and frame.reason else ""
         return f"connection closed{said}"
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
     if isinstance(error, TimeoutError):
         return "timed out"
     return _printable(str(error)) or type(error).__name__
+
+
+def _connect_without_redirects():
+    """websockets' sync connect(), following no redirect: a 3xx raises InvalidStatus.
+    (websockets 17's connector follows a same-origin redirect, with our Authorization.)"""
+    from websockets.sync import client
+
+    connector = getattr(client, "reconnect", None)
+    if not isinstance(connector, type) or not hasattr(connector, "process_redirect"):
+        return client.connect  # an older websockets: it follows none
+
+    class connect_here_only(connector):
+        def process_redirect(self, exc):
+            return exc  # "not a redirect to follow": raised as it is
+
+    return connect_here_only
 
 
 class _Watcher:
@@ -5164,18 +5510,39 @@ class _Watcher:
     def run(self):
         """Watch until interrupted; return 1 when the server refuses us for good."""
         from websockets.exceptions import InvalidStatus, WebSocketException
-        from websockets.sync.client import connect
 
+        connect = _connect_without_redirects()
+        try:
+            tls = client_tls_context() if self.ws_url.startswith("wss:") else None
+        except (OSError, ssl.SSLError) as error:  # a CA file that is missing or not PEM
+            self.screen.close()
+            print(f"progressista watch: cannot read the CA file: {_printable(error)}",
+                  file=sys.stderr)
+            return 1
         retry_s = WATCH_RETRY_FIRST_S
         while True:
             try:
                 with connect(self.ws_url, additional_headers=self.headers,
                              open_timeout=WATCH_TIMEOUT_S, close_timeout=WATCH_CLOSE_TIMEOUT_S,
-                             max_size=WATCH_MAX_MESSAGE_BYTES) as websocket:
+                             max_size=WATCH_MAX_MESSAGE_BYTES, ssl=tls) as websocket:
                     retry_s = WATCH_RETRY_FIRST_S  # in: the next outage starts from scratch
                     self.follow(websocket)
+            except ssl.SSLCertVerificationError as error:
+                # A certificate that fails today fails on every retry: say so once.
+                self.screen.close()
+                print(f"progressista watch: {self.ws_url}: the server's certificate does not "
+                      f"verify ({_printable(error.verify_message or error)}); set "
+                      f"{ENV_PREFIX}CA_BUNDLE to the CA file that signed it",
+                      file=sys.stderr)
+                return 1
             except InvalidStatus as error:
                 status = error.response.status_code
+                if 300 <= status < 400:  # followed, it would carry the token elsewhere
+                    self.screen.close()
+                    print(f"progressista watch: {self.ws_url}: HTTP {status}: redirected to "
+                          f"{_printable(error.response.headers.get('Location', '?'))}; "
+                          "redirects are not followed: give the final URL", file=sys.stderr)
+                    return 1
                 if 400 <= status < 500 and status not in (408, 429):
                     # A wrong token or URL will not fix itself: say what the server said.
                     self.screen.close()
@@ -5262,6 +5629,11 @@ def _watch_once(args, base, headers, screen, ascii):
     try:
         snapshot = fetch_tasks(base, headers)
     except urllib.error.HTTPError as error:
+        if 300 <= error.code < 400:  # followed, it would carry the token elsewhere
+            print(f"progressista watch: {base}/tasks: HTTP {error.code}: redirected to "
+                  f"{_printable(error.headers.get('Location', '?'))}; redirects are not "
+                  "followed: give the final URL", file=sys.stderr)
+            return 1
         print(f"progressista watch: {base}/tasks: HTTP {error.code}: "
               f"{_error_message(error.read())}", file=sys.stderr)
         return 1

@@ -151,6 +151,7 @@ SERVER_ONLY = {
     "MAX_REMOVED_REMEMBERED": "deletions GET /tasks?since= can list",
     "MAX_HISTORY_PAIRS": "the [t, n] pairs of a task's history, which the server keeps",
     "MAX_HISTORY_SETTLED": "history pairs before the latest, part of MAX_HISTORY_PAIRS",
+    "MAX_SEQ": "the largest seq; the client's are wall-clock microseconds, near 2**51",
 }
 
 
