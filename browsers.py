@@ -186,17 +186,18 @@ def launch(engine):
 # --- Locators and expect ------------------------------------------------------------------
 
 # Resolves a chain of steps to the matching elements: each step is a CSS selector looked up
-# inside every match of the step before, optionally kept only when its text contains a
+# inside every match of the step before (or none, to narrow those down), optionally kept only when its text contains a
 # string (or matches a regex), or when its accessible name is exactly `name`, then `nth`.
 RESOLVE_JS = """(steps) => {
     const norm = (s) => (s || '').replace(/\\s+/g, ' ').trim();
     const name = (el) => norm(el.getAttribute('aria-label') || el.textContent);
     let found = [document];
     for (const step of steps) {
-        const next = [];
-        for (const scope of found)
-            for (const el of scope.querySelectorAll(step.css))
-                if (!next.includes(el)) next.push(el);
+        const next = step.css === null ? found : [];   // null: narrow down the same elements
+        if (step.css !== null)
+            for (const scope of found)
+                for (const el of scope.querySelectorAll(step.css))
+                    if (!next.includes(el)) next.push(el);
         found = next.filter((el) => {
             if (step.text !== null && !norm(el.textContent).includes(step.text)) return false;
             if (step.regex !== null && !new RegExp(step.regex[0], step.regex[1]).test(norm(el.textContent))) return false;
@@ -248,12 +249,12 @@ class Locator:
         return self._step(css, name=name)
 
     def filter(self, has_text):
-        return self._step(":scope", has_text)
+        return self._step(None, has_text)
 
     def nth(self, index):
         last = dict(self.steps[-1], nth=index) if self.steps[-1]["nth"] is None else None
         if last is None:
-            return self._step(":scope", nth=index)
+            return self._step(None, nth=index)
         return Locator(self.page, self.steps[:-1] + [last])
 
     @property
@@ -261,7 +262,7 @@ class Locator:
         return self.nth(0)
 
     def __repr__(self):
-        return " >> ".join(s["css"] + (f" has {s['text'] or s['regex']!r}" if s["text"] or s["regex"] else "")
+        return " >> ".join((s["css"] or "") + (f" has {s['text'] or s['regex']!r}" if s["text"] or s["regex"] else "")
                            + (f" named {s['name']!r}" if s["name"] else "")
                            + (f" [{s['nth']}]" if s["nth"] is not None else "") for s in self.steps)
 
