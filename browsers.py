@@ -54,6 +54,7 @@ COMMAND_TIMEOUT_S = 30.0      # one driver command (a navigation waits for the p
 EXPECT_TIMEOUT_S = 10.0       # default deadline of an `expect(...)` assertion
 POLL_INTERVAL_S = 0.05        # between two looks at the page while waiting
 STOP_TIMEOUT_S = 10.0         # a browser closing by itself before it is killed
+RESIZE_TIMEOUT_S = 2.0        # MiniBrowser's window taking the size WebDriver asked for
 
 DEFAULT_VIEWPORT = (1200, 800)
 
@@ -634,7 +635,9 @@ class BiDiConnection:
 
     def __init__(self, url):
         from websockets.sync.client import connect
-        self.socket = connect(url, max_size=None, open_timeout=COMMAND_TIMEOUT_S)
+        self.exit_stack = contextlib.ExitStack()   # websockets wants its connect() entered
+        self.socket = self.exit_stack.enter_context(
+            connect(url, max_size=None, open_timeout=COMMAND_TIMEOUT_S))
         self.ids = itertools.count(1)
         self.pending = {}
         self.lock = threading.Lock()
@@ -683,7 +686,7 @@ class BiDiConnection:
         return message["result"]
 
     def close(self):
-        self.socket.close()
+        self.exit_stack.close()
 
 
 def to_bidi(value):
@@ -1075,13 +1078,18 @@ class WebKitPage(Page):
 
     def set_viewport(self, width, height):
         # classic WebDriver sizes the window: add what MiniBrowser's frame takes around the
-        # page (outer minus inner size, which stays right even while a resize is under way)
-        frame = self.evaluate("() => [outerWidth - innerWidth, outerHeight - innerHeight]")
-        self._post("/window/rect", {"width": width + frame[0], "height": height + frame[1]})
+        # page (outer minus inner size). A new window settles its size a moment later, so
+        # look until the page has the size, and measure the frame again once if not.
+        for _ in range(2):
+            frame = self.evaluate("() => [outerWidth - innerWidth, outerHeight - innerHeight]")
+            self._post("/window/rect", {"width": width + frame[0], "height": height + frame[1]})
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: self.evaluate("() => [innerWidth, innerHeight]") == [width, height],
+                           RESIZE_TIMEOUT_S, "the window size")
+                return
         inner = self.evaluate("() => [innerWidth, innerHeight]")
-        if inner != [width, height]:
-            self._unsupported(f"make a {width}x{height} viewport (MiniBrowser's window gives "
-                              f"{inner[0]}x{inner[1]}: GTK sets a minimum window width)")
+        self._unsupported(f"make a {width}x{height} viewport (MiniBrowser's window gives "
+                          f"{inner[0]}x{inner[1]}: GTK sets a minimum window width)")
 
     def emulate_media(self, *, color_scheme=None, forced_colors=None, reduced_motion=None):
         wanted = {k: v for k, v in (("color_scheme", color_scheme), ("forced_colors", forced_colors),
