@@ -348,21 +348,21 @@ def test_polling_takes_over_when_websockets_are_unavailable(page, clean_server):
 
 
 def test_polling_takes_over_when_a_proxy_refuses_the_websocket_but_http_works(page, clean_server):
-    # A WebSocket that always fails, as behind a proxy that does not pass the upgrade
-    page.add_init_script("""window.WebSocket = class {
-        constructor() { setTimeout(() => this.onclose && this.onclose({ code: 1006 }), 10); }
-        close() {}
-    };""")
+    # a real proxy that answers the upgrade with 502, as one that does not pass WebSockets
     post(clean_server, task("proxied", n=40))
-    open_dashboard(page, clean_server, connected=re.compile(r"Connected \(polling"))
-    expect(row(page, "proxied")).to_contain_text("40%")
+    with path_prefix_proxy(clean_server.port, refuse_websocket=True) as base:
+        page.goto(f"{base}/static/index.html?token={TOKEN}")
+        expect(page.locator("#conn")).to_have_text(re.compile(r"Connected \(polling"))
+        expect(row(page, "proxied")).to_contain_text("40%")
 
 
 @contextlib.contextmanager
-def path_prefix_proxy(backend_port, prefix=b"/tools/progress", strip_csp=False):
+def path_prefix_proxy(backend_port, prefix=b"/tools/progress", strip_csp=False,
+                      refuse_websocket=False):
     """A reverse proxy serving the server under `prefix`: strips it and pipes the bytes,
     WebSocket upgrades included. Yields the proxy's base URL (with the prefix). With
-    `strip_csp`, responses lose their Content-Security-Policy header."""
+    `strip_csp`, responses lose their Content-Security-Policy header; with
+    `refuse_websocket`, an upgrade gets 502 as from a proxy that does not pass WebSockets."""
 
     async def pipe(reader, writer):
         while True:
@@ -380,6 +380,10 @@ def path_prefix_proxy(backend_port, prefix=b"/tools/progress", strip_csp=False):
             method, target, version = request_line.split(b" ", 2)
             if not target.startswith(prefix + b"/"):
                 client_writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                return
+            if refuse_websocket and b"upgrade: websocket" in head.lower():
+                client_writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n"
+                                    b"Connection: close\r\n\r\n")
                 return
             if b"upgrade: websocket" not in head.lower():
                 # one request per connection, so that every request line gets rewritten
