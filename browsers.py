@@ -1087,7 +1087,9 @@ class WebKitPage(Page):
                 wait_until(lambda: self.evaluate("() => [innerWidth, innerHeight]") == [width, height],
                            RESIZE_TIMEOUT_S, "the window size")
                 return
-        inner = self.evaluate("() => [innerWidth, innerHeight]")
+            inner = self.evaluate("() => [innerWidth, innerHeight]")
+            if inner[0] > width:   # the window will not get that narrow: no use trying again
+                break
         self._unsupported(f"make a {width}x{height} viewport (MiniBrowser's window gives "
                           f"{inner[0]}x{inner[1]}: GTK sets a minimum window width)")
 

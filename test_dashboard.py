@@ -676,6 +676,7 @@ def test_phone_width_and_dark_theme_stay_readable(page, clean_server):
     page.emulate_media(color_scheme="dark")
     post(clean_server, realistic_mix())
     open_dashboard(page, clean_server)
+    assert page.evaluate("() => matchMedia('(prefers-color-scheme: dark)').matches")
     first = page.locator(VISIBLE_TASK_ROWS).first
     expect(first).to_be_visible()
     assert first.bounding_box()["height"] == 96  # four lines per row on a phone
@@ -714,7 +715,8 @@ ROW_BOXES_JS = """() => ({ width: document.documentElement.clientWidth,
             })) })"""
 
 
-@pytest.mark.parametrize("width", [720, 375])
+# 480: the narrow layout where WebKit can show it too (MiniBrowser windows are >= 447 px)
+@pytest.mark.parametrize("width", [720, 480, 375])
 def test_long_numbers_never_push_controls_off_screen_or_overlap(page, clean_server, width):
     page.set_viewport(width, 800)
     post(clean_server, awkward_numbers())
@@ -741,6 +743,7 @@ def test_progress_bars_stay_visible_in_forced_colors_mode(page, clean_server):
     page.emulate_media(forced_colors="active")
     post(clean_server, task("contrast", n=50))
     open_dashboard(page, clean_server)
+    assert page.evaluate("() => matchMedia('(forced-colors: active)').matches")  # emulated indeed
     bar = row(page, "contrast").locator(".bar")
     expect(bar).to_be_visible()
     colors = bar.evaluate("""bar => ({ track: getComputedStyle(bar).backgroundColor,
