@@ -766,8 +766,7 @@ class FirefoxBrowser:
             self.bidi.command("session.subscribe", {"events": ["log.entryAdded"]})
             self.listeners = {}
             self.bidi.listeners.append(self._on_event)
-            tree = self.bidi.command("browsingContext.getTree", {"moz:scope": "chrome"})
-            self.chrome_context = tree["contexts"][0]["context"]
+            self.chrome_context = None
         except BaseException:
             self.close()
             raise
@@ -789,7 +788,11 @@ class FirefoxBrowser:
                 listener(params.get("text") or "")
 
     def set_prefs(self, prefs):
-        """Set parent-process prefs; returns what they were (None: not set) for restore_prefs."""
+        """Set parent-process prefs; returns what they were (None: not set), to set back.
+        Raises BiDiError where this Firefox gives BiDi no parent-process realm."""
+        if self.chrome_context is None:
+            tree = self.bidi.command("browsingContext.getTree", {"moz:scope": "chrome"})
+            self.chrome_context = tree["contexts"][0]["context"]
         script = """(prefs) => {
             const old = {};
             for (const [name, value] of Object.entries(prefs)) {
@@ -907,7 +910,11 @@ class FirefoxPage(Page):
             prefs = FIREFOX_MEDIA_PREFS.get((feature, value))
             if prefs is None:
                 self._unsupported(f"emulate {feature}={value}")
-            for name, old in self.browser.set_prefs(prefs).items():
+            try:
+                old_prefs = self.browser.set_prefs(prefs)
+            except BiDiError as error:
+                self._unsupported(f"emulate {feature}={value} (setting prefs: {error})")
+            for name, old in old_prefs.items():
                 self.old_prefs.setdefault(name, old)
 
     def add_init_script(self, js):
