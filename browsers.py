@@ -12,7 +12,7 @@ Each engine comes from Debian's packages and is driven by what it speaks nativel
 `launch(engine)` starts one browser process; `browser.new_page()` gives a fresh page.
 A `Page` has one API on every engine: `goto`, `evaluate(js_function, arg)`, `locator(css)`,
 `press`, `type`, `mouse_move`, `set_viewport`, `emulate_media`, `add_init_script`,
-`screenshot`, `console_errors` and `csp_violations`; `expect(...)` waits for a locator or
+`screenshot`, `console_messages`, `console_errors` and `csp_violations`; `expect(...)` waits for a locator or
 page condition with a deadline. Where an engine cannot do something, the call skips the
 test with the reason (`pytest.skip`). docs/browsers.md is the guide.
 """
@@ -104,17 +104,20 @@ FIREFOX_MEDIA_PREFS = {
     ("reduced_motion", "reduce"): {"ui.prefersReducedMotion": 1},
 }
 
-# Page-side recorder of CSP violations and errors, installed before the page's own script
-# where the engine can (Chromium, Firefox), right after the load where it cannot (WebKit).
+# Page-side recorder of CSP violations (every engine) and of console messages and uncaught
+# errors (for WebKit, whose classic WebDriver has no log), installed before the page's own
+# script where the engine can (Chromium, Firefox), right after the load where it cannot.
 RECORDER_JS = """() => {
     if (window.__browserLog) return;
-    const log = window.__browserLog = { csp: [], errors: [] };
+    const log = window.__browserLog = { csp: [], console: [] };
     addEventListener('securitypolicyviolation', (event) => log.csp.push(
         `${event.violatedDirective} blocked ${event.blockedURI || 'inline'}`));
-    addEventListener('error', (event) => log.errors.push(String(event.message)));
-    addEventListener('unhandledrejection', (event) => log.errors.push(String(event.reason)));
-    const consoleError = console.error.bind(console);
-    console.error = (...args) => { log.errors.push(args.map(String).join(' ')); consoleError(...args); };
+    addEventListener('error', (event) => log.console.push(['error', String(event.message)]));
+    addEventListener('unhandledrejection', (event) => log.console.push(['error', String(event.reason)]));
+    for (const level of ['debug', 'info', 'log', 'warn', 'error']) {
+        const original = console[level].bind(console);
+        console[level] = (...args) => { log.console.push([level, args.map(String).join(' ')]); original(...args); };
+    }
 }"""
 
 # W3C WebDriver key codes (shared by classic WebDriver and BiDi input.performActions).
@@ -446,7 +449,7 @@ class Page:
     reports_console = True
 
     def __init__(self):
-        self._console_errors = []
+        self._console = []   # (level, text) as the engine reports them
 
     def _unsupported(self, what):
         pytest.skip(f"{self.engine} cannot {what}")
@@ -507,7 +510,7 @@ class Page:
         return self.evaluate("() => location.href")
 
     def _log(self):
-        return self.evaluate("() => window.__browserLog || { csp: [], errors: [] }")
+        return self.evaluate("() => window.__browserLog || { csp: [], console: [] }")
 
     @property
     def csp_violations(self):
@@ -515,12 +518,18 @@ class Page:
         return self._log()["csp"]
 
     @property
-    def console_errors(self):
-        """console.error messages and uncaught errors: as the engine reports them (Chromium,
-        Firefox), or as the page-side recorder saw them since the load (WebKit)."""
+    def console_messages(self):
+        """(level, text) of every console message and uncaught error ("error"): as the engine
+        reports them (Chromium, Firefox), or as the page-side recorder saw them since the
+        load (WebKit). Levels: debug, info, log, warn (Chromium: warning), error."""
         if self.reports_console:
-            return list(self._console_errors)
-        return self._log()["errors"]
+            return list(self._console)
+        return [tuple(message) for message in self._log()["console"]]
+
+    @property
+    def console_errors(self):
+        """The texts of console.error messages and uncaught errors."""
+        return [text for level, text in self.console_messages if level == "error"]
 
 
 # --- Chromium: Playwright -----------------------------------------------------------------
@@ -573,9 +582,8 @@ class ChromiumPage(Page):
         self.page = self.context.new_page()
         if self._media:
             self.page.emulate_media(**self._media)
-        self.page.on("console", lambda message: message.type == "error"
-                     and self._console_errors.append(message.text))
-        self.page.on("pageerror", lambda error: self._console_errors.append(str(error)))
+        self.page.on("console", lambda message: self._console.append((message.type, message.text)))
+        self.page.on("pageerror", lambda error: self._console.append(("error", str(error))))
 
     def goto(self, url):
         self.page.goto(url)
@@ -784,8 +792,8 @@ class FirefoxBrowser:
     def _on_event(self, method, params):
         if method == "log.entryAdded":
             listener = self.listeners.get(params.get("source", {}).get("context"))
-            if listener and params.get("level") == "error":
-                listener(params.get("text") or "")
+            if listener:
+                listener((params.get("level"), params.get("text") or ""))
 
     def set_prefs(self, prefs):
         """Set parent-process prefs; returns what they were (None: not set), to set back.
@@ -836,7 +844,7 @@ class FirefoxPage(Page):
         self.user_context = self.bidi.command("browser.createUserContext", {})["userContext"]
         self.context = self.bidi.command(
             "browsingContext.create", {"type": "tab", "userContext": self.user_context})["context"]
-        browser.listeners[self.context] = self._console_errors.append
+        browser.listeners[self.context] = self._console.append
         self.add_init_script(f"({RECORDER_JS})();")
         self.set_viewport(*DEFAULT_VIEWPORT)
 

@@ -150,6 +150,25 @@ def test_page_has_one_inline_script_allowed_by_the_csp_and_runs_without_violatio
     assert page.console_errors == []
 
 
+def test_console_errors_and_csp_violations_are_seen_on_every_engine(page, clean_server):
+    # what makes `console_errors == []` and `csp_messages(page) == []` above mean something
+    open_dashboard(page, clean_server)
+    assert page.console_errors == [] and csp_messages(page) == []
+    page.evaluate("""() => {
+        console.error('logged on purpose');
+        setTimeout(() => { throw new Error('thrown on purpose'); });
+        const script = document.createElement('script');   // not the page's hash: blocked
+        script.textContent = 'window.__injected = 1;';
+        document.body.append(script);
+    }""")
+    expect(page).to_be_true("() => window.__browserLog.csp.length > 0")
+    wait_for(lambda: any("thrown on purpose" in text for text in page.console_errors),
+             message="the uncaught error in console_errors")
+    assert any("logged on purpose" in text for text in page.console_errors), page.console_errors
+    assert any("script-src" in text for text in csp_messages(page)), csp_messages(page)
+    assert page.evaluate("() => window.__injected") is None
+
+
 def test_numbers_are_formatted_as_tqdm_formats_them(page, clean_server):
     tqdm = pytest.importorskip("tqdm").tqdm
     open_dashboard(page, clean_server)
