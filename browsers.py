@@ -26,15 +26,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 
 import pytest
+
+from conftest import free_port, wait_for   # one helper per job: the suite's own
 
 __all__ = ["ENGINES", "EngineMissing", "launch", "expect", "Page", "Locator"]
 
@@ -149,21 +149,8 @@ def type_actions(text):
             ({"type": "keyDown", "value": char}, {"type": "keyUp", "value": char})]
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def wait_until(condition, timeout, message):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(POLL_INTERVAL_S)
+    return wait_for(condition, timeout=timeout, interval=POLL_INTERVAL_S, message=message)
 
 
 def stop_process_group(process):
