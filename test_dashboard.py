@@ -289,6 +289,8 @@ def test_task_data_is_rendered_as_text_and_runs_nothing_even_without_the_csp(pag
     post(clean_server, task("xss", desc=attack, postfix="<b>bold</b>", unit="<i>u</i>",
                             meta={"host": "<script>window.__pwned=2</script>"}))
     with path_prefix_proxy(clean_server.port, strip_csp=True) as base:
+        _, _, headers = http("GET", f"{base}/static/index.html?token={TOKEN}")
+        assert "Content-Security-Policy" not in headers   # no CSP here: the page is on its own
         page.goto(f"{base}/static/index.html?token={TOKEN}")
         expect(page.locator("#conn")).to_have_text("Connected")
         assert page.evaluate("() => document.querySelector('meta[http-equiv]')") is None
@@ -609,13 +611,13 @@ def test_keyboard_remove_never_leaves_focus_on_another_tasks_remove_button(page,
     post(clean_server, [task(f"k{i:02d}", desc=f"keyed {i:02d}", n=i) for i in range(30)])
     open_dashboard(page, clean_server)
     expect(page.locator("#summary")).to_contain_text("30 tasks")
-    doomed = row(page, "keyed 27")          # newest first: the third row
+    doomed = row(page, "keyed 27")  # newest first: the third row
     doomed.get_by_role("button", name="Remove keyed 27").focus()
     page.press("Enter")
     expect(row(page, "keyed 27")).to_have_count(0)
     # focus moved to the harmless info button of the task now in that place, on screen
     expect(row(page, "keyed 26").locator("button.info")).to_be_focused()
-    page.press("Enter")            # opens the info panel, deletes nothing
+    page.press("Enter")  # opens the info panel, deletes nothing
     expect(page.locator("#details")).to_be_visible()
     page.press("Escape")
     page.press("Enter")
@@ -645,7 +647,7 @@ def test_live_updates_do_not_reorder_rows_under_the_pointer(page, clean_server):
     post(clean_server, task("fast", n=5, seq=2))
     expect(row(page, "fast")).to_contain_text("5%")
     expect(descs).to_have_text(["slow", "fast"])   # held while the pointer is over the list
-    page.mouse_move(5, 5)                            # over the header: the order catches up
+    page.mouse_move(5, 5)  # over the header: the order catches up
     expect(descs).to_have_text(["fast", "slow"])
 
 
