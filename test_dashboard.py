@@ -359,13 +359,17 @@ def test_reconnects_by_itself_with_backoff(page):
 
 
 def test_polling_takes_over_when_websockets_are_unavailable(page, clean_server):
-    page.add_init_script("delete window.WebSocket;")
+    # a script before the page's own deletes WebSocket: through the proxy, so that WebKit
+    # (no preload scripts in classic WebDriver) runs it too, and the CSP stays in force
     post(clean_server, task("polled", n=20, seq=1))
-    open_dashboard(page, clean_server, connected=re.compile(r"Connected \(polling"))
-    expect(row(page, "polled")).to_contain_text("20%")
-    post(clean_server, task("polled", n=90, seq=2))
-    expect(row(page, "polled")).to_contain_text("90%")
-    assert csp_messages(page) == []
+    with path_prefix_proxy(clean_server.port, first_script="delete window.WebSocket;") as base:
+        page.goto(f"{base}/static/index.html?token={TOKEN}")
+        expect(page.locator("#conn")).to_have_text(re.compile(r"Connected \(polling"))
+        assert page.evaluate("() => typeof window.WebSocket") == "undefined"
+        expect(row(page, "polled")).to_contain_text("20%")
+        post(clean_server, task("polled", n=90, seq=2))
+        expect(row(page, "polled")).to_contain_text("90%")
+        assert csp_messages(page) == []
 
 
 def test_polling_takes_over_when_a_proxy_refuses_the_websocket_but_http_works(page, clean_server):
@@ -379,11 +383,22 @@ def test_polling_takes_over_when_a_proxy_refuses_the_websocket_but_http_works(pa
 
 @contextlib.contextmanager
 def path_prefix_proxy(backend_port, prefix=b"/tools/progress", strip_csp=False,
-                      refuse_websocket=False):
+                      refuse_websocket=False, first_script=None):
     """A reverse proxy serving the server under `prefix`: strips it and pipes the bytes,
     WebSocket upgrades included. Yields the proxy's base URL (with the prefix). With
     `strip_csp`, responses lose their Content-Security-Policy header; with
-    `refuse_websocket`, an upgrade gets 502 as from a proxy that does not pass WebSockets."""
+    `refuse_websocket`, an upgrade gets 502 as from a proxy that does not pass WebSockets;
+    with `first_script` (JS), HTML pages run it before their own script, allowed by its
+    hash added to the CSP (an init script that every engine runs, WebKit's too)."""
+
+    def add_first_script(response_head, body):
+        source = first_script.encode()
+        digest = base64.b64encode(hashlib.sha256(source).digest())
+        response_head = response_head.replace(b"script-src ", b"script-src 'sha256-" + digest + b"' ", 1)
+        body = body.replace(b"<script>", b"<script>" + source + b"</script><script>", 1)
+        response_head = re.sub(rb"(?im)^content-length:[^\r]*", b"Content-Length: %d" % len(body),
+                               response_head)
+        return response_head, body
 
     async def pipe(reader, writer):
         while True:
@@ -411,10 +426,17 @@ def path_prefix_proxy(backend_port, prefix=b"/tools/progress", strip_csp=False,
                 rest = b"Connection: close\r\n" + re.sub(rb"(?im)^connection:[^\r]*\r\n", b"", rest)
             backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", backend_port)
             backend_writer.write(b" ".join([method, target[len(prefix):], version]) + b"\r\n" + rest)
-            if strip_csp:
+            if strip_csp or first_script:
                 response_head = await backend_reader.readuntil(b"\r\n\r\n")
-                client_writer.write(re.sub(rb"(?im)^content-security-policy:[^\r]*\r\n", b"",
-                                           response_head))
+                if strip_csp:
+                    response_head = re.sub(rb"(?im)^content-security-policy:[^\r]*\r\n", b"",
+                                           response_head)
+                if first_script and b"text/html" in response_head.lower():
+                    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", response_head)[1])
+                    response_head, body = add_first_script(
+                        response_head, await backend_reader.readexactly(length))
+                    response_head += body
+                client_writer.write(response_head)
             pipes = [asyncio.ensure_future(pipe(client_reader, backend_writer)),
                      asyncio.ensure_future(pipe(backend_reader, client_writer))]
             _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
