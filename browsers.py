@@ -236,7 +236,10 @@ class Locator:
         return self._step(css, has_text)
 
     def get_by_role(self, role, name=None):
-        css = {"button": "button, [role=button]", "progressbar": "[role=progressbar], progress"}[role]
+        roles = {"button": "button, [role=button]", "progressbar": "[role=progressbar], progress"}
+        if role not in roles:
+            raise ValueError(f"role {role!r}: add its selector to Locator.get_by_role ({sorted(roles)})")
+        css = roles[role]
         return self._step(css, name=name)
 
     def filter(self, has_text):
@@ -263,21 +266,34 @@ class Locator:
     def count(self):
         return len(self.snapshot())
 
-    def element(self, timeout=EXPECT_TIMEOUT_S):
-        """The one visible match, waited for; more than one is an error (a vague locator)."""
+    def _wait_for_one(self, timeout, visible):
+        """Wait for exactly one match (and a visible one when `visible`); more than one is an
+        error (a vague locator), as with Playwright's strict locators."""
         def one():
             snapshot = self.snapshot()
             if len(snapshot) > 1:
                 raise AssertionError(f"{self!r} matches {len(snapshot)} elements, not one")
-            return len(snapshot) == 1 and snapshot[0]["visible"]
-        wait_until(one, timeout, f"{self!r} to be visible")
+            return len(snapshot) == 1 and (snapshot[0]["visible"] or not visible)
+        wait_until(one, timeout, f"{self!r} to be {'visible' if visible else 'there'}")
+
+    def _call(self, js_function):
+        return self.page.evaluate(
+            f"(steps) => ({js_function})(({RESOLVE_JS})(steps)[0])", self.steps)
+
+    def _act(self, js_function):
+        """What a user does to the one visible match, done by a script."""
+        self._wait_for_one(EXPECT_TIMEOUT_S, visible=True)
+        return self._call(js_function)
+
+    def element(self, timeout=EXPECT_TIMEOUT_S):
+        """An engine handle to the one visible match, waited for."""
+        self._wait_for_one(timeout, visible=True)
         return self.page.element(f"(steps) => ({RESOLVE_JS})(steps)[0]", self.steps)
 
     def evaluate(self, js_function, timeout=EXPECT_TIMEOUT_S):
-        """Call `js_function(element)` on the one match."""
-        self.element(timeout)
-        return self.page.evaluate(
-            f"(steps) => ({js_function})(({RESOLVE_JS})(steps)[0])", self.steps)
+        """Call `js_function(element)` on the one match, visible or not (as Playwright does)."""
+        self._wait_for_one(timeout, visible=False)
+        return self._call(js_function)
 
     def bounding_box(self):
         return self.evaluate("(el) => { const b = el.getBoundingClientRect(); "
@@ -293,11 +309,11 @@ class Locator:
         self.page.hover_element(self.element())
 
     def focus(self):
-        self.evaluate("(el) => el.focus()")
+        self._act("(el) => el.focus()")
 
     def dispatch_click(self):
         """A synthetic click event, whatever covers the element (Playwright's dispatch_event)."""
-        self.evaluate("(el) => el.click()")
+        self._act("(el) => el.click()")
 
     def press(self, chord):
         self.focus()
@@ -305,7 +321,7 @@ class Locator:
 
     def fill(self, text):
         """Focus, select what is there, and type `text` over it (Backspace when empty)."""
-        self.evaluate("(el) => { el.focus(); el.select(); }")
+        self._act("(el) => { el.focus(); el.select(); }")
         if text:
             self.page.type(text)
         else:
@@ -313,7 +329,7 @@ class Locator:
 
     def select_option(self, value):
         """Choose an <option> by value, with the input and change events a user's choice fires."""
-        self.evaluate(f"""(el) => {{ el.value = {json.dumps(value)};
+        self._act(f"""(el) => {{ el.value = {json.dumps(value)};
             el.dispatchEvent(new Event('input', {{ bubbles: true }}));
             el.dispatchEvent(new Event('change', {{ bubbles: true }})); }}""")
 
