@@ -104,6 +104,8 @@ FIREFOX_MEDIA_PREFS = {
     ("reduced_motion", "reduce"): {"ui.prefersReducedMotion": 1},
 }
 
+CONSOLE_LEVELS = ("debug", "info", "log", "warn", "error")
+
 # Page-side recorder of CSP violations (every engine) and of console messages and uncaught
 # errors (for WebKit, whose classic WebDriver has no log), installed before the page's own
 # script where the engine can (Chromium, Firefox), right after the load where it cannot.
@@ -114,11 +116,11 @@ RECORDER_JS = """() => {
         `${event.violatedDirective} blocked ${event.blockedURI || 'inline'}`));
     addEventListener('error', (event) => log.console.push(['error', String(event.message)]));
     addEventListener('unhandledrejection', (event) => log.console.push(['error', String(event.reason)]));
-    for (const level of ['debug', 'info', 'log', 'warn', 'error']) {
+    for (const level of %s) {
         const original = console[level].bind(console);
         console[level] = (...args) => { log.console.push([level, args.map(String).join(' ')]); original(...args); };
     }
-}"""
+}""" % json.dumps(CONSOLE_LEVELS)
 
 # W3C WebDriver key codes (shared by classic WebDriver and BiDi input.performActions).
 KEYS = {"Enter": "\ue007", "Tab": "\ue004", "Escape": "\ue00c", "Shift": "\ue008",
@@ -524,7 +526,7 @@ class Page:
     def console_messages(self):
         """(level, text) of every console message and uncaught error ("error"): as the engine
         reports them (Chromium, Firefox), or as the page-side recorder saw them since the
-        load (WebKit). Levels: debug, info, log, warn (Chromium: warning), error."""
+        load (WebKit). Levels: debug, info, log, warn, error."""
         if self.reports_console:
             return list(self._console)
         return [tuple(message) for message in self._log()["console"]]
@@ -571,21 +573,14 @@ class ChromiumPage(Page):
 
     def __init__(self, browser):
         super().__init__()
-        self.browser = browser
-        self._media = {}
-        self._init_scripts = [f"({RECORDER_JS})();"]
-        self._viewport = DEFAULT_VIEWPORT
-        self._open_context()
-
-    def _open_context(self):
-        width, height = self._viewport
-        self.context = self.browser.new_context(viewport={"width": width, "height": height})
-        for script in self._init_scripts:
-            self.context.add_init_script(script)
+        width, height = DEFAULT_VIEWPORT
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.context.add_init_script(f"({RECORDER_JS})();")
         self.page = self.context.new_page()
-        if self._media:
-            self.page.emulate_media(**self._media)
-        self.page.on("console", lambda message: self._console.append((message.type, message.text)))
+        self._media = {}
+        # Playwright says "warning" where the console method and BiDi say "warn"
+        self.page.on("console", lambda message: self._console.append(
+            ("warn" if message.type == "warning" else message.type, message.text)))
         self.page.on("pageerror", lambda error: self._console.append(("error", str(error))))
 
     def goto(self, url):
@@ -613,7 +608,6 @@ class ChromiumPage(Page):
         self.page.keyboard.type(text)
 
     def set_viewport(self, width, height):
-        self._viewport = (width, height)
         self.page.set_viewport_size({"width": width, "height": height})
 
     def emulate_media(self, *, color_scheme=None, forced_colors=None, reduced_motion=None):
@@ -623,7 +617,6 @@ class ChromiumPage(Page):
         self.page.emulate_media(**self._media)
 
     def add_init_script(self, js):
-        self._init_scripts.append(js)
         self.context.add_init_script(js)
 
     def screenshot(self, path):
@@ -796,7 +789,11 @@ class FirefoxBrowser:
         if method == "log.entryAdded":
             listener = self.listeners.get(params.get("source", {}).get("context"))
             if listener:
-                listener((params.get("level"), params.get("text") or ""))
+                # BiDi's level folds console.log into "info": the method keeps it apart
+                level = params.get("level")
+                if params.get("type") == "console" and params.get("method") in CONSOLE_LEVELS:
+                    level = params["method"]
+                listener((level, params.get("text") or ""))
 
     def set_prefs(self, prefs):
         """Set parent-process prefs; returns what they were (None: not set), to set back.

@@ -150,12 +150,14 @@ def test_page_has_one_inline_script_allowed_by_the_csp_and_runs_without_violatio
     assert page.console_errors == []
 
 
-def test_console_errors_and_csp_violations_are_seen_on_every_engine(page, clean_server):
+def test_console_messages_errors_and_csp_violations_are_seen_on_every_engine(page, clean_server):
     # what makes `console_errors == []` and `csp_messages(page) == []` above mean something
     open_dashboard(page, clean_server)
     assert page.console_errors == [] and csp_messages(page) == []
     page.evaluate("""() => {
         console.error('logged on purpose');
+        console.log('a plain log');
+        console.warn('a warning');
         setTimeout(() => { throw new Error('thrown on purpose'); });
         const script = document.createElement('script');   // not the page's hash: blocked
         script.textContent = 'window.__injected = 1;';
@@ -165,6 +167,8 @@ def test_console_errors_and_csp_violations_are_seen_on_every_engine(page, clean_
     wait_for(lambda: any("thrown on purpose" in text for text in page.console_errors),
              message="the uncaught error in console_errors")
     assert any("logged on purpose" in text for text in page.console_errors), page.console_errors
+    assert {("log", "a plain log"), ("warn", "a warning")} <= set(page.console_messages), \
+        page.console_messages
     assert any("script-src" in text for text in csp_messages(page)), csp_messages(page)
     assert page.evaluate("() => window.__injected") is None
 
