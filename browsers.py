@@ -852,11 +852,13 @@ class FirefoxPage(Page):
         self.bidi.command("browsingContext.navigate",
                           {"context": self.context, "url": url, "wait": "complete"})
 
-    def _call(self, js_function, args, ownership="none"):
+    def _call(self, js_function, args):
+        # an element comes back as a node with a sharedId, which input actions and later
+        # calls accept; nothing else is kept alive in the page ("resultOwnership": "none")
         result = self.bidi.command("script.callFunction", {
             "functionDeclaration": js_function, "arguments": [to_bidi(a) for a in args],
             "target": {"context": self.context}, "awaitPromise": True,
-            "resultOwnership": ownership, "serializationOptions": {"maxDomDepth": 0}})
+            "resultOwnership": "none", "serializationOptions": {"maxDomDepth": 0}})
         if result["type"] == "exception":
             details = result["exceptionDetails"]
             raise BiDiError(f"in the page: {details.get('text')}\n{js_function}")
