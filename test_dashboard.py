@@ -313,7 +313,12 @@ def test_task_data_is_rendered_as_text_and_runs_nothing_even_without_the_csp(pag
 def test_token_from_the_root_url_reaches_the_api_and_the_feed(page, clean_server):
     post(clean_server, task("with-token", n=50))
     page.goto(f"{clean_server.url}/?token={TOKEN}&q=token")
-    assert page.url.endswith(f"/static/index.html?token={TOKEN}&q=token")
+    expect(page.locator("#conn")).to_have_text("Connected")
+    expect(row(page, "with-token")).to_contain_text("50%")
+    # The token became an HttpOnly cookie and left the address bar; the rest stays.
+    assert page.url.endswith("/static/index.html?q=token")
+    assert page.evaluate("() => document.cookie") == ""  # HttpOnly: not for scripts
+    page.goto(page.url)  # reloaded: the cookie alone opens the API and the feed now
     expect(page.locator("#conn")).to_have_text("Connected")
     expect(row(page, "with-token")).to_contain_text("50%")
 
@@ -522,7 +527,8 @@ def test_text_and_status_filters_and_sort_work_and_are_kept_in_the_url(page, cle
     expect(page.locator(f"{VISIBLE_TASK_ROWS} .desc")).to_have_text(["alpha eval", "gamma", "alpha train"])
     page.locator("#sort").select_option("name")
     expect(page.locator(f"{VISIBLE_TASK_ROWS} .desc")).to_have_text(["alpha eval", "alpha train", "gamma"])
-    assert "status=active" in page.url and "sort=name" in page.url and f"token={TOKEN}" in page.url
+    assert "status=active" in page.url and "sort=name" in page.url
+    assert "token=" not in page.url  # a shared view never carries the token
 
 
 def test_a_shared_url_restores_the_view(page, clean_server):
