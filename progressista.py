@@ -980,28 +980,28 @@ def moved(task, now):
         task.status = "running"
 
 
-def expired(task, now, lifetimes):
+def expired(task, now, settings):
     """True when a lifetime rule deletes `task` at `now` (docs/PROTOCOL.md "Lifetimes"): a
     finished task, or one marked stale, the retention period after its last update (a
     process that died without a word does not leave its bars forever). Marked, not just
     reading stale: a sweep has told everyone it went stale before one deletes it."""
     silent_s = now - task.updated_at
-    if lifetimes.max_task_age and silent_s >= lifetimes.max_task_age:
+    if settings.max_task_age and silent_s >= settings.max_task_age:
         return True
-    return bool(lifetimes.retention_seconds and silent_s >= lifetimes.retention_seconds
+    return bool(settings.retention_seconds and silent_s >= settings.retention_seconds
                 and (task.status in FINAL_STATUSES or task.status == "stale"))
 
 
-def sweep_plan(tasks, now, lifetimes):
+def sweep_plan(tasks, now, settings):
     """What a sweep at `now` does: (the (task, status) pairs whose status now reads
     differently: went stale, stalled, or back to running; the ids that expired). A task
     that expired is only deleted, never marked on its way out."""
     marked, expired_ids = [], []
     for task in tasks:
-        if expired(task, now, lifetimes):
+        if expired(task, now, settings):
             expired_ids.append(task.task_id)
         else:
-            shown = task.shown_status(now, lifetimes)
+            shown = task.shown_status(now, settings)
             if shown != task.status:
                 marked.append((task, shown))
     return marked, expired_ids
@@ -1203,10 +1203,10 @@ class MemoryStore(Store):
 
         return page_of(live_from_start(), limit, keep)
 
-    def sweep(self, now, lifetimes):
+    def sweep(self, now, settings):
         """Mark tasks that went stale or stalled (or back to running), delete expired
         ones, as of `now`; return (the marked ids, the removed ids)."""
-        marked, removed_ids = sweep_plan(self.by_id.values(), now, lifetimes)
+        marked, removed_ids = sweep_plan(self.by_id.values(), now, settings)
         for task, status in marked:
             task.status = status
         self.forget(removed_ids)
@@ -1917,8 +1917,8 @@ class SqliteStore(MemoryStore):
         # user cleared. (An expiry by the sweep needs no wait: it would expire again.)
         return self.written(removed) if removed else removed
 
-    def sweep(self, now, lifetimes):
-        marked_ids, removed_ids = super().sweep(now, lifetimes)
+    def sweep(self, now, settings):
+        marked_ids, removed_ids = super().sweep(now, settings)
         self.dirty_ids.update(dict.fromkeys(marked_ids))
         return marked_ids, removed_ids
 
@@ -2013,15 +2013,15 @@ return 0
 """
 
 
-def redis_ttl_ms(task, lifetimes):
+def redis_ttl_ms(task, settings):
     """Server-side expiry for a task's key: Redis deletes it when a lifetime rule would."""
     limits = []
-    if lifetimes.max_task_age:
-        limits.append(lifetimes.max_task_age)
-    if (task.status in FINAL_STATUSES or task.status == "stale") and lifetimes.retention_seconds:
-        limits.append(lifetimes.retention_seconds)
+    if settings.max_task_age:
+        limits.append(settings.max_task_age)
+    if (task.status in FINAL_STATUSES or task.status == "stale") and settings.retention_seconds:
+        limits.append(settings.retention_seconds)
     # A margin past the sweep, so that the sweeper broadcasts the removal first.
-    return int((min(limits) + 2 * lifetimes.cleanup_interval) * 1000) if limits else 0
+    return int((min(limits) + 2 * settings.cleanup_interval) * 1000) if limits else 0
 
 
 class RedisStore(Store):
@@ -2262,16 +2262,16 @@ class RedisStore(Store):
         self.local.forget(removed)
         return removed
 
-    async def sweep(self, now, lifetimes):
+    async def sweep(self, now, settings):
         """Mark stale or stalled and expire for every server, if this one holds the
         sweeper lease."""
         try:
-            lease_ms = int(max(3 * lifetimes.cleanup_interval, 1.0) * 1000)
+            lease_ms = int(max(3 * settings.cleanup_interval, 1.0) * 1000)
             self.is_sweeper = bool(await self.lease_script(keys=[self.lease_key],
                                                            args=[self.origin, lease_ms]))
             if not self.is_sweeper:
                 return [], []
-            marked, doomed = sweep_plan(self.local.tasks(), now, lifetimes)
+            marked, doomed = sweep_plan(self.local.tasks(), now, settings)
             for task, status in marked:
                 task.status = status
             marked_tasks = [task for task, _ in marked]
