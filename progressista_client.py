@@ -58,6 +58,9 @@ DEFAULT_REQUEST_TIMEOUT_S = 2.0     # one request is given up after this long
 DEFAULT_FLUSH_TIMEOUT_S = 2.0       # the exit hook waits at most this long for the last sends
 # Well inside the server's default 60 s stale timeout, so only a dead sender goes stale.
 DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
+# A live bar's state is read by the sender thread at its push interval, but never more often
+# than this: a bar with push_every=0 must not make the thread spin.
+MIN_LIVE_READ_INTERVAL_S = 0.05
 BACKOFF_INITIAL_S = 0.5             # first retry delay after a failed send
 BACKOFF_MAX_S = 10.0                # retry delays double up to this
 # A loop left early (break, or its body raised) is closed only after this grace, so that an
@@ -249,17 +252,36 @@ class _Entry:
     """One queued state: where it goes, and the rules for when it may go.
 
     `text`, the state as JSON, is set when the state is delivered (after its seq), not here:
-    put() is on the bar's display path.
+    put() is on the bar's display path. `source()`, when given, reads the task's live state
+    (None once it has ended); `read_at` is when the sender last read it.
     """
 
-    __slots__ = ("endpoint", "state", "push_every", "final", "not_before", "text")
+    __slots__ = ("endpoint", "state", "push_every", "final", "not_before", "text", "source",
+                 "read_at", "heartbeat", "polled")
 
-    def __init__(self, endpoint, state, push_every=0.0, final=False, not_before=0.0):
+    def __init__(self, endpoint, state, push_every=0.0, final=False, not_before=0.0,
+                 source=None, read_at=-math.inf, heartbeat=False, polled=False):
         self.endpoint = endpoint
         self.state = state
         self.push_every = push_every
         self.final = final
         self.not_before = not_before
+        self.source = source
+        self.read_at = read_at
+        self.heartbeat = heartbeat  # re-sent because heartbeat_s passed since the last send
+        self.polled = polled        # only a read of a delivered task: sent if it changed
+
+    def read_every(self):
+        return max(self.push_every, MIN_LIVE_READ_INTERVAL_S)
+
+
+# The fields whose change is news: a live read that changes none of them is not sent (until
+# the heartbeat), so an idle bar costs the server nothing.
+_PROGRESS_FIELDS = ("n", "total", "desc", "postfix", "unit", "status")
+
+
+def _progress_of(state):
+    return tuple(state.get(name) for name in _PROGRESS_FIELDS)
 
 
 class _Outage:
@@ -320,7 +342,9 @@ class Sender:
 
     `put()` never waits on the network. Each tick sends every due state in one POST per
     endpoint; a failed endpoint is retried with capped exponential backoff and warned about
-    once per outage. Live tasks are re-sent every `heartbeat_s`. `flush()` waits, bounded,
+    once per outage. A task put with a `source` is read again at its push interval and sent
+    when it changed, so the server sees its live state, not the last one put. Live tasks are
+    re-sent every `heartbeat_s`. `flush()` waits, bounded,
     for the queue to drain. `clock`, `wall_clock` and `opener(url, body, headers, timeout)
     -> (status, body)` are injectable; with `autostart=False` tests drive `tick()` by hand.
     """
@@ -360,16 +384,20 @@ class Sender:
 
     # Public API
 
-    def put(self, endpoint, state, *, push_every=0.0, final=False, hold_s=0.0):
+    def put(self, endpoint, state, *, push_every=0.0, final=False, hold_s=0.0, source=None):
         """Queue `state` (a dict with `task_id`) for `endpoint`; the latest state per task wins.
 
         A final state (close or error) is sent at the next tick; a later non-final state of
         the same task is ignored. `hold_s` delays a final state (see EARLY_CLOSE_HOLD_S).
+        `source()`, called from the sender thread, returns the task's state as it is now (or
+        None once it ended): each send of a non-final state reads it afresh, and while the
+        task lives it is read every `push_every` (at least MIN_LIVE_READ_INTERVAL_S) and sent
+        when it changed. It must be quick and must not raise into the sender.
         """
         task_id = state["task_id"]
         now = self._clock()
         not_before = math.ceil((now + hold_s) / HOLD_GRID_S) * HOLD_GRID_S if hold_s else 0.0
-        entry = _Entry(endpoint, state, push_every, final, not_before)
+        entry = _Entry(endpoint, state, push_every, final, not_before, None if final else source)
         with self._lock:
             queued = self._pending.get(task_id)
             if queued is not None and queued.final and not final:
@@ -488,6 +516,15 @@ class Sender:
             if due:
                 self._in_flight += 1
         if due:
+            try:
+                # Outside the lock: a bar's state is read while its own thread runs on.
+                due = self._read_live(due, now)
+            except BaseException:
+                with self._lock:
+                    self._in_flight -= 1
+                    self._idle.notify_all()
+                raise
+        if due:
             by_endpoint = collections.defaultdict(list)
             for entry in due:
                 by_endpoint[entry.endpoint].append(entry)
@@ -519,10 +556,43 @@ class Sender:
         for task_id, entry in self._live.items():
             if task_id in self._pending or task_id in due_ids:
                 continue
-            if now - self._last_sent.get(task_id, -math.inf) >= self.heartbeat_s and \
-                    self._endpoint_ready(entry.endpoint, now, flush_id):
-                due.append(_Entry(entry.endpoint, self._refreshed(entry.state), entry.push_every))
+            if not self._endpoint_ready(entry.endpoint, now, flush_id):
+                continue
+            heartbeat = now - self._last_sent.get(task_id, -math.inf) >= self.heartbeat_s
+            if heartbeat or (entry.source is not None and now - entry.read_at >= entry.read_every()):
+                due.append(_Entry(entry.endpoint, entry.state, entry.push_every,
+                                  source=entry.source, heartbeat=heartbeat, polled=True))
         return due
+
+    def _read_live(self, due, now):
+        """Give each due non-final entry its task's live state; drop the unchanged live reads.
+
+        A heartbeat is sent changed or not (a restarted server learns the bar back).
+        """
+        kept = []
+        for entry in due:
+            live = None
+            if entry.source is not None:
+                try:
+                    live = entry.source()
+                except Exception:  # one bar's odd attribute must not stop the others
+                    log.debug("progressista: reading a live bar failed", exc_info=True)
+                entry.read_at = now
+            with self._lock:
+                delivered = self._live.get(entry.state["task_id"])
+                if delivered is not None:
+                    delivered.read_at = now
+            if live is not None:
+                news = delivered is None or _progress_of(live) != _progress_of(delivered.state)
+                if news or entry.heartbeat or not entry.polled:
+                    entry.state = live
+                    kept.append(entry)
+            elif entry.heartbeat:
+                entry.state = self._refreshed(entry.state)
+                kept.append(entry)
+            elif not entry.polled:
+                kept.append(entry)  # as it was put: the bar ended (its final follows) or cannot be read
+        return kept
 
     def _endpoint_ready(self, endpoint, now, flush_id):
         outage = self._outages.get(endpoint)
@@ -554,6 +624,8 @@ class Sender:
             times.append(at)
         for task_id, entry in self._live.items():
             at = self._last_sent.get(task_id, now) + self.heartbeat_s
+            if entry.source is not None:
+                at = min(at, entry.read_at + entry.read_every())
             outage = self._outages.get(entry.endpoint)
             times.append(max(at, outage.retry_at) if outage is not None else at)
         if not times:
@@ -757,7 +829,11 @@ class _RemoteBar:
     """The remote half of a remote tqdm class; use make_remote_tqdm() to build one.
 
     It hooks `display()`, which tqdm calls only at its own refresh cadence (miniters,
-    mininterval), never `update()` or `__iter__`: the hot loop costs what tqdm's does.
+    mininterval), never `update()` or `__iter__`: the hot loop costs what tqdm's does. What
+    is sent is the bar's live state all the same: the sender thread reads `n`, `total`,
+    the description and the postfix at each push interval. (A bar driven by iteration keeps
+    its count in tqdm's loop, which stores it in `n` when it redraws, at the latest at the
+    first iteration after `maxinterval`.)
     """
 
     _remote_defaults = {}
@@ -792,6 +868,7 @@ class _RemoteBar:
         self._remote_meta = _clean_meta(merged_meta)
         self._remote_thread = threading.get_ident()
         self._remote_error = None
+        self._remote_source = _live_reader(weakref.ref(self))
         self._remote_sender = default_sender()
         with _bars_lock:
             _open_bars.add(self)
@@ -848,8 +925,25 @@ class _RemoteBar:
 
     # Remote side
 
+    def _remote_fields(self):
+        # What format_dict gives, read from the attributes: this also runs on the sender
+        # thread, and format_dict would resize the bar there (dynamic_ncols).
+        ema_dt = self._ema_dt()
+        return {
+            "n": self.n, "total": self.total,
+            "elapsed": self._time() - self.start_t if hasattr(self, "start_t") else 0,
+            "prefix": self.desc, "unit": self.unit, "unit_scale": self.unit_scale,
+            "rate": self._ema_dn() / ema_dt if ema_dt else None, "postfix": self.postfix,
+            "unit_divisor": self.unit_divisor, "initial": self.initial}
+
+    def _remote_live(self):
+        """The state as it is now, for the sender thread; None once the bar has ended."""
+        if self._remote_sender is None or self.disable:
+            return None
+        return self._remote_state()
+
     def _remote_state(self, status="running", error=None):
-        fd = self.format_dict
+        fd = self._remote_fields()
         n = _finite(fd.get("n"), 0, minimum=0)
         elapsed = _finite(fd.get("elapsed"), 0.0, minimum=0.0)
         rate = _finite(fd.get("rate"), minimum=0.0)
@@ -881,7 +975,7 @@ class _RemoteBar:
     def _remote_publish(self):
         try:
             self._remote_sender.put(self._remote_endpoint, self._remote_state(),
-                                    push_every=self._remote_push_every)
+                                    push_every=self._remote_push_every, source=self._remote_source)
         except Exception:  # never let reporting break the user's loop
             _warn_once("publish", "progressista: could not queue a bar update")
             log.debug("progressista: publish failed", exc_info=True)
@@ -901,6 +995,14 @@ class _RemoteBar:
                 _hold_close(_HeldClose(sender, self._remote_endpoint, state, self._remote_thread))
         except Exception:
             log.debug("progressista: could not queue a final state", exc_info=True)
+
+
+def _live_reader(bar_ref):
+    # Weak: a queued state must not keep a dropped bar alive (its __del__ closes it).
+    def read():
+        bar = bar_ref()
+        return None if bar is None else bar._remote_live()
+    return read
 
 
 _id_prefix = None
