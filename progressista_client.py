@@ -23,7 +23,9 @@ import importlib.util
 import itertools
 import json
 import logging
+import linecache
 import math
+import opcode
 import os
 import signal
 import socket
@@ -428,6 +430,11 @@ class Sender:
         _warn_once("pending-finals", "progressista: more than %d final states wait for the "
                    "server; the oldest are dropped", MAX_PENDING_FINALS)
 
+    def known_down(self, endpoint):
+        """Treat `endpoint` as failing already (someone warned): no second warning for it."""
+        with self._lock:
+            self._outages.setdefault(endpoint, _Outage())
+
     def pending_final(self, task_id):
         """True while a final state of `task_id` waits to be sent."""
         with self._lock:
@@ -746,6 +753,8 @@ class Sender:
                 seq = self._live[task_id].state.get("seq", 0) if task_id in self._live else 0
                 record[task_id] = {"server_url": entry.endpoint.url,
                                    "state": dict(entry.state, seq=seq)}
+                if entry.endpoint in self._outages:
+                    record[task_id]["server_down"] = True  # and this process said so
         try:
             text = json.dumps(record)
         except _JSON_ERRORS:
@@ -909,12 +918,15 @@ class _RemoteBar:
         caller = sys._getframe(1)
         if error is None and caller.f_code is _tqdm_iter_code:
             # Closed by tqdm's own loop: tell an exception from the iterable apart from the
-            # normal end. GeneratorExit means the loop was left early (break, or its body
-            # raised): hold the close so the excepthook can still turn it into an error.
+            # normal end. GeneratorExit means the loop was left early: by break or return, or
+            # by an exception (which something may catch later, a future.result(), so the
+            # excepthook may never see it). Hold the close either way, so that an excepthook
+            # can still name the exception.
             exc = sys.exc_info()[1]
             if exc is not None and _raised_through(exc, caller):
                 if isinstance(exc, GeneratorExit):
                     hold_s = EARLY_CLOSE_HOLD_S
+                    error = _why_loop_was_left(caller.f_back)
                 else:
                     error = describe_exception(type(exc), exc, exc.__traceback__)
         try:
@@ -935,6 +947,11 @@ class _RemoteBar:
             "prefix": self.desc, "unit": self.unit, "unit_scale": self.unit_scale,
             "rate": self._ema_dn() / ema_dt if ema_dt else None, "postfix": self.postfix,
             "unit_divisor": self.unit_divisor, "initial": self.initial}
+
+    def _remote_leaves(self):
+        # tqdm's own rule (close()): leave=None keeps only the bar at position 0.
+        leave = getattr(self, "leave", True)
+        return abs(getattr(self, "pos", 0) or 0) == 0 if leave is None else bool(leave)
 
     def _remote_live(self):
         """The state as it is now, for the sender thread; None once the bar has ended."""
@@ -990,6 +1007,8 @@ class _RemoteBar:
             _open_bars.discard(self)
         try:
             state = self._remote_state(status, error)
+            if status == "close" and not self._remote_leaves():
+                state["transient"] = True  # leave=False: the page may fold it away
             sender.put(self._remote_endpoint, state, final=True, hold_s=hold_s)
             if hold_s:
                 _hold_close(_HeldClose(sender, self._remote_endpoint, state, self._remote_thread))
@@ -1046,6 +1065,91 @@ def _fail_held(held, error):
         return
     error_state = dict(held.state, status="error", error=_clip(error, MAX_ERROR_CHARS))
     held.sender.put(held.endpoint, error_state, final=True)
+
+
+# What a frame is doing when it lets go of a loop's iterator on its normal path: break and
+# return (POP_TOP, POP_ITER, SWAP), the end of an outer loop (FOR_ITER, END_FOR), an outer
+# generator closed early (YIELD_VALUE, RESUME, SEND, CLEANUP_THROW), a name rebound or
+# deleted (STORE_*, DELETE_*). Anything else (a CALL, RAISE_VARARGS, BINARY_OP...) is the
+# instruction that raised while the exception unwinds the frame. Looked up in the frame's
+# bytecode because the exception itself is out of reach: CPython sets it aside while it
+# closes the generator.
+_RELEASE_OPNAMES = frozenset((
+    "POP_TOP", "POP_ITER", "SWAP", "ROT_TWO", "FOR_ITER", "END_FOR", "YIELD_VALUE", "RESUME",
+    "SEND", "CLEANUP_THROW", "RETURN_VALUE", "RETURN_CONST", "POP_BLOCK", "POP_EXCEPT",
+    "END_ASYNC_FOR", "NOP", "JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_ABSOLUTE"))
+_code_bytes = {}    # code object -> its bytecode (co_code is a fresh copy on each access)
+MAX_CACHED_CODES = 256
+
+
+def _unwinding(frame):
+    """True when `frame` let go of an iterator while an exception unwinds it."""
+    code = frame.f_code
+    co_code = _code_bytes.get(code)
+    if co_code is None:
+        if len(_code_bytes) >= MAX_CACHED_CODES:
+            _code_bytes.clear()
+        co_code = _code_bytes[code] = code.co_code
+    try:
+        name = opcode.opname[co_code[frame.f_lasti]]
+    except (IndexError, TypeError):
+        return False
+    return not (name in _RELEASE_OPNAMES or name.startswith(("STORE_", "DELETE_")))
+
+
+def _where(frame):
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    line = linecache.getline(filename, lineno).strip()
+    return "%s:%s%s" % (os.path.basename(filename), lineno, (": " + line) if line else "")
+
+
+def _why_loop_was_left(frame):
+    """None for a loop left by break or return (or sys.exit(0)); else what left it, in words."""
+    if frame is None or not _unwinding(frame):
+        return None
+    exited = _exits.get(threading.get_ident())
+    if exited is not None and (id(frame), frame.f_lasti) in exited[1]:
+        code = exited[0].code
+        if code in (None, 0):
+            return None
+        return "sys.exit(%r) at %s" % (code, _where(frame))
+    return "the loop was left by an exception at %s" % _where(frame)
+
+
+# thread ident -> (SystemExit, {(id(frame), f_lasti) of each frame that was calling}), for
+# the last sys.exit() of each thread: a loop left by it knows its exit status.
+_exits = {}
+
+
+class _RecordingExit:
+    """sys.exit (and the builtins exit, quit), noting the exit status where it was raised."""
+
+    def __init__(self, exit_function):
+        self._exit = exit_function
+
+    def __repr__(self):
+        return repr(self._exit)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self._exit(*args, **kwargs)
+        except SystemExit as exc:
+            calling, frame = set(), sys._getframe(1)
+            while frame is not None:
+                calling.add((id(frame), frame.f_lasti))
+                frame = frame.f_back
+            _exits[threading.get_ident()] = (exc, calling)
+            raise
+
+
+def _record_exits():
+    import builtins
+    if not isinstance(sys.exit, _RecordingExit):
+        sys.exit = _RecordingExit(sys.exit)
+    for name in ("exit", "quit"):
+        function = getattr(builtins, name, None)
+        if function is not None and not isinstance(function, _RecordingExit):
+            setattr(builtins, name, _RecordingExit(function))
 
 
 def _is_clean_exit(exc):
@@ -1120,6 +1224,9 @@ def _install_hooks():
     _previous_threading_excepthook = threading.excepthook
     threading.excepthook = _threading_excepthook
     atexit.register(_at_exit)
+    _record_exits()
+    if not _watched_by_run():  # under `run`, `run` ends the bars knowing the signal
+        _end_bars_on_signals()
 
 
 def end_bars_with_error(error, thread_ident=None):
@@ -1191,6 +1298,7 @@ def _arm_worker_exit():
     import multiprocessing.util
     multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
     # Only where SIGTERM would kill the process anyway: a handler of the program's own wins.
+    # (A fork child inherits the parent's _end_bars_then_die, which also flushes.)
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _flush_then_die)
@@ -1204,8 +1312,41 @@ def _flush_then_die(signum, frame):
         flusher = threading.Thread(target=sender.flush, daemon=True)
         flusher.start()
         flusher.join(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S) + 0.1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)  # and end as SIGTERM would have
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # and end as the signal would have
+
+
+# Signals whose default action ends the process: a scheduler's SIGTERM (scancel, a pod
+# eviction), SIGHUP from a closed terminal or ssh session.
+_ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _end_bars_on_signals():
+    """Where the program left SIGTERM and SIGHUP at their default (death), end its open bars
+    as `error` naming the signal before dying by it. A handler of the program's own is left
+    alone, and so is a process that is not its main thread here (Python allows no handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in _ENDING_SIGNALS:
+        try:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, _end_bars_then_die)
+        except (ValueError, OSError):
+            pass
+
+
+def _end_bars_then_die(signum, frame):
+    def end_and_flush():
+        end_bars_with_error("killed by %s" % signal.Signals(signum).name)
+        sender = _sender
+        if sender is not None:
+            sender.flush()
+    # In another thread, bounded: the signal may have stopped this one inside a lock.
+    ender = threading.Thread(target=end_and_flush, daemon=True)
+    ender.start()
+    ender.join(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S) + 0.1)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # and end as the signal would have
 
 
 def _after_fork_in_child():
@@ -1496,7 +1637,8 @@ def run_program(target, args, module=False, server_url=None, token=None, push_ev
     """
     defaults = {key: value for key, value in (("unit", unit), ("meta", meta), ("headers", headers))
                 if value is not None}
-    run_dir = tempfile.mkdtemp(prefix="progressista-run-")
+    _remove_abandoned_run_dirs()
+    run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
     try:
         with open(os.path.join(run_dir, "sitecustomize.py"), "w") as file:
             file.write(_SITECUSTOMIZE)
@@ -1511,7 +1653,7 @@ def run_program(target, args, module=False, server_url=None, token=None, push_ev
             if value is not None:
                 env[name] = str(value)
         command = [sys.executable] + (["-m", target] if module else [target]) + list(args)
-        program_pid, returncode = _run_watched(command, env)
+        program_pid, returncode = _run_watched(command, env, run_dir)
         _end_leftover_bars(run_dir, program_pid, returncode, server_url, token, headers,
                            request_timeout)
     finally:
@@ -1520,8 +1662,55 @@ def run_program(target, args, module=False, server_url=None, token=None, push_ev
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _run_watched(command, env):
+RUN_DIR_PREFIX = "progressista-run-"  # then the pid of `run`, a dash, and mkdtemp's letters
+PROGRAM_PID_FILE = "program.pid"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _remove_abandoned_run_dirs():
+    """Remove the folders of earlier runs killed by SIGKILL (no chance to clean up then):
+    ours, and neither that `run` nor the program it watched is alive."""
+    import shutil
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        owner = name[len(RUN_DIR_PREFIX):].split("-")[0]
+        if not (name.startswith(RUN_DIR_PREFIX) and owner.isdigit()):
+            continue
+        path = os.path.join(root, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or _alive(int(owner)):
+                continue
+            with open(os.path.join(path, PROGRAM_PID_FILE)) as file:
+                program_pid = int(file.read() or 0)
+        except FileNotFoundError:
+            program_pid = 0  # killed before it started the program
+        except (OSError, ValueError):
+            continue
+        if program_pid and _alive(program_pid):
+            continue  # the program outlived its `run`, and its processes still write here
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_watched(command, env, run_dir):
     child = subprocess.Popen(command, env=env)
+    try:
+        with open(os.path.join(run_dir, PROGRAM_PID_FILE), "w") as file:
+            file.write(str(child.pid))
+    except OSError:
+        pass
     forwarded = {}
 
     def forward(signum, frame):
@@ -1580,6 +1769,8 @@ def _end_leftover_bars(run_dir, program_pid, returncode, server_url, token, head
             continue
         # Greater than anything the program sent, whichever clock step it was at.
         sender._seq = max(sender._seq, int(state.pop("seq", 0) or 0))
+        if record.get("server_down"):
+            sender.known_down(endpoint)  # the program warned already: one warning, not two
         sender.put(endpoint, state, final=True)
     sender.flush()
 
