@@ -46,7 +46,7 @@ import weakref
 __all__ = [
     "RemoteTqdm", "tqdm", "trange", "make_remote_tqdm", "patch", "unpatch",
     "Sender", "Endpoint", "make_endpoint", "normalize_server_url", "default_meta",
-    "default_sender", "send_update", "flush", "demo", "run_program",
+    "default_sender", "send_update", "flush", "demo", "run_program", "run_from_environment",
 ]
 __version__ = "1.0.0"
 
@@ -80,6 +80,8 @@ MAX_PENDING_FINALS = 10000
 MAX_BATCH_TASKS = 1000
 MAX_BATCH_BYTES = 512 * 1024        # well under the server's default 1 MiB body limit
 MAX_TASK_ID_CHARS = 256
+MAX_RUN_CHARS = 256                 # run and parent, like task_id
+MAX_RUN_NAME_CHARS = 1000
 MAX_DESC_CHARS = 1000
 MAX_UNIT_CHARS = 32
 MAX_POSTFIX_CHARS = 1000
@@ -95,6 +97,8 @@ ENV_PUSH_INTERVAL = "PROGRESSISTA_PUSH_INTERVAL"
 ENV_REQUEST_TIMEOUT = "PROGRESSISTA_REQUEST_TIMEOUT"
 ENV_FLUSH_TIMEOUT = "PROGRESSISTA_FLUSH_TIMEOUT"
 ENV_HEARTBEAT_INTERVAL = "PROGRESSISTA_HEARTBEAT_INTERVAL"
+ENV_RUN = "PROGRESSISTA_RUN"                    # the run (job) every bar of this process joins
+ENV_RUN_NAME = "PROGRESSISTA_RUN_NAME"          # the run's readable name
 # Set by `progressista run` for the program it watches (and inherited by its children).
 ENV_RUN_DIR = "PROGRESSISTA_RUN_DIR"            # where each process records its open bars
 ENV_PATCH = "PROGRESSISTA_PATCH"                # JSON keyword arguments for patch()
@@ -175,28 +179,78 @@ def _hostname():
     return _host
 
 
+# Each scheduler's job id, its array index variables (Torque's, then PBS Pro's), and the
+# value it uses for "not an array job". 0 is a real index for SLURM and PBS (--array=0-9).
+_SCHEDULERS = (
+    ("SLURM_JOB_ID", "slurm", ("SLURM_ARRAY_TASK_ID",), None),
+    ("PBS_JOBID", "pbs", ("PBS_ARRAYID", "PBS_ARRAY_INDEX"), None),
+    ("LSB_JOBID", "lsf", ("LSB_JOBINDEX",), "0"),
+    ("JOB_ID", "sge", ("SGE_TASK_ID",), "undefined"))
+# Where a launcher puts a process's rank: torchrun, SLURM's srun, Open MPI, MPICH and Intel MPI.
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+TORCHRUN_RUN_ID = "TORCHELASTIC_RUN_ID"     # "none" when torchrun was given no --rdzv-id
+
+
+def _scheduler_job(env):
+    """(scheduler, job id, array index or None) of the batch job this process is in, or None."""
+    for job_var, scheduler, index_vars, not_an_array in _SCHEDULERS:
+        if env.get(job_var):
+            index = next((env[name] for name in index_vars if env.get(name)), None)
+            return scheduler, env[job_var], index if index != not_an_array else None
+    return None
+
+
 def default_meta(environ=None):
-    """Host name, pid, and the scheduler's job id and pod name when one set them."""
+    """Host name, pid, and the scheduler's job id, the rank and pod name when one set them."""
     env = os.environ if environ is None else environ
     meta = {"host": _hostname(), "pid": os.getpid()}
-    # Each scheduler's job id, its array index variables (Torque's, then PBS Pro's), and the
-    # value it uses for "not an array job". 0 is a real index for SLURM and PBS (--array=0-9).
-    for job_var, scheduler, index_vars, not_an_array in (
-            ("SLURM_JOB_ID", "slurm", ("SLURM_ARRAY_TASK_ID",), None),
-            ("PBS_JOBID", "pbs", ("PBS_ARRAYID", "PBS_ARRAY_INDEX"), None),
-            ("LSB_JOBID", "lsf", ("LSB_JOBINDEX",), "0"),
-            ("JOB_ID", "sge", ("SGE_TASK_ID",), "undefined")):
-        if env.get(job_var):
-            meta["scheduler"] = scheduler
-            meta["job_id"] = env[job_var]
-            index = next((env[name] for name in index_vars if env.get(name)), None)
-            if index and index != not_an_array:
-                meta["array_index"] = index
-            break
+    job = _scheduler_job(env)
+    if job is not None:
+        meta["scheduler"], meta["job_id"] = job[0], job[1]
+        if job[2]:
+            meta["array_index"] = job[2]
+    rank = next((env[name].strip() for name in RANK_VARIABLES if env.get(name, "").strip()), None)
+    if rank is not None:
+        meta["rank"] = int(rank) if rank.isdigit() else rank
     pod = env.get("POD_NAME") or (env.get("HOSTNAME") if env.get("KUBERNETES_SERVICE_HOST") else None)
     if pod:
         meta["pod"] = pod
     return meta
+
+
+def run_from_environment(environ=None):
+    """The run id the environment names, or None (PROTOCOL.md, "Client settings").
+
+    PROGRESSISTA_RUN, else the scheduler's job (`slurm-<job>_<array index>`; `pbs-<job>`,
+    whose id already holds the index; `lsf-`, `sge-` as SLURM), else torchrun's run id.
+    """
+    env = os.environ if environ is None else environ
+    run = env.get(ENV_RUN, "").strip()
+    if not run:
+        job = _scheduler_job(env)
+        if job is not None:
+            scheduler, job_id, index = job
+            run = "%s-%s" % (scheduler, job_id)
+            if index and scheduler != "pbs":
+                run += "_" + index
+        elif env.get(TORCHRUN_RUN_ID, "none").strip() not in ("", "none"):
+            run = env[TORCHRUN_RUN_ID].strip()
+    return run[:MAX_RUN_CHARS] or None
+
+
+def _join_run():
+    """At import: find this process's run, or make one, and put it in the environment, so
+    that the child processes it starts (fork, spawn, subprocesses) join it."""
+    run = run_from_environment()
+    if run is None:
+        run = "run-" + uuid.uuid4().hex[:16]
+    os.environ.setdefault(ENV_RUN, run)
+    return run
+
+
+def _current_run():
+    # Per bar, not once: a program may set PROGRESSISTA_RUN itself before its bars.
+    return run_from_environment() or _process_run
 
 
 def _clean_meta(meta):
@@ -823,7 +877,8 @@ def flush(timeout=None):
 
 # --- Bars ---
 
-_REMOTE_OPTIONS = ("server_url", "task_id", "push_every", "request_timeout", "meta", "headers", "token")
+_REMOTE_OPTIONS = ("server_url", "task_id", "push_every", "request_timeout", "meta", "headers",
+                   "token", "run", "run_name", "parent")
 _open_bars = weakref.WeakSet()      # remote bars not yet ended, for the exception and exit hooks
 # task_id -> _HeldClose of a loop left early, its close on hold. Strong references: the bar
 # of `for x in tqdm(it):` is freed as an exception unwinds the loop, before the excepthook.
@@ -848,7 +903,8 @@ class _RemoteBar:
     _remote_defaults = {}
 
     def __init__(self, *args, server_url=None, task_id=None, push_every=None,
-                 request_timeout=None, meta=None, headers=None, token=None, **kwargs):
+                 request_timeout=None, meta=None, headers=None, token=None, run=None,
+                 run_name=None, parent=None, **kwargs):
         defaults = self._remote_defaults
         for name, value in defaults.items():
             if name not in _REMOTE_OPTIONS:
@@ -876,6 +932,13 @@ class _RemoteBar:
         merged_meta.update(meta or {})
         self._remote_meta = _clean_meta(merged_meta)
         self._remote_thread = threading.get_ident()
+        self._remote_order = next(_bar_order)
+        self._remote_run = _clip_id(_first(run, defaults.get("run"), _current_run))
+        self._remote_run_name = _clip(_first(run_name, defaults.get("run_name"),
+                                             lambda: os.environ.get(ENV_RUN_NAME)) or None,
+                                      MAX_RUN_NAME_CHARS)
+        parent = _first(parent, defaults.get("parent"), self._remote_enclosing_bar)
+        self._remote_parent = _clip_id(getattr(parent, "task_id", parent))
         self._remote_error = None
         self._remote_source = _live_reader(weakref.ref(self))
         self._remote_sender = default_sender()
@@ -883,6 +946,12 @@ class _RemoteBar:
             _open_bars.add(self)
         if self.delay <= 0:
             self._remote_publish()
+
+    def _remote_enclosing_bar(self):
+        """The innermost bar of this thread still open: the loop this bar's loop is nested in."""
+        with _bars_lock:
+            mine = [bar for bar in _open_bars if bar._remote_thread == self._remote_thread]
+        return max(mine, key=lambda bar: bar._remote_order, default=None)
 
     @property
     def task_id(self):
@@ -985,6 +1054,12 @@ class _RemoteBar:
             "meta": self._remote_meta,
             "timestamp": time.time(),
         }
+        if self._remote_run:
+            state["run"] = self._remote_run
+        if self._remote_run_name:
+            state["run_name"] = self._remote_run_name
+        if self._remote_parent:
+            state["parent"] = self._remote_parent
         if error is not None:
             state["error"] = _clip(error, MAX_ERROR_CHARS)
         return state
@@ -1014,6 +1089,24 @@ class _RemoteBar:
                 _hold_close(_HeldClose(sender, self._remote_endpoint, state, self._remote_thread))
         except Exception:
             log.debug("progressista: could not queue a final state", exc_info=True)
+
+
+_bar_order = itertools.count()  # the order bars were opened in, to find the innermost open one
+
+
+def _first(*choices):
+    """The first choice that is not None; a callable is called only when it is reached."""
+    for choice in choices:
+        if callable(choice):
+            choice = choice()
+        if choice is not None:
+            return choice
+    return None
+
+
+def _clip_id(value):
+    # run and parent: 1 to 256 characters; "" (or False) means none.
+    return str(value)[:MAX_RUN_CHARS] if value else None
 
 
 def _live_reader(bar_ref):
@@ -1547,7 +1640,8 @@ def demo(bars=3, total=50, delay=0.05, server_url=None, token=None):
     sender = default_sender()
     started = time.time()
     meta = _clean_meta(dict(default_meta(), demo=True))
-    task_ids = ["demo-%s-%d" % (uuid.uuid4().hex[:8], index + 1) for index in range(bars)]
+    run = "demo-" + uuid.uuid4().hex[:8]
+    task_ids = ["%s-%d" % (run, index + 1) for index in range(bars)]
     units = ("it", "B", "img")
     for step in range(total + 1):
         for index, task_id in enumerate(task_ids):
@@ -1560,6 +1654,7 @@ def demo(bars=3, total=50, delay=0.05, server_url=None, token=None):
                 "total": total, "unit": units[index % len(units)],
                 "rate": n / elapsed if elapsed > 0 else None, "elapsed": elapsed,
                 "status": "close" if final else "running", "meta": meta,
+                "run": run, "run_name": "progressista demo",
                 "timestamp": time.time()}, push_every=0.1, final=final)
         if step < total:
             time.sleep(delay)
@@ -1653,6 +1748,13 @@ def run_program(target, args, module=False, server_url=None, token=None, push_ev
             if value is not None:
                 env[name] = str(value)
         command = [sys.executable] + (["-m", target] if module else [target]) + list(args)
+        # One run for the program, its children and `run`'s own ending of their bars; named
+        # after the command line unless the caller named it.
+        env[ENV_RUN] = run_from_environment(env) or _process_run
+        if not env.get(ENV_RUN_NAME, "").strip():
+            import shlex
+            env[ENV_RUN_NAME] = _clip(" ".join(shlex.quote(part) for part in command[1:]),
+                                      MAX_RUN_NAME_CHARS)
         program_pid, returncode = _run_watched(command, env, run_dir)
         _end_leftover_bars(run_dir, program_pid, returncode, server_url, token, headers,
                            request_timeout)
@@ -1773,6 +1875,9 @@ def _end_leftover_bars(run_dir, program_pid, returncode, server_url, token, head
             sender.known_down(endpoint)  # the program warned already: one warning, not two
         sender.put(endpoint, state, final=True)
     sender.flush()
+
+
+_process_run = _join_run()
 
 
 # Aliases
