@@ -18,6 +18,7 @@ backoff); the final state of every bar is flushed at exit, waiting a bounded tim
 
 import atexit
 import collections
+import http.client
 import importlib
 import importlib.util
 import itertools
@@ -27,8 +28,10 @@ import linecache
 import math
 import opcode
 import os
+import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,9 +39,7 @@ import threading
 import time
 import traceback
 import types
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 import warnings
 import weakref
@@ -97,6 +98,8 @@ ENV_PUSH_INTERVAL = "PROGRESSISTA_PUSH_INTERVAL"
 ENV_REQUEST_TIMEOUT = "PROGRESSISTA_REQUEST_TIMEOUT"
 ENV_FLUSH_TIMEOUT = "PROGRESSISTA_FLUSH_TIMEOUT"
 ENV_HEARTBEAT_INTERVAL = "PROGRESSISTA_HEARTBEAT_INTERVAL"
+ENV_CA_BUNDLE = "PROGRESSISTA_CA_BUNDLE"        # a CA file to verify an https:// server with
+ENV_SSL_CERT_FILE = "SSL_CERT_FILE"             # OpenSSL's own, honoured too
 ENV_RUN = "PROGRESSISTA_RUN"                    # the run (job) every bar of this process joins
 ENV_RUN_NAME = "PROGRESSISTA_RUN_NAME"          # the run's readable name
 # Set by `progressista run` for the program it watches (and inherited by its children).
@@ -349,15 +352,134 @@ class _Outage:
         self.flush_id = 0
 
 
-def _urllib_post(url, body, headers, timeout):
-    """POST `body`; return (status, response body). Network failures raise."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+_tls_contexts = {}  # CA file (or None: the system's store) -> ssl.SSLContext
+
+
+def _tls_context():
+    """The context that verifies an https:// server: PROGRESSISTA_CA_BUNDLE, else
+    SSL_CERT_FILE, else the system's trust store."""
+    cafile = os.environ.get(ENV_CA_BUNDLE) or os.environ.get(ENV_SSL_CERT_FILE) or None
+    context = _tls_contexts.get(cafile)
+    if context is None:
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as error:
+            raise OSError("cannot load the CA file %s (%s or %s): %s"
+                          % (cafile, ENV_CA_BUNDLE, ENV_SSL_CERT_FILE, error)) from None
+        _tls_contexts[cafile] = context
+    return context
+
+
+def _connect(parts, timeout):
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           context=_tls_context())
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+
+def _exchange(connection, path, body, headers, timeout):
+    """One request on `connection`: (status, answer, whether the connection may be reused)."""
+    connection.timeout = timeout
+    if connection.sock is not None:
+        connection.sock.settimeout(timeout)
+    connection.request("POST", path, body=body, headers=headers)
+    response = connection.getresponse()
+    answer = response.read(MAX_RESPONSE_BYTES)
+    # Reusable once the answer was read to its end and the server keeps the connection.
+    return response.status, answer, response.isclosed() and not response.will_close
+
+
+def _closed_by_peer(connection):
+    """True if an idle kept-alive connection can be seen to be over (the server closed it:
+    it is readable, at its end) or has no socket any more."""
+    sock = connection.sock
+    if sock is None:
+        return True
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read(MAX_RESPONSE_BYTES)
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read(MAX_RESPONSE_BYTES)
+        if hasattr(select, "poll"):  # select() fails on descriptors above 1023
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+class _PersistentPoster:
+    """POSTs over one kept-alive HTTP/1.1 connection per server, reconnecting when it is over.
+
+    Called as `poster(url, body, headers, timeout) -> (status, answer body)`; network
+    failures raise. Redirects are answers like any other (never followed: a redirect would
+    carry the token to another host). One lock: one request at a time per process, which is
+    what one sender thread does anyway.
+    """
+
+    def __init__(self):
+        self._connections = {}  # (scheme, host:port) -> idle http.client connection
+        self._lock = threading.Lock()
+
+    def __call__(self, url, body, headers, timeout):
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        with self._lock:
+            connection = self._connections.pop(key, None)
+            if connection is not None and _closed_by_peer(connection):
+                connection.close()  # the server's idle timeout, or a restart
+                connection = None
+            reused = connection is not None
+            if connection is None:
+                connection = _connect(parts, timeout)
+            try:
+                try:
+                    status, answer, keep = _exchange(connection, path, body, headers, timeout)
+                except ConnectionError:
+                    if not reused:
+                        raise
+                    # The keep-alive race: the server closed the connection as we reused
+                    # it, before answering. Once more on a fresh one. Even if the server
+                    # applied the first, resending is safe: it ignores an update whose seq
+                    # is not greater than the one it stored (PROTOCOL.md, "The task").
+                    connection.close()
+                    connection = _connect(parts, timeout)
+                    status, answer, keep = _exchange(connection, path, body, headers, timeout)
+            except BaseException:
+                connection.close()
+                raise
+            if keep:
+                self._connections[key] = connection
+            else:
+                connection.close()
+            return status, answer
+
+    def close(self):
+        with self._lock:
+            connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            connection.close()
+
+    def forget(self):
+        """In a forked child: drop the parent's connections (its sockets), unclosed."""
+        self._connections = {}
+        self._lock = threading.Lock()
+
+
+# The process's transport, shared by its senders. (bench/soak.py wraps the name _urllib_post
+# to count what is posted: the Sender's default is looked up by that name.)
+_transport = _PersistentPoster()
+_urllib_post = _transport
+
+
+def _post_once(url, body, headers, timeout):
+    """POST on a connection of its own: the transport before keep-alive, kept as the
+    benchmark's reference (bench/bench_transport.py)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = _connect(parts, timeout)
+    try:
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        return _exchange(connection, path, body, headers, timeout)[:2]
+    finally:
+        connection.close()
 
 
 def _server_message(body):
@@ -400,9 +522,10 @@ class Sender:
     endpoint; a failed endpoint is retried with capped exponential backoff and warned about
     once per outage. A task put with a `source` is read again at its push interval and sent
     when it changed, so the server sees its live state, not the last one put. Live tasks are
-    re-sent every `heartbeat_s`. `flush()` waits, bounded,
-    for the queue to drain. `clock`, `wall_clock` and `opener(url, body, headers, timeout)
-    -> (status, body)` are injectable; with `autostart=False` tests drive `tick()` by hand.
+    re-sent every `heartbeat_s`. `flush()` waits, bounded, for the queue to drain. `clock`,
+    `wall_clock` and `opener(url, body, headers, timeout) -> (status, body)` are injectable
+    (the default keeps one connection per server); with `autostart=False` tests drive
+    `tick()` by hand.
     """
 
     def __init__(self, *, clock=time.monotonic, wall_clock=time.time, opener=None,
@@ -764,11 +887,17 @@ class Sender:
         try:
             status, answer = self._open(endpoint.url, body, dict(endpoint.headers), endpoint.timeout)
         except Exception as error:  # any network failure, timeout, or odd answer
-            self._warn_down(endpoint, "%s: %s" % (type(error).__name__, error))
+            reason = "%s: %s" % (type(error).__name__, error)
+            if isinstance(error, ssl.SSLCertVerificationError):
+                reason += "; to trust the server's certificate, set %s to its CA file" % ENV_CA_BUNDLE
+            self._warn_down(endpoint, reason)
             return [], entries, []
         if 200 <= status < 300:
             return entries, [], []
         message = _server_message(answer)
+        if 300 <= status < 400:
+            message = ("a redirect, not followed: set the server URL to the address the "
+                       "server answers at")
         if status == 429 or status >= 500:
             self._warn_down(endpoint, "HTTP %d %s" % (status, message))
             return [], entries, []
@@ -1447,6 +1576,7 @@ def _after_fork_in_child():
     # parent's (same task ids), so the child neither sends nor ends them.
     global _sender, _sender_lock, _bars_lock, _open_bars, _held_closes, _held_order, _id_prefix
     _id_prefix = None  # a child must not make the task ids its parent makes
+    _transport.forget()
     _sender = None
     _sender_lock = threading.Lock()
     _bars_lock = threading.Lock()
