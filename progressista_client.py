@@ -700,14 +700,15 @@ class Sender:
             if due:
                 self._in_flight += 1
         if due:
+            read = []
             try:
                 # Outside the lock: a bar's state is read while its own thread runs on.
-                due = self._read_live(due, now)
-            except BaseException:
-                with self._lock:
-                    self._in_flight -= 1
-                    self._idle.notify_all()
-                raise
+                due = read = self._read_live(due, now)
+            finally:
+                if not read:  # nothing changed (or the read failed): no delivery ends this round
+                    with self._lock:
+                        self._in_flight -= 1
+                        self._idle.notify_all()
         if due:
             by_endpoint = collections.defaultdict(list)
             for entry in due:

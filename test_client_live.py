@@ -109,3 +109,14 @@ def test_sender_keeps_the_put_state_of_a_bar_that_can_no_longer_be_read():
     sender.put(ENDPOINT, {"task_id": "a", "n": 4}, source=lambda: None)
     sender.tick()
     assert opener.bodies[0]["n"] == 4
+
+
+def test_an_unchanged_live_read_leaves_nothing_in_flight_so_flush_returns_at_once():
+    sender, clock, opener = live_sender()
+    live = LiveBar()
+    sender.put(ENDPOINT, dict(live.state), push_every=0.25, source=live)
+    sender.tick()
+    clock.now += 0.25
+    sender.tick()  # read, unchanged, not sent
+    assert live.reads == 2 and sender._in_flight == 0
+    assert sender.flush(0.1) is True
