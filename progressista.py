@@ -6,8 +6,8 @@ package's Sans-I/O layer). Start it with::
 
     python progressista.py --port 8000        # or, installed: progressista serve
 
-then open http://localhost:8000/ . The wire protocol is documented in README.md
-("Protocol"); ``progressista --help`` lists every command and setting.
+then open http://localhost:8000/ . The wire protocol is documented in docs/PROTOCOL.md;
+``progressista --help`` lists every command and setting.
 """
 
 import argparse
@@ -16,6 +16,7 @@ import base64
 import collections
 import concurrent.futures
 import dataclasses
+import difflib
 import hashlib
 import hmac
 import html.parser
@@ -58,6 +59,7 @@ __all__ = [
     "StoreUnavailable",
     "SqliteStore",
     "RedisStore",
+    "Store",
     "Task",
     "create_app",
     "main",
@@ -88,6 +90,9 @@ MAX_META_BYTES = 4 * 1024  # meta, as compact JSON
 FD_RESERVE = 64  # file descriptors kept free for the store, logs and the listening socket
 MAX_CONNECTIONS_FALLBACK = 10_000  # where the descriptor limit cannot be read
 MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they send small
+MAX_REMOVED_REMEMBERED = 100_000  # deletions GET /tasks?since= can list; older: resync
+MAX_PAGE_TASKS = 100_000  # GET /tasks?limit= at most
+SNAPSHOT_CHUNK_TASKS = 2_000  # a /ws snapshot of more tasks goes out in chunks of this many
 MAX_DISCARD_BYTES = 64 << 20  # of a refused body, read and dropped so the 413 arrives
 LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
 LISTENER_BUFFER_LOW_BYTES = 1 << 20  # ...and gets a fresh snapshot once drained to this
@@ -103,7 +108,7 @@ DISCARD_TIMEOUT_S = 5.0  # to send the rest of a refused body before we close
 SHUTDOWN_TIMEOUT_S = 5.0
 REAP_INTERVAL_S = 1.0  # how often connection deadlines and pings are checked
 
-# Defaults of PROTOCOL.md
+# Defaults of docs/PROTOCOL.md ("Lifetimes", "The live feed")
 BROADCAST_INTERVAL_S = 0.1
 STALE_SECONDS = 60.0
 RETENTION_SECONDS = 86400.0
@@ -131,7 +136,7 @@ def _csv(text):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every server setting, with PROTOCOL.md's defaults. See `Settings.from_env()`."""
+    """Every server setting, with docs/PROTOCOL.md's defaults. See `Settings.from_env()`."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -678,7 +683,7 @@ def apply_update(task, update, now):
 
 
 def expired(task, now, lifetimes):
-    """True when a lifetime rule deletes `task` at `now` (PROTOCOL.md "Lifetimes")."""
+    """True when a lifetime rule deletes `task` at `now` (docs/PROTOCOL.md "Lifetimes")."""
     silent_s = now - task.updated_at
     if lifetimes.max_task_age and silent_s >= lifetimes.max_task_age:
         return True
@@ -698,18 +703,64 @@ def sweep_plan(tasks, now, lifetimes):
     return stale, expired_ids
 
 
-class MemoryStore:
-    """Tasks in a dict, oldest first. The narrow interface every store implements:
+class Store:
+    """The contract every store keeps, written once; subclass it for a store of your own.
 
-    apply(updates, now) -> changed task ids   (all or nothing; may raise StoreFull)
-    get(task_id) -> Task or None;  tasks() -> iterable of Task, oldest created first
-    delete(task_ids) -> removed ids;  sweep(now, lifetimes) -> (stale ids, removed ids)
-    health() -> dict;  __len__;  close()
-    """
+    A store holds the tasks and answers reads from memory. Each method that may wait for
+    I/O (apply, delete, sweep, open, flush, close) returns its result or an awaitable of
+    it: the in-memory store answers at once, so its requests never leave the fast path,
+    and the server awaits the others (see `settle()`). The members with a body here are
+    optional: their defaults suit a store that needs no I/O."""
 
-    kind = "memory"
+    kind = "custom"  # for /health and /metrics
     failures = 0  # failed reads and writes of a persistent store, for GET /metrics
     is_sweeper = True  # the one server on these tasks: it sends the notifications
+
+    def apply(self, updates, now):
+        """Apply validated updates (all or nothing); return the ids that changed.
+        Raise StoreFull when a new task_id would pass the cap."""
+        raise NotImplementedError
+
+    def get(self, task_id):
+        """The Task with this id, or None."""
+        raise NotImplementedError
+
+    def tasks(self):
+        """Every Task, oldest created first."""
+        raise NotImplementedError
+
+    def delete(self, task_ids):
+        """Delete these tasks; return the ids that were there."""
+        raise NotImplementedError
+
+    def sweep(self, now, settings):
+        """Apply the lifetimes of `settings` as of `now`: return (ids whose shown status
+        changed, ids deleted)."""
+        raise NotImplementedError
+
+    def __len__(self):
+        raise NotImplementedError
+
+    def health(self):
+        """A JSON-able dict for GET /health; "ok" False marks the server degraded."""
+        return {"kind": self.kind, "ok": True}
+
+    def open(self, feed):
+        """Called once the loop runs, before the first request; `feed` takes changes
+        that reach this store from elsewhere (another server on the same Redis)."""
+
+    def flush(self):
+        """Called every broadcast interval: write what is pending."""
+
+    def close(self):
+        """Called at shutdown, after the last request."""
+
+
+class MemoryStore(Store):
+    """Tasks in a dict, oldest first: the default store, and the in-memory table the
+    persistent stores serve reads from."""
+
+    kind = "memory"
 
     def __init__(self, max_tasks=MAX_TASKS):
         self.max_tasks = max_tasks
@@ -750,6 +801,14 @@ class MemoryStore:
     def delete(self, task_ids):
         return self.forget(task_ids)
 
+    def put(self, task):
+        """Hold `task` as it is: one another server wrote (Redis)."""
+        self.by_id[task.task_id] = task
+
+    def replace_all(self, tasks_by_id):
+        """Hold exactly these tasks (a resync from a shared store), in their order."""
+        self.by_id = dict(tasks_by_id)
+
     def forget(self, task_ids):
         """Drop `task_ids`; return the ones the store held. delete() is what a user
         asked for; forget() also serves the sweep."""
@@ -764,11 +823,6 @@ class MemoryStore:
         self.forget(removed_ids)
         return [task.task_id for task in stale], removed_ids
 
-    def health(self):
-        return {"kind": self.kind, "ok": True}
-
-    def close(self):
-        pass
 
 
 # --- Stores that persist: SQLite and Redis (I/O) ---------------------------------------
@@ -958,7 +1012,7 @@ def redis_ttl_ms(task, lifetimes):
     return int((min(limits) + 2 * lifetimes.cleanup_interval) * 1000) if limits else 0
 
 
-class RedisStore(MemoryStore):
+class RedisStore(Store):
     """Tasks in Redis, shared by every server on it; each server mirrors them in memory.
 
     Writes go to Redis first (503 when it is unreachable) and are published on a channel;
@@ -968,7 +1022,7 @@ class RedisStore(MemoryStore):
     kind = "redis"
 
     def __init__(self, url, settings):
-        super().__init__(settings.max_tasks)
+        self.local = MemoryStore(settings.max_tasks)  # the mirror that answers reads
         try:
             import redis.asyncio as aioredis
             import redis.exceptions
@@ -991,6 +1045,15 @@ class RedisStore(MemoryStore):
         self.subscriber = None
         self.closing = False
         self.is_sweeper = False  # holds the sweeper lease (as of the last sweep)
+
+    def get(self, task_id):
+        return self.local.get(task_id)
+
+    def tasks(self):
+        return self.local.tasks()
+
+    def __len__(self):
+        return len(self.local)
 
     def key(self, task_id):
         return REDIS_PREFIX + "task:" + task_id
@@ -1054,12 +1117,13 @@ class RedisStore(MemoryStore):
         gone = [task_id for task_id in ids if task_id not in fresh]
         if gone:  # expired by Redis itself while no server was sweeping
             await self.client.zrem(self.index_key, *gone)
-        removed = [task_id for task_id in self.by_id if task_id not in fresh]
+        local = self.local
+        removed = [task.task_id for task in local.tasks() if task.task_id not in fresh]
         changed = [task_id for task_id, task in fresh.items()
-                   if (self.by_id.get(task_id) is None
-                       or self.by_id[task_id].updated_at != task.updated_at
-                       or self.by_id[task_id].status != task.status)]  # a stale mark
-        self.by_id = fresh
+                   if (local.get(task_id) is None
+                       or local.get(task_id).updated_at != task.updated_at
+                       or local.get(task_id).status != task.status)]  # a stale mark
+        local.replace_all(fresh)
         self.feed.removed(removed)
         self.feed.changed(changed)
 
@@ -1100,12 +1164,12 @@ class RedisStore(MemoryStore):
         changed = []
         for stored in event.get("changed", ()):
             task = Task.from_dict(stored)
-            local = self.by_id.get(task.task_id)
-            if local is None or local.seq is None or task.seq is None or task.seq >= local.seq:
-                self.by_id[task.task_id] = task
+            held = self.local.get(task.task_id)
+            if held is None or held.seq is None or task.seq is None or task.seq >= held.seq:
+                self.local.put(task)
                 changed.append(task.task_id)
         self.feed.changed(changed)
-        self.feed.removed(self.forget(event.get("removed", ())))
+        self.feed.removed(self.local.forget(event.get("removed", ())))
 
     async def write_and_publish(self, tasks, same_seq_ok=False):
         """Store `tasks` (where their seq is newest) and tell the other servers; return
@@ -1130,12 +1194,11 @@ class RedisStore(MemoryStore):
 
     async def apply(self, updates, now):
         """Store in Redis, then in the mirror; all or nothing, 503 when Redis is down."""
-        self.check_room(updates)
-        by_id = self.by_id
+        self.local.check_room(updates)
         staged = {}
         for update in updates:
             task_id = update["task_id"]
-            task = staged.get(task_id) or by_id.get(task_id)
+            task = staged.get(task_id) or self.local.get(task_id)
             task = task.copy() if task is not None else Task(task_id, now)
             if apply_update(task, update, now):
                 staged[task_id] = task
@@ -1147,7 +1210,8 @@ class RedisStore(MemoryStore):
         except self.errors as error:
             raise self.went_down(error) from None
         self.came_back()
-        by_id.update(staged)
+        for task in staged.values():
+            self.local.put(task)
         return list(staged)
 
     async def delete(self, task_ids):
@@ -1165,7 +1229,7 @@ class RedisStore(MemoryStore):
                 await self.publish((), removed)
         except self.errors as error:
             raise self.went_down(error) from None
-        self.forget(removed)
+        self.local.forget(removed)
         return removed
 
     async def sweep(self, now, lifetimes):
@@ -1176,7 +1240,7 @@ class RedisStore(MemoryStore):
                                                            args=[self.origin, lease_ms]))
             if not self.is_sweeper:
                 return [], []
-            stale, doomed = sweep_plan(self.by_id.values(), now, lifetimes)
+            stale, doomed = sweep_plan(self.local.tasks(), now, lifetimes)
             for task in stale:
                 task.status = "stale"
             if stale:
@@ -1215,17 +1279,69 @@ def _encode(message):
     return json.dumps(message, separators=(",", ":")).encode()
 
 
+class ChangeLog:
+    """When each task last changed and which were deleted lately, for pollers
+    (GET /tasks?since=T; docs/PROTOCOL.md "Reading tasks: GET /tasks").
+
+    It costs one dict entry per task: its last change time, the dict kept in the order of
+    those times, so that the tasks changed since T are read from its end."""
+
+    def __init__(self, clock, max_removed=MAX_REMOVED_REMEMBERED):
+        self.clock = clock
+        self.changed_at = {}  # task_id -> server time of its last change, oldest first
+        self.removed_log = collections.deque()  # (server time, task_id), oldest first
+        self.max_removed = max_removed
+        self.known_since = clock()  # deletions before this are not known: resync
+
+    def changed(self, task_ids):
+        now = self.clock()
+        changed_at = self.changed_at
+        for task_id in task_ids:
+            changed_at.pop(task_id, None)  # to the end: the order is the order of changes
+            changed_at[task_id] = now
+
+    def removed(self, task_ids):
+        now = self.clock()
+        log_ = self.removed_log
+        for task_id in task_ids:
+            self.changed_at.pop(task_id, None)
+            log_.append((now, task_id))
+        while len(log_) > self.max_removed:
+            self.known_since = log_.popleft()[0]
+
+    def since(self, since_t):
+        """(ids changed at or after `since_t`, oldest change first; ids deleted since then
+        and not back; True when deletions before `since_t` are forgotten or the server
+        started after it, so the caller must resync)."""
+        changed = []
+        changed_at = self.changed_at
+        for task_id in reversed(changed_at):  # newest first; stop at the first older one
+            if changed_at[task_id] < since_t:
+                break
+            changed.append(task_id)
+        changed.reverse()
+        removed = {}
+        for removed_at, task_id in reversed(self.removed_log):
+            if removed_at < since_t:
+                break
+            if task_id not in changed_at:  # deleted and not sent again since
+                removed[task_id] = None
+        return changed, list(removed), since_t < self.known_since
+
+
 class Feed:
     """What changed since the last broadcast, coalesced: the latest state per task wins.
 
     Every change to the store goes through `changed()` / `removed()`; `take()` turns
-    what is pending into at most one remove and one update message."""
+    what is pending into at most one remove and one update message. A ChangeLog, when
+    given, hears of every change too."""
 
-    def __init__(self):
+    def __init__(self, log=None):
         # A dict as an ordered set: an update message lists tasks in the order they first
         # changed, so the tasks of one batch arrive in the order they were created.
         self.changed_ids = {}
         self.removed_ids = set()
+        self.log = log
 
     def changed(self, task_ids):
         changed_ids = self.changed_ids
@@ -1233,12 +1349,16 @@ class Feed:
             changed_ids[task_id] = None
         if self.removed_ids:
             self.removed_ids.difference_update(task_ids)
+        if self.log is not None:
+            self.log.changed(task_ids)
 
     def removed(self, task_ids):
         self.removed_ids.update(task_ids)
         changed_ids = self.changed_ids
         for task_id in task_ids:
             changed_ids.pop(task_id, None)
+        if self.log is not None:
+            self.log.removed(task_ids)
 
     def clear(self):
         self.changed_ids = {}
@@ -1263,8 +1383,32 @@ class Feed:
 
 
 def snapshot_message(store, now, stale_after_s):
+    """The whole snapshot as one message (a store of at most SNAPSHOT_CHUNK_TASKS)."""
     tasks = {task.task_id: task.as_dict(now, stale_after_s) for task in store.tasks()}
     return _encode({"type": "snapshot", "tasks": tasks, "now": now})
+
+
+def snapshot_chunks(store, clock, stale_after_s, chunk_tasks=None):
+    """Yield a big store's snapshot as messages of at most `chunk_tasks` tasks, one per
+    step, so that no step of the loop encodes more than that: `snapshot` with "more":
+    true, then `snapshot_more` messages, the last with "more": false.
+
+    Each step reads the store as it is then: a task changed meanwhile goes out in its
+    latest state (its update message may come too, which is the same or newer); a task
+    deleted meanwhile is left out (its remove message tells the listener); a task
+    created meanwhile comes as an update, since the listener gets updates from the
+    first chunk on."""
+    chunk_tasks = chunk_tasks or SNAPSHOT_CHUNK_TASKS
+    held = store.tasks()  # the order, fixed now; each task is read again at its step
+    for start in range(0, max(len(held), 1), chunk_tasks):
+        now = clock()
+        tasks = {}
+        for old in held[start:start + chunk_tasks]:
+            task = store.get(old.task_id)
+            if task is not None:
+                tasks[task.task_id] = task.as_dict(now, stale_after_s)
+        yield _encode({"type": "snapshot_more" if start else "snapshot", "tasks": tasks,
+                       "more": start + chunk_tasks < len(held), "now": now})
 
 
 # --- Notifications ---------------------------------------------------------------------
@@ -1877,7 +2021,8 @@ class Request:
         """The body as JSON; 400 for bad JSON, NaN or Infinity."""
         try:
             body = self.body
-            if body[:1] in (b"{", b"[") and body[1:2] != b"\x00":  # UTF-8, as PROTOCOL.md says
+            # UTF-8 is what docs/PROTOCOL.md ("Transport") asks for: the fast path
+            if body[:1] in (b"{", b"[") and body[1:2] != b"\x00":
                 text = body.decode()
                 value, end = _JSON_DECODER.raw_decode(text)
                 if end != len(text) and text[end:].strip(" \t\n\r"):
@@ -1993,6 +2138,10 @@ def internal_error(request):
     """Log an unexpected error with its traceback; the client gets a plain 500."""
     log.error("error answering %s %s", request.method, request.path, exc_info=True)
     return json_response({"error": "internal server error; see the server log"}, 500)
+
+
+def shutting_down():
+    return json_response({"error": "the server is shutting down"}, 503)
 
 
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
@@ -2139,6 +2288,21 @@ def _seconds_query(request, name):
         raise HTTPError(400, f"{name}: {error}") from None
 
 
+def _time_query(request, name):
+    """A server time (Unix seconds) from the query, as GET /tasks?since= takes it."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise HTTPError(400, f"{name}: must be a server time in Unix seconds (the `now` of "
+                             f"an earlier answer), not {raw!r}")
+    return value
+
+
 def _path_task_id(request):
     return urllib.parse.unquote(request.path[len("/tasks/"):])
 
@@ -2148,6 +2312,389 @@ def _status_query(request):
     if status is not None and status not in STATUSES:
         raise HTTPError(400, f"status: must be one of {', '.join(STATUSES)}, not {status!r}")
     return status
+
+
+
+def settle(result, then):
+    """`then(result)`: at once when `result` is a value, or as a coroutine that awaits it
+    first. The one place that tells a store's (or a middleware's) value from a coroutine,
+    so that the in-memory store's requests never leave the synchronous fast path."""
+    if asyncio.iscoroutine(result):
+        return _settled_later(result, then)
+    return then(result)
+
+
+async def _settled_later(result, then):
+    return then(await result)
+
+
+async def resolved(result):
+    """`result`, awaited first when it is a coroutine; for code that is already async."""
+    return await result if asyncio.iscoroutine(result) else result
+
+
+def _calling(middleware, call_next):
+    """One link of the middleware chain: `middleware` with what comes after it."""
+    return lambda request: middleware(request, call_next)
+
+
+WEBSOCKET_ADMITTED = Response(101)  # what middleware's call_next gives for an admitted /ws
+
+
+class Api:
+    """The HTTP API: a Request in, a Response (or a coroutine of one) out.
+
+    It owns the routes, the middleware chain and the access policy (tokens, origins,
+    CORS), and logs and counts each answered request. It needs no socket: a test can call
+    `handle()` with a parsed Request. What it changes in the store it tells `feed`."""
+
+    def __init__(self, settings, store, feed, metrics, clock, server_gauges):
+        self.settings = settings
+        self.store = store
+        self.feed = feed
+        self.changes = feed.log  # for GET /tasks?since=
+        self.metrics = metrics
+        self.clock = clock
+        self.server_gauges = server_gauges  # () -> live counts the server keeps (listeners...)
+        self.middleware = []
+        self.log_requests = False  # set at start: one debug line per request
+        self.page, self.script_hashes, self.page_source = load_dashboard()
+        self.routes = {
+            "/progress": {"POST": self.post_progress},
+            "/tasks": {"GET": self.get_tasks, "DELETE": self.delete_tasks},
+            "/health": {"GET": self.get_health},
+            "/metrics": {"GET": self.get_metrics},
+            "/auth": {"GET": self.get_auth},
+            "/": {"GET": self.get_root},
+            "/static/" + INDEX_FILE: {"GET": self.get_dashboard},
+            "/ws": {"GET": self.get_ws_without_upgrade},
+        }
+        self.task_routes = {"GET": self.get_task, "DELETE": self.delete_task}  # /tasks/{id}
+
+    # Middleware
+
+    def add_middleware(self, middleware):
+        """Wrap request handling: ``async def middleware(request, call_next) -> Response``.
+
+        The first added is the outermost. Return a Response to answer early (e.g. a
+        rejection), or ``await call_next(request)`` to go on. It runs before routing and
+        token checks; raise HTTPError(status, message) for a JSON error."""
+        self.middleware.append(middleware)
+        return middleware
+
+    def handle(self, request):
+        """A Response, or a coroutine producing one when middleware or an asynchronous
+        store is involved. Never raises: any failure is a JSON error or a logged 500."""
+        if self.middleware:
+            return self.through_middleware(request, lambda request: resolved(
+                self.dispatch(request)))
+        return self.dispatch(request)
+
+    async def through_middleware(self, request, innermost):
+        call = innermost
+        for middleware in reversed(self.middleware):
+            call = _calling(middleware, call)
+        try:
+            response = await call(request)
+            if not isinstance(response, Response):
+                raise TypeError(f"a middleware returned {type(response).__name__}, "
+                                "not a Response")
+            return response
+        except ANSWERED_ERRORS as error:
+            return error_response(error)
+        except asyncio.CancelledError:  # only at shutdown
+            return shutting_down()
+        except Exception:
+            return internal_error(request)
+
+    def dispatch(self, request):
+        """Route one request. The one catch-all: an unexpected error is logged and
+        answered 500, and the server goes on serving every other connection."""
+        cors = self.cors_headers(request)  # on errors too, so a page can read them
+        try:
+            response = self.route(request)
+        except ANSWERED_ERRORS as error:
+            response = error_response(error)
+        except Exception:
+            response = internal_error(request)
+        if asyncio.iscoroutine(response):  # an asynchronous store is still at work
+            return self.completed(request, response, cors)
+        response.headers.extend(cors)
+        return response
+
+    async def completed(self, request, pending, cors):
+        try:
+            response = await pending
+        except ANSWERED_ERRORS as error:
+            response = error_response(error)
+        except asyncio.CancelledError:  # only at shutdown
+            response = shutting_down()
+        except Exception:
+            response = internal_error(request)
+        response.headers.extend(cors)
+        return response
+
+    def route(self, request):
+        path = request.path
+        methods = self.routes.get(path)
+        if methods is None:
+            if path.startswith("/tasks/") and len(path) > len("/tasks/"):
+                methods = self.task_routes
+            else:
+                raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
+                                     "or docs/PROTOCOL.md (\"Routes\") for the API")
+        method = "GET" if request.method == "HEAD" else request.method
+        if method == "OPTIONS":
+            return self.preflight(request, methods)
+        handler = methods.get(method)
+        if handler is None:
+            allow = allowed_methods(methods)
+            raise HTTPError(405, f"{request.method} is not allowed on {path}; "
+                                 f"use {allow}", headers=[("Allow", allow)])
+        if method != "GET" and not origin_allowed(request, self.settings.allow_origins):
+            # A page on another site must not change tasks, even without tokens.
+            raise HTTPError(403, f"origin {request.headers.get('origin')!r} is not "
+                                 "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS",
+                            reason="origin")
+        self.check_token(request)
+        return handler(request)
+
+    def access(self, request):
+        """What the request's token allows: "write" (every route; also when no tokens
+        are configured), "read" (GET and HEAD only), or None (no valid token)."""
+        settings = self.settings
+        if not settings.api_tokens or token_ok(request, settings.api_tokens):
+            return "write"
+        if settings.read_tokens and token_ok(request, settings.read_tokens):
+            return "read"
+        return None
+
+    def check_token(self, request):
+        if not self.settings.api_tokens:  # Settings refuses read tokens without these
+            return
+        path = request.path
+        if path in PUBLIC_PATHS or path.startswith("/static/"):
+            return
+        access = self.access(request)
+        if access == "write" or (access == "read" and request.method in ("GET", "HEAD")):
+            return
+        if access == "read":
+            # A shared dashboard link must not be able to delete or forge tasks.
+            raise HTTPError(403, f"this token may only read: {request.method} {path} needs "
+                                 "an API token (PROGRESSISTA_API_TOKEN), not a read token",
+                            reason="read_only_token")
+        raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
+                             "<token>' or add ?token=<token> to the URL",
+                        headers=[("WWW-Authenticate", "Bearer")], reason="unauthorized")
+
+    def cors_headers(self, request):
+        origin = request.headers.get("origin")
+        allowed = self.settings.allow_origins
+        if origin is None or not allowed or not ("*" in allowed or origin in allowed):
+            return []
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+
+    def preflight(self, request, methods):
+        allow = allowed_methods(methods)
+        if request.headers.get("origin") is not None and not self.cors_headers(request):
+            raise HTTPError(403, f"origin {request.headers['origin']!r} is not allowed; "
+                                 "list it in PROGRESSISTA_ALLOW_ORIGINS", reason="origin")
+        return Response(204, content_type=None, headers=[
+            ("Allow", allow),
+            ("Access-Control-Allow-Methods", allow),
+            ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+            ("Access-Control-Max-Age", "600"),
+        ])
+
+    # Routes: one small handler each
+
+    def post_progress(self, request):
+        payload = request.json()
+        if type(payload) is list:
+            if len(payload) > MAX_BATCH_ITEMS:
+                raise HTTPError(400, f"batch of {len(payload)} updates is over the limit of "
+                                     f"{MAX_BATCH_ITEMS}: split it")
+            updates = [validate_update(item, index) for index, item in enumerate(payload)]
+        else:
+            updates = [validate_update(payload)]
+        self.metrics.updates_received += len(updates)
+        accepted = Response(200, b'{"ok":true,"accepted":%d}' % len(updates))
+        return settle(self.store.apply(updates, self.clock()),
+                      lambda changed: self.applied(changed, accepted))
+
+    def applied(self, changed, response):
+        self.metrics.updates_applied += len(changed)
+        self.feed.changed(changed)
+        return response
+
+    def get_tasks(self, request):
+        status = _status_query(request)
+        since = _time_query(request, "since")
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        answer = {}
+        removed = []
+        if since is None:
+            candidates = self.store.tasks()
+        else:
+            # A poller's delta: what changed since its last call (whose `now` it passes),
+            # and what was deleted; a filter that a task no longer passes deletes it too.
+            changed_ids, removed, resync = self.changes.since(since)
+            if resync:
+                answer["resync"] = True  # the answer holds every task: replace your copy
+                candidates = self.store.tasks()
+            else:
+                candidates = filter(None, map(self.store.get, changed_ids))
+        tasks = {}
+        for task in candidates:  # the status first: as_dict() only for those shown
+            if status is None or task.shown_status(now, stale_after_s) == status:
+                tasks[task.task_id] = task.as_dict(now, stale_after_s)
+            elif since is not None:
+                removed.append(task.task_id)
+        answer.update(tasks=tasks, now=now)
+        if since is not None and "resync" not in answer:
+            answer["removed"] = removed
+        return json_response(answer)
+
+    def get_task(self, request):
+        task_id = _path_task_id(request)
+        task = self.store.get(task_id)
+        if task is None:
+            raise HTTPError(404, f"no task {task_id!r}")
+        return json_response(task.as_dict(self.clock(), self.settings.stale_seconds))
+
+    def delete_tasks(self, request):
+        # With no filter this deletes everything: a misspelt filter must not mean that.
+        unknown = set(request.query) - DELETE_FILTERS
+        if unknown:
+            raise HTTPError(400, f"unknown filter {sorted(unknown)[0]!r}: DELETE /tasks takes "
+                                 "status, older_than and task_id (none deletes every task)")
+        status = _status_query(request)
+        older_than = _seconds_query(request, "older_than")
+        # An id as a filter too: a browser cannot put "." or ".." in a path segment.
+        task_id = request.query.get("task_id")
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        candidates = self.store.tasks() if task_id is None else filter(
+            None, [self.store.get(task_id)])
+        doomed = [task.task_id for task in candidates
+                  if (status is None or task.shown_status(now, stale_after_s) == status)
+                  and (older_than is None or now - task.updated_at >= older_than)]
+        return settle(self.store.delete(doomed),
+                      lambda removed: self.deleted(removed, removed))
+
+    def delete_task(self, request):
+        return settle(self.store.delete([_path_task_id(request)]),
+                      lambda removed: self.deleted(removed, bool(removed)))
+
+    def deleted(self, removed, answer):
+        self.feed.removed(removed)
+        return json_response({"removed": answer})
+
+    def tasks_by_status(self):
+        """How many tasks each status has now, as readers see them (stale included)."""
+        now = self.clock()
+        stale_after_s = self.settings.stale_seconds
+        counts = dict.fromkeys(STATUSES, 0)
+        for task in self.store.tasks():
+            counts[task.shown_status(now, stale_after_s)] += 1
+        return counts
+
+    def get_health(self, request):
+        store = self.store.health()
+        return json_response({"status": "ok" if store.get("ok") else "degraded",
+                              "tasks": len(self.store),
+                              "active": self.tasks_by_status()["running"],
+                              "listeners": self.server_gauges()["listeners"], "store": store,
+                              "version": __version__})
+
+    def get_metrics(self, request):
+        store = self.store.health()
+        gauges = {"tasks_by_status": self.tasks_by_status(), **self.server_gauges(),
+                  # From health(), which every store has: a store of your own may lack kind.
+                  "store_kind": store.get("kind", "custom"), "store_up": store.get("ok"),
+                  "store_errors": self.store.failures}
+        return Response(200, render_metrics(self.metrics, gauges), METRICS_CONTENT_TYPE)
+
+    def get_auth(self, request):
+        # The dashboard asks, to hide the controls a read-only token may not use.
+        return json_response({"access": self.access(request)})
+
+    def get_ws_without_upgrade(self, request):
+        # A GET with the upgrade headers never gets here (Connection.upgrade takes it).
+        raise HTTPError(426, "/ws is a WebSocket: connect with a WebSocket client",
+                        headers=[("Upgrade", "websocket")])
+
+    def get_root(self, request):
+        query = request.target.partition("?")[2]
+        location = "/static/" + INDEX_FILE + ("?" + query if query else "")
+        return Response(307, b"", content_type=None, headers=[("Location", location)])
+
+    def get_dashboard(self, request):
+        if self.page is None:
+            raise HTTPError(404, self.page_source)
+        return Response(200, self.page, "text/html; charset=utf-8", headers=[
+            ("Content-Security-Policy",
+             content_security_policy(self.script_hashes, request.headers.get("host"))),
+            ("Cache-Control", "no-cache"),
+            ("Referrer-Policy", "no-referrer"),  # the URL may carry ?token=
+        ])
+
+
+    # WebSocket admission
+
+    def admit_websocket(self, request):
+        """None when a /ws handshake may go on, else the Response refusing it; a coroutine
+        of either when middleware must see the handshake first (as it sees every request)."""
+        if self.middleware:
+            return self.admitted_by_middleware(request)
+        return self.check_websocket(request)
+
+    async def admitted_by_middleware(self, request):
+        async def innermost(request):
+            return self.check_websocket(request) or WEBSOCKET_ADMITTED
+
+        response = await self.through_middleware(request, innermost)
+        return None if response is WEBSOCKET_ADMITTED else response
+
+    def check_websocket(self, request):
+        try:
+            self.check_token(request)
+        except ANSWERED_ERRORS as error:
+            return error_response(error)
+        return None
+
+    def websocket_origins(self, request):
+        if "*" in self.settings.allow_origins:
+            return None
+        return [None, *sorted(own_origins(request)), *self.settings.allow_origins]
+
+    # Logging
+
+    def route_label(self, path):
+        """The route a path belongs to, for GET /metrics: a bounded set of labels."""
+        if path in self.routes:
+            return path
+        if path.startswith("/tasks/"):
+            return "/tasks/{task_id}"
+        return "other"
+
+    def request_done(self, request, status, reason=None):
+        """Count an answered request (None: one too malformed to parse) and log it."""
+        if request is None:
+            self.metrics.request_done("unparsed", "other", status, reason)
+            return
+        self.metrics.request_done(self.route_label(request.path), request.method, status,
+                                  reason)
+        if self.log_requests:
+            path = request.target
+            if "token" in request.query:  # never log a token, however it was escaped
+                path = request.path + "?" + "&".join(
+                    urllib.parse.quote(name) + "=" + ("***" if name == "token"
+                                                      else urllib.parse.quote(value))
+                    for name, value in request.query.items())
+            log.debug("%s %s %d %.1fms", request.method, path, status,
+                      (time.perf_counter() - request.started) * 1000)
 
 
 # --- WebSocket -------------------------------------------------------------------------
@@ -2163,7 +2710,10 @@ except ImportError:  # pragma: no cover - reported by App.start()
 
 
 class Listener:
-    """One /ws client: its Sans-I/O protocol and whether it fell behind."""
+    """One /ws client: its Sans-I/O protocol, whether it keeps up, and its ping deadline.
+
+    The hub offers it each broadcast (`offer()`) and asks it to keep its deadlines
+    (`expire()`); the listener decides what to send, to skip or to give up."""
 
     __slots__ = ("connection", "protocol", "behind_since", "high_water", "ping_sent_at",
                  "last_ping_at")
@@ -2186,6 +2736,39 @@ class Listener:
         # listener that has not read it by the next tick would fall behind, again and again.
         self.high_water = LISTENER_BUFFER_HIGH_BYTES + len(snapshot)
         self.send(snapshot)
+
+    def offer(self, messages, now):
+        """Send this broadcast's `messages` if the listener keeps up. Return SENT, or
+        RESYNC when it has drained after falling behind and needs a fresh snapshot, or
+        None (skipped: it is behind, or closed for not reading)."""
+        unsent = self.unsent_bytes()
+        if self.behind_since is not None:
+            # It missed messages: once it has drained, a fresh snapshot resyncs it.
+            if unsent <= LISTENER_BUFFER_LOW_BYTES:
+                self.behind_since = None
+                return RESYNC
+            if now - self.behind_since > LISTENER_BEHIND_TIMEOUT_S:
+                log.info("closing /ws listener %s: it stopped reading", self.connection.peer)
+                self.connection.abort()
+            return None
+        if unsent > self.high_water:
+            self.behind_since = now  # drop what it has pending, never block the others
+            return None
+        for message in messages:
+            self.send(message)
+        return SENT
+
+    def expire(self, now):
+        """Ping when one is due; close a listener that left a ping unanswered too long."""
+        if self.ping_sent_at is not None:
+            if now - self.ping_sent_at > WS_PING_TIMEOUT_S:
+                log.info("closing /ws listener %s: no pong", self.connection.peer)
+                self.connection.abort()
+        elif (now - self.last_ping_at >= WS_PING_INTERVAL_S
+              and self.protocol.state is State.OPEN):
+            self.ping_sent_at = self.last_ping_at = now
+            self.protocol.send_ping(os.urandom(4))
+            self.flush()
 
     def flush(self):
         transport = self.connection.transport
@@ -2217,6 +2800,127 @@ class Listener:
         if self.protocol.state is State.OPEN:
             self.protocol.send_close(code, reason)
             self.flush()
+
+
+SENT, RESYNC = "sent", "resync"  # what Listener.offer() did
+
+
+class Hub:
+    """The live feed's listeners: a snapshot for each newcomer, each broadcast offered to
+    every listener (one that falls behind never slows the others), and their pings.
+
+    A store of at most SNAPSHOT_CHUNK_TASKS tasks gets one snapshot message, built once
+    per broadcast interval however many listeners (re)connect in it. A bigger one goes
+    out in chunks, one per loop step (`pump()`), to all the listeners that asked within
+    one broadcast interval at once; they get the updates from their first chunk on."""
+
+    def __init__(self, feed, store, settings, clock, metrics):
+        self.feed = feed
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+        self.listeners = set()  # those that get the updates
+        self.waiting = []  # listeners whose chunked snapshot starts at the next broadcast
+        self.runs = []  # [chunks, listeners, blocked since] of chunked snapshots under way
+        self.cached_snapshot = None
+
+    def __len__(self):
+        return len(self.listeners) + len(self.waiting)
+
+    def add(self, listener):
+        self.metrics.listeners_opened += 1
+        self.send_snapshot(listener)
+
+    def discard(self, listener):
+        self.listeners.discard(listener)
+        self.leave_snapshots(listener)
+
+    def leave_snapshots(self, listener):
+        if listener in self.waiting:
+            self.waiting.remove(listener)
+        for run in self.runs:
+            if listener in run[1]:
+                run[1].remove(listener)
+
+    def snapshot(self):
+        """The one-message snapshot, built once per broadcast interval however many
+        listeners (re)connect in it: what changes after it is built is in the feed, and
+        goes to them with the next update."""
+        if self.cached_snapshot is None:
+            self.cached_snapshot = snapshot_message(self.store, self.clock(),
+                                                    self.settings.stale_seconds)
+        return self.cached_snapshot
+
+    def send_snapshot(self, listener):
+        self.leave_snapshots(listener)  # a listener resyncing starts over
+        if len(self.store) > SNAPSHOT_CHUNK_TASKS:
+            self.listeners.discard(listener)  # no updates before its first chunk
+            self.waiting.append(listener)
+            return
+        snapshot = self.snapshot()
+        self.metrics.broadcast((snapshot,), 1)
+        listener.send_snapshot(snapshot)
+        self.listeners.add(listener)
+
+    def broadcast(self, loop_now):
+        """Send what changed since the last call to every listener that keeps up, and
+        start the chunked snapshot of those waiting for one."""
+        self.cached_snapshot = None  # from here on it would miss what the feed hands out
+        if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
+            self.feed.clear()
+        else:
+            messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
+            sent_to = 0
+            for listener in list(self.listeners):
+                outcome = listener.offer(messages, loop_now)
+                if outcome is SENT:
+                    sent_to += 1
+                elif outcome is RESYNC:
+                    self.send_snapshot(listener)
+            self.metrics.broadcast(messages, sent_to)
+        if self.waiting:
+            chunks = snapshot_chunks(self.store, self.clock, self.settings.stale_seconds)
+            self.runs.append([chunks, self.waiting, None])  # None: not waiting on a reader
+            self.waiting = []
+        if self.runs:
+            self.pump(loop_now)
+
+    def pump(self, loop_now):
+        """Send the next chunk of each chunked snapshot under way whose listeners have
+        drained the last one; True when a chunk went out and more remain (call again at
+        the next step of the loop; the next broadcast calls it anyway)."""
+        advanced = False
+        for run in list(self.runs):
+            chunks, listeners, blocked_since = run
+            listeners[:] = [listener for listener in listeners
+                            if listener.connection.transport is not None]
+            slow = [listener for listener in listeners
+                    if listener.unsent_bytes() > LISTENER_BUFFER_HIGH_BYTES]
+            if slow:  # wait for them: the chunks of a big store must not pile up unsent
+                if run[2] is None:
+                    run[2] = loop_now
+                elif loop_now - blocked_since > LISTENER_BEHIND_TIMEOUT_S:
+                    for listener in slow:
+                        log.info("closing /ws listener %s: it stopped reading its "
+                                 "snapshot", listener.connection.peer)
+                        listener.connection.abort()
+                continue
+            run[2] = None
+            chunk = next(chunks, None)
+            if chunk is None or not listeners:
+                self.runs.remove(run)
+                continue
+            self.metrics.broadcast((chunk,), len(listeners))
+            for listener in listeners:
+                listener.send_snapshot(chunk)
+                self.listeners.add(listener)
+            advanced = True
+        return advanced and bool(self.runs)
+
+    def close_all(self):
+        for listener in [*self.listeners, *self.waiting]:
+            listener.close()
 
 
 def upgrade_to_websocket(connection, request, head, origins, compression):
@@ -2254,14 +2958,12 @@ def upgrade_to_websocket(connection, request, head, origins, compression):
 # --- Server ----------------------------------------------------------------------------
 
 
-WEBSOCKET_ADMITTED = Response(101)  # what middleware's call_next gives for an admitted /ws
-
-
 class Connection(asyncio.Protocol):
     """One TCP connection: HTTP/1.1 requests, kept alive, until it becomes a /ws listener.
 
-    Requests are answered in order; while a middleware or async store works on one, reading
-    pauses so that pipelined requests wait their turn."""
+    Requests are answered in order; while a middleware or an asynchronous store works on
+    one, reading pauses so that pipelined requests wait their turn. The connection keeps
+    its own deadline (`expire()`): for the rest of a head, a body, or the next request."""
 
     def __init__(self, app):
         self.app = app
@@ -2280,18 +2982,13 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
-        if len(self.app.connections) >= self.app.max_connections:
-            # Refuse one rather than run out of file descriptors for everyone.
-            self.app.refused_connection()
-            transport.abort()
+        if not self.app.connection_opened(self):
+            transport.abort()  # one refused rather than file descriptors run out for all
             return
-        self.app.connections.add(self)
         self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
 
     def connection_lost(self, exc):
-        self.app.connections.discard(self)
-        if self.listener is not None:
-            self.app.listeners.discard(self.listener)
+        self.app.connection_closed(self)
         self.transport = None
 
     def data_received(self, data):
@@ -2317,6 +3014,20 @@ class Connection(asyncio.Protocol):
             self.listener.protocol.receive_eof()
             self.listener.flush()
         return False  # close our side too
+
+    # Deadlines
+
+    def expire(self, now):
+        """Close this connection if it is past its deadline at loop time `now`; return
+        True when that cut off a request that never finished. A listener keeps its own."""
+        if self.listener is not None:
+            self.listener.expire(now)
+            return False
+        if now <= self.deadline or self.busy:
+            return False
+        cut_off = self.pending is not None or self.head_started
+        self.close()
+        return cut_off
 
     # HTTP
 
@@ -2385,31 +3096,36 @@ class Connection(asyncio.Protocol):
             self.head_started = True
             self.deadline = self.app.loop.time() + HEADER_TIMEOUT_S
 
-    def respond(self, request):
-        result = self.app.handle(request)
-        if isinstance(result, Response):
-            self.write(request, result)
+    def after(self, result, then):
+        """`then(result)` at once, or, when `result` is a coroutine (middleware, an
+        asynchronous store), once it is done; reading pauses meanwhile, so requests
+        pipelined behind this one wait their turn."""
+        if not asyncio.iscoroutine(result):
+            then(result)
             return
-        # A coroutine (middleware, async store): answer when it is done, in order.
         self.busy = True
         self.transport.pause_reading()
-        task = self.app.loop.create_task(result)
-        task.add_done_callback(lambda done: self.finish(request, done))
+        self.app.loop.create_task(result).add_done_callback(
+            lambda done: self.resume(done, then))
 
-    def finish(self, request, done):
+    def resume(self, done, then):
         self.busy = False
         if self.transport is None:
             return
-        self.write(request, self.app.result_of(request, done))
         self.transport.resume_reading()  # closing after the write: this does nothing
-        self.process()
+        then(shutting_down() if done.cancelled() else done.result())
+        if self.listener is None:
+            self.process()  # the requests that waited behind this one
+
+    def respond(self, request):
+        self.after(self.app.api.handle(request), lambda response: self.write(request, response))
 
     def write(self, request, response):
         keep_alive = request.keep_alive
         if keep_alive and request.version == "HTTP/1.0":  # 1.0 closes unless told otherwise
             response.headers.append(("Connection", "keep-alive"))
         self.transport.write(serialize_response(response, keep_alive, request.method == "HEAD"))
-        self.app.request_done(request, response.status, response.reason)
+        self.app.api.request_done(request, response.status, response.reason)
         if not keep_alive:
             # Nothing after a "Connection: close" is read, let alone applied unanswered.
             self.buffer.clear()
@@ -2423,7 +3139,7 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             return
         self.transport.write(serialize_response(error_response(error), keep_alive=False))
-        self.app.request_done(request, error.status, error.reason)
+        self.app.api.request_done(request, error.status, error.reason)
         self.discarding = unread_body_bytes - len(self.buffer)
         self.buffer.clear()
         if 0 < self.discarding <= MAX_DISCARD_BYTES:
@@ -2432,25 +3148,11 @@ class Connection(asyncio.Protocol):
             self.discarding = 0
             self.close()
 
-    def upgrade(self, request, head):
-        verdict = self.app.admit_websocket(request)
-        if not asyncio.iscoroutine(verdict):
-            self.open_websocket(request, head, verdict)
-            return
-        self.busy = True  # middleware first; what follows the head waits
-        self.transport.pause_reading()
-        task = self.app.loop.create_task(verdict)
-        task.add_done_callback(lambda done: self.admitted(request, head, done))
+    # WebSocket
 
-    def admitted(self, request, head, done):
-        self.busy = False
-        if self.transport is None:
-            return
-        refusal = None
-        if done.cancelled() or done.exception() is not None or done.result() is not None:
-            refusal = self.app.result_of(request, done)
-        self.transport.resume_reading()
-        self.open_websocket(request, head, refusal)
+    def upgrade(self, request, head):
+        self.after(self.app.api.admit_websocket(request),
+                   lambda refusal: self.open_websocket(request, head, refusal))
 
     def open_websocket(self, request, head, refusal):
         """Upgrade to a /ws listener, or answer `refusal` and go on with HTTP."""
@@ -2459,16 +3161,14 @@ class Connection(asyncio.Protocol):
             self.write(request, refusal)
             self.process()  # requests pipelined behind the refused handshake
             return
-        listener = upgrade_to_websocket(self, request, head, app.websocket_origins(request),
+        listener = upgrade_to_websocket(self, request, head, app.api.websocket_origins(request),
                                         app.settings.ws_compression)
         if listener is None:  # refused, answered and counted
             return
-        app.request_done(request, 101)
+        app.api.request_done(request, 101)
         self.listener = listener
-        self.deadline = math.inf  # pings watch a listener from now on
-        app.listeners.add(listener)
-        app.metrics.listeners_opened += 1
-        app.send_snapshot(listener)
+        self.deadline = math.inf  # its listener keeps the deadlines from now on
+        app.hub.add(listener)
         if self.buffer:  # bytes that followed the head belong to the WebSocket
             rest, self.buffer = bytes(self.buffer), bytearray()
             self.data_received(rest)
@@ -2477,292 +3177,48 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self):
+        """Close at once, dropping what is unsent (a listener that stopped reading)."""
+        if self.transport is not None:
+            self.transport.abort()
+
 
 class App:
-    """The server: settings, store, routes, live feed and connections on one loop.
+    """The server: it builds the parts and runs them on one loop.
 
-    Serve it with `run()` (blocking, stops on SIGINT/SIGTERM) or `await start()` and
-    `await stop()` from your own loop. Extend it with `add_middleware()`."""
+    `api` answers requests, `hub` runs the live feed, `store` holds the tasks and
+    `notifier` sends webhooks; the App owns the connections, the timers (broadcast,
+    sweep, deadlines, store flush) and the lifecycle. Serve it with `run()` (blocking,
+    stops on SIGINT/SIGTERM) or `await start()` and `await stop()` from your own loop.
+    Extend it with `add_middleware()`."""
 
     def __init__(self, settings, store=None, clock=time.time):
         self.settings = settings
         self.clock = clock
         self.store = store if store is not None else open_store(settings.store, settings)
-        self.feed = Feed()
+        # Every change to the store goes through the feed, to the hub and the change log.
+        self.feed = Feed(ChangeLog(clock))
+        self.metrics = Metrics(clock())
         self.notifier = Notifier.from_settings(settings)  # None without --notify
-        self.middleware = []
+        self.hub = Hub(self.feed, self.store, settings, clock, self.metrics)
+        self.api = Api(settings, self.store, self.feed, self.metrics, clock, self.gauges)
         self.loop = None
         self.server = None
         self.port = None
         self.connections = set()
-        self.listeners = set()
-        self.background = []
-        self.stopping = False
-        self.cached_snapshot = None
         self.max_connections = connection_limit()
         self.refusals_logged_at = -math.inf
-        self.page, self.script_hashes, self.page_source = load_dashboard()
-        self.log_requests = False
-        self.metrics = Metrics(clock())
-        self.routes = {
-            "/progress": {"POST": self.post_progress},
-            "/tasks": {"GET": self.get_tasks, "DELETE": self.delete_tasks},
-            "/health": {"GET": self.get_health},
-            "/metrics": {"GET": self.get_metrics},
-            "/auth": {"GET": self.get_auth},
-            "/": {"GET": self.get_root},
-            "/static/" + INDEX_FILE: {"GET": self.get_dashboard},
-            "/ws": {"GET": self.get_ws_without_upgrade},
-        }
-        self.task_routes = {"GET": self.get_task, "DELETE": self.delete_task}  # /tasks/{id}
-
-    # Extension
+        self.background = []
+        self.stopping = False
 
     def add_middleware(self, middleware):
-        """Wrap request handling: ``async def middleware(request, call_next) -> Response``.
+        """Wrap request handling (and /ws handshakes); see `Api.add_middleware()`."""
+        return self.api.add_middleware(middleware)
 
-        The first added is the outermost. Return a Response to answer early (e.g. a
-        rejection), or ``await call_next(request)`` to go on. It runs before routing and
-        token checks; raise HTTPError(status, message) for a JSON error."""
-        self.middleware.append(middleware)
-        return middleware
-
-    # Request handling
-
-    def handle(self, request):
-        """A Response, or a coroutine producing one when middleware is installed."""
-        if self.middleware:
-            return self.handle_with_middleware(request)
-        return self.dispatch(request)
-
-    async def handle_with_middleware(self, request):
-        async def innermost(request):
-            result = self.dispatch(request)
-            return await result if asyncio.iscoroutine(result) else result
-
-        return await self.through_middleware(request, innermost)
-
-    async def through_middleware(self, request, innermost):
-        call = innermost
-        for middleware in reversed(self.middleware):
-            call = _calling(middleware, call)
-        try:
-            return await call(request)
-        except ANSWERED_ERRORS as error:
-            return error_response(error)
-
-    def result_of(self, request, done):
-        """The Response of a finished handling task; any failure becomes a 500."""
-        if done.cancelled():  # only at shutdown
-            return json_response({"error": "the server is shutting down"}, 503)
-        try:
-            response = done.result()
-            if not isinstance(response, Response):
-                raise TypeError(f"a middleware returned {type(response).__name__}, "
-                                "not a Response")
-            return response
-        except ANSWERED_ERRORS as error:
-            return error_response(error)
-        except Exception:
-            return internal_error(request)
-
-    def dispatch(self, request):
-        """Route one request. The one catch-all: an unexpected error is logged and
-        answered 500, and the server goes on serving every other connection."""
-        cors = self.cors_headers(request)  # on errors too, so a page can read them
-        try:
-            response = self.route(request)
-        except ANSWERED_ERRORS as error:
-            response = error_response(error)
-        except Exception:
-            response = internal_error(request)
-        if not isinstance(response, Response):  # an async store is still at work
-            return self.completed(response, cors)
-        response.headers.extend(cors)
-        return response
-
-    def route(self, request):
-        path = request.path
-        methods = self.routes.get(path)
-        if methods is None:
-            if path.startswith("/tasks/") and len(path) > len("/tasks/"):
-                methods = self.task_routes
-            else:
-                raise HTTPError(404, f"no route {path!r}; see GET /static/index.html "
-                                     "or the README for the API")
-        method = "GET" if request.method == "HEAD" else request.method
-        if method == "OPTIONS":
-            return self.preflight(request, methods)
-        handler = methods.get(method)
-        if handler is None:
-            allow = allowed_methods(methods)
-            raise HTTPError(405, f"{request.method} is not allowed on {path}; "
-                                 f"use {allow}", headers=[("Allow", allow)])
-        if method != "GET" and not origin_allowed(request, self.settings.allow_origins):
-            # A page on another site must not change tasks, even without tokens.
-            raise HTTPError(403, f"origin {request.headers.get('origin')!r} is not "
-                                 "allowed; list it in PROGRESSISTA_ALLOW_ORIGINS",
-                            reason="origin")
-        self.check_token(request)
-        return handler(request)
-
-    @staticmethod
-    async def completed(pending, cors):
-        try:
-            response = await pending
-        except ANSWERED_ERRORS as error:
-            response = error_response(error)
-        response.headers.extend(cors)
-        return response
-
-    async def recorded(self, pending, record, respond):
-        """Await an async store's answer, send it down the broadcast path, respond."""
-        outcome = await pending
-        record(outcome)
-        return respond(outcome)
-
-    def changing(self, outcome, record, respond):
-        """Send what a store call changed down the broadcast path; the Response, or a
-        coroutine of it when the store is asynchronous (Redis)."""
-        if asyncio.iscoroutine(outcome):
-            return self.recorded(outcome, record, respond)
-        record(outcome)
-        return respond(outcome)
-
-    def access(self, request):
-        """What the request's token allows: "write" (every route; also when no tokens
-        are configured), "read" (GET and HEAD only), or None (no valid token)."""
-        settings = self.settings
-        if not settings.api_tokens or token_ok(request, settings.api_tokens):
-            return "write"
-        if settings.read_tokens and token_ok(request, settings.read_tokens):
-            return "read"
-        return None
-
-    def check_token(self, request):
-        if not self.settings.api_tokens:  # Settings refuses read tokens without these
-            return
-        path = request.path
-        if path in PUBLIC_PATHS or path.startswith("/static/"):
-            return
-        access = self.access(request)
-        if access == "write" or (access == "read" and request.method in ("GET", "HEAD")):
-            return
-        if access == "read":
-            # A shared dashboard link must not be able to delete or forge tasks.
-            raise HTTPError(403, f"this token may only read: {request.method} {path} needs "
-                                 "an API token (PROGRESSISTA_API_TOKEN), not a read token",
-                            reason="read_only_token")
-        raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
-                             "<token>' or add ?token=<token> to the URL",
-                        headers=[("WWW-Authenticate", "Bearer")], reason="unauthorized")
-
-    def cors_headers(self, request):
-        origin = request.headers.get("origin")
-        allowed = self.settings.allow_origins
-        if origin is None or not allowed or not ("*" in allowed or origin in allowed):
-            return []
-        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-
-    def preflight(self, request, methods):
-        allow = allowed_methods(methods)
-        if request.headers.get("origin") is not None and not self.cors_headers(request):
-            raise HTTPError(403, f"origin {request.headers['origin']!r} is not allowed; "
-                                 "list it in PROGRESSISTA_ALLOW_ORIGINS", reason="origin")
-        return Response(204, content_type=None, headers=[
-            ("Allow", allow),
-            ("Access-Control-Allow-Methods", allow),
-            ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
-            ("Access-Control-Max-Age", "600"),
-        ])
-
-    # Routes: one small handler each
-
-    def post_progress(self, request):
-        payload = request.json()
-        if type(payload) is list:
-            if len(payload) > MAX_BATCH_ITEMS:
-                raise HTTPError(400, f"batch of {len(payload)} updates is over the limit of "
-                                     f"{MAX_BATCH_ITEMS}: split it")
-            updates = [validate_update(item, index) for index, item in enumerate(payload)]
-        else:
-            updates = [validate_update(payload)]
-        self.metrics.updates_received += len(updates)
-        accepted = Response(200, b'{"ok":true,"accepted":%d}' % len(updates))
-        return self.changing(self.store.apply(updates, self.clock()), self.applied,
-                             lambda changed: accepted)
-
-    def applied(self, changed):
-        self.metrics.updates_applied += len(changed)
-        self.feed.changed(changed)
-
-    def get_tasks(self, request):
-        status = _status_query(request)
-        now = self.clock()
-        stale_after_s = self.settings.stale_seconds
-        tasks = {}
-        for task in self.store.tasks():  # the status first: as_dict() only for those shown
-            if status is None or task.shown_status(now, stale_after_s) == status:
-                tasks[task.task_id] = task.as_dict(now, stale_after_s)
-        return json_response({"tasks": tasks, "now": now})
-
-    def get_task(self, request):
-        task_id = _path_task_id(request)
-        task = self.store.get(task_id)
-        if task is None:
-            raise HTTPError(404, f"no task {task_id!r}")
-        return json_response(task.as_dict(self.clock(), self.settings.stale_seconds))
-
-    def delete_tasks(self, request):
-        # With no filter this deletes everything: a misspelt filter must not mean that.
-        unknown = set(request.query) - DELETE_FILTERS
-        if unknown:
-            raise HTTPError(400, f"unknown filter {sorted(unknown)[0]!r}: DELETE /tasks takes "
-                                 "status, older_than and task_id (none deletes every task)")
-        status = _status_query(request)
-        older_than = _seconds_query(request, "older_than")
-        # An id as a filter too: a browser cannot put "." or ".." in a path segment.
-        task_id = request.query.get("task_id")
-        now = self.clock()
-        stale_after_s = self.settings.stale_seconds
-        candidates = self.store.tasks() if task_id is None else filter(
-            None, [self.store.get(task_id)])
-        doomed = [task.task_id for task in candidates
-                  if (status is None or task.shown_status(now, stale_after_s) == status)
-                  and (older_than is None or now - task.updated_at >= older_than)]
-        return self.changing(self.store.delete(doomed), self.feed.removed,
-                             lambda removed: json_response({"removed": removed}))
-
-    def delete_task(self, request):
-        return self.changing(self.store.delete([_path_task_id(request)]), self.feed.removed,
-                             lambda removed: json_response({"removed": bool(removed)}))
-
-    def tasks_by_status(self):
-        """How many tasks each status has now, as readers see them (stale included)."""
-        now = self.clock()
-        stale_after_s = self.settings.stale_seconds
-        counts = dict.fromkeys(STATUSES, 0)
-        for task in self.store.tasks():
-            counts[task.shown_status(now, stale_after_s)] += 1
-        return counts
-
-    def get_health(self, request):
-        store = self.store.health()
-        return json_response({"status": "ok" if store.get("ok") else "degraded",
-                              "tasks": len(self.store),
-                              "active": self.tasks_by_status()["running"],
-                              "listeners": len(self.listeners), "store": store,
-                              "version": __version__})
-
-    def get_metrics(self, request):
-        store = self.store.health()
-        gauges = {"tasks_by_status": self.tasks_by_status(), "listeners": len(self.listeners),
-                  "connections": len(self.connections),
-                  # From health(), which every store has: a store of your own may lack kind.
-                  "store_kind": store.get("kind", "custom"), "store_up": store.get("ok"),
-                  "store_errors": getattr(self.store, "failures", 0),
-                  "notifications": self.notification_outcomes()}
-        return Response(200, render_metrics(self.metrics, gauges), METRICS_CONTENT_TYPE)
+    def gauges(self):
+        """What the server counts live, for /health and /metrics."""
+        return {"listeners": len(self.hub), "connections": len(self.connections),
+                "notifications": self.notification_outcomes()}
 
     def notification_outcomes(self):
         outcomes = dict.fromkeys(NOTIFY_OUTCOMES, 0)
@@ -2771,180 +3227,66 @@ class App:
                 outcomes[outcome] += count
         return outcomes
 
-    def get_auth(self, request):
-        # The dashboard asks, to hide the controls a read-only token may not use.
-        return json_response({"access": self.access(request)})
+    # Connections
 
-    def get_ws_without_upgrade(self, request):
-        # A GET with the upgrade headers never gets here (Connection.upgrade takes it).
-        raise HTTPError(426, "/ws is a WebSocket: connect with a WebSocket client",
-                        headers=[("Upgrade", "websocket")])
+    def connection_opened(self, connection):
+        """Admit a new connection; False when the descriptor limit is reached."""
+        if len(self.connections) >= self.max_connections:
+            self.metrics.reject("connection_limit")
+            now = time.monotonic()
+            if now - self.refusals_logged_at > 60:  # a flood of them is one line a minute
+                self.refusals_logged_at = now
+                log.warning("refusing connections: %d open, the most this process's file "
+                            "descriptors allow (raise ulimit -n)", len(self.connections))
+            return False
+        self.connections.add(connection)
+        return True
 
-    def get_root(self, request):
-        query = request.target.partition("?")[2]
-        location = "/static/" + INDEX_FILE + ("?" + query if query else "")
-        return Response(307, b"", content_type=None, headers=[("Location", location)])
+    def connection_closed(self, connection):
+        self.connections.discard(connection)
+        if connection.listener is not None:
+            self.hub.discard(connection.listener)
 
-    def get_dashboard(self, request):
-        if self.page is None:
-            raise HTTPError(404, self.page_source)
-        return Response(200, self.page, "text/html; charset=utf-8", headers=[
-            ("Content-Security-Policy",
-             content_security_policy(self.script_hashes, request.headers.get("host"))),
-            ("Cache-Control", "no-cache"),
-            ("Referrer-Policy", "no-referrer"),  # the URL may carry ?token=
-        ])
-
-    # WebSocket
-
-    def admit_websocket(self, request):
-        """None when a /ws handshake may go on, else the Response refusing it; a coroutine
-        of either when middleware must see the handshake first (as it sees every request)."""
-        if self.middleware:
-            return self.admit_websocket_with_middleware(request)
-        return self.check_websocket(request)
-
-    async def admit_websocket_with_middleware(self, request):
-        async def innermost(request):
-            return self.check_websocket(request) or WEBSOCKET_ADMITTED
-
-        response = await self.through_middleware(request, innermost)
-        return None if response is WEBSOCKET_ADMITTED else response
-
-    def check_websocket(self, request):
-        try:
-            self.check_token(request)
-        except ANSWERED_ERRORS as error:
-            return error_response(error)
-        return None
-
-    def websocket_origins(self, request):
-        if "*" in self.settings.allow_origins:
-            return None
-        return [None, *sorted(own_origins(request)), *self.settings.allow_origins]
-
-    def snapshot(self):
-        """The snapshot message, built once per broadcast interval however many listeners
-        (re)connect in it: what changes after it is built is in the feed, and goes to
-        them with the next update."""
-        if self.cached_snapshot is None:
-            self.cached_snapshot = snapshot_message(self.store, self.clock(),
-                                                    self.settings.stale_seconds)
-        return self.cached_snapshot
-
-    def send_snapshot(self, listener):
-        snapshot = self.snapshot()
-        self.metrics.broadcast((snapshot,), 1)
-        listener.send_snapshot(snapshot)
+    # Timers
 
     def broadcast(self):
-        """Send what changed since the last call to every listener that keeps up."""
-        self.cached_snapshot = None  # from here on it would miss what the feed hands out
-        if self.notifier is not None:  # first: the feed is cleared below
+        """Tell the notifier and every listener what changed since the last call."""
+        if self.notifier is not None:  # first: the hub clears the feed
             self.notifier.observe(self.feed.changed_ids, self.feed.removed_ids, self.store,
                                   self.clock(), self.settings.stale_seconds)
             self.notifier.tick(self.clock())
-        if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
-            self.feed.clear()
-            return
-        messages = self.feed.take(self.store, self.clock(), self.settings.stale_seconds)
-        now = self.loop.time()
-        sent_to = 0
-        for listener in list(self.listeners):
-            unsent = listener.unsent_bytes()
-            if listener.behind_since is not None:
-                # It missed messages: once it has drained, a fresh snapshot resyncs it.
-                if unsent <= LISTENER_BUFFER_LOW_BYTES:
-                    listener.behind_since = None
-                    self.send_snapshot(listener)
-                elif now - listener.behind_since > LISTENER_BEHIND_TIMEOUT_S:
-                    log.info("closing /ws listener %s: it stopped reading",
-                             listener.connection.peer)
-                    listener.connection.transport.abort()
-            elif unsent > listener.high_water:
-                listener.behind_since = now  # drop what it has pending, never block
-            else:
-                for message in messages:
-                    listener.send(message)
-                sent_to += 1
-        self.metrics.broadcast(messages, sent_to)
+        self.hub.broadcast(self.loop.time())
+        if self.hub.runs:
+            self.loop.call_soon(self.pump)
 
-    # Lifetimes
+    def pump(self):
+        # One chunk of each snapshot under way per loop step: requests go on in between.
+        if not self.stopping and self.hub.pump(self.loop.time()):
+            self.loop.call_soon(self.pump)
 
     def sweep(self):
-        return self.changing(self.store.sweep(self.clock(), self.settings), self.swept,
-                             lambda outcome: None)
+        return settle(self.store.sweep(self.clock(), self.settings), self.swept)
 
     def swept(self, outcome):
-        stale_ids, removed_ids = outcome
-        self.feed.changed(stale_ids)
+        changed_ids, removed_ids = outcome
+        self.feed.changed(changed_ids)
         self.feed.removed(removed_ids)
 
     def reap(self):
-        """Close connections past their deadline; ping listeners, drop the silent ones."""
+        """Let every connection keep its deadlines: close the late, ping the listeners."""
         now = self.loop.time()
         for connection in list(self.connections):
-            listener = connection.listener
-            if listener is None:
-                if now > connection.deadline and not connection.busy:
-                    if connection.pending is not None or connection.head_started:
-                        self.metrics.reject("timeout")  # a request that never finished
-                    connection.close()
-            elif listener.ping_sent_at is not None:
-                if now - listener.ping_sent_at > WS_PING_TIMEOUT_S:
-                    log.info("closing /ws listener %s: no pong", connection.peer)
-                    connection.transport.abort()
-            elif (now - listener.last_ping_at >= WS_PING_INTERVAL_S
-                  and listener.protocol.state is State.OPEN):
-                listener.ping_sent_at = listener.last_ping_at = now
-                listener.protocol.send_ping(os.urandom(4))
-                listener.flush()
+            if connection.expire(now):
+                self.metrics.reject("timeout")  # a request that never finished
 
     async def every(self, interval_s, work):
         # Not `while True`: redis-py can swallow a cancel, and the loop must still end.
         while not self.stopping:
             await asyncio.sleep(interval_s)
             try:
-                pending = work()
-                if asyncio.iscoroutine(pending):
-                    await pending
+                await resolved(work())
             except Exception:
                 log.error("%s failed; will retry", work.__name__, exc_info=True)
-
-    # Logging
-
-    def refused_connection(self):
-        self.metrics.reject("connection_limit")
-        now = time.monotonic()
-        if now - self.refusals_logged_at > 60:  # a flood of them is one line a minute
-            self.refusals_logged_at = now
-            log.warning("refusing connections: %d open, the most this process's file "
-                        "descriptors allow (raise ulimit -n)", len(self.connections))
-
-    def route_label(self, path):
-        """The route a path belongs to, for GET /metrics: a bounded set of labels."""
-        if path in self.routes:
-            return path
-        if path.startswith("/tasks/"):
-            return "/tasks/{task_id}"
-        return "other"
-
-    def request_done(self, request, status, reason=None):
-        """Count an answered request (None: one too malformed to parse) and log it."""
-        if request is None:
-            self.metrics.request_done("unparsed", "other", status, reason)
-            return
-        self.metrics.request_done(self.route_label(request.path), request.method, status,
-                                  reason)
-        if self.log_requests:
-            path = request.target
-            if "token" in request.query:  # never log a token, however it was escaped
-                path = request.path + "?" + "&".join(
-                    urllib.parse.quote(name) + "=" + ("***" if name == "token"
-                                                      else urllib.parse.quote(value))
-                    for name, value in request.query.items())
-            log.debug("%s %s %d %.1fms", request.method, path, status,
-                      (time.perf_counter() - request.started) * 1000)
 
     # Serving
 
@@ -2953,31 +3295,26 @@ class App:
         if ServerProtocol is None:
             raise RuntimeError("the websockets package is missing: pip install websockets")
         self.loop = asyncio.get_running_loop()
-        self.log_requests = log.isEnabledFor(logging.DEBUG)
+        self.api.log_requests = log.isEnabledFor(logging.DEBUG)
         host = self.settings.host or None
         self.server = await self.loop.create_server(
             lambda: Connection(self), host, self.settings.port,
             reuse_address=True, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
-        opening = getattr(self.store, "open", None)
-        if opening is not None:
-            await opening(self.feed)
+        await resolved(self.store.open(self.feed))
         # A persistent store may hold tasks whose lifetime ran out while we were down.
-        swept = self.sweep()
-        if asyncio.iscoroutine(swept):
-            await swept
+        await resolved(self.sweep())
         if self.notifier is not None:  # after the first sweep: old news is not news
             self.notifier.start(self.store.tasks(), self.clock(), self.settings.stale_seconds)
-        flush = getattr(self.store, "flush", None)
+        interval_s = self.settings.broadcast_interval
         self.background = [
-            self.loop.create_task(self.every(self.settings.broadcast_interval, self.broadcast)),
+            self.loop.create_task(self.every(interval_s, self.broadcast)),
             self.loop.create_task(self.every(self.settings.cleanup_interval, self.sweep)),
             self.loop.create_task(self.every(min(REAP_INTERVAL_S, WS_PING_INTERVAL_S),
                                              self.reap)),
+            # Persistent stores write once per broadcast interval; memory's is a no-op.
+            self.loop.create_task(self.every(interval_s, self.store.flush)),
         ]
-        if flush is not None:  # persistent stores write once per broadcast interval
-            self.background.append(
-                self.loop.create_task(self.every(self.settings.broadcast_interval, flush)))
         self.announce()
 
     def announce(self):
@@ -2985,10 +3322,12 @@ class App:
         shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
         if ":" in shown:
             shown = f"[{shown}]"
-        log.info("Progressista %s listening on %s:%d; dashboard: http://%s:%d/static/%s",
-                 __version__, host or "*", self.port, shown, self.port, INDEX_FILE)
-        if self.page is None:
-            log.warning("%s", self.page_source)
+        store = self.store.health()
+        log.info("Progressista %s listening on %s:%d; dashboard: http://%s:%d/static/%s; "
+                 "store: %s, %d tasks loaded", __version__, host or "*", self.port, shown,
+                 self.port, INDEX_FILE, store.get("kind", self.store.kind), len(self.store))
+        if self.api.page is None:
+            log.warning("%s", self.api.page_source)
         if not self.settings.api_tokens and not _is_loopback(host):
             log.warning("listening on %s without a token: anyone who can reach this port "
                         "can read and change tasks; set PROGRESSISTA_API_TOKEN or "
@@ -3003,8 +3342,7 @@ class App:
         for task in self.background:
             task.cancel()
         self.broadcast()  # the last changes, before the goodbye
-        for listener in list(self.listeners):
-            listener.close()
+        self.hub.close_all()
         for connection in list(self.connections):
             if connection.listener is None and not connection.busy:
                 connection.close()
@@ -3012,8 +3350,7 @@ class App:
         while self.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
         for connection in list(self.connections):
-            if connection.transport is not None:
-                connection.transport.abort()
+            connection.abort()
         if self.notifier is not None:  # a job that closed just before SIGTERM is announced
             await self.notifier.close(self.clock())
         # Bounded: a task whose store call swallowed the cancel ends at its next turn.
@@ -3021,9 +3358,7 @@ class App:
             await asyncio.wait(self.background, timeout=SHUTDOWN_TIMEOUT_S)
         await self.server.wait_closed()
         self.server = None
-        closing = self.store.close()
-        if asyncio.iscoroutine(closing):
-            await closing
+        await resolved(self.store.close())
 
     def run(self):
         """Serve until SIGINT or SIGTERM, then shut down gracefully."""
@@ -3065,11 +3400,6 @@ def raise_file_limit():
             pass  # keep the soft limit; connection_limit() follows it
 
 
-def _calling(middleware, call_next):
-    """One link of the middleware chain: `middleware` with what comes after it."""
-    return lambda request: middleware(request, call_next)
-
-
 def _is_loopback(host):
     if host in ("localhost",):
         return True
@@ -3094,7 +3424,7 @@ def create_app(store=None, middleware=(), clock=time.time, **settings):
 
 # --- Command line ----------------------------------------------------------------------
 
-COMMANDS = ("serve", "demo", "run", "watch", "version", "show-config")
+
 
 
 class _Parser(argparse.ArgumentParser):
@@ -3124,7 +3454,18 @@ def _add_server_flags(parser):
         kind = setting.parse
         parser.add_argument(flag, dest=setting.name, type=kind, default=None,
                             metavar=setting.name.upper(),
-                            help=f"{setting.help} [env {env}]")
+                            help=f"{setting.help} [env {env}; default "
+                                 f"{_shown_default(setting.name)}]")
+
+
+def _shown_default(name):
+    """A setting's default as --help shows it."""
+    default = Settings.__dataclass_fields__[name].default
+    if isinstance(default, tuple):
+        return ",".join(default) or "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return f"{default:g}" if isinstance(default, float) else str(default)
 
 
 def settings_help():
@@ -3146,7 +3487,8 @@ def settings_help():
             + "\n\nclient settings (demo, run, watch, progressista_client):"
             "\n  PROGRESSISTA_SERVER_URL, PROGRESSISTA_API_TOKEN, PROGRESSISTA_PUSH_INTERVAL,"
             "\n  PROGRESSISTA_REQUEST_TIMEOUT, PROGRESSISTA_FLUSH_TIMEOUT,"
-            "\n  PROGRESSISTA_HEARTBEAT_INTERVAL (see the README)"
+            "\n  PROGRESSISTA_HEARTBEAT_INTERVAL, PROGRESSISTA_RUN, PROGRESSISTA_RUN_NAME,"
+            "\n  PROGRESSISTA_CA_BUNDLE (see docs/client.md)"
             "\n\nRun 'progressista COMMAND --help' for a command's options.")
 
 
@@ -3202,6 +3544,7 @@ def build_parser():
                        help="print the table once and exit (for scripts and watch -n)")
     watch.add_argument("--json", action="store_true",
                        help='print {"tasks": {...}, "now": T}, filtered, as JSON and exit')
+    parser.command_names = tuple(commands.choices)
     return parser
 
 
@@ -3568,16 +3911,16 @@ def render_table(tasks, now, width=None, height=None, text_filter=None, status=N
 
 
 def apply_feed_message(tasks, message):
-    """Apply one /ws message (PROTOCOL.md "The live feed") to `tasks`, task_id -> task, in
+    """Apply one /ws message (docs/PROTOCOL.md "The live feed") to `tasks`, task_id -> task, in
     place; return the server's `now` it carries, or None for a message of another kind."""
     kind = message.get("type") if isinstance(message, dict) else None
-    sent = message.get("tasks") if kind in ("snapshot", "update") else None
+    sent = message.get("tasks") if kind in ("snapshot", "snapshot_more", "update") else None
     sent = {task_id: task for task_id, task in sent.items()
             if isinstance(task, dict)} if isinstance(sent, dict) else {}
     if kind == "snapshot":
         tasks.clear()
         tasks.update(sent)
-    elif kind == "update":
+    elif kind in ("update", "snapshot_more"):  # a big snapshot's later chunks add to it
         tasks.update(sent)  # a known task keeps its place
     elif kind == "remove":
         for task_id in message.get("ids") or ():
@@ -3875,13 +4218,21 @@ def _watch_once(args, base, headers, screen, ascii):
 def main(argv=None):
     """The command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+    parser = build_parser()
+    commands = parser.command_names
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        guess = difflib.get_close_matches(argv[0], commands, n=1)
+        print(f"progressista: unknown command {argv[0]!r}"
+              + (f" (did you mean {guess[0]!r}?)" if guess else "")
+              + f"; the commands are {', '.join(commands)} (see --help)", file=sys.stderr)
+        return 2
+    if not argv or argv[0] not in (*commands, "-h", "--help", "--version"):
         argv.insert(0, "serve")  # `python progressista.py --port 8000` means serve
     program_args = []
     if argv[0] == "run" and "--" in argv:
         split = argv.index("--")
         argv, program_args = argv[:split], argv[split + 1:]
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     if args.command == "version":
         print(f"progressista {__version__}")
         return 0

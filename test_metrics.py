@@ -6,13 +6,13 @@ reads. Locally the tests skip without prometheus_client; under CI (`CI` set) tha
 """
 
 import json
-import socket
 import sqlite3
 
 import pytest
 
 import progressista
-from conftest import http, missing, running_server, wait_for
+from conftest import (bearer, http, missing, open_listener, post, raw_request, running_server,
+                      wait_for)
 
 try:
     from prometheus_client.parser import text_string_to_metric_families
@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     text_string_to_metric_families = None
 
 TOKEN = "metrics-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = bearer(TOKEN)
 
 
 @pytest.fixture(autouse=True)
@@ -44,10 +44,6 @@ def scrape(server, headers=None):
 
 def value(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())), 0)
-
-
-def post(server, body, headers=None):
-    return http("POST", server.url + "/progress", body, headers=headers)
 
 
 def test_counts_follow_known_traffic():
@@ -89,12 +85,8 @@ def test_stale_tasks_are_counted_as_stale():
 
 
 def test_listeners_and_broadcast_messages_and_bytes_are_counted():
-    import websockets.sync.client
-
     with running_server(broadcast_interval=0.02) as server:
-        ws_url = server.url.replace("http://", "ws://") + "/ws"
-        with websockets.sync.client.connect(ws_url) as first, \
-                websockets.sync.client.connect(ws_url) as second:
+        with open_listener(server) as first, open_listener(server) as second:
             snapshots = [first.recv(timeout=3), second.recv(timeout=3)]
             post(server, {"task_id": "seen", "n": 1})
             updates = [first.recv(timeout=3), second.recv(timeout=3)]
@@ -116,28 +108,21 @@ def test_metrics_need_the_token_like_the_api_and_a_read_token_may_scrape():
     with running_server(api_tokens=[TOKEN], read_tokens=["viewer"]) as server:
         status, body, headers = http("GET", server.url + "/metrics")
         assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
-        scrape(server, headers={"Authorization": "Bearer viewer"})
-        http("POST", server.url + "/progress", {"task_id": "x"},
-             headers={"Authorization": "Bearer viewer"})
+        scrape(server, headers=bearer("viewer"))
+        assert post(server, {"task_id": "x"}, bearer("viewer"))[0] == 403
         samples, _ = scrape(server, AUTH)
     rejected = "progressista_rejected_requests_total"
     assert value(samples, rejected, reason="unauthorized") == 1
     assert value(samples, rejected, reason="read_only_token") == 1
 
 
-def raw_exchange(server, data):
-    with socket.create_connection(("127.0.0.1", server.app.port), timeout=5) as sock:
-        sock.sendall(data)
-        return sock.recv(4096)
-
-
 def test_refusals_before_routing_are_counted_by_reason():
     with running_server(max_body_bytes=100, max_tasks=1) as server:
-        assert raw_exchange(server, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
-        assert raw_exchange(server, b"POST /progress HTTP/1.1\r\nHost: x\r\n"
-                                    b"Content-Length: 500\r\n\r\n").startswith(b"HTTP/1.1 413")
+        assert raw_request(server, b"GARBAGE\r\n\r\n")[0] == 400
+        assert raw_request(server, b"POST /progress HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Length: 500\r\n\r\n")[0] == 413
         too_long = b"GET /tasks HTTP/1.1\r\nX-Pad: " + b"a" * (20 * 1024) + b"\r\n\r\n"
-        assert raw_exchange(server, too_long).startswith(b"HTTP/1.1 431")
+        assert raw_request(server, too_long)[0] == 431
         assert post(server, {"task_id": "first"})[0] == 200
         assert post(server, {"task_id": "second"})[0] == 503
         samples, _ = scrape(server)

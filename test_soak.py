@@ -1,8 +1,9 @@
 """The soak-and-fault script (bench/soak.py): its checks, its proxy, and a 10 s run of it.
 
-The run is real: the server as a subprocess on the SQLite store, stopped and restarted on
-the same port mid-run (killed with SIGKILL: a crash), client processes with real tqdm bars sending through a proxy that
-drops connections for a while, and /ws listeners. It asserts that nothing is lost.
+The run is real: the server as a subprocess on the SQLite store, killed with SIGKILL (a
+crash) and restarted on the same port mid-run, client processes with real tqdm bars
+sending through a proxy that drops connections for a while, and /ws listeners. It asserts
+that nothing is lost; the checks and the proxy are also tested on their own.
 """
 
 import asyncio

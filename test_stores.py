@@ -1,13 +1,15 @@
-"""The persistent stores: SQLite across restarts, Redis across servers.
+"""The stores: memory (capacity, order, a custom store), SQLite across restarts and
+crashes, Redis across servers and outages.
 
-Redis tests run a real `redis-server` on a free loopback port; they skip locally when it
-is not installed, and fail under CI (where .ci/run installs it).
+Servers run on each store for real (conftest.running_server, or the command line where a
+crash is the point, killed with SIGKILL); lifetimes across a restart use a wall clock moved
+forward (conftest.Clock). Redis tests run a real `redis-server` on a free loopback port
+(conftest.redis_server); they skip locally when it is not installed, and fail under CI
+(where .ci/run installs it).
 """
 
 import asyncio
 import json
-import os
-import socket
 import re
 import sqlite3
 import subprocess
@@ -15,22 +17,10 @@ import sys
 import time
 
 import pytest
-from websockets.sync.client import connect
 
 import progressista
-from conftest import Clock, free_port, http, require_binary, running_server, wait_for
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def post(server, body, **kwargs):
-    return http("POST", server.url + "/progress", body, **kwargs)
-
-
-def tasks_of(server):
-    status, body, _ = http("GET", server.url + "/tasks")
-    assert status == 200
-    return body["tasks"]
+from conftest import (HERE, Clock, cli_server, free_port, get_task, http, memory_store_of,
+                      open_listener, post, run_cli, running_server, tasks_of, wait_for)
 
 
 def stored_rows(path):
@@ -39,21 +29,103 @@ def stored_rows(path):
                 for task_id, task in db.execute("SELECT task_id, task FROM tasks")}
 
 
-# --- SQLite ----------------------------------------------------------------------------
+def serve_and_fail(store_url):
+    """`progressista serve` on `store_url`, for a store that must fail at startup."""
+    return run_cli("--host", "127.0.0.1", "--port", "0", "--store", store_url, timeout=20)
 
 
-@pytest.fixture
-def db_url(tmp_path):
-    return "sqlite://" + str(tmp_path / "tasks.db")
+# --- Memory: capacity (max_tasks), order, a custom store ---------------------------------
 
 
-def test_sqlite_tasks_come_back_after_a_restart_with_fields_and_times(db_url):
-    with running_server(store=db_url) as server:
+def test_new_task_past_max_tasks_is_refused_with_503_or_429():
+    with running_server(max_tasks=3) as server:
+        post(server, [{"task_id": f"t{i}"} for i in range(3)])
+        status, body, _ = post(server, {"task_id": "t3"})
+        assert status in (429, 503)
+        assert "max" in body["error"].lower()
+        assert get_task(server, "t3")[0] == 404
+
+
+def test_existing_task_still_updates_when_max_tasks_is_reached():
+    with running_server(max_tasks=3) as server:
+        post(server, [{"task_id": f"t{i}"} for i in range(3)])
+        assert post(server, {"task_id": "t1", "n": 42})[0] == 200
+        assert get_task(server, "t1")[1]["n"] == 42
+
+
+def test_batch_with_a_new_task_past_max_tasks_stores_nothing():
+    with running_server(max_tasks=2) as server:
+        post(server, [{"task_id": "t0"}, {"task_id": "t1"}])
+        status, _, _ = post(server, [{"task_id": "t0", "n": 7}, {"task_id": "new"}])
+        assert status in (429, 503)
+        assert get_task(server, "t0")[1]["n"] == 0
+
+
+def test_memory_store_refuses_new_task_past_cap_and_applies_nothing():
+    store = memory_store_of({"task_id": "a"}, {"task_id": "b"}, max_tasks=2)
+    updates = [progressista.validate_update(u) for u in ({"task_id": "a", "n": 9},
+                                                         {"task_id": "c"})]
+    with pytest.raises(progressista.StoreFull):
+        store.apply(updates, 200.0)
+    assert (store.get("a").n, store.get("c")) == (0, None)
+
+
+def test_memory_store_lists_tasks_oldest_created_first():
+    store = memory_store_of({"task_id": "z"}, now=1.0)
+    store.apply([progressista.validate_update({"task_id": "a"})], 2.0)
+    store.apply([progressista.validate_update({"task_id": "z", "n": 1})], 3.0)
+    assert [task.task_id for task in store.tasks()] == ["z", "a"]
+
+
+class RecordingStore(progressista.Store):
+    """A custom store: the Store contract by delegation, recording every apply."""
+
+    kind = "recording"
+
+    def __init__(self):
+        self.inner = progressista.MemoryStore()
+        self.applied = []
+
+    def apply(self, updates, now):
+        self.applied.extend(update["task_id"] for update in updates)
+        return self.inner.apply(updates, now)
+
+    def get(self, task_id):
+        return self.inner.get(task_id)
+
+    def tasks(self):
+        return self.inner.tasks()
+
+    def delete(self, task_ids):
+        return self.inner.delete(task_ids)
+
+    def sweep(self, now, lifetimes):
+        return self.inner.sweep(now, lifetimes)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def test_custom_store_object_replaces_memory_store():
+    store = RecordingStore()
+    with running_server(store=store) as server:
+        assert server.app.store is store
+        post(server, [{"task_id": "a", "n": 1}, {"task_id": "b"}])
+        assert store.applied == ["a", "b"]
+        assert get_task(server, "a")[1]["n"] == 1
+        assert http("GET", server.url + "/health")[1]["tasks"] == 2
+
+
+# --- SQLite: across restarts -------------------------------------------------------------
+
+
+def test_sqlite_tasks_come_back_after_a_restart_with_fields_and_times(sqlite_url):
+    with running_server(store=sqlite_url) as server:
         post(server, [{"task_id": "train", "desc": "epoch 3", "n": 30, "total": 100,
                        "unit": "img", "meta": {"host": "node7"}, "seq": 4},
                       {"task_id": "etl", "n": 5, "status": "close", "seq": 1}])
         before = tasks_of(server)
-    with running_server(store=db_url) as server:
+    with running_server(store=sqlite_url) as server:
         after = tasks_of(server)
     assert list(after) == ["train", "etl"]
     for task_id in after:
@@ -62,9 +134,9 @@ def test_sqlite_tasks_come_back_after_a_restart_with_fields_and_times(db_url):
             assert after[task_id][field] == before[task_id][field], (task_id, field)
 
 
-def test_sqlite_writes_reach_the_file_while_the_server_runs(db_url):
-    path = db_url[len("sqlite://"):]
-    with running_server(store=db_url, broadcast_interval=0.05) as server:
+def test_sqlite_writes_reach_the_file_while_the_server_runs(sqlite_url):
+    path = sqlite_url[len("sqlite://"):]
+    with running_server(store=sqlite_url, broadcast_interval=0.05) as server:
         for n in range(20):
             post(server, {"task_id": "live", "n": n, "seq": n})
         wait_for(lambda: stored_rows(path).get("live", {}).get("n") == 19,
@@ -73,35 +145,35 @@ def test_sqlite_writes_reach_the_file_while_the_server_runs(db_url):
         wait_for(lambda: "live" not in stored_rows(path), message="the delete in the file")
 
 
-def test_sqlite_closed_task_past_retention_while_down_is_gone_after_restart(db_url):
+def test_sqlite_closed_task_past_retention_while_down_is_gone_after_restart(sqlite_url):
     clock = Clock()
-    with running_server(store=db_url, retention_seconds=60, clock=clock) as server:
+    with running_server(store=sqlite_url, retention_seconds=60, clock=clock) as server:
         post(server, [{"task_id": "done", "status": "close"}, {"task_id": "busy", "n": 1}])
     clock.offset = 120  # the server was down for two minutes
-    with running_server(store=db_url, retention_seconds=60, stale_seconds=0,
+    with running_server(store=sqlite_url, retention_seconds=60, stale_seconds=0,
                         clock=clock) as server:
         assert list(tasks_of(server)) == ["busy"]
 
 
-def test_sqlite_running_task_reads_stale_after_a_restart_from_its_stored_time(db_url):
+def test_sqlite_running_task_reads_stale_after_a_restart_from_its_stored_time(sqlite_url):
     clock = Clock()
-    with running_server(store=db_url, stale_seconds=60, clock=clock) as server:
+    with running_server(store=sqlite_url, stale_seconds=60, clock=clock) as server:
         post(server, {"task_id": "quiet", "n": 1})
     clock.offset = 61
-    with running_server(store=db_url, stale_seconds=60, clock=clock) as server:
+    with running_server(store=sqlite_url, stale_seconds=60, clock=clock) as server:
         assert tasks_of(server)["quiet"]["status"] == "stale"
         post(server, {"task_id": "quiet", "n": 2})
         assert tasks_of(server)["quiet"]["status"] == "running"
 
 
-def test_sqlite_max_task_age_continues_from_stored_times(db_url):
+def test_sqlite_max_task_age_continues_from_stored_times(sqlite_url):
     clock = Clock()
-    with running_server(store=db_url, max_task_age=30, clock=clock) as server:
+    with running_server(store=sqlite_url, max_task_age=30, clock=clock) as server:
         post(server, {"task_id": "forgotten", "n": 1})
         clock.offset = 20
         post(server, {"task_id": "recent", "n": 1})
     clock.offset = 31
-    with running_server(store=db_url, max_task_age=30, clock=clock) as server:
+    with running_server(store=sqlite_url, max_task_age=30, clock=clock) as server:
         assert list(tasks_of(server)) == ["recent"]  # stored, and only the old one expired
 
 
@@ -121,11 +193,85 @@ def test_sqlite_task_forgotten_and_sent_again_before_a_flush_is_written(tmp_path
     assert stored_rows(path)["x"]["n"] == 2
 
 
-def serve_and_fail(store_url):
-    return subprocess.run(
-        [sys.executable, os.path.join(HERE, "progressista.py"), "--host", "127.0.0.1",
-         "--port", "0", "--store", store_url],
-        capture_output=True, text=True, timeout=20)
+def test_health_reports_the_store_kind(sqlite_url):
+    with running_server(store=sqlite_url) as server:
+        health = http("GET", server.url + "/health")[1]
+    assert health["store"]["kind"] == "sqlite"
+    assert health["store"]["ok"] is True
+
+
+# --- SQLite: crashes and failing writes --------------------------------------------------
+
+
+def test_sqlite_acknowledged_final_state_survives_a_kill_9(sqlite_url):
+    # Flushes only every 30 s: what is on disk right after the answer was written for it.
+    args = ("--host", "127.0.0.1", "--port", "0", "--store", sqlite_url,
+            "--broadcast-interval", "30")
+    with cli_server(*args) as server:
+        assert post(server, {"task_id": "finished", "n": 10, "total": 10, "seq": 1})[0] == 200
+        assert post(server, [{"task_id": "failed", "n": 3, "status": "error", "error": "boom"},
+                             {"task_id": "finished", "n": 10, "status": "close", "seq": 2}]
+                    )[0] == 200
+        server.proc.kill()  # SIGKILL: no shutdown, no last flush
+        server.proc.wait()
+    with cli_server(*args) as server:
+        tasks = tasks_of(server)
+    assert (tasks["finished"]["status"], tasks["finished"]["n"]) == ("close", 10)
+    assert (tasks["failed"]["status"], tasks["failed"]["error"]) == ("error", "boom")
+
+
+def test_sqlite_answered_delete_survives_a_kill_9(sqlite_url):
+    args = ("--host", "127.0.0.1", "--port", "0", "--store", sqlite_url)
+    with cli_server(*args) as server:
+        post(server, [{"task_id": "kept", "status": "close"},
+                      {"task_id": "cleared", "status": "close"},
+                      {"task_id": "cleared-too", "status": "error"}])
+        assert http("DELETE", server.url + "/tasks/cleared")[1] == {"removed": True}
+        assert http("DELETE", server.url + "/tasks?status=error")[1] == {
+            "removed": ["cleared-too"]}
+        server.proc.kill()  # SIGKILL, within the broadcast interval of the deletes
+        server.proc.wait()
+    with cli_server(*args) as server:
+        assert sorted(tasks_of(server)) == ["kept"]
+
+
+def test_sqlite_failed_write_is_retried_and_loses_nothing(sqlite_url, monkeypatch):
+    path = sqlite_url[len("sqlite://"):]
+    failures = []
+    real_write = progressista.SqliteStore._write
+
+    def failing_once(store, rows, deleted):
+        if not failures:
+            failures.append(rows)
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_write(store, rows, deleted)
+
+    monkeypatch.setattr(progressista.SqliteStore, "_write", failing_once)
+    with running_server(store=sqlite_url, broadcast_interval=0.05) as server:
+        post(server, {"task_id": "kept", "n": 3})
+        wait_for(lambda: failures, message="the failing write")
+        # The next flush writes what the failed one held.
+        wait_for(lambda: stored_rows(path).get("kept", {}).get("n") == 3,
+                 message="the retried write")
+        assert http("GET", server.url + "/health")[1]["store"]["ok"] is True
+
+
+def test_sqlite_failed_write_reports_not_ok_until_it_succeeds(sqlite_url, monkeypatch):
+    monkeypatch.setattr(progressista.SqliteStore, "_write",
+                        lambda store, rows, deleted: (_ for _ in ()).throw(
+                            sqlite3.OperationalError("database or disk is full")))
+    with running_server(store=sqlite_url, broadcast_interval=0.05) as server:
+        post(server, {"task_id": "waiting", "n": 1})
+        wait_for(lambda: http("GET", server.url + "/health")[1]["store"]["ok"] is False,
+                 message="health to report the store as failing")
+        monkeypatch.undo()  # the disk recovers
+        wait_for(lambda: http("GET", server.url + "/health")[1]["store"]["ok"] is True,
+                 message="health to recover")
+    with running_server(store=sqlite_url) as server:
+        assert tasks_of(server)["waiting"]["n"] == 1
+
+
+# --- Stores that cannot start ------------------------------------------------------------
 
 
 def test_sqlite_corrupt_file_is_a_clear_startup_error(tmp_path):
@@ -151,54 +297,19 @@ def test_unknown_store_kind_is_a_clear_startup_error():
     assert "unknown store 'postgres://db/tasks'" in result.stderr
 
 
-def test_health_reports_the_store_kind(db_url):
-    with running_server(store=db_url) as server:
-        health = http("GET", server.url + "/health")[1]
-    assert health["store"]["kind"] == "sqlite"
-    assert health["store"]["ok"] is True
+def test_redis_store_without_the_redis_package_says_how_to_install_it():
+    code = ("import sys; sys.modules['redis'] = None; sys.modules['redis.asyncio'] = None\n"
+            "import progressista\n"
+            "try:\n"
+            "    progressista.create_app(store='redis://127.0.0.1:1/0')\n"
+            "except progressista.StoreError as error:\n"
+            "    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=HERE, timeout=20)
+    assert "pip install 'progressista[redis]'" in result.stdout, result.stderr
 
 
-# --- Redis -----------------------------------------------------------------------------
-
-
-class RedisServer:
-    """A throwaway redis-server on a free loopback port, restartable on that port."""
-
-    def __init__(self, workdir):
-        self.binary = require_binary("redis-server", "Debian's redis-server")
-        self.port = free_port()
-        self.workdir = workdir
-        self.process = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self):
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self.answers, timeout=10, message="redis-server to answer")
-        return self
-
-    def answers(self):
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self):
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
+# --- Redis: servers that share one store -------------------------------------------------
 
 
 class Listener:
@@ -206,8 +317,7 @@ class Listener:
 
     def __init__(self, server):
         # Entered by hand: websockets 17 wants a context manager, 15 has no other way.
-        self.connection = connect(server.url.replace("http://", "ws://") + "/ws",
-                                  max_size=None, proxy=None)
+        self.connection = open_listener(server)
         self.socket = self.connection.__enter__()
         self.messages = [json.loads(self.socket.recv(timeout=5))]
 
@@ -269,7 +379,7 @@ def test_redis_refuses_an_older_seq_that_this_servers_mirror_has_not_seen_beaten
     async def late_retry_through_an_empty_mirror():
         store = progressista.RedisStore(redis_server.url, progressista.Settings())
         await store.open(progressista.Feed())
-        store.by_id.clear()  # so that only Redis itself (the Lua script) can refuse it
+        store.local.replace_all({})  # so that only Redis itself (the Lua script) can refuse it
         try:
             return await store.apply(
                 [progressista.validate_update({"task_id": "bar", "n": 3, "seq": 3})], 1.0)
@@ -315,6 +425,19 @@ def test_redis_resync_brings_a_stale_mark_missed_while_cut_off(redis_server):
     assert asyncio.run(resync_after_a_missed_stale_mark()) == (["quiet"], "stale")
 
 
+# --- Redis: lifetimes, swept by one server for all ---------------------------------------
+
+
+def test_redis_ttl_follows_the_lifetimes():
+    settings = progressista.Settings(retention_seconds=10, max_task_age=100,
+                                     cleanup_interval=1)
+    task = progressista.Task("t", now=0.0)
+    assert progressista.redis_ttl_ms(task, settings) == 102_000
+    task.status = "close"
+    assert progressista.redis_ttl_ms(task, settings) == 12_000
+    assert progressista.redis_ttl_ms(task, progressista.Settings(retention_seconds=0)) == 0
+
+
 def test_redis_retention_and_max_age_expire_once_for_every_listener(redis_server):
     settings = dict(store=redis_server.url, retention_seconds=0.3, max_task_age=0.6,
                     stale_seconds=0, cleanup_interval=0.05)
@@ -341,19 +464,32 @@ def test_redis_retention_and_max_age_expire_once_for_every_listener(redis_server
                 listener.close()
 
 
-def test_redis_stale_mark_made_by_the_sweeper_reaches_both_servers(redis_server):
+@pytest.mark.parametrize("seq", [None, 7], ids=["without-seq", "with-seq"])
+def test_redis_stale_mark_made_by_the_sweeper_reaches_every_server(redis_server, seq):
+    # A task posted through each server: whichever holds the sweeper lease marks both.
     settings = dict(store=redis_server.url, stale_seconds=0.2, cleanup_interval=0.05)
     with running_server(**settings) as one, running_server(**settings) as two:
-        listener = Listener(two)
+        listeners = [Listener(one), Listener(two)]
         try:
-            post(one, {"task_id": "hung", "n": 1})
-            listener.receive_until(
-                lambda item: item["type"] == "update"
-                and item["tasks"].get("hung", {}).get("status") == "stale",
-                message="the stale update")
-            assert tasks_of(one)["hung"]["status"] == "stale"
+            for server, task_id in ((one, "hung-via-one"), (two, "hung-via-two")):
+                update = {"task_id": task_id, "n": 1}
+                if seq is not None:
+                    update["seq"] = seq
+                assert post(server, update)[0] == 200
+            for listener in listeners:
+                for task_id in ("hung-via-one", "hung-via-two"):
+                    listener.receive_until(
+                        lambda item, task_id=task_id: item["type"] == "update"
+                        and item["tasks"].get(task_id, {}).get("status") == "stale",
+                        message=f"the stale update of {task_id} on both servers")
+            for server in (one, two):
+                assert {task["status"] for task in tasks_of(server).values()} == {"stale"}
         finally:
-            listener.close()
+            for listener in listeners:
+                listener.close()
+
+
+# --- Redis: outages ----------------------------------------------------------------------
 
 
 def test_redis_outage_gives_503_then_service_resumes_by_itself(redis_server):
@@ -377,116 +513,6 @@ def test_redis_outage_gives_503_then_service_resumes_by_itself(redis_server):
         wait_for(lambda: "after" in tasks_of(two), timeout=10,
                  message="the other server to follow again")
         assert http("GET", two.url + "/health")[1]["store"]["ok"] is True
-
-
-def test_redis_store_without_the_redis_package_says_how_to_install_it():
-    code = ("import sys; sys.modules['redis'] = None; sys.modules['redis.asyncio'] = None\n"
-            "import progressista\n"
-            "try:\n"
-            "    progressista.create_app(store='redis://127.0.0.1:1/0')\n"
-            "except progressista.StoreError as error:\n"
-            "    print(error)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=HERE, timeout=20)
-    assert "pip install 'progressista[redis]'" in result.stdout, result.stderr
-
-
-def test_redis_ttl_follows_the_lifetimes():
-    settings = progressista.Settings(retention_seconds=10, max_task_age=100,
-                                     cleanup_interval=1)
-    task = progressista.Task("t", now=0.0)
-    assert progressista.redis_ttl_ms(task, settings) == 102_000
-    task.status = "close"
-    assert progressista.redis_ttl_ms(task, settings) == 12_000
-    assert progressista.redis_ttl_ms(task, progressista.Settings(retention_seconds=0)) == 0
-
-
-def test_sqlite_acknowledged_final_state_survives_a_kill_9(db_url):
-    from test_progressista import cli_server
-
-    # Flushes only every 30 s: what is on disk right after the answer was written for it.
-    args = ("--host", "127.0.0.1", "--port", "0", "--store", db_url,
-            "--broadcast-interval", "30")
-    with cli_server(*args) as server:
-        assert post(server, {"task_id": "finished", "n": 10, "total": 10, "seq": 1})[0] == 200
-        assert post(server, [{"task_id": "failed", "n": 3, "status": "error", "error": "boom"},
-                             {"task_id": "finished", "n": 10, "status": "close", "seq": 2}]
-                    )[0] == 200
-        server.proc.kill()  # SIGKILL: no shutdown, no last flush
-        server.proc.wait()
-    with cli_server(*args) as server:
-        tasks = tasks_of(server)
-    assert (tasks["finished"]["status"], tasks["finished"]["n"]) == ("close", 10)
-    assert (tasks["failed"]["status"], tasks["failed"]["error"]) == ("error", "boom")
-
-
-def test_sqlite_answered_delete_survives_a_kill_9(db_url):
-    from test_progressista import cli_server
-
-    args = ("--host", "127.0.0.1", "--port", "0", "--store", db_url)
-    with cli_server(*args) as server:
-        post(server, [{"task_id": "kept", "status": "close"},
-                      {"task_id": "cleared", "status": "close"},
-                      {"task_id": "cleared-too", "status": "error"}])
-        assert http("DELETE", server.url + "/tasks/cleared")[1] == {"removed": True}
-        assert http("DELETE", server.url + "/tasks?status=error")[1] == {
-            "removed": ["cleared-too"]}
-        server.proc.kill()  # SIGKILL, within the broadcast interval of the deletes
-        server.proc.wait()
-    with cli_server(*args) as server:
-        assert sorted(tasks_of(server)) == ["kept"]
-
-
-def test_sqlite_failed_write_is_retried_and_loses_nothing(db_url, monkeypatch):
-    path = db_url[len("sqlite://"):]
-    failures = []
-    real_write = progressista.SqliteStore._write
-
-    def failing_once(store, rows, deleted):
-        if not failures:
-            failures.append(rows)
-            raise sqlite3.OperationalError("disk I/O error")
-        return real_write(store, rows, deleted)
-
-    monkeypatch.setattr(progressista.SqliteStore, "_write", failing_once)
-    with running_server(store=db_url, broadcast_interval=0.05) as server:
-        post(server, {"task_id": "kept", "n": 3})
-        wait_for(lambda: failures, message="the failing write")
-        # The next flush writes what the failed one held.
-        wait_for(lambda: stored_rows(path).get("kept", {}).get("n") == 3,
-                 message="the retried write")
-        assert http("GET", server.url + "/health")[1]["store"]["ok"] is True
-
-
-def test_sqlite_failed_write_reports_not_ok_until_it_succeeds(db_url, monkeypatch):
-    monkeypatch.setattr(progressista.SqliteStore, "_write",
-                        lambda store, rows, deleted: (_ for _ in ()).throw(
-                            sqlite3.OperationalError("database or disk is full")))
-    with running_server(store=db_url, broadcast_interval=0.05) as server:
-        post(server, {"task_id": "waiting", "n": 1})
-        wait_for(lambda: http("GET", server.url + "/health")[1]["store"]["ok"] is False,
-                 message="health to report the store as failing")
-        monkeypatch.undo()  # the disk recovers
-        wait_for(lambda: http("GET", server.url + "/health")[1]["store"]["ok"] is True,
-                 message="health to recover")
-    with running_server(store=db_url) as server:
-        assert tasks_of(server)["waiting"]["n"] == 1
-
-
-def test_redis_stale_mark_of_a_bar_with_seq_reaches_every_server(redis_server):
-    settings = dict(store=redis_server.url, stale_seconds=0.2, cleanup_interval=0.05)
-    with running_server(**settings) as one, running_server(**settings) as two:
-        listeners = [Listener(one), Listener(two)]
-        try:
-            post(two, {"task_id": "quiet-with-seq", "n": 1, "seq": 7})
-            for listener in listeners:  # whichever server holds the sweeper lease
-                listener.receive_until(
-                    lambda item: item["type"] == "update"
-                    and item["tasks"].get("quiet-with-seq", {}).get("status") == "stale",
-                    message="the stale update on both servers")
-        finally:
-            for listener in listeners:
-                listener.close()
 
 
 def test_redis_unreachable_at_startup_is_logged(caplog):

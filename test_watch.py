@@ -8,7 +8,6 @@ window size set through TIOCSWINSZ) whose output is read back frame by frame.
 
 import argparse
 import fcntl
-import itertools
 import json
 import os
 import re
@@ -23,7 +22,8 @@ import pytest
 import tqdm
 
 import progressista
-from conftest import ServerThread, clean_env, free_port, http, running_server, wait_for
+from conftest import (ServerThread, bearer, clean_env, free_port, http, new_id, post_ok, run_cli,
+                      running_server, wait_for)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,16 +32,9 @@ PROGRAM = os.path.join(HERE, "progressista.py")
 NOW = 1_000_000.0
 TOKEN = "watch-token"
 
-_ids = itertools.count()
-
-
-def new_id(label="watch"):
-    return f"{label}-{next(_ids)}-{os.getpid()}"
-
-
 def task(**fields):
     """A task in its wire form, as GET /tasks and /ws send it."""
-    wire = {"task_id": new_id(), "desc": "train", "n": 30, "total": 100, "unit": "it",
+    wire = {"task_id": new_id("watch"), "desc": "train", "n": 30, "total": 100, "unit": "it",
             "unit_scale": False, "unit_divisor": 1000, "rate": 2.5, "elapsed": 12.0,
             "postfix": None, "status": "running", "error": None, "meta": {}, "seq": 1,
             "timestamp": NOW - 1, "created_at": NOW - 20, "updated_at": NOW - 1}
@@ -379,42 +372,31 @@ def test_screen_after_a_resize_counts_the_rows_the_old_lines_wrapped_into(monkey
 # --- The command line: --once and --json against a real server --------------------------
 
 
-def run_watch(*args, env=None, timeout=10):
-    return subprocess.run([sys.executable, PROGRAM, "watch", *args], capture_output=True,
-                          text=True, env=env or clean_env(), timeout=timeout)
+def run_watch(*args, **variables):
+    """`progressista watch ARGS` to its end, in a clean environment plus `variables`."""
+    return run_cli("watch", *args, timeout=10, **variables)
 
 
-def post(server, *updates, token=None):
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    status, body, _ = http("POST", server.url + "/progress", list(updates), headers=headers)
-    assert status == 200, body
-
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as running:
-        yield running
-
-
-def test_once_prints_the_table_whole_when_not_a_terminal(server):
+def test_once_prints_the_table_whole_when_not_a_terminal(shared_server):
     long_desc = " ".join(["a description much longer than any terminal"] * 5)
-    post(server, {"task_id": new_id(), "desc": long_desc, "n": 5, "total": 10, "elapsed": 3},
-         {"task_id": new_id(), "desc": "once-failed", "n": 1, "total": 4, "status": "error",
-          "error": "OSError: disk full"})
-    result = run_watch("--once", "--server", server.url)
+    post_ok(shared_server, [
+        {"task_id": new_id(), "desc": long_desc, "n": 5, "total": 10, "elapsed": 3},
+        {"task_id": new_id(), "desc": "once-failed", "n": 1, "total": 4, "status": "error",
+         "error": "OSError: disk full"}])
+    result = run_watch("--once", "--server", shared_server.url)
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout
-    assert result.stdout.startswith(f"progressista · {server.url} · ")
+    assert result.stdout.startswith(f"progressista · {shared_server.url} · ")
     assert f"      {long_desc}:  50%|█████     | 5/10 [00:03<" in result.stdout
     assert re.search(r"^error once-failed:  25%\|.*\]  OSError: disk full$", result.stdout,
                      re.MULTILINE)
 
 
-def test_once_with_a_status_shows_only_those_tasks(server):
+def test_once_with_a_status_shows_only_those_tasks(shared_server):
     failed, running = new_id("failed"), new_id("running")
-    post(server, {"task_id": failed, "status": "error", "error": "boom"}, {"task_id": running})
-    result = run_watch("--once", "--status", "error", "--server", server.url)
+    post_ok(shared_server, [{"task_id": failed, "status": "error", "error": "boom"},
+                            {"task_id": running}])
+    result = run_watch("--once", "--status", "error", "--server", shared_server.url)
     assert result.returncode == 0, result.stderr
     assert failed in result.stdout and running not in result.stdout
     rows = result.stdout.splitlines()[1:]
@@ -423,7 +405,7 @@ def test_once_with_a_status_shows_only_those_tasks(server):
 
 def test_once_with_a_status_that_matches_nothing_counts_what_there_is():
     with running_server() as empty_of_errors:
-        post(empty_of_errors, {"task_id": "a"}, {"task_id": "b", "status": "close"})
+        post_ok(empty_of_errors, [{"task_id": "a"}, {"task_id": "b", "status": "close"}])
         result = run_watch("--once", "--status", "error", "--server", empty_of_errors.url)
     assert result.returncode == 0, result.stderr
     header, body = result.stdout.splitlines()
@@ -435,12 +417,14 @@ def test_an_empty_server_flag_is_refused_not_read_as_the_default():
     assert result.returncode == 2 and "--server ''" in result.stderr
 
 
-def test_json_prints_the_filtered_snapshot(server):
+def test_json_prints_the_filtered_snapshot(shared_server):
     label = new_id("json")
-    post(server, {"task_id": label + "-a", "desc": "JSON target", "n": 2, "meta": {"k": "v"}},
-         {"task_id": label + "-b", "desc": "JSON target", "status": "close"},
-         {"task_id": new_id(), "desc": "something else"})
-    result = run_watch("--json", "--filter", label, "--status", "active", "--server", server.url)
+    post_ok(shared_server, [
+        {"task_id": label + "-a", "desc": "JSON target", "n": 2, "meta": {"k": "v"}},
+        {"task_id": label + "-b", "desc": "JSON target", "status": "close"},
+        {"task_id": new_id(), "desc": "something else"}])
+    result = run_watch("--json", "--filter", label, "--status", "active",
+                       "--server", shared_server.url)
     assert result.returncode == 0, result.stderr
     snapshot = json.loads(result.stdout)
     assert list(snapshot["tasks"]) == [label + "-a"]
@@ -448,20 +432,20 @@ def test_json_prints_the_filtered_snapshot(server):
     assert isinstance(snapshot["now"], float)
 
 
-def test_server_url_from_the_environment_may_be_the_client_url(server):
+def test_server_url_from_the_environment_may_be_the_client_url(shared_server):
     marker = new_id("env")
-    post(server, {"task_id": marker})
+    post_ok(shared_server, {"task_id": marker})
     result = run_watch("--json", "--filter", marker,
-                       env=clean_env(PROGRESSISTA_SERVER_URL=server.url + "/progress"))
+                       PROGRESSISTA_SERVER_URL=shared_server.url + "/progress")
     assert result.returncode == 0, result.stderr
     assert list(json.loads(result.stdout)["tasks"]) == [marker]
 
 
 def test_once_with_the_token_from_the_environment_is_let_in():
     with running_server(api_tokens=[TOKEN]) as guarded:
-        post(guarded, {"task_id": "guarded-task"}, token=TOKEN)
+        post_ok(guarded, {"task_id": "guarded-task"}, bearer(TOKEN))
         result = run_watch("--once", "--server", guarded.url,
-                           env=clean_env(PROGRESSISTA_API_TOKEN=TOKEN))
+                           PROGRESSISTA_API_TOKEN=TOKEN)
         assert result.returncode == 0, result.stderr
         assert "guarded-task" in result.stdout
 
@@ -469,7 +453,7 @@ def test_once_with_the_token_from_the_environment_is_let_in():
 @pytest.mark.parametrize("path", ["/", "/static/index.html"])
 def test_a_shared_dashboard_link_with_its_token_lets_watch_in(path):
     with running_server(api_tokens=[TOKEN], read_tokens=["viewer"]) as guarded:
-        post(guarded, {"task_id": "shared-task"}, token=TOKEN)
+        post_ok(guarded, {"task_id": "shared-task"}, bearer(TOKEN))
         result = run_watch("--once", "--server", f"{guarded.url}{path}?token=viewer")
     assert result.returncode == 0, result.stderr
     assert "shared-task" in result.stdout
@@ -600,50 +584,50 @@ def has_row(label):
     return lambda frame: any(label in line for line in frame[1:])
 
 
-def test_watch_in_a_terminal_draws_a_row_per_task_within_its_width(server, watching):
+def test_watch_in_a_terminal_draws_a_row_per_task_within_its_width(shared_server, watching):
     label = new_id("pty")
-    post(server, *[{"task_id": f"{label}-{i}", "desc": f"{label} bar {i}", "n": i, "total": 9,
-                    "postfix": "x" * 80} for i in range(3)])
-    watch = watching("--server", server.url, "--filter", label, pty_size=(20, 60))
+    post_ok(shared_server, [{"task_id": f"{label}-{i}", "desc": f"{label} bar {i}", "n": i,
+                             "total": 9, "postfix": "x" * 80} for i in range(3)])
+    watch = watching("--server", shared_server.url, "--filter", label, pty_size=(20, 60))
     frame = watch.wait_frame(lambda frame: all(has_row(f"bar {i}")(frame) for i in range(3)),
                              "three rows")
-    assert frame[0].startswith(f"progressista · {server.url} · 3 tasks of ")
+    assert frame[0].startswith(f"progressista · {shared_server.url} · 3 tasks of ")
     assert all(cells(line) <= 60 for frame in watch.frames() for line in frame)
     assert watch.output.startswith("\x1b[?25l")  # the cursor is hidden while drawing
     assert watch.stop(signal.SIGINT) == 0
     assert watch.output.endswith("\r\n\x1b[?25h")  # ...and shown again at the end
 
 
-def test_watch_shows_an_update_and_drops_a_removed_task(server, watching):
+def test_watch_shows_an_update_and_drops_a_removed_task(shared_server, watching):
     label, kept, gone = new_id("live"), new_id("kept"), new_id("gone")
-    post(server, {"task_id": kept, "desc": label, "n": 1, "total": 10},
-         {"task_id": gone, "desc": label + " gone", "n": 2, "total": 10})
-    watch = watching("--server", server.url, "--filter", label, pty_size=(20, 100))
+    post_ok(shared_server, [{"task_id": kept, "desc": label, "n": 1, "total": 10},
+                       {"task_id": gone, "desc": label + " gone", "n": 2, "total": 10}])
+    watch = watching("--server", shared_server.url, "--filter", label, pty_size=(20, 100))
     watch.wait_frame(lambda frame: "1/10" in "".join(frame) and has_row("gone")(frame),
                      "both tasks")
-    post(server, {"task_id": kept, "n": 7})
+    post_ok(shared_server, {"task_id": kept, "n": 7})
     watch.wait_frame(lambda frame: "7/10" in "".join(frame), "the update")
-    status, body, _ = http("DELETE", server.url + "/tasks/" + gone)
+    status, body, _ = http("DELETE", shared_server.url + "/tasks/" + gone)
     assert body == {"removed": True}
     frame = watch.wait_frame(lambda frame: not has_row("gone")(frame), "the removal")
     assert "7/10" in "".join(frame)
     assert watch.stop() == 0
 
 
-def test_watch_in_a_small_window_ends_with_how_many_more(server, watching):
+def test_watch_in_a_small_window_ends_with_how_many_more(shared_server, watching):
     label = new_id("small")
-    post(server, *[{"task_id": f"{label}-{i}", "desc": label} for i in range(10)])
-    watch = watching("--server", server.url, "--filter", label, pty_size=(5, 80))
+    post_ok(shared_server, [{"task_id": f"{label}-{i}", "desc": label} for i in range(10)])
+    watch = watching("--server", shared_server.url, "--filter", label, pty_size=(5, 80))
     frame = watch.wait_frame(lambda frame: frame[-1].startswith("+"), "the +N more line")
     assert len(frame) == 5
     assert frame[-1] == "+7 more (7 running)"
     assert watch.stop() == 0
 
 
-def test_watch_fits_each_frame_to_the_terminal_after_a_resize(server, watching):
+def test_watch_fits_each_frame_to_the_terminal_after_a_resize(shared_server, watching):
     label = new_id("resize")
-    post(server, {"task_id": label, "desc": label, "n": 3, "total": 9})
-    watch = watching("--server", server.url, "--filter", label, pty_size=(20, 100))
+    post_ok(shared_server, {"task_id": label, "desc": label, "n": 3, "total": 9})
+    watch = watching("--server", shared_server.url, "--filter", label, pty_size=(20, 100))
     watch.wait_frame(lambda frame: any(cells(line) == 100 for line in frame), "a 100-cell row")
     watch.resize(20, 50)
     frame = watch.wait_frame(lambda frame: has_row(label)(frame) and all(
@@ -656,7 +640,7 @@ def test_watch_reconnects_when_the_server_restarts_on_the_same_port(watching):
     first = ServerThread().start()
     second = None
     try:
-        post(first, {"task_id": "before-restart", "n": 1})
+        post_ok(first, {"task_id": "before-restart", "n": 1})
         watch = watching("--server", first.url, pty_size=(20, 100))
         watch.wait_frame(has_row("before-restart"), "the first server's task")
         first.stop()
@@ -665,7 +649,7 @@ def test_watch_reconnects_when_the_server_restarts_on_the_same_port(watching):
         assert frame[1].startswith(f"reconnecting to ws://127.0.0.1:{first.port}/ws: ")
         assert has_row("before-restart")(frame)  # the last table stays on screen
         second = ServerThread(port=first.port).start()
-        post(second, {"task_id": "after-restart", "n": 2})
+        post_ok(second, {"task_id": "after-restart", "n": 2})
         frame = watch.wait_frame(has_row("after-restart"), "the second server's task")
         assert not any(line.startswith("reconnecting") for line in frame)
         assert not has_row("before-restart")(frame)  # the new snapshot replaced the old
@@ -678,7 +662,7 @@ def test_watch_reconnects_when_the_server_restarts_on_the_same_port(watching):
 
 def test_watch_with_the_token_in_a_header_is_let_in(watching):
     with running_server(api_tokens=[TOKEN]) as guarded:
-        post(guarded, {"task_id": "guarded-live"}, token=TOKEN)
+        post_ok(guarded, {"task_id": "guarded-live"}, bearer(TOKEN))
         watch = watching("--server", guarded.url, "--token", TOKEN, pty_size=(20, 100))
         watch.wait_frame(has_row("guarded-live"), "the guarded task")
         assert watch.stop() == 0
@@ -694,19 +678,19 @@ def test_watch_refused_for_its_token_exits_1_with_the_servers_message(watching):
         "token: send 'Authorization: Bearer <token>' or add ?token=<token> to the URL")
 
 
-def test_watch_stopped_by_sigterm_restores_the_cursor_and_exits_0(server, watching):
-    watch = watching("--server", server.url, pty_size=(20, 100))
+def test_watch_stopped_by_sigterm_restores_the_cursor_and_exits_0(shared_server, watching):
+    watch = watching("--server", shared_server.url, pty_size=(20, 100))
     watch.wait_output("progressista · ")
     assert watch.stop(signal.SIGTERM) == 0
     assert watch.output.endswith("\x1b[?25h")
 
 
-def test_watch_not_in_a_terminal_prints_whole_tables_without_ansi(server, watching):
+def test_watch_not_in_a_terminal_prints_whole_tables_without_ansi(shared_server, watching):
     label = new_id("pipe")
-    post(server, {"task_id": label, "desc": label, "n": 1, "total": 3})
-    watch = watching("--server", server.url, "--filter", label)
+    post_ok(shared_server, {"task_id": label, "desc": label, "n": 1, "total": 3})
+    watch = watching("--server", shared_server.url, "--filter", label)
     watch.wait_output(f"{label}:  33%")
-    post(server, {"task_id": label, "n": 2})
+    post_ok(shared_server, {"task_id": label, "n": 2})
     watch.wait_output(f"{label}:  67%")
     assert watch.stop() == 0
     assert "\x1b" not in watch.output

@@ -1,0 +1,207 @@
+"""Reading at scale (docs/PROTOCOL.md "Reading tasks: GET /tasks", "The live feed"):
+pollers' deltas with GET /tasks?since=, and big snapshots sent in chunks.
+
+Strategy: the ChangeLog is pure and tested with a hand-moved clock; the rest runs a real
+server on an ephemeral port and checks that a reader who applies what it was sent ends
+equal to what GET /tasks says, while other threads add, update and delete tasks.
+"""
+
+import json
+import threading
+import time
+
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+import progressista
+from conftest import FakeClock, http, post_ok as post, running_server, tasks_of as all_tasks
+
+
+# --- ChangeLog (pure) ----------------------------------------------------------------------
+
+
+def test_change_log_lists_what_changed_at_or_after_a_time_oldest_change_first():
+    clock = FakeClock(100.0)
+    log = progressista.ChangeLog(clock)
+    log.changed(["a", "b"])
+    clock.now = 110.0
+    log.changed(["c", "a"])
+    assert log.since(105.0) == (["c", "a"], [], False)
+    assert log.since(100.0) == (["b", "c", "a"], [], False)
+    assert log.since(111.0) == ([], [], False)
+
+
+def test_change_log_lists_deletions_once_and_not_a_task_sent_again():
+    clock = FakeClock(100.0)
+    log = progressista.ChangeLog(clock)
+    log.changed(["a", "b"])
+    clock.now = 101.0
+    log.removed(["a", "b"])
+    clock.now = 102.0
+    log.changed(["b"])  # b came back
+    assert log.since(100.5) == (["b"], ["a"], False)
+
+
+def test_change_log_asks_for_a_resync_once_it_forgot_deletions_or_before_it_started():
+    clock = FakeClock(100.0)
+    log = progressista.ChangeLog(clock, max_removed=2)
+    assert log.since(99.0)[2] is True  # before the server started: anything may be gone
+    clock.now = 101.0
+    log.removed(["a"])
+    clock.now = 102.0
+    log.removed(["b", "c"])  # "a" is forgotten now
+    assert log.since(100.5)[2] is True
+    assert log.since(102.0) == ([], ["c", "b"], False)
+
+
+# --- GET /tasks?since= ---------------------------------------------------------------------
+
+
+def test_a_poller_that_applies_deltas_ends_equal_to_get_tasks_while_tasks_churn():
+    with running_server() as server:
+        post(server, [{"task_id": f"t{i}", "n": 0, "seq": 1} for i in range(50)])
+        status, first, _ = http("GET", server.url + "/tasks?since=0")
+        assert status == 200 and first.get("resync") is True  # before the server started
+        copy, since = dict(first["tasks"]), first["now"]
+        stop = threading.Event()
+
+        def churn():
+            seq = 2
+            while not stop.is_set():
+                post(server, [{"task_id": f"t{i}", "n": seq, "seq": seq} for i in range(0, 50, 3)])
+                post(server, [{"task_id": f"new{seq}", "seq": 1}])
+                http("DELETE", server.url + f"/tasks/new{seq - 1}")
+                http("DELETE", server.url + f"/tasks/t{seq % 50}")
+                seq += 1
+
+        worker = threading.Thread(target=churn, daemon=True)
+        worker.start()
+        try:
+            for _ in range(30):
+                status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
+                assert status == 200 and "resync" not in delta
+                for task_id in delta["removed"]:
+                    copy.pop(task_id, None)
+                copy.update(delta["tasks"])
+                since = delta["now"]
+        finally:
+            stop.set()
+            worker.join(10)
+        status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
+        for task_id in delta["removed"]:
+            copy.pop(task_id, None)
+        copy.update(delta["tasks"])
+        assert copy == all_tasks(server)
+
+
+def test_a_delta_with_a_status_filter_lists_a_task_that_left_the_filter_as_removed():
+    with running_server() as server:
+        post(server, [{"task_id": "a", "seq": 1}, {"task_id": "b", "seq": 1}])
+        status, first, _ = http("GET", server.url + "/tasks?status=running")
+        post(server, {"task_id": "a", "status": "close", "seq": 2})
+        status, delta, _ = http("GET", server.url
+                                + f"/tasks?status=running&since={first['now']}")
+        assert status == 200
+        assert delta["tasks"] == {} and delta["removed"] == ["a"]
+
+
+def test_a_delta_from_before_a_restart_says_resync_and_holds_every_task(tmp_path):
+    store = f"sqlite:///{tmp_path / 'tasks.db'}"
+    with running_server(store=store) as server:
+        post(server, [{"task_id": "a", "status": "close"}, {"task_id": "b", "status": "close"}])
+        since = http("GET", server.url + "/tasks")[1]["now"]
+    with running_server(store=store) as server:
+        status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
+    assert status == 200 and delta["resync"] is True
+    assert sorted(delta["tasks"]) == ["a", "b"] and "removed" not in delta
+
+
+@pytest.mark.parametrize("since", ["yesterday", "nan", "inf"])
+def test_a_since_that_is_not_a_time_is_refused_naming_the_parameter(since):
+    with running_server() as server:
+        status, body, _ = http("GET", server.url + f"/tasks?since={since}")
+    assert status == 400 and body["error"].startswith("since: must be a server time")
+
+
+# --- Chunked snapshots ---------------------------------------------------------------------
+
+
+def read_feed(socket, tasks, until=None, quiet_s=0.5, deadline_s=10.0):
+    """Apply the messages that arrive until one is `until` (a (type, more) pair) or none
+    comes for `quiet_s`; fail after `deadline_s`. Returns the (type, more) pairs read."""
+    kinds = []
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            message = json.loads(socket.recv(timeout=quiet_s))
+        except TimeoutError:
+            return kinds
+        kinds.append((message["type"], message.get("more")))
+        progressista.apply_feed_message(tasks, message)
+        if kinds[-1] == until:
+            return kinds
+    raise AssertionError(f"the feed did not reach {until} in {deadline_s} s: {kinds[-5:]}")
+
+
+def test_a_big_snapshot_comes_in_chunks_and_ends_equal_to_the_store_despite_updates(
+        monkeypatch):
+    monkeypatch.setattr(progressista, "SNAPSHOT_CHUNK_TASKS", 40)
+    with running_server() as server:
+        post(server, [{"task_id": f"t{i:03}", "n": 0, "seq": 1} for i in range(400)])
+        stop = threading.Event()
+
+        def churn():
+            seq = 2
+            while not stop.is_set():
+                post(server, [{"task_id": f"t{i:03}", "n": seq, "seq": seq}
+                              for i in range(seq % 7, 400, 37)])
+                post(server, {"task_id": f"late{seq}"})
+                http("DELETE", server.url + f"/tasks/t{seq % 400:03}")
+                seq += 1
+
+        worker = threading.Thread(target=churn, daemon=True)
+        worker.start()
+        tasks = {}
+        try:
+            with ws_connect(server.url.replace("http", "ws") + "/ws") as socket:
+                first = json.loads(socket.recv(timeout=5))
+                assert first["type"] == "snapshot" and first["more"] is True
+                assert len(first["tasks"]) <= 40
+                progressista.apply_feed_message(tasks, first)
+                kinds = read_feed(socket, tasks, until=("snapshot_more", False), quiet_s=5.0)
+                assert kinds[-1] == ("snapshot_more", False)
+                stop.set()
+                worker.join(10)
+                read_feed(socket, tasks, quiet_s=1.0)  # what changed until the churn stopped
+        finally:
+            stop.set()
+            worker.join(10)
+        assert tasks == all_tasks(server)
+
+
+def test_each_chunk_reads_the_store_as_it_is_at_its_step():
+    store = progressista.MemoryStore()
+    store.apply([progressista.validate_update({"task_id": f"t{i}", "seq": 1})
+                 for i in range(7)], 100.0)
+    clock = FakeClock(100.0)
+    chunks = progressista.snapshot_chunks(store, clock, 60.0, chunk_tasks=3)
+    first = json.loads(next(chunks))
+    assert (first["type"], first["more"], list(first["tasks"])) == ("snapshot", True,
+                                                                     ["t0", "t1", "t2"])
+    store.delete(["t4"])
+    store.apply([progressista.validate_update({"task_id": "t5", "n": 9, "seq": 2}),
+                 progressista.validate_update({"task_id": "new", "seq": 1})], 101.0)
+    second, third = (json.loads(chunk) for chunk in chunks)
+    assert (second["type"], second["more"]) == ("snapshot_more", True)
+    assert list(second["tasks"]) == ["t3", "t5"] and second["tasks"]["t5"]["n"] == 9
+    assert (third["type"], third["more"], list(third["tasks"])) == ("snapshot_more", False,
+                                                                    ["t6"])
+
+
+def test_a_small_store_still_gets_one_snapshot_message():
+    with running_server() as server:
+        post(server, [{"task_id": "a"}, {"task_id": "b"}])
+        with ws_connect(server.url.replace("http", "ws") + "/ws") as socket:
+            first = json.loads(socket.recv(timeout=5))
+    assert first["type"] == "snapshot" and sorted(first["tasks"]) == ["a", "b"]
+    assert "more" not in first
