@@ -81,7 +81,7 @@ MAX_PENDING_FINALS = 10000
 MAX_BATCH_TASKS = 1000
 MAX_BATCH_BYTES = 512 * 1024        # well under the server's default 1 MiB body limit
 MAX_TASK_ID_CHARS = 256
-MAX_RUN_CHARS = 256                 # run and parent, like task_id
+MAX_RUN_CHARS = 256                 # a run id (a parent is a task_id)
 MAX_RUN_NAME_CHARS = 1000
 MAX_DESC_CHARS = 1000
 MAX_UNIT_CHARS = 32
@@ -1063,12 +1063,12 @@ class _RemoteBar:
         self._remote_meta = _clean_meta(merged_meta)
         self._remote_thread = threading.get_ident()
         self._remote_order = next(_bar_order)
-        self._remote_run = _clip_id(_first(run, defaults.get("run"), _current_run))
+        self._remote_run = _clip_id(_first(run, defaults.get("run"), _current_run), MAX_RUN_CHARS)
         self._remote_run_name = _clip(_first(run_name, defaults.get("run_name"),
                                              lambda: os.environ.get(ENV_RUN_NAME)) or None,
                                       MAX_RUN_NAME_CHARS)
         parent = _first(parent, defaults.get("parent"), self._remote_enclosing_bar)
-        self._remote_parent = _clip_id(getattr(parent, "task_id", parent))
+        self._remote_parent = _clip_id(getattr(parent, "task_id", parent), MAX_TASK_ID_CHARS)
         self._remote_error = None
         self._remote_source = _live_reader(weakref.ref(self))
         self._remote_sender = default_sender()
@@ -1234,9 +1234,9 @@ def _first(*choices):
     return None
 
 
-def _clip_id(value):
-    # run and parent: 1 to 256 characters; "" (or False) means none.
-    return str(value)[:MAX_RUN_CHARS] if value else None
+def _clip_id(value, limit):
+    # run and parent: 1 to `limit` characters; "" (or False) means none.
+    return str(value)[:limit] if value else None
 
 
 def _live_reader(bar_ref):
@@ -1302,7 +1302,7 @@ _RELEASE_OPNAMES = frozenset((
     "SEND", "CLEANUP_THROW", "RETURN_VALUE", "RETURN_CONST", "POP_BLOCK", "POP_EXCEPT",
     "END_ASYNC_FOR", "NOP", "JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_ABSOLUTE"))
 _code_bytes = {}    # code object -> its bytecode (co_code is a fresh copy on each access)
-MAX_CACHED_CODES = 256
+CODE_CACHE_ENTRIES = 256   # code objects whose bytecode _unwinding() keeps
 
 
 def _unwinding(frame):
@@ -1310,9 +1310,11 @@ def _unwinding(frame):
     code = frame.f_code
     co_code = _code_bytes.get(code)
     if co_code is None:
-        if len(_code_bytes) >= MAX_CACHED_CODES:
+        if len(_code_bytes) >= CODE_CACHE_ENTRIES:
             _code_bytes.clear()
         co_code = _code_bytes[code] = code.co_code
+    if frame.f_lasti < 0:
+        return False  # not started
     try:
         name = opcode.opname[co_code[frame.f_lasti]]
     except (IndexError, TypeError):
