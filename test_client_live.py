@@ -8,7 +8,6 @@ only when it changed, a heartbeat whatever).
 
 import subprocess
 import sys
-import textwrap
 
 from conftest import FakeClock, clean_env, wait_for
 from test_client import ENDPOINT, ROOT, SUBPROCESS_TIMEOUT_S, FakeServer, sender, tasks  # noqa: F401

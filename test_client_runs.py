@@ -11,7 +11,6 @@ program starts, and the variables of SLURM and torchrun set by the test.
 import contextlib
 import http.server as http_server
 import json
-import os
 import subprocess
 import sys
 import textwrap

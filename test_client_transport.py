@@ -11,7 +11,6 @@ connection unanswered, redirect), a small http.server of the test's own plays it
 
 import contextlib
 import http.server as http_server
-import logging
 import select
 import socket
 import ssl
@@ -22,11 +21,14 @@ import threading
 import pytest
 
 import progressista_client as pc
-from conftest import clean_env, running_server, wait_for
+from conftest import clean_env, missing, running_server
 from test_client import (ROOT, SUBPROCESS_TIMEOUT_S, bar, client_log, sender, task,  # noqa: F401
-                         warnings_in)
+                         tasks, warnings_in)
 
-trustme = pytest.importorskip("trustme")
+try:
+    import trustme  # a test extra
+except ImportError:
+    trustme = None
 
 
 class CountingProxy:
@@ -213,6 +215,8 @@ def test_a_new_connection_closed_unanswered_is_a_failure_not_retried():
 
 @pytest.fixture(scope="module")
 def certificate_authority():
+    if trustme is None:
+        missing("trustme not installed (pip install -e '.[test]')")
     return trustme.CA()
 
 
@@ -242,7 +246,7 @@ def test_https_is_verified_with_the_ca_file_and_keeps_one_connection(
 def test_a_certificate_that_fails_verification_is_one_warning_and_the_job_goes_on(
         server, tls_proxy, tmp_path):
     other_ca = tmp_path / "other.pem"
-    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    trustme.CA().cert_pem.write_to_path(str(other_ca))  # not the CA that signed the proxy's
     job = subprocess.run(
         [sys.executable, "-c",
          "import logging, progressista_client as pc\nlogging.basicConfig()\n"
@@ -254,12 +258,7 @@ def test_a_certificate_that_fails_verification_is_one_warning_and_the_job_goes_o
     assert job.returncode == 0 and "loop done False" in job.stdout, job.stderr
     assert job.stderr.count("cannot deliver") == 1 and "Traceback" not in job.stderr
     assert "certificate verify failed" in job.stderr and "PROGRESSISTA_CA_BUNDLE" in job.stderr
-    assert not pc_tasks(server)
-
-
-def pc_tasks(server):
-    from conftest import http
-    return http("GET", server.url + "/tasks")[1]["tasks"]
+    assert not tasks(server)
 
 
 def test_a_ca_file_that_cannot_be_read_is_one_warning_naming_it(persistent, monkeypatch,
