@@ -17,6 +17,7 @@ backoff); the final state of every bar is flushed at exit, waiting a bounded tim
 """
 
 import atexit
+import base64
 import collections
 import http.client
 import importlib
@@ -40,6 +41,7 @@ import time
 import traceback
 import types
 import urllib.parse
+import urllib.request
 import uuid
 import warnings
 import weakref
@@ -370,39 +372,74 @@ def _tls_context():
     return context
 
 
-def _connect(parts, timeout):
-    if parts.scheme == "https":
-        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
-                                           context=_tls_context())
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+def _proxy_for(parts):
+    """The proxy the environment names for this URL (http_proxy, https_proxy, no_proxy, as
+    urllib reads them, which the client used before it kept connections), or None."""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    return proxy_parts if proxy_parts.hostname else None
 
 
-def _exchange(connection, path, body, headers, timeout):
-    """One request on `connection`: (status, answer, whether the connection may be reused)."""
-    connection.timeout = timeout
-    if connection.sock is not None:
-        connection.sock.settimeout(timeout)
-    connection.request("POST", path, body=body, headers=headers)
-    response = connection.getresponse()
-    answer = response.read(MAX_RESPONSE_BYTES)
-    # Reusable once the answer was read to its end and the server keeps the connection.
-    return response.status, answer, response.isclosed() and not response.will_close
+class _Link:
+    """One connection to a server: direct, or through the proxy the environment names (a
+    CONNECT tunnel for https://, absolute request targets for http://)."""
 
+    def __init__(self, parts, timeout):
+        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        self.proxy_headers = {}
+        proxy = _proxy_for(parts)
+        host, port = parts.hostname, parts.port
+        if proxy is not None:
+            host, port = proxy.hostname, proxy.port or 80
+            if proxy.username is not None:
+                credentials = "%s:%s" % (urllib.parse.unquote(proxy.username),
+                                         urllib.parse.unquote(proxy.password or ""))
+                self.proxy_headers["Proxy-Authorization"] = \
+                    "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+        if parts.scheme == "https":
+            self.connection = http.client.HTTPSConnection(host, port, timeout=timeout,
+                                                          context=_tls_context())
+            if proxy is not None:
+                self.connection.set_tunnel(parts.hostname, parts.port or 443,
+                                           headers=self.proxy_headers)
+                self.proxy_headers = {}  # said once, to open the tunnel
+        else:
+            self.connection = http.client.HTTPConnection(host, port, timeout=timeout)
+            if proxy is not None:
+                self.target = urllib.parse.urlunsplit(
+                    (parts.scheme, parts.netloc, parts.path or "/", parts.query, ""))
 
-def _closed_by_peer(connection):
-    """True if an idle kept-alive connection can be seen to be over (the server closed it:
-    it is readable, at its end) or has no socket any more."""
-    sock = connection.sock
-    if sock is None:
-        return True
-    try:
-        if hasattr(select, "poll"):  # select() fails on descriptors above 1023
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
+    def post(self, body, headers, timeout):
+        """(status, answer, whether the connection may be used again)."""
+        connection = self.connection
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        connection.request("POST", self.target, body=body, headers=dict(headers, **self.proxy_headers))
+        response = connection.getresponse()
+        answer = response.read(MAX_RESPONSE_BYTES)
+        # Reusable once the answer was read to its end and the server keeps the connection.
+        return response.status, answer, response.isclosed() and not response.will_close
+
+    def closed_by_peer(self):
+        """True if this idle connection can be seen to be over (the server closed it: it is
+        readable, at its end) or has no socket any more."""
+        sock = self.connection.sock
+        if sock is None:
+            return True
+        try:
+            if hasattr(select, "poll"):  # select() fails on descriptors above 1023
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                return bool(poller.poll(0))
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
+    def close(self):
+        self.connection.close()
 
 
 class _PersistentPoster:
@@ -415,24 +452,23 @@ class _PersistentPoster:
     """
 
     def __init__(self):
-        self._connections = {}  # (scheme, host:port) -> idle http.client connection
+        self._links = {}  # (scheme, host:port) -> an idle _Link
         self._lock = threading.Lock()
 
     def __call__(self, url, body, headers, timeout):
         parts = urllib.parse.urlsplit(url)
         key = (parts.scheme, parts.netloc)
-        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         with self._lock:
-            connection = self._connections.pop(key, None)
-            if connection is not None and _closed_by_peer(connection):
-                connection.close()  # the server's idle timeout, or a restart
-                connection = None
-            reused = connection is not None
-            if connection is None:
-                connection = _connect(parts, timeout)
+            link = self._links.pop(key, None)
+            if link is not None and link.closed_by_peer():
+                link.close()  # the server's idle timeout, or a restart
+                link = None
+            reused = link is not None
+            if link is None:
+                link = _Link(parts, timeout)
             try:
                 try:
-                    status, answer, keep = _exchange(connection, path, body, headers, timeout)
+                    status, answer, keep = link.post(body, headers, timeout)
                 except ConnectionError:
                     if not reused:
                         raise
@@ -440,27 +476,27 @@ class _PersistentPoster:
                     # it, before answering. Once more on a fresh one. Even if the server
                     # applied the first, resending is safe: it ignores an update whose seq
                     # is not greater than the one it stored (PROTOCOL.md, "The task").
-                    connection.close()
-                    connection = _connect(parts, timeout)
-                    status, answer, keep = _exchange(connection, path, body, headers, timeout)
+                    link.close()
+                    link = _Link(parts, timeout)
+                    status, answer, keep = link.post(body, headers, timeout)
             except BaseException:
-                connection.close()
+                link.close()
                 raise
             if keep:
-                self._connections[key] = connection
+                self._links[key] = link
             else:
-                connection.close()
+                link.close()
             return status, answer
 
     def close(self):
         with self._lock:
-            connections, self._connections = self._connections, {}
-        for connection in connections.values():
-            connection.close()
+            links, self._links = self._links, {}
+        for link in links.values():
+            link.close()
 
     def forget(self):
         """In a forked child: drop the parent's connections (its sockets), unclosed."""
-        self._connections = {}
+        self._links = {}
         self._lock = threading.Lock()
 
 
@@ -473,13 +509,11 @@ _urllib_post = _transport
 def _post_once(url, body, headers, timeout):
     """POST on a connection of its own: the transport before keep-alive, kept as the
     benchmark's reference (bench/bench_transport.py)."""
-    parts = urllib.parse.urlsplit(url)
-    connection = _connect(parts, timeout)
+    link = _Link(urllib.parse.urlsplit(url), timeout)
     try:
-        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        return _exchange(connection, path, body, headers, timeout)[:2]
+        return link.post(body, headers, timeout)[:2]
     finally:
-        connection.close()
+        link.close()
 
 
 def _server_message(body):

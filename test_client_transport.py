@@ -33,11 +33,15 @@ except ImportError:
 
 class CountingProxy:
     """A TCP proxy on 127.0.0.1:0 to `upstream_port`, counting the connections it accepts;
-    with `tls` (an ssl.SSLContext), it terminates TLS."""
+    with `tls` (an ssl.SSLContext), it terminates TLS; with `connect`, it is an HTTP proxy
+    that opens a tunnel on CONNECT (to `upstream_port`, whatever the request names, which
+    it keeps in `requests`)."""
 
-    def __init__(self, upstream_port, tls=None):
+    def __init__(self, upstream_port, tls=None, connect=False):
         self.upstream_port = upstream_port
         self.tls = tls
+        self.connect = connect
+        self.requests = []
         self.accepted = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -58,6 +62,12 @@ class CountingProxy:
         try:
             if self.tls is not None:
                 client = self.tls.wrap_socket(client, server_side=True)
+            if self.connect:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += client.recv(4096) or b"\r\n\r\n"
+                self.requests.append(head.decode("latin-1").split("\r\n\r\n")[0])
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
         except (OSError, ssl.SSLError):
             client.close()
@@ -82,8 +92,8 @@ class CountingProxy:
 
 
 @contextlib.contextmanager
-def counting_proxy(upstream_port, tls=None):
-    proxy = CountingProxy(upstream_port, tls)
+def counting_proxy(upstream_port, tls=None, connect=False):
+    proxy = CountingProxy(upstream_port, tls, connect)
     try:
         yield proxy
     finally:
@@ -270,6 +280,82 @@ def test_a_ca_file_that_cannot_be_read_is_one_warning_naming_it(persistent, monk
     assert pc.flush(1) is False
     (warning,) = warnings_in(client_log)
     assert "missing.pem" in warning.getMessage() and "PROGRESSISTA_CA_BUNDLE" in warning.getMessage()
+
+
+# --- Through the proxy the environment names, as urllib did ---
+
+@contextlib.contextmanager
+def forward_proxy():
+    """An HTTP proxy for http:// URLs that answers every POST itself, keeping its request
+    line and Proxy-Authorization header."""
+    seen = {"connections": 0, "requests": []}
+
+    class Forward(http_server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self):
+            super().setup()
+            seen["connections"] += 1
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen["requests"].append((self.requestline, self.headers.get("Proxy-Authorization")))
+            body = b'{"ok": true, "accepted": 1}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield "http://user:p%%40ss@127.0.0.1:%d" % httpd.server_address[1], seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def no_proxy_settings(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+def test_http_goes_through_the_http_proxy_of_the_environment_on_one_connection(
+        persistent, no_proxy_settings):
+    with forward_proxy() as (proxy_url, seen):
+        no_proxy_settings.setenv("http_proxy", proxy_url)
+        for _ in range(3):
+            status, _ = persistent("http://dash.example:8000/progress", b"{}", {}, 2)
+            assert status == 200
+    assert seen["connections"] == 1
+    assert seen["requests"] == [("POST http://dash.example:8000/progress HTTP/1.1",
+                                 "Basic dXNlcjpwQHNz")] * 3  # user:p@ss
+
+
+def test_no_proxy_sends_straight_to_the_server(server, persistent, no_proxy_settings):
+    with forward_proxy() as (proxy_url, seen):
+        no_proxy_settings.setenv("http_proxy", proxy_url)
+        no_proxy_settings.setenv("no_proxy", "127.0.0.1")
+        remote = pushes_of_one_bar(server.url, count=2)
+    assert task(server, remote.task_id)["status"] == "close" and seen["connections"] == 0
+
+
+def test_https_goes_through_a_connect_tunnel_of_the_https_proxy(
+        server, tls_proxy, ca_file, persistent, no_proxy_settings):
+    no_proxy_settings.setenv("PROGRESSISTA_CA_BUNDLE", ca_file)
+    with counting_proxy(tls_proxy.port, connect=True) as tunnel:
+        no_proxy_settings.setenv("https_proxy", "http://127.0.0.1:%d" % tunnel.port)
+        remote = pushes_of_one_bar("https://127.0.0.1:%d" % tls_proxy.port, count=3)
+        assert task(server, remote.task_id)["n"] == 3
+        assert tunnel.accepted == 1
+        assert tunnel.requests[0].startswith("CONNECT 127.0.0.1:%d HTTP/1." % tls_proxy.port)
 
 
 # --- Redirects ---
