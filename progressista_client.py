@@ -8,12 +8,13 @@ Every bar still draws where tqdm would draw, and is also sent to the server name
 ``PROGRESSISTA_SERVER_URL`` (default ``http://localhost:8000/progress``). Or change nothing
 and run ``progressista run script.py -- --flags``. One file, standard library only (tqdm
 itself aside, imported only when a bar class is used), so it can be vendored. It speaks the
-wire protocol of PROTOCOL.md v1; the README documents every option.
+wire protocol of docs/PROTOCOL.md, version 2; docs/client.md documents every option.
 
 What it promises: the program's own thread never waits on the network (one background
-sender thread per process sends the latest state of each bar, batched); a server that is
-down, slow or wrong never raises into the program (one warning, then retries with capped
-backoff); the final state of every bar is flushed at exit, waiting a bounded time.
+sender thread per process sends the live state of each bar, batched, over one kept-alive
+connection); a server that is down, slow or wrong never raises into the program (one
+warning, then retries with capped backoff); the final state of every bar is flushed at
+exit, waiting a bounded time.
 """
 
 import atexit
@@ -447,56 +448,58 @@ class _PersistentPoster:
 
     Called as `poster(url, body, headers, timeout) -> (status, answer body)`; network
     failures raise. Redirects are answers like any other (never followed: a redirect would
-    carry the token to another host). One lock: one request at a time per process, which is
-    what one sender thread does anyway.
+    carry the token to another host). A connection is taken out while a request uses it,
+    so two senders at once (a vendored copy's beside this one's) each get their own.
     """
 
     def __init__(self):
-        self._links = {}  # (scheme, host:port) -> an idle _Link
+        self._idle = {}  # (scheme, host:port) -> the _Link kept for the next request
         self._lock = threading.Lock()
 
     def __call__(self, url, body, headers, timeout):
         parts = urllib.parse.urlsplit(url)
         key = (parts.scheme, parts.netloc)
         with self._lock:
-            link = self._links.pop(key, None)
-            if link is not None and link.closed_by_peer():
-                link.close()  # the server's idle timeout, or a restart
-                link = None
-            reused = link is not None
-            if link is None:
-                link = _Link(parts, timeout)
+            link = self._idle.pop(key, None)
+        if link is not None and link.closed_by_peer():
+            link.close()  # the server's idle timeout, or a restart
+            link = None
+        reused = link is not None
+        if link is None:
+            link = _Link(parts, timeout)
+        try:
             try:
-                try:
-                    status, answer, keep = link.post(body, headers, timeout)
-                except ConnectionError:
-                    if not reused:
-                        raise
-                    # The keep-alive race: the server closed the connection as we reused
-                    # it, before answering. Once more on a fresh one. Even if the server
-                    # applied the first, resending is safe: it ignores an update whose seq
-                    # is not greater than the one it stored (PROTOCOL.md, "The task").
-                    link.close()
-                    link = _Link(parts, timeout)
-                    status, answer, keep = link.post(body, headers, timeout)
-            except BaseException:
+                status, answer, keep = link.post(body, headers, timeout)
+            except ConnectionError:
+                if not reused:
+                    raise
+                # The keep-alive race: the server closed the connection as we reused it,
+                # before answering. Once more on a fresh one. Even if the server applied
+                # the first, resending is safe: it ignores an update whose seq is not
+                # greater than the one it stored (PROTOCOL.md, "The task").
                 link.close()
-                raise
-            if keep:
-                self._links[key] = link
-            else:
-                link.close()
-            return status, answer
+                link = _Link(parts, timeout)
+                status, answer, keep = link.post(body, headers, timeout)
+        except BaseException:
+            link.close()
+            raise
+        with self._lock:
+            if keep and key not in self._idle:
+                self._idle[key] = link
+                link = None
+        if link is not None:
+            link.close()
+        return status, answer
 
     def close(self):
         with self._lock:
-            links, self._links = self._links, {}
-        for link in links.values():
+            idle, self._idle = self._idle, {}
+        for link in idle.values():
             link.close()
 
     def forget(self):
         """In a forked child: drop the parent's connections (its sockets), unclosed."""
-        self._links = {}
+        self._idle = {}
         self._lock = threading.Lock()
 
 
