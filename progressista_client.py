@@ -67,6 +67,9 @@ DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
 # A live bar's state is read by the sender thread at its push interval, but never more often
 # than this: a bar with push_every=0 must not make the thread spin.
 MIN_LIVE_READ_INTERVAL_S = 0.05
+# ...and the sender reads at most this many live bars a second in all (each read costs some
+# 20 us of the GIL): a process with thousands of open bars reads each less often.
+MAX_LIVE_READS_PER_S = 2000
 BACKOFF_INITIAL_S = 0.5             # first retry delay after a failed send
 BACKOFF_MAX_S = 10.0                # retry delays double up to this
 # A loop left early (break, or its body raised) is closed only after this grace, so that an
@@ -333,8 +336,8 @@ class _Entry:
         self.heartbeat = heartbeat  # re-sent because heartbeat_s passed since the last send
         self.polled = polled        # only a read of a delivered task: sent if it changed
 
-    def read_every(self):
-        return max(self.push_every, MIN_LIVE_READ_INTERVAL_S)
+    def read_every(self, live_count=1):
+        return max(self.push_every, MIN_LIVE_READ_INTERVAL_S, live_count / MAX_LIVE_READS_PER_S)
 
 
 # The fields whose change is news: a live read that changes none of them is not sent (until
@@ -781,7 +784,8 @@ class Sender:
             if not self._endpoint_ready(entry.endpoint, now, flush_id):
                 continue
             heartbeat = now - self._last_sent.get(task_id, -math.inf) >= self.heartbeat_s
-            if heartbeat or (entry.source is not None and now - entry.read_at >= entry.read_every()):
+            if heartbeat or (entry.source is not None and
+                             now - entry.read_at >= entry.read_every(len(self._live))):
                 due.append(_Entry(entry.endpoint, entry.state, entry.push_every,
                                   source=entry.source, heartbeat=heartbeat, polled=True))
         return due
@@ -847,7 +851,7 @@ class Sender:
         for task_id, entry in self._live.items():
             at = self._last_sent.get(task_id, now) + self.heartbeat_s
             if entry.source is not None:
-                at = min(at, entry.read_at + entry.read_every())
+                at = min(at, entry.read_at + entry.read_every(len(self._live)))
             outage = self._outages.get(entry.endpoint)
             times.append(max(at, outage.retry_at) if outage is not None else at)
         if not times:

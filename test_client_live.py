@@ -9,6 +9,8 @@ only when it changed, a heartbeat whatever).
 import subprocess
 import sys
 
+import pytest
+
 from conftest import FakeClock, clean_env, wait_for
 from test_client import ENDPOINT, ROOT, SUBPROCESS_TIMEOUT_S, FakeServer, sender, tasks  # noqa: F401
 import progressista_client as pc
@@ -119,3 +121,18 @@ def test_an_unchanged_live_read_leaves_nothing_in_flight_so_flush_returns_at_onc
     sender.tick()  # read, unchanged, not sent
     assert live.reads == 2 and sender._in_flight == 0
     assert sender.flush(0.1) is True
+
+
+def test_a_process_with_thousands_of_open_bars_reads_each_less_often():
+    sender, clock, opener = live_sender()
+    bars = [LiveBar("bar-%d" % index) for index in range(4000)]
+    for live in bars:
+        sender.put(ENDPOINT, dict(live.state), push_every=0.25, source=live)
+    sender.tick()  # each read once, as it is sent
+    assert sender.tick() == pytest.approx(4000 / pc.MAX_LIVE_READS_PER_S)  # 2 s, not 0.25
+    clock.now += 1.0
+    sender.tick()
+    assert {live.reads for live in bars} == {1}
+    clock.now += 1.0
+    sender.tick()
+    assert {live.reads for live in bars} == {2}
