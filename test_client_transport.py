@@ -22,8 +22,8 @@ import pytest
 
 import progressista_client as pc
 from conftest import clean_env, missing, running_server
-from test_client import (ROOT, SUBPROCESS_TIMEOUT_S, bar, client_log, sender, task,  # noqa: F401
-                         tasks, warnings_in)
+from test_client import (ROOT, SUBPROCESS_TIMEOUT_S, bar, client_log, run_cli,  # noqa: F401
+                         sender, task, tasks, warnings_in)
 
 try:
     import trustme  # a test extra
@@ -251,6 +251,20 @@ def test_https_is_verified_with_the_ca_file_and_keeps_one_connection(
     monkeypatch.setenv(variable, ca_file)
     remote = pushes_of_one_bar("https://127.0.0.1:%d" % tls_proxy.port)
     assert (task(server, remote.task_id)["n"], tls_proxy.accepted) == (20, 1)
+
+
+def test_run_and_demo_send_over_https_with_the_ca_bundle(server, tls_proxy, ca_file, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("from tqdm import tqdm\nfor _ in tqdm(range(3), desc='over tls'):\n    pass\n")
+    url = "https://127.0.0.1:%d" % tls_proxy.port
+    env = clean_env(PROGRESSISTA_CA_BUNDLE=ca_file)
+    ran = run_cli("run", "--server-url", url, str(script), env=env)
+    assert ran.returncode == 0, ran.stderr
+    demo = run_cli("demo", "--bars", "2", "--total", "3", "--delay", "0", "--server-url", url,
+                   env=env)
+    assert demo.returncode == 0, demo.stderr
+    ended = sorted((t["desc"], t["status"]) for t in tasks(server).values())
+    assert ended == [("demo bar 1", "close"), ("demo bar 2", "close"), ("over tls", "close")]
 
 
 def test_a_certificate_that_fails_verification_is_one_warning_and_the_job_goes_on(
