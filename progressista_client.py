@@ -1414,7 +1414,8 @@ def _record_exits():
         sys.exit = _RecordingExit(sys.exit)
     for name in ("exit", "quit"):
         function = getattr(builtins, name, None)
-        if function is not None and not isinstance(function, _RecordingExit):
+        # Only site's own: IPython's exit works by its type (typed without parentheses).
+        if type(function).__name__ == "Quitter":
             setattr(builtins, name, _RecordingExit(function))
 
 
