@@ -150,7 +150,7 @@ class BodyRecorder:
     def __call__(self, url, body, headers, timeout):
         sent = json.loads(body)
         self.updates += sent if isinstance(sent, list) else [sent]
-        return pc._urllib_post(url, body, headers, timeout)
+        return pc._transport(url, body, headers, timeout)
 
 
 @pytest.mark.parametrize("leave, transient", [(False, True), (True, False)])
