@@ -69,7 +69,7 @@ DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
 MIN_LIVE_READ_INTERVAL_S = 0.05
 # ...and the sender reads at most this many live bars a second in all (each read costs some
 # 20 us of the GIL): a process with thousands of open bars reads each less often.
-MAX_LIVE_READS_PER_S = 2000
+LIVE_READS_PER_S_LIMIT = 2000
 BACKOFF_INITIAL_S = 0.5             # first retry delay after a failed send
 BACKOFF_MAX_S = 10.0                # retry delays double up to this
 # A loop left early (break, or its body raised) is closed only after this grace, so that an
@@ -337,7 +337,7 @@ class _Entry:
         self.polled = polled        # only a read of a delivered task: sent if it changed
 
     def read_every(self, live_count=1):
-        return max(self.push_every, MIN_LIVE_READ_INTERVAL_S, live_count / MAX_LIVE_READS_PER_S)
+        return max(self.push_every, MIN_LIVE_READ_INTERVAL_S, live_count / LIVE_READS_PER_S_LIMIT)
 
 
 # The fields whose change is news: a live read that changes none of them is not sent (until

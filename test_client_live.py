@@ -129,7 +129,7 @@ def test_a_process_with_thousands_of_open_bars_reads_each_less_often():
     for live in bars:
         sender.put(ENDPOINT, dict(live.state), push_every=0.25, source=live)
     sender.tick()  # each read once, as it is sent
-    assert sender.tick() == pytest.approx(4000 / pc.MAX_LIVE_READS_PER_S)  # 2 s, not 0.25
+    assert sender.tick() == pytest.approx(4000 / pc.LIVE_READS_PER_S_LIMIT)  # 2 s, not 0.25
     clock.now += 1.0
     sender.tick()
     assert {live.reads for live in bars} == {1}
