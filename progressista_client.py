@@ -1371,6 +1371,14 @@ def _where(frame):
 
 def _why_loop_was_left(frame):
     """None for a loop left by break or return (or sys.exit(0)); else what left it, in words."""
+    try:
+        return _reason_loop_was_left(frame)
+    except Exception:  # it runs inside tqdm's loop: it must never raise into the program
+        log.debug("progressista: could not tell how a loop was left", exc_info=True)
+        return None
+
+
+def _reason_loop_was_left(frame):
     if frame is None or not _unwinding(frame):
         return None
     exited = _exits.get(threading.get_ident())
