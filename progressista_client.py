@@ -8,25 +8,32 @@ Every bar still draws where tqdm would draw, and is also sent to the server name
 ``PROGRESSISTA_SERVER_URL`` (default ``http://localhost:8000/progress``). Or change nothing
 and run ``progressista run script.py -- --flags``. One file, standard library only (tqdm
 itself aside, imported only when a bar class is used), so it can be vendored. It speaks the
-wire protocol of PROTOCOL.md v1; the README documents every option.
+wire protocol of docs/PROTOCOL.md, version 2; docs/client.md documents every option.
 
 What it promises: the program's own thread never waits on the network (one background
-sender thread per process sends the latest state of each bar, batched); a server that is
-down, slow or wrong never raises into the program (one warning, then retries with capped
-backoff); the final state of every bar is flushed at exit, waiting a bounded time.
+sender thread per process sends the live state of each bar, batched, over one kept-alive
+connection); a server that is down, slow or wrong never raises into the program (one
+warning, then retries with capped backoff); the final state of every bar is flushed at
+exit, waiting a bounded time.
 """
 
 import atexit
+import base64
 import collections
+import http.client
 import importlib
 import importlib.util
 import itertools
 import json
 import logging
+import linecache
 import math
+import opcode
 import os
+import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,7 +41,6 @@ import threading
 import time
 import traceback
 import types
-import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -44,7 +50,7 @@ import weakref
 __all__ = [
     "RemoteTqdm", "tqdm", "trange", "make_remote_tqdm", "patch", "unpatch",
     "Sender", "Endpoint", "make_endpoint", "normalize_server_url", "default_meta",
-    "default_sender", "send_update", "flush", "demo", "run_program",
+    "default_sender", "send_update", "flush", "demo", "run_program", "run_from_environment",
 ]
 __version__ = "1.0.0"
 
@@ -58,6 +64,12 @@ DEFAULT_REQUEST_TIMEOUT_S = 2.0     # one request is given up after this long
 DEFAULT_FLUSH_TIMEOUT_S = 2.0       # the exit hook waits at most this long for the last sends
 # Well inside the server's default 60 s stale timeout, so only a dead sender goes stale.
 DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
+# A live bar's state is read by the sender thread at its push interval, but never more often
+# than this: a bar with push_every=0 must not make the thread spin.
+MIN_LIVE_READ_INTERVAL_S = 0.05
+# ...and the sender reads at most this many live bars a second in all (each read costs some
+# 20 us of the GIL): a process with thousands of open bars reads each less often.
+LIVE_READS_PER_S_LIMIT = 2000
 BACKOFF_INITIAL_S = 0.5             # first retry delay after a failed send
 BACKOFF_MAX_S = 10.0                # retry delays double up to this
 # A loop left early (break, or its body raised) is closed only after this grace, so that an
@@ -75,6 +87,8 @@ MAX_PENDING_FINALS = 10000
 MAX_BATCH_TASKS = 1000
 MAX_BATCH_BYTES = 512 * 1024        # well under the server's default 1 MiB body limit
 MAX_TASK_ID_CHARS = 256
+MAX_RUN_CHARS = 256                 # a run id (a parent is a task_id)
+MAX_RUN_NAME_CHARS = 1000
 MAX_DESC_CHARS = 1000
 MAX_UNIT_CHARS = 32
 MAX_POSTFIX_CHARS = 1000
@@ -90,6 +104,10 @@ ENV_PUSH_INTERVAL = "PROGRESSISTA_PUSH_INTERVAL"
 ENV_REQUEST_TIMEOUT = "PROGRESSISTA_REQUEST_TIMEOUT"
 ENV_FLUSH_TIMEOUT = "PROGRESSISTA_FLUSH_TIMEOUT"
 ENV_HEARTBEAT_INTERVAL = "PROGRESSISTA_HEARTBEAT_INTERVAL"
+ENV_CA_BUNDLE = "PROGRESSISTA_CA_BUNDLE"        # a CA file to verify an https:// server with
+ENV_SSL_CERT_FILE = "SSL_CERT_FILE"             # OpenSSL's own, honoured too
+ENV_RUN = "PROGRESSISTA_RUN"                    # the run (job) every bar of this process joins
+ENV_RUN_NAME = "PROGRESSISTA_RUN_NAME"          # the run's readable name
 # Set by `progressista run` for the program it watches (and inherited by its children).
 ENV_RUN_DIR = "PROGRESSISTA_RUN_DIR"            # where each process records its open bars
 ENV_PATCH = "PROGRESSISTA_PATCH"                # JSON keyword arguments for patch()
@@ -170,28 +188,78 @@ def _hostname():
     return _host
 
 
+# Each scheduler's job id, its array index variables (Torque's, then PBS Pro's), and the
+# value it uses for "not an array job". 0 is a real index for SLURM and PBS (--array=0-9).
+_SCHEDULERS = (
+    ("SLURM_JOB_ID", "slurm", ("SLURM_ARRAY_TASK_ID",), None),
+    ("PBS_JOBID", "pbs", ("PBS_ARRAYID", "PBS_ARRAY_INDEX"), None),
+    ("LSB_JOBID", "lsf", ("LSB_JOBINDEX",), "0"),
+    ("JOB_ID", "sge", ("SGE_TASK_ID",), "undefined"))
+# Where a launcher puts a process's rank: torchrun, SLURM's srun, Open MPI, MPICH and Intel MPI.
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+TORCHRUN_RUN_ID = "TORCHELASTIC_RUN_ID"     # "none" when torchrun was given no --rdzv-id
+
+
+def _scheduler_job(env):
+    """(scheduler, job id, array index or None) of the batch job this process is in, or None."""
+    for job_var, scheduler, index_vars, not_an_array in _SCHEDULERS:
+        if env.get(job_var):
+            index = next((env[name] for name in index_vars if env.get(name)), None)
+            return scheduler, env[job_var], index if index != not_an_array else None
+    return None
+
+
 def default_meta(environ=None):
-    """Host name, pid, and the scheduler's job id and pod name when one set them."""
+    """Host name, pid, and the scheduler's job id, the rank and pod name when one set them."""
     env = os.environ if environ is None else environ
     meta = {"host": _hostname(), "pid": os.getpid()}
-    # Each scheduler's job id, its array index variables (Torque's, then PBS Pro's), and the
-    # value it uses for "not an array job". 0 is a real index for SLURM and PBS (--array=0-9).
-    for job_var, scheduler, index_vars, not_an_array in (
-            ("SLURM_JOB_ID", "slurm", ("SLURM_ARRAY_TASK_ID",), None),
-            ("PBS_JOBID", "pbs", ("PBS_ARRAYID", "PBS_ARRAY_INDEX"), None),
-            ("LSB_JOBID", "lsf", ("LSB_JOBINDEX",), "0"),
-            ("JOB_ID", "sge", ("SGE_TASK_ID",), "undefined")):
-        if env.get(job_var):
-            meta["scheduler"] = scheduler
-            meta["job_id"] = env[job_var]
-            index = next((env[name] for name in index_vars if env.get(name)), None)
-            if index and index != not_an_array:
-                meta["array_index"] = index
-            break
+    job = _scheduler_job(env)
+    if job is not None:
+        meta["scheduler"], meta["job_id"] = job[0], job[1]
+        if job[2]:
+            meta["array_index"] = job[2]
+    rank = next((env[name].strip() for name in RANK_VARIABLES if env.get(name, "").strip()), None)
+    if rank is not None:
+        meta["rank"] = int(rank) if rank.isdigit() else rank
     pod = env.get("POD_NAME") or (env.get("HOSTNAME") if env.get("KUBERNETES_SERVICE_HOST") else None)
     if pod:
         meta["pod"] = pod
     return meta
+
+
+def run_from_environment(environ=None):
+    """The run id the environment names, or None (PROTOCOL.md, "Client settings").
+
+    PROGRESSISTA_RUN, else the scheduler's job (`slurm-<job>_<array index>`; `pbs-<job>`,
+    whose id already holds the index; `lsf-`, `sge-` as SLURM), else torchrun's run id.
+    """
+    env = os.environ if environ is None else environ
+    run = env.get(ENV_RUN, "").strip()
+    if not run:
+        job = _scheduler_job(env)
+        if job is not None:
+            scheduler, job_id, index = job
+            run = "%s-%s" % (scheduler, job_id)
+            if index and scheduler != "pbs":
+                run += "_" + index
+        elif env.get(TORCHRUN_RUN_ID, "none").strip() not in ("", "none"):
+            run = env[TORCHRUN_RUN_ID].strip()
+    return run[:MAX_RUN_CHARS] or None
+
+
+def _join_run():
+    """At import: find this process's run, or make one, and put it in the environment, so
+    that the child processes it starts (fork, spawn, subprocesses) join it."""
+    run = run_from_environment()
+    if run is None:
+        run = "run-" + uuid.uuid4().hex[:16]
+    os.environ.setdefault(ENV_RUN, run)
+    return run
+
+
+def _current_run():
+    # Per bar, not once: a program may set PROGRESSISTA_RUN itself before its bars.
+    return run_from_environment() or _process_run
 
 
 def _clean_meta(meta):
@@ -249,17 +317,36 @@ class _Entry:
     """One queued state: where it goes, and the rules for when it may go.
 
     `text`, the state as JSON, is set when the state is delivered (after its seq), not here:
-    put() is on the bar's display path.
+    put() is on the bar's display path. `source()`, when given, reads the task's live state
+    (None once it has ended); `read_at` is when the sender last read it.
     """
 
-    __slots__ = ("endpoint", "state", "push_every", "final", "not_before", "text")
+    __slots__ = ("endpoint", "state", "push_every", "final", "not_before", "text", "source",
+                 "read_at", "heartbeat", "polled")
 
-    def __init__(self, endpoint, state, push_every=0.0, final=False, not_before=0.0):
+    def __init__(self, endpoint, state, push_every=0.0, final=False, not_before=0.0,
+                 source=None, read_at=-math.inf, heartbeat=False, polled=False):
         self.endpoint = endpoint
         self.state = state
         self.push_every = push_every
         self.final = final
         self.not_before = not_before
+        self.source = source
+        self.read_at = read_at
+        self.heartbeat = heartbeat  # re-sent because heartbeat_s passed since the last send
+        self.polled = polled        # only a read of a delivered task: sent if it changed
+
+    def read_every(self, live_count=1):
+        return max(self.push_every, MIN_LIVE_READ_INTERVAL_S, live_count / LIVE_READS_PER_S_LIMIT)
+
+
+# The fields whose change is news: a live read that changes none of them is not sent (until
+# the heartbeat), so an idle bar costs the server nothing.
+_PROGRESS_FIELDS = ("n", "total", "desc", "postfix", "unit", "status")
+
+
+def _progress_of(state):
+    return tuple(state.get(name) for name in _PROGRESS_FIELDS)
 
 
 class _Outage:
@@ -271,15 +358,168 @@ class _Outage:
         self.flush_id = 0
 
 
-def _urllib_post(url, body, headers, timeout):
-    """POST `body`; return (status, response body). Network failures raise."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+_tls_contexts = {}  # CA file (or None: the system's store) -> ssl.SSLContext
+
+
+def _tls_context():
+    """The context that verifies an https:// server: PROGRESSISTA_CA_BUNDLE, else
+    SSL_CERT_FILE, else the system's trust store."""
+    cafile = os.environ.get(ENV_CA_BUNDLE) or os.environ.get(ENV_SSL_CERT_FILE) or None
+    context = _tls_contexts.get(cafile)
+    if context is None:
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as error:
+            raise OSError("cannot load the CA file %s (%s or %s): %s"
+                          % (cafile, ENV_CA_BUNDLE, ENV_SSL_CERT_FILE, error)) from None
+        _tls_contexts[cafile] = context
+    return context
+
+
+def _proxy_for(parts):
+    """The proxy the environment names for this URL (http_proxy, https_proxy, no_proxy, as
+    urllib reads them, which the client used before it kept connections), or None."""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    return proxy_parts if proxy_parts.hostname else None
+
+
+class _Link:
+    """One connection to a server: direct, or through the proxy the environment names (a
+    CONNECT tunnel for https://, absolute request targets for http://)."""
+
+    def __init__(self, parts, timeout):
+        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        self.proxy_headers = {}
+        proxy = _proxy_for(parts)
+        host, port = parts.hostname, parts.port
+        if proxy is not None:
+            host, port = proxy.hostname, proxy.port or 80
+            if proxy.username is not None:
+                credentials = "%s:%s" % (urllib.parse.unquote(proxy.username),
+                                         urllib.parse.unquote(proxy.password or ""))
+                self.proxy_headers["Proxy-Authorization"] = \
+                    "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+        if parts.scheme == "https":
+            self.connection = http.client.HTTPSConnection(host, port, timeout=timeout,
+                                                          context=_tls_context())
+            if proxy is not None:
+                self.connection.set_tunnel(parts.hostname, parts.port or 443,
+                                           headers=self.proxy_headers)
+                self.proxy_headers = {}  # said once, to open the tunnel
+        else:
+            self.connection = http.client.HTTPConnection(host, port, timeout=timeout)
+            if proxy is not None:
+                self.target = urllib.parse.urlunsplit(
+                    (parts.scheme, parts.netloc, parts.path or "/", parts.query, ""))
+
+    def post(self, body, headers, timeout):
+        """(status, answer, whether the connection may be used again)."""
+        connection = self.connection
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        connection.request("POST", self.target, body=body, headers=dict(headers, **self.proxy_headers))
+        response = connection.getresponse()
+        answer = response.read(MAX_RESPONSE_BYTES)
+        # Reusable once the answer was read to its end and the server keeps the connection.
+        return response.status, answer, response.isclosed() and not response.will_close
+
+    def closed_by_peer(self):
+        """True if this idle connection can be seen to be over (the server closed it: it is
+        readable, at its end) or has no socket any more."""
+        sock = self.connection.sock
+        if sock is None:
+            return True
+        try:
+            if hasattr(select, "poll"):  # select() fails on descriptors above 1023
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                return bool(poller.poll(0))
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
+    def close(self):
+        self.connection.close()
+
+
+class _PersistentPoster:
+    """POSTs over one kept-alive HTTP/1.1 connection per server, reconnecting when it is over.
+
+    Called as `poster(url, body, headers, timeout) -> (status, answer body)`; network
+    failures raise. Redirects are answers like any other (never followed: a redirect would
+    carry the token to another host). A connection is taken out while a request uses it,
+    so two senders at once (a vendored copy's beside this one's) each get their own.
+    """
+
+    def __init__(self):
+        self._idle = {}  # (scheme, host:port) -> the _Link kept for the next request
+        self._lock = threading.Lock()
+
+    def __call__(self, url, body, headers, timeout):
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        with self._lock:
+            link = self._idle.pop(key, None)
+        if link is not None and link.closed_by_peer():
+            link.close()  # the server's idle timeout, or a restart
+            link = None
+        reused = link is not None
+        if link is None:
+            link = _Link(parts, timeout)
+        try:
+            try:
+                status, answer, keep = link.post(body, headers, timeout)
+            except ConnectionError:
+                if not reused:
+                    raise
+                # The keep-alive race: the server closed the connection as we reused it,
+                # before answering. Once more on a fresh one. Even if the server applied
+                # the first, resending is safe: it ignores an update whose seq is not
+                # greater than the one it stored (PROTOCOL.md, "The task").
+                link.close()
+                link = _Link(parts, timeout)
+                status, answer, keep = link.post(body, headers, timeout)
+        except BaseException:
+            link.close()
+            raise
+        with self._lock:
+            if keep and key not in self._idle:
+                self._idle[key] = link
+                link = None
+        if link is not None:
+            link.close()
+        return status, answer
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for link in idle.values():
+            link.close()
+
+    def forget(self):
+        """In a forked child: drop the parent's connections (its sockets), unclosed."""
+        self._idle = {}
+        self._lock = threading.Lock()
+
+
+# The process's transport, shared by its senders. (bench/soak.py wraps the name _urllib_post
+# to count what is posted: the Sender's default is looked up by that name.)
+_transport = _PersistentPoster()
+_urllib_post = _transport
+
+
+def _post_once(url, body, headers, timeout):
+    """POST on a connection of its own: the transport before keep-alive, kept as the
+    benchmark's reference (bench/bench_transport.py)."""
+    link = _Link(urllib.parse.urlsplit(url), timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read(MAX_RESPONSE_BYTES)
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read(MAX_RESPONSE_BYTES)
+        return link.post(body, headers, timeout)[:2]
+    finally:
+        link.close()
 
 
 def _server_message(body):
@@ -320,9 +560,12 @@ class Sender:
 
     `put()` never waits on the network. Each tick sends every due state in one POST per
     endpoint; a failed endpoint is retried with capped exponential backoff and warned about
-    once per outage. Live tasks are re-sent every `heartbeat_s`. `flush()` waits, bounded,
-    for the queue to drain. `clock`, `wall_clock` and `opener(url, body, headers, timeout)
-    -> (status, body)` are injectable; with `autostart=False` tests drive `tick()` by hand.
+    once per outage. A task put with a `source` is read again at its push interval and sent
+    when it changed, so the server sees its live state, not the last one put. Live tasks are
+    re-sent every `heartbeat_s`. `flush()` waits, bounded, for the queue to drain. `clock`,
+    `wall_clock` and `opener(url, body, headers, timeout) -> (status, body)` are injectable
+    (the default keeps one connection per server); with `autostart=False` tests drive
+    `tick()` by hand.
     """
 
     def __init__(self, *, clock=time.monotonic, wall_clock=time.time, opener=None,
@@ -360,16 +603,20 @@ class Sender:
 
     # Public API
 
-    def put(self, endpoint, state, *, push_every=0.0, final=False, hold_s=0.0):
+    def put(self, endpoint, state, *, push_every=0.0, final=False, hold_s=0.0, source=None):
         """Queue `state` (a dict with `task_id`) for `endpoint`; the latest state per task wins.
 
         A final state (close or error) is sent at the next tick; a later non-final state of
         the same task is ignored. `hold_s` delays a final state (see EARLY_CLOSE_HOLD_S).
+        `source()`, called from the sender thread, returns the task's state as it is now (or
+        None once it ended): each send of a non-final state reads it afresh, and while the
+        task lives it is read every `push_every` (at least MIN_LIVE_READ_INTERVAL_S) and sent
+        when it changed. It must be quick and must not raise into the sender.
         """
         task_id = state["task_id"]
         now = self._clock()
         not_before = math.ceil((now + hold_s) / HOLD_GRID_S) * HOLD_GRID_S if hold_s else 0.0
-        entry = _Entry(endpoint, state, push_every, final, not_before)
+        entry = _Entry(endpoint, state, push_every, final, not_before, None if final else source)
         with self._lock:
             queued = self._pending.get(task_id)
             if queued is not None and queued.final and not final:
@@ -399,6 +646,11 @@ class Sender:
         self._last_sent.pop(task_id, None)
         _warn_once("pending-finals", "progressista: more than %d final states wait for the "
                    "server; the oldest are dropped", MAX_PENDING_FINALS)
+
+    def known_down(self, endpoint):
+        """Treat `endpoint` as failing already (someone warned): no second warning for it."""
+        with self._lock:
+            self._outages.setdefault(endpoint, _Outage())
 
     def pending_final(self, task_id):
         """True while a final state of `task_id` waits to be sent."""
@@ -488,6 +740,16 @@ class Sender:
             if due:
                 self._in_flight += 1
         if due:
+            read = []
+            try:
+                # Outside the lock: a bar's state is read while its own thread runs on.
+                due = read = self._read_live(due, now)
+            finally:
+                if not read:  # nothing changed (or the read failed): no delivery ends this round
+                    with self._lock:
+                        self._in_flight -= 1
+                        self._idle.notify_all()
+        if due:
             by_endpoint = collections.defaultdict(list)
             for entry in due:
                 by_endpoint[entry.endpoint].append(entry)
@@ -519,10 +781,44 @@ class Sender:
         for task_id, entry in self._live.items():
             if task_id in self._pending or task_id in due_ids:
                 continue
-            if now - self._last_sent.get(task_id, -math.inf) >= self.heartbeat_s and \
-                    self._endpoint_ready(entry.endpoint, now, flush_id):
-                due.append(_Entry(entry.endpoint, self._refreshed(entry.state), entry.push_every))
+            if not self._endpoint_ready(entry.endpoint, now, flush_id):
+                continue
+            heartbeat = now - self._last_sent.get(task_id, -math.inf) >= self.heartbeat_s
+            if heartbeat or (entry.source is not None and
+                             now - entry.read_at >= entry.read_every(len(self._live))):
+                due.append(_Entry(entry.endpoint, entry.state, entry.push_every,
+                                  source=entry.source, heartbeat=heartbeat, polled=True))
         return due
+
+    def _read_live(self, due, now):
+        """Give each due non-final entry its task's live state; drop the unchanged live reads.
+
+        A heartbeat is sent changed or not (a restarted server learns the bar back).
+        """
+        kept = []
+        for entry in due:
+            live = None
+            if entry.source is not None:
+                try:
+                    live = entry.source()
+                except Exception:  # one bar's odd attribute must not stop the others
+                    log.debug("progressista: reading a live bar failed", exc_info=True)
+                entry.read_at = now
+            with self._lock:
+                delivered = self._live.get(entry.state["task_id"])
+                if delivered is not None:
+                    delivered.read_at = now
+            if live is not None:
+                news = delivered is None or _progress_of(live) != _progress_of(delivered.state)
+                if news or entry.heartbeat or not entry.polled:
+                    entry.state = live
+                    kept.append(entry)
+            elif entry.heartbeat:
+                entry.state = self._refreshed(entry.state)
+                kept.append(entry)
+            elif not entry.polled:
+                kept.append(entry)  # as it was put: the bar ended (its final follows) or cannot be read
+        return kept
 
     def _endpoint_ready(self, endpoint, now, flush_id):
         outage = self._outages.get(endpoint)
@@ -554,6 +850,8 @@ class Sender:
             times.append(at)
         for task_id, entry in self._live.items():
             at = self._last_sent.get(task_id, now) + self.heartbeat_s
+            if entry.source is not None:
+                at = min(at, entry.read_at + entry.read_every(len(self._live)))
             outage = self._outages.get(entry.endpoint)
             times.append(max(at, outage.retry_at) if outage is not None else at)
         if not times:
@@ -631,11 +929,17 @@ class Sender:
         try:
             status, answer = self._open(endpoint.url, body, dict(endpoint.headers), endpoint.timeout)
         except Exception as error:  # any network failure, timeout, or odd answer
-            self._warn_down(endpoint, "%s: %s" % (type(error).__name__, error))
+            reason = "%s: %s" % (type(error).__name__, error)
+            if isinstance(error, ssl.SSLCertVerificationError):
+                reason += "; to trust the server's certificate, set %s to its CA file" % ENV_CA_BUNDLE
+            self._warn_down(endpoint, reason)
             return [], entries, []
         if 200 <= status < 300:
             return entries, [], []
         message = _server_message(answer)
+        if 300 <= status < 400:
+            message = ("a redirect, not followed: set the server URL to the address the "
+                       "server answers at")
         if status == 429 or status >= 500:
             self._warn_down(endpoint, "HTTP %d %s" % (status, message))
             return [], entries, []
@@ -674,6 +978,8 @@ class Sender:
                 seq = self._live[task_id].state.get("seq", 0) if task_id in self._live else 0
                 record[task_id] = {"server_url": entry.endpoint.url,
                                    "state": dict(entry.state, seq=seq)}
+                if entry.endpoint in self._outages:
+                    record[task_id]["server_down"] = True  # and this process said so
         try:
             text = json.dumps(record)
         except _JSON_ERRORS:
@@ -742,7 +1048,8 @@ def flush(timeout=None):
 
 # --- Bars ---
 
-_REMOTE_OPTIONS = ("server_url", "task_id", "push_every", "request_timeout", "meta", "headers", "token")
+_REMOTE_OPTIONS = ("server_url", "task_id", "push_every", "request_timeout", "meta", "headers",
+                   "token", "run", "run_name", "parent")
 _open_bars = weakref.WeakSet()      # remote bars not yet ended, for the exception and exit hooks
 # task_id -> _HeldClose of a loop left early, its close on hold. Strong references: the bar
 # of `for x in tqdm(it):` is freed as an exception unwinds the loop, before the excepthook.
@@ -757,13 +1064,18 @@ class _RemoteBar:
     """The remote half of a remote tqdm class; use make_remote_tqdm() to build one.
 
     It hooks `display()`, which tqdm calls only at its own refresh cadence (miniters,
-    mininterval), never `update()` or `__iter__`: the hot loop costs what tqdm's does.
+    mininterval), never `update()` or `__iter__`: the hot loop costs what tqdm's does. What
+    is sent is the bar's live state all the same: the sender thread reads `n`, `total`,
+    the description and the postfix at each push interval. (A bar driven by iteration keeps
+    its count in tqdm's loop, which stores it in `n` when it redraws, at the latest at the
+    first iteration after `maxinterval`.)
     """
 
     _remote_defaults = {}
 
     def __init__(self, *args, server_url=None, task_id=None, push_every=None,
-                 request_timeout=None, meta=None, headers=None, token=None, **kwargs):
+                 request_timeout=None, meta=None, headers=None, token=None, run=None,
+                 run_name=None, parent=None, **kwargs):
         defaults = self._remote_defaults
         for name, value in defaults.items():
             if name not in _REMOTE_OPTIONS:
@@ -791,12 +1103,26 @@ class _RemoteBar:
         merged_meta.update(meta or {})
         self._remote_meta = _clean_meta(merged_meta)
         self._remote_thread = threading.get_ident()
+        self._remote_order = next(_bar_order)
+        self._remote_run = _clip_id(_first(run, defaults.get("run"), _current_run), MAX_RUN_CHARS)
+        self._remote_run_name = _clip(_first(run_name, defaults.get("run_name"),
+                                             lambda: os.environ.get(ENV_RUN_NAME)) or None,
+                                      MAX_RUN_NAME_CHARS)
+        parent = _first(parent, defaults.get("parent"), self._remote_enclosing_bar)
+        self._remote_parent = _clip_id(getattr(parent, "task_id", parent), MAX_TASK_ID_CHARS)
         self._remote_error = None
+        self._remote_source = _live_reader(weakref.ref(self))
         self._remote_sender = default_sender()
         with _bars_lock:
             _open_bars.add(self)
         if self.delay <= 0:
             self._remote_publish()
+
+    def _remote_enclosing_bar(self):
+        """The innermost bar of this thread still open: the loop this bar's loop is nested in."""
+        with _bars_lock:
+            mine = [bar for bar in _open_bars if bar._remote_thread == self._remote_thread]
+        return max(mine, key=lambda bar: bar._remote_order, default=None)
 
     @property
     def task_id(self):
@@ -832,12 +1158,15 @@ class _RemoteBar:
         caller = sys._getframe(1)
         if error is None and caller.f_code is _tqdm_iter_code:
             # Closed by tqdm's own loop: tell an exception from the iterable apart from the
-            # normal end. GeneratorExit means the loop was left early (break, or its body
-            # raised): hold the close so the excepthook can still turn it into an error.
+            # normal end. GeneratorExit means the loop was left early: by break or return, or
+            # by an exception (which something may catch later, a future.result(), so the
+            # excepthook may never see it). Hold the close either way, so that an excepthook
+            # can still name the exception.
             exc = sys.exc_info()[1]
             if exc is not None and _raised_through(exc, caller):
                 if isinstance(exc, GeneratorExit):
                     hold_s = EARLY_CLOSE_HOLD_S
+                    error = _why_loop_was_left(caller.f_back)
                 else:
                     error = describe_exception(type(exc), exc, exc.__traceback__)
         try:
@@ -848,8 +1177,30 @@ class _RemoteBar:
 
     # Remote side
 
+    def _remote_fields(self):
+        # What format_dict gives, read from the attributes: this also runs on the sender
+        # thread, and format_dict would resize the bar there (dynamic_ncols).
+        ema_dt = self._ema_dt()
+        return {
+            "n": self.n, "total": self.total,
+            "elapsed": self._time() - self.start_t if hasattr(self, "start_t") else 0,
+            "prefix": self.desc, "unit": self.unit, "unit_scale": self.unit_scale,
+            "rate": self._ema_dn() / ema_dt if ema_dt else None, "postfix": self.postfix,
+            "unit_divisor": self.unit_divisor, "initial": self.initial}
+
+    def _remote_leaves(self):
+        # tqdm's own rule (close()): leave=None keeps only the bar at position 0.
+        leave = getattr(self, "leave", True)
+        return abs(getattr(self, "pos", 0) or 0) == 0 if leave is None else bool(leave)
+
+    def _remote_live(self):
+        """The state as it is now, for the sender thread; None once the bar has ended."""
+        if self._remote_sender is None or self.disable:
+            return None
+        return self._remote_state()
+
     def _remote_state(self, status="running", error=None):
-        fd = self.format_dict
+        fd = self._remote_fields()
         n = _finite(fd.get("n"), 0, minimum=0)
         elapsed = _finite(fd.get("elapsed"), 0.0, minimum=0.0)
         rate = _finite(fd.get("rate"), minimum=0.0)
@@ -874,6 +1225,12 @@ class _RemoteBar:
             "meta": self._remote_meta,
             "timestamp": time.time(),
         }
+        if self._remote_run:
+            state["run"] = self._remote_run
+        if self._remote_run_name:
+            state["run_name"] = self._remote_run_name
+        if self._remote_parent:
+            state["parent"] = self._remote_parent
         if error is not None:
             state["error"] = _clip(error, MAX_ERROR_CHARS)
         return state
@@ -881,7 +1238,7 @@ class _RemoteBar:
     def _remote_publish(self):
         try:
             self._remote_sender.put(self._remote_endpoint, self._remote_state(),
-                                    push_every=self._remote_push_every)
+                                    push_every=self._remote_push_every, source=self._remote_source)
         except Exception:  # never let reporting break the user's loop
             _warn_once("publish", "progressista: could not queue a bar update")
             log.debug("progressista: publish failed", exc_info=True)
@@ -896,11 +1253,39 @@ class _RemoteBar:
             _open_bars.discard(self)
         try:
             state = self._remote_state(status, error)
+            if status == "close" and not self._remote_leaves():
+                state["transient"] = True  # leave=False: the page may fold it away
             sender.put(self._remote_endpoint, state, final=True, hold_s=hold_s)
             if hold_s:
                 _hold_close(_HeldClose(sender, self._remote_endpoint, state, self._remote_thread))
         except Exception:
             log.debug("progressista: could not queue a final state", exc_info=True)
+
+
+_bar_order = itertools.count()  # the order bars were opened in, to find the innermost open one
+
+
+def _first(*choices):
+    """The first choice that is not None; a callable is called only when it is reached."""
+    for choice in choices:
+        if callable(choice):
+            choice = choice()
+        if choice is not None:
+            return choice
+    return None
+
+
+def _clip_id(value, limit):
+    # run and parent: 1 to `limit` characters; "" (or False) means none.
+    return str(value)[:limit] if value else None
+
+
+def _live_reader(bar_ref):
+    # Weak: a queued state must not keep a dropped bar alive (its __del__ closes it).
+    def read():
+        bar = bar_ref()
+        return None if bar is None else bar._remote_live()
+    return read
 
 
 _id_prefix = None
@@ -944,6 +1329,102 @@ def _fail_held(held, error):
         return
     error_state = dict(held.state, status="error", error=_clip(error, MAX_ERROR_CHARS))
     held.sender.put(held.endpoint, error_state, final=True)
+
+
+# What a frame is doing when it lets go of a loop's iterator on its normal path: break and
+# return (POP_TOP, POP_ITER, SWAP), the end of an outer loop (FOR_ITER, END_FOR), an outer
+# generator closed early (YIELD_VALUE, RESUME, SEND, CLEANUP_THROW), a name rebound or
+# deleted (STORE_*, DELETE_*). Anything else (a CALL, RAISE_VARARGS, BINARY_OP...) is the
+# instruction that raised while the exception unwinds the frame. Looked up in the frame's
+# bytecode because the exception itself is out of reach: CPython sets it aside while it
+# closes the generator.
+_RELEASE_OPNAMES = frozenset((
+    "POP_TOP", "POP_ITER", "SWAP", "ROT_TWO", "FOR_ITER", "END_FOR", "YIELD_VALUE", "RESUME",
+    "SEND", "CLEANUP_THROW", "RETURN_VALUE", "RETURN_CONST", "POP_BLOCK", "POP_EXCEPT",
+    "END_ASYNC_FOR", "NOP", "JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_ABSOLUTE"))
+_code_bytes = {}    # code object -> its bytecode (co_code is a fresh copy on each access)
+CODE_CACHE_ENTRIES = 256   # code objects whose bytecode _unwinding() keeps
+
+
+def _unwinding(frame):
+    """True when `frame` let go of an iterator while an exception unwinds it."""
+    code = frame.f_code
+    co_code = _code_bytes.get(code)
+    if co_code is None:
+        if len(_code_bytes) >= CODE_CACHE_ENTRIES:
+            _code_bytes.clear()
+        co_code = _code_bytes[code] = code.co_code
+    if frame.f_lasti < 0:
+        return False  # not started
+    try:
+        name = opcode.opname[co_code[frame.f_lasti]]
+    except (IndexError, TypeError):
+        return False
+    return not (name in _RELEASE_OPNAMES or name.startswith(("STORE_", "DELETE_")))
+
+
+def _where(frame):
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    line = linecache.getline(filename, lineno).strip()
+    return "%s:%s%s" % (os.path.basename(filename), lineno, (": " + line) if line else "")
+
+
+def _why_loop_was_left(frame):
+    """None for a loop left by break or return (or sys.exit(0)); else what left it, in words."""
+    try:
+        return _reason_loop_was_left(frame)
+    except Exception:  # it runs inside tqdm's loop: it must never raise into the program
+        log.debug("progressista: could not tell how a loop was left", exc_info=True)
+        return None
+
+
+def _reason_loop_was_left(frame):
+    if frame is None or not _unwinding(frame):
+        return None
+    exited = _exits.get(threading.get_ident())
+    if exited is not None and (id(frame), frame.f_lasti) in exited[1]:
+        code = exited[0].code
+        if code in (None, 0):
+            return None
+        return "sys.exit(%r) at %s" % (code, _where(frame))
+    return "the loop was left by an exception at %s" % _where(frame)
+
+
+# thread ident -> (SystemExit, {(id(frame), f_lasti) of each frame that was calling}), for
+# the last sys.exit() of each thread: a loop left by it knows its exit status.
+_exits = {}
+
+
+class _RecordingExit:
+    """sys.exit (and the builtins exit, quit), noting the exit status where it was raised."""
+
+    def __init__(self, exit_function):
+        self._exit = exit_function
+
+    def __repr__(self):
+        return repr(self._exit)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self._exit(*args, **kwargs)
+        except SystemExit as exc:
+            calling, frame = set(), sys._getframe(1)
+            while frame is not None:
+                calling.add((id(frame), frame.f_lasti))
+                frame = frame.f_back
+            _exits[threading.get_ident()] = (exc, calling)
+            raise
+
+
+def _record_exits():
+    import builtins
+    if not isinstance(sys.exit, _RecordingExit):
+        sys.exit = _RecordingExit(sys.exit)
+    for name in ("exit", "quit"):
+        function = getattr(builtins, name, None)
+        # Only site's own: IPython's exit works by its type (typed without parentheses).
+        if type(function).__name__ == "Quitter":
+            setattr(builtins, name, _RecordingExit(function))
 
 
 def _is_clean_exit(exc):
@@ -1018,6 +1499,9 @@ def _install_hooks():
     _previous_threading_excepthook = threading.excepthook
     threading.excepthook = _threading_excepthook
     atexit.register(_at_exit)
+    _record_exits()
+    if not _watched_by_run():  # under `run`, `run` ends the bars knowing the signal
+        _end_bars_on_signals()
 
 
 def end_bars_with_error(error, thread_ident=None):
@@ -1089,6 +1573,7 @@ def _arm_worker_exit():
     import multiprocessing.util
     multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
     # Only where SIGTERM would kill the process anyway: a handler of the program's own wins.
+    # (A fork child inherits the parent's _end_bars_then_die, which also flushes.)
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _flush_then_die)
@@ -1102,8 +1587,41 @@ def _flush_then_die(signum, frame):
         flusher = threading.Thread(target=sender.flush, daemon=True)
         flusher.start()
         flusher.join(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S) + 0.1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)  # and end as SIGTERM would have
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # and end as the signal would have
+
+
+# Signals whose default action ends the process: a scheduler's SIGTERM (scancel, a pod
+# eviction), SIGHUP from a closed terminal or ssh session.
+_ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _end_bars_on_signals():
+    """Where the program left SIGTERM and SIGHUP at their default (death), end its open bars
+    as `error` naming the signal before dying by it. A handler of the program's own is left
+    alone, and so is a process that is not its main thread here (Python allows no handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in _ENDING_SIGNALS:
+        try:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, _end_bars_then_die)
+        except (ValueError, OSError):
+            pass
+
+
+def _end_bars_then_die(signum, frame):
+    def end_and_flush():
+        end_bars_with_error("killed by %s" % signal.Signals(signum).name)
+        sender = _sender
+        if sender is not None:
+            sender.flush()
+    # In another thread, bounded: the signal may have stopped this one inside a lock.
+    ender = threading.Thread(target=end_and_flush, daemon=True)
+    ender.start()
+    ender.join(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S) + 0.1)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # and end as the signal would have
 
 
 def _after_fork_in_child():
@@ -1111,6 +1629,7 @@ def _after_fork_in_child():
     # parent's (same task ids), so the child neither sends nor ends them.
     global _sender, _sender_lock, _bars_lock, _open_bars, _held_closes, _held_order, _id_prefix
     _id_prefix = None  # a child must not make the task ids its parent makes
+    _transport.forget()
     _sender = None
     _sender_lock = threading.Lock()
     _bars_lock = threading.Lock()
@@ -1304,7 +1823,8 @@ def demo(bars=3, total=50, delay=0.05, server_url=None, token=None):
     sender = default_sender()
     started = time.time()
     meta = _clean_meta(dict(default_meta(), demo=True))
-    task_ids = ["demo-%s-%d" % (uuid.uuid4().hex[:8], index + 1) for index in range(bars)]
+    run = "demo-" + uuid.uuid4().hex[:8]
+    task_ids = ["%s-%d" % (run, index + 1) for index in range(bars)]
     units = ("it", "B", "img")
     for step in range(total + 1):
         for index, task_id in enumerate(task_ids):
@@ -1317,6 +1837,7 @@ def demo(bars=3, total=50, delay=0.05, server_url=None, token=None):
                 "total": total, "unit": units[index % len(units)],
                 "rate": n / elapsed if elapsed > 0 else None, "elapsed": elapsed,
                 "status": "close" if final else "running", "meta": meta,
+                "run": run, "run_name": "progressista demo",
                 "timestamp": time.time()}, push_every=0.1, final=final)
         if step < total:
             time.sleep(delay)
@@ -1394,7 +1915,8 @@ def run_program(target, args, module=False, server_url=None, token=None, push_ev
     """
     defaults = {key: value for key, value in (("unit", unit), ("meta", meta), ("headers", headers))
                 if value is not None}
-    run_dir = tempfile.mkdtemp(prefix="progressista-run-")
+    _remove_abandoned_run_dirs()
+    run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
     try:
         with open(os.path.join(run_dir, "sitecustomize.py"), "w") as file:
             file.write(_SITECUSTOMIZE)
@@ -1409,7 +1931,14 @@ def run_program(target, args, module=False, server_url=None, token=None, push_ev
             if value is not None:
                 env[name] = str(value)
         command = [sys.executable] + (["-m", target] if module else [target]) + list(args)
-        program_pid, returncode = _run_watched(command, env)
+        # One run for the program, its children and `run`'s own ending of their bars; named
+        # after the command line unless the caller named it.
+        env[ENV_RUN] = run_from_environment(env) or _process_run
+        if not env.get(ENV_RUN_NAME, "").strip():
+            import shlex
+            env[ENV_RUN_NAME] = _clip(" ".join(shlex.quote(part) for part in command[1:]),
+                                      MAX_RUN_NAME_CHARS)
+        program_pid, returncode = _run_watched(command, env, run_dir)
         _end_leftover_bars(run_dir, program_pid, returncode, server_url, token, headers,
                            request_timeout)
     finally:
@@ -1418,8 +1947,55 @@ def run_program(target, args, module=False, server_url=None, token=None, push_ev
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _run_watched(command, env):
+RUN_DIR_PREFIX = "progressista-run-"  # then the pid of `run`, a dash, and mkdtemp's letters
+PROGRAM_PID_FILE = "program.pid"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _remove_abandoned_run_dirs():
+    """Remove the folders of earlier runs killed by SIGKILL (no chance to clean up then):
+    ours, and neither that `run` nor the program it watched is alive."""
+    import shutil
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        owner = name[len(RUN_DIR_PREFIX):].split("-")[0]
+        if not (name.startswith(RUN_DIR_PREFIX) and owner.isdigit()):
+            continue
+        path = os.path.join(root, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or _alive(int(owner)):
+                continue
+            with open(os.path.join(path, PROGRAM_PID_FILE)) as file:
+                program_pid = int(file.read() or 0)
+        except FileNotFoundError:
+            program_pid = 0  # killed before it started the program
+        except (OSError, ValueError):
+            continue
+        if program_pid and _alive(program_pid):
+            continue  # the program outlived its `run`, and its processes still write here
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_watched(command, env, run_dir):
     child = subprocess.Popen(command, env=env)
+    try:
+        with open(os.path.join(run_dir, PROGRAM_PID_FILE), "w") as file:
+            file.write(str(child.pid))
+    except OSError:
+        pass
     forwarded = {}
 
     def forward(signum, frame):
@@ -1478,8 +2054,13 @@ def _end_leftover_bars(run_dir, program_pid, returncode, server_url, token, head
             continue
         # Greater than anything the program sent, whichever clock step it was at.
         sender._seq = max(sender._seq, int(state.pop("seq", 0) or 0))
+        if record.get("server_down"):
+            sender.known_down(endpoint)  # the program warned already: one warning, not two
         sender.put(endpoint, state, final=True)
     sender.flush()
+
+
+_process_run = _join_run()
 
 
 # Aliases

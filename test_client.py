@@ -1,4 +1,7 @@
-"""Tests of progressista_client.py: real server on an ephemeral port, real tqdm, real urllib.
+"""Tests of progressista_client.py: real server on an ephemeral port, real tqdm, real HTTP.
+
+The features added with protocol v2 have files of their own: test_client_live.py,
+test_client_endings.py, test_client_runs.py, test_client_transport.py.
 
 Timing is never synchronised by sleeping: `wait_for` polls a condition with a deadline,
 and the Sender's backoff and heartbeat are driven by an injected clock where the network
@@ -34,14 +37,15 @@ SUBPROCESS_TIMEOUT_S = 30
 # --- Helpers and fixtures ---
 
 class RecordingOpener:
-    """The real urllib opener, counting the requests it makes."""
+    """The real transport (one kept-alive connection per server), counting the requests."""
 
     def __init__(self):
         self.calls = 0
+        self.post = pc._PersistentPoster()
 
     def __call__(self, url, body, headers, timeout):
         self.calls += 1
-        return pc._urllib_post(url, body, headers, timeout)
+        return self.post(url, body, headers, timeout)
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +56,12 @@ def sender(monkeypatch):
                 "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "POD_NAME",
                 "KUBERNETES_SERVICE_HOST"):
             monkeypatch.delenv(name)
-    fresh = pc.Sender(opener=RecordingOpener(), backoff_initial_s=0.05, backoff_max_s=0.2)
+    opener = RecordingOpener()
+    fresh = pc.Sender(opener=opener, backoff_initial_s=0.05, backoff_max_s=0.2)
     monkeypatch.setattr(pc, "_sender", fresh)
     yield fresh
     fresh.stop()
+    opener.post.close()
 
 
 @pytest.fixture
