@@ -1127,6 +1127,11 @@ class WebKitPage(Page):
             png.write(base64.b64decode(data))
 
     def close(self):
+        # the session's windows share cookies and storage: leave none of this page's for the
+        # next one (cookies of the page's host, whatever the port; storage of its origin)
+        with contextlib.suppress(WebDriverError):
+            self.browser.request("DELETE", self.session + "/cookie")
+            self.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
         with contextlib.suppress(WebDriverError):
             self.browser.request("DELETE", self.session + "/window")
         self._post("/window", {"handle": self.browser.first_window})
