@@ -1099,14 +1099,16 @@ class WebKitPage(Page):
         # look until the page has the size, and measure the frame again once if not.
         for _ in range(2):
             frame = self.evaluate("() => [outerWidth - innerWidth, outerHeight - innerHeight]")
-            self._post("/window/rect", {"width": width + frame[0], "height": height + frame[1]})
+            rect = self._post("/window/rect", {"width": width + frame[0], "height": height + frame[1]})
+            if rect["width"] > width + frame[0]:   # the window will not get that narrow
+                break
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: self.evaluate("() => [innerWidth, innerHeight]") == [width, height],
                            RESIZE_TIMEOUT_S, "the window size")
                 return
-            inner = self.evaluate("() => [innerWidth, innerHeight]")
-            if inner[0] > width:   # the window will not get that narrow: no use trying again
+            if self.evaluate("() => innerWidth") > width:   # no narrower: no use trying again
                 break
+        inner = self.evaluate("() => [innerWidth, innerHeight]")
         self._unsupported(f"make a {width}x{height} viewport (MiniBrowser's window gives "
                           f"{inner[0]}x{inner[1]}: GTK sets a minimum window width)")
 
@@ -1127,6 +1129,11 @@ class WebKitPage(Page):
             png.write(base64.b64decode(data))
 
     def close(self):
+        # the session's windows share cookies and storage: leave none of this page's for the
+        # next one (cookies of the page's host, whatever the port; storage of its origin)
+        with contextlib.suppress(WebDriverError):
+            self.browser.request("DELETE", self.session + "/cookie")
+            self.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
         with contextlib.suppress(WebDriverError):
             self.browser.request("DELETE", self.session + "/window")
         self._post("/window", {"handle": self.browser.first_window})

@@ -173,6 +173,26 @@ def test_console_messages_errors_and_csp_violations_are_seen_on_every_engine(pag
     assert page.evaluate("() => window.__injected") is None
 
 
+def test_a_new_page_keeps_no_cookie_or_storage_of_the_last_one(browser, clean_server):
+    # tests must not leak a token cookie or saved view into the next one (WebKit's windows
+    # share one cookie jar and storage: the harness clears them when a page closes)
+    first = browser.new_page()
+    try:
+        open_dashboard(first, clean_server)
+        first.evaluate("""() => { document.cookie = 'left=behind; path=/';
+            localStorage.setItem('left', 'behind'); sessionStorage.setItem('left', 'behind'); }""")
+        assert "left=behind" in first.evaluate("() => document.cookie")
+    finally:
+        first.close()
+    second = browser.new_page()
+    try:
+        open_dashboard(second, clean_server)
+        assert second.evaluate("""() => [document.cookie, localStorage.getItem('left'),
+            sessionStorage.getItem('left')]""") == ["", None, None]
+    finally:
+        second.close()
+
+
 def test_numbers_are_formatted_as_tqdm_formats_them(page, clean_server):
     tqdm = pytest.importorskip("tqdm").tqdm
     open_dashboard(page, clean_server)
