@@ -68,7 +68,7 @@ __all__ = [
     "main",
     "validate_update",
 ]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 log = logging.getLogger("progressista")
 # The Sans-I/O layer logs every frame at debug level; --log-level debug means one line

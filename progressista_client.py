@@ -52,7 +52,7 @@ __all__ = [
     "Sender", "Endpoint", "make_endpoint", "normalize_server_url", "default_meta",
     "default_sender", "send_update", "flush", "demo", "run_program", "run_from_environment",
 ]
-__version__ = "1.0.0"
+__version__ = "0.4.0"  # one version for the package: progressista.__version__
 
 log = logging.getLogger("progressista.client")
 
@@ -1813,8 +1813,12 @@ def install_run_hook():
 
 # --- demo and run ---
 
+DEMO_INNER_STEPS = 5  # batches of each demo bar's nested inner bar, per step
+
+
 def demo(bars=3, total=50, delay=0.05, server_url=None, token=None):
-    """Send `bars` fake bars to the server, moving to `total` and closing; return an exit status."""
+    """Send `bars` fake bars of one run to the server, each with a nested inner bar, moving
+    to `total` and closing; return an exit status."""
     try:
         endpoint = make_endpoint(server_url, token)
     except ValueError as error:
@@ -1827,20 +1831,30 @@ def demo(bars=3, total=50, delay=0.05, server_url=None, token=None):
     task_ids = ["%s-%d" % (run, index + 1) for index in range(bars)]
     units = ("it", "B", "img")
     for step in range(total + 1):
-        for index, task_id in enumerate(task_ids):
-            # Each bar has its own pace curve; all of them reach `total` at the last step.
-            n = int(total * (step / total) ** (index + 1)) if total else 0
+        final = step == total
+        for sub_step in range(1 if final else DEMO_INNER_STEPS):
             elapsed = time.time() - started
-            final = step == total
-            sender.put(endpoint, {
-                "task_id": task_id, "desc": "demo bar %d" % (index + 1), "n": n,
-                "total": total, "unit": units[index % len(units)],
-                "rate": n / elapsed if elapsed > 0 else None, "elapsed": elapsed,
-                "status": "close" if final else "running", "meta": meta,
-                "run": run, "run_name": "progressista demo",
-                "timestamp": time.time()}, push_every=0.1, final=final)
-        if step < total:
-            time.sleep(delay)
+            for index, task_id in enumerate(task_ids):
+                common = {"unit_scale": False, "elapsed": elapsed, "meta": meta, "run": run,
+                          "run_name": "progressista demo", "timestamp": time.time(),
+                          "status": "close" if final else "running"}
+                if sub_step == 0:
+                    # Each bar has its own pace curve; all reach `total` at the last step.
+                    n = int(total * (step / total) ** (index + 1)) if total else 0
+                    sender.put(endpoint, dict(
+                        common, task_id=task_id, desc="demo bar %d" % (index + 1), n=n,
+                        total=total, unit=units[index % len(units)],
+                        rate=n / elapsed if elapsed > 0 else None), push_every=0.1,
+                        final=final)
+                # Its inner loop, nested under it (as tqdm's nested bars are): a pass of
+                # DEMO_INNER_STEPS batches per step, reset at each step.
+                inner = DEMO_INNER_STEPS if final else sub_step + 1
+                sender.put(endpoint, dict(
+                    common, task_id=task_id + ".batches", desc="batches", n=inner,
+                    total=DEMO_INNER_STEPS, unit="batch", parent=task_id,
+                    rate=None), push_every=0.1, final=final)
+            if not final:
+                time.sleep(delay / DEMO_INNER_STEPS)
     timeout = max(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S), endpoint.timeout + 1)
     if sender.flush(timeout):
         print("progressista demo: sent %d bar%s to %s" % (bars, "" if bars == 1 else "s", endpoint.url))

@@ -964,8 +964,14 @@ def test_demo_sends_bars_that_all_end_closed(server):
     result = run_cli("demo", "--bars", "2", "--total", "5", "--delay", "0.01",
                      "--server-url", server.url)
     assert result.returncode == 0, result.stderr
-    assert sorted((t["status"], t["n"]) for t in tasks(server).values()) == [
+    sent = tasks(server).values()
+    assert sorted((t["status"], t["n"]) for t in sent if t["parent"] is None) == [
         ("close", 5), ("close", 5)]
+    inner = [t for t in sent if t["parent"] is not None]  # each bar's nested inner bar
+    assert sorted(t["parent"] for t in inner) == sorted(
+        t["task_id"] for t in sent if t["parent"] is None)
+    assert {(t["status"], t["n"], t["total"]) for t in inner} == {("close", 5, 5)}
+    assert len({t["run"] for t in sent}) == 1  # one run
 
 
 @pytest.mark.parametrize("suffix, token, status", [

@@ -276,3 +276,8 @@ def test_readme_stays_the_front_door():
     assert 'pip install -q -e ".[test]" && python -m pytest -q' in readme.split("## ")[0]
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as file:
         assert 'pip install -q -e ".[test]" && python -m pytest -q' in file.read()
+
+
+def test_the_server_and_the_client_are_one_version():
+    import progressista_client
+    assert progressista_client.__version__ == progressista.__version__

@@ -18,8 +18,11 @@ and prints:
 Figures are this process's CPU time (on an idle machine, the wall time); they still
 move with the machine's load (caches, frequency): the first line prints the load average.
 
-No server and no sockets: the HTTP-level figure comes from the server's benchmark once
-GET /runs is routed.
+With --http it measures the real server instead (a subprocess, driven by Debian's wrk
+as bench_server.py does): single-update ingest where every update names one of 1,000
+runs, against the same load without runs, in alternate rounds (target: at least 0.9x
+the requests/s, and the server CPU per request beside it); then GET /runs over HTTP with
+--tasks tasks in --runs runs (target: under 50 ms, wall time, median of 20).
 """
 
 import argparse
@@ -32,6 +35,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_server, for --http
 
 import progressista  # noqa: E402  (after the path set-up above)
 
@@ -94,6 +98,66 @@ def ingest(store, index, batches, now):
         changed(apply(batch, now))
 
 
+def http_part(args):
+    """The server's figures: ingest with and without runs, and GET /runs."""
+    import http.client
+    import tempfile
+    import bench_server as bench
+
+    class WrkArgs:  # what bench_server's wrk driver reads
+        threads, connections = 1, 8
+        wrk = bench.shutil.which("wrk") or "/usr/bin/wrk"
+
+    logdir = tempfile.mkdtemp(prefix="progressista-bench-runs-")
+    port = bench.free_port()
+    server = bench.Child("server", [sys.executable, os.path.join(bench.ROOT, "progressista.py"),
+                                    "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                                    "warning", "--max-tasks", str(args.tasks * 2)], logdir)
+    try:
+        bench.wait_http(port, server)
+        bench.run_wrk_timed(WrkArgs, port, 1, "single", "w0000001", [server], args.runs)
+        plain, with_runs = [], []
+        for round_number in range(args.rounds):
+            for runs, into in ([(0, plain), (args.runs, with_runs)] if round_number % 2 == 0
+                               else [(args.runs, with_runs), (0, plain)]):
+                run = bench.run_wrk_timed(WrkArgs, port, args.seconds, "single",
+                                          "r%07d" % runs, [server], runs)
+                bench.show(f"{'with' if runs else 'without'} runs, round {round_number + 1}",
+                           run, "server")
+                into.append(run)
+        best_plain = max(run["rps"] for run in plain)
+        best_runs = max(run["rps"] for run in with_runs)
+        cpu = [min(run["cpu_s"]["server"] * 1e6 / run["requests"] for run in runs)
+               for runs in (plain, with_runs)]
+        print(f"single-update ingest, every update in one of {args.runs:,} runs: "
+              f"{best_runs:,.0f} req/s against {best_plain:,.0f} without runs: "
+              f"x{best_runs / best_plain:.2f} (target >= 0.9); CPU per request "
+              f"{cpu[1]:.1f} us against {cpu[0]:.1f} us (x{cpu[1] / cpu[0]:.2f})")
+        bench.request(port, "DELETE", "/tasks")
+        for start in range(0, args.tasks, 1000):
+            batch = [{"task_id": f"t{i:07d}", "run": f"run-{i % args.runs:04d}", "n": i % 97,
+                      "total": 100, "meta": {"host": f"node-{i % 16:02d}"}}
+                     for i in range(start, min(start + 1000, args.tasks))]
+            status, body = bench.request(port, "POST", "/progress", json.dumps(batch).encode())
+            assert status == 200, body
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        took = []
+        for _ in range(20):
+            started = time.perf_counter()
+            connection.request("GET", "/runs")
+            response = connection.getresponse()
+            body = response.read()
+            took.append(time.perf_counter() - started)
+        runs_seen = len(json.loads(body)["runs"])
+        connection.close()
+        print(f"GET /runs with {args.tasks:,} tasks in {runs_seen:,} runs: "
+              f"{statistics.median(took) * 1000:.1f} ms (median of 20, wall; "
+              f"{len(body) / 1024:.0f} KiB; target < 50 ms)")
+    finally:
+        bench.stop_all()
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=100_000)
@@ -101,7 +165,12 @@ def main(argv=None):
     parser.add_argument("--updates", type=int, default=20_000,
                         help="single updates per ingest round")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--http", action="store_true",
+                        help="measure the real server over HTTP instead (needs wrk)")
+    parser.add_argument("--seconds", type=int, default=4, help="seconds per wrk run (--http)")
     args = parser.parse_args(argv)
+    if args.http:
+        return http_part(args)
     rng = random.Random(42)
 
     store = progressista.MemoryStore(max_tasks=args.tasks * 2)

@@ -222,13 +222,14 @@ def start_floor(logdir):
 SEQ = [1]  # every wrk run starts its seq above the previous run's: all updates apply
 
 
-def run_wrk(args, port, seconds, mode, tag, watched):
-    """Run wrk for `seconds`; return its figures and the CPU each watched child used."""
+def run_wrk(args, port, seconds, mode, tag, watched, runs=0):
+    """Run wrk for `seconds`; return its figures and the CPU each watched child used.
+    `runs` > 0: each update names one of that many runs (bench_runs.py --http)."""
     seq0 = SEQ[0]
     SEQ[0] += 500_000_000
     argv = [args.wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s",
             "--timeout", "5s", "-s", LUA, f"http://127.0.0.1:{port}", "--",
-            mode, str(IDS), str(BATCH), str(seq0), tag]
+            mode, str(IDS), str(BATCH), str(seq0), tag, str(runs)]
     before = {child.name: cpu_ticks(child.pid) for child in watched}
     busy_before = machine_busy_ticks()
     wall = time.monotonic()
@@ -260,10 +261,10 @@ def run_wrk(args, port, seconds, mode, tag, watched):
 OTHERS = []  # how many cores other processes kept busy, per measurement
 
 
-def run_wrk_timed(args, port, seconds, mode, tag, watched):
+def run_wrk_timed(args, port, seconds, mode, tag, watched, runs=0):
     """run_wrk, plus the CPU wrk itself used (a reaped child: RUSAGE_CHILDREN)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = run_wrk(args, port, seconds, mode, tag, watched)
+    result = run_wrk(args, port, seconds, mode, tag, watched, runs)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result["wrk_cpu_s"] = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     others = result["busy_ticks"] / TICKS - result["wrk_cpu_s"]

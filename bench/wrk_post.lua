@@ -9,10 +9,12 @@
 -- SEQ0  first seq; seq grows by one per update, so every update is applied (never
 --       ignored as a retry) even when several runs hit the same server: give each
 --       run a SEQ0 above the last one's.
+-- RUNS  (optional) when > 0, each update names one of RUNS runs ("run":"run-0007"):
+--       bench_runs.py --http compares that load with the same without runs.
 -- Bodies are built in request(), so each carries a fresh seq/n/timestamp. done() prints
 -- one line "WRK_JSON {...}" that the bench parses.
 
-local mode, ids, batch, seq, tag = "single", 1000, 100, 1, "bench"
+local mode, ids, batch, seq, tag, runs = "single", 1000, 100, 1, "bench", 0
 local task_ids = {}
 local counter = 0
 local head
@@ -30,6 +32,7 @@ function init(args)
    batch = tonumber(args[3] or batch)
    seq = tonumber(args[4] or seq)
    tag = args[5] or tag
+   runs = tonumber(args[6] or runs)
    local t = tonumber(tid or 0)  -- a global, set by setup() in the main state
    for i = 1, ids do
       -- 32 hex digits, like uuid4().hex: TAG (8 hex digits), thread, scrambled index
@@ -44,8 +47,10 @@ end
 local function update(i, s)
    local total = 10000
    local n = s % total
-   return string.format(
-      '{"task_id":"%s","desc":"train epoch %d","n":%d,"total":%d,"unit":"it",' ..
+   local run = ""
+   if runs > 0 then run = string.format('"run":"run-%04d",', i % runs) end
+   return "{" .. run .. string.format(
+      '"task_id":"%s","desc":"train epoch %d","n":%d,"total":%d,"unit":"it",' ..
       '"unit_scale":false,"unit_divisor":1000,"rate":%.2f,"elapsed":%.3f,' ..
       '"postfix":"loss=0.%04d","status":"running",' ..
       '"meta":{"host":"node-%02d","pid":%d,"job":"job-4711"},"seq":%d,"timestamp":%.3f}',
