@@ -3001,9 +3001,10 @@ def _family(name, kind, help_text, samples):
 
 def render_metrics(metrics, gauges):
     """The Prometheus text exposition of `metrics` (counters) and `gauges`, a dict of what
-    is true now: tasks_by_status, listeners, connections, store_kind, store_up,
-    store_errors, notifications (outcome -> count)."""
+    is true now: tasks_by_status, runs_by_status (optional), listeners, connections,
+    store_kind, store_up, store_errors, notifications (outcome -> count)."""
     tasks_by_status = gauges["tasks_by_status"]
+    runs_by_status = gauges.get("runs_by_status") or {}
     lines = []
     lines += _family("progressista_info", "gauge", "The server's version and store.",
                      [((("version", __version__), ("store", gauges["store_kind"])), 1)])
@@ -3012,6 +3013,10 @@ def render_metrics(metrics, gauges):
                      [((), repr(float(metrics.started_at)))])
     lines += _family("progressista_tasks", "gauge", "Tasks stored now, by status.",
                      [((("status", status),), tasks_by_status.get(status, 0))
+                      for status in STATUSES])
+    lines += _family("progressista_runs", "gauge",
+                     "Runs (the tasks sharing a run id) now, by the run's status.",
+                     [((("status", status),), runs_by_status.get(status, 0))
                       for status in STATUSES])
     lines += _family("progressista_updates_received_total", "counter",
                      "Valid task updates accepted by POST /progress.",
@@ -4579,7 +4584,15 @@ class App:
     def gauges(self):
         """What the server counts live, for /health and /metrics."""
         return {"listeners": len(self.hub), "connections": len(self.connections),
-                "notifications": self.notification_outcomes()}
+                "notifications": self.notification_outcomes(),
+                "runs_by_status": self.runs_by_status()}
+
+    def runs_by_status(self):
+        # From the run index's cached summaries: O(runs), not O(tasks), per scrape.
+        counts = dict.fromkeys(STATUSES, 0)
+        for summary in self.runs.summaries(self.clock()).values():
+            counts[summary["status"]] = counts.get(summary["status"], 0) + 1
+        return counts
 
     def notification_outcomes(self):
         outcomes = dict.fromkeys(NOTIFY_OUTCOMES, 0)
