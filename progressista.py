@@ -418,8 +418,8 @@ SETTINGS_TABLE = (
              "webhook URL to POST to when a task closes, fails or goes stale (repeatable; "
              "the variable: comma-separated)"),
     _Setting("notify_on", "NOTIFY_ON", _notify_events,
-             "which of close, error, stale, stalled are notified (comma-separated; "
-             "default close,error,stale)"),
+             "which of close, error, stale, stalled are notified; close and error also "
+             "choose how a run's end is told (comma-separated; default close,error,stale)"),
     _Setting("notify_min_duration", "NOTIFY_MIN_DURATION", _seconds,
              "a task that ran less than this many seconds is not notified; 0 notifies all"),
     _Setting("notify_interval", "NOTIFY_INTERVAL", _positive_seconds,
@@ -2471,9 +2471,10 @@ def snapshot_chunks(store, clock, thresholds, runs=None, chunk_tasks=None):
 
 
 # --- Notifications ---------------------------------------------------------------------
-# When a task closes, fails or goes stale, a message to webhooks. The pure part decides
-# which changes are events and turns a window of them into one message (`Notifier`,
-# `notify_event()`, `notify_message()`); one daemon thread per webhook does the POSTs
+# When a task closes, fails or goes stale, or a run ends, a message to webhooks. The pure
+# part decides which changes are events and turns a window of them into one message
+# (`Notifier`, `notify_event()`, `run_event()`, `notify_message()`); one daemon thread per
+# webhook does the POSTs
 # (`WebhookSender`), so a slow or dead webhook never holds up the event loop or ingest.
 
 NOTIFY_TIMEOUT_S = 10.0  # one POST to a webhook is given up after this long
@@ -2487,6 +2488,7 @@ NOTIFY_MAX_EVENTS = 1000  # events listed in one message; its `count` has them a
 NOTIFY_MAX_LINES = 20  # event lines in a message's text, then "... and N more"
 NOTIFY_NAME_CHARS = 100  # of a desc or task id in a text line
 NOTIFY_ERROR_CHARS = 300  # of an error in a text line (the event has all of it)
+NOTIFY_RUN_HOSTS = 3  # hosts named in a run's line, then "and N more"
 NOTIFY_READ_BYTES = 1024  # of a webhook's answer: kept only for the log
 NOTIFY_LOG_BODY_CHARS = 200  # of a refusing webhook's answer, in the log
 DISCORD_MAX_CHARS = 2000  # Discord refuses a longer `content`
@@ -2510,6 +2512,27 @@ def notify_event(task, event, now):
     task's fields as GET /tasks shows them, plus `event`, `duration` and `at`."""
     return {"event": event, **task.as_dict(), "status": event,
             "duration": task_duration(task), "at": now}
+
+
+def run_event(summary, tasks, now):
+    """The JSON-able event for a run whose end is news (RunIndex.ended_runs): its summary
+    (PROTOCOL.md "Runs") plus `event` ("run"), `duration`, `failed`, `at` and, when a bar
+    failed, `first_error`: the task_id, desc, meta and whole error of the first to fail.
+
+    `duration` runs from the earliest start any bar reports (its `updated_at` less its
+    duration, so a sender's `elapsed` counts) to the run's `ended_at`."""
+    ended_at = summary["ended_at"] if summary["ended_at"] is not None else summary["updated_at"]
+    started_at = min((task.updated_at - task_duration(task) for task in tasks),
+                     default=summary["created_at"])
+    failed = sorted((task for task in tasks if task.status == "error"),
+                    key=lambda task: (task.updated_at, task.task_id))
+    event = {"event": "run", **summary, "duration": max(ended_at - started_at, 0.0),
+             "failed": len(failed), "at": now}
+    if failed:
+        first = failed[0]
+        event["first_error"] = {"task_id": first.task_id, "desc": first.desc,
+                                "meta": first.meta, "error": first.error}
+    return event
 
 
 def _one_line(text, limit):
@@ -2589,17 +2612,54 @@ def _error_summary(error):
     return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
-def event_line(event):
-    """One line a person reads, e.g. '(check mark) train (task abc): done 1000/1000 it in
-    1:02:03', '(cross) etl (task x): failed at 50/100 it: KeyError: 'date''."""
-    task_id = _one_line(event["task_id"], NOTIFY_NAME_CHARS)
-    who = f"task {task_id}"
-    if event.get("desc"):
-        who = f"{_one_line(event['desc'], NOTIFY_NAME_CHARS)} ({who})"
-    host = (event.get("meta") or {}).get("host")
+def _task_who(task):
+    # 'train (task abc) on node7' from a task's wire form (an event, a first_error).
+    who = "task " + _one_line(task["task_id"], NOTIFY_NAME_CHARS)
+    if task.get("desc"):
+        who = f"{_one_line(task['desc'], NOTIFY_NAME_CHARS)} ({who})"
+    host = (task.get("meta") or {}).get("host")
     if isinstance(host, str) and host:
         who += " on " + _one_line(host, NOTIFY_NAME_CHARS)
+    return who
+
+
+def _plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def run_line(event):
+    """A run's end in one line: '(check mark) exp-142 on gpu-01, gpu-02: 16 bars done in
+    1:02:03', '(cross) exp-142 on gpu-01: 2 of 16 bars failed in 05:07; first: rank3
+    (task r3) on gpu-01: KeyError: 'date''. The run id follows a name that differs."""
+    who = _one_line(event["name"], NOTIFY_NAME_CHARS)
+    if event["name"] != event["run"]:
+        who += f" (run {_one_line(event['run'], NOTIFY_NAME_CHARS)})"
+    hosts = [_one_line(host, NOTIFY_NAME_CHARS) for host in event.get("hosts") or ()]
+    if hosts:
+        who += " on " + ", ".join(hosts[:NOTIFY_RUN_HOSTS])
+        if len(hosts) > NOTIFY_RUN_HOSTS:
+            who += f" and {len(hosts) - NOTIFY_RUN_HOSTS} more"
+    took = format_interval(event["duration"])
+    if event["status"] != "error":
+        return f"{NOTIFY_MARKS['close']} {who}: {_plural(event['tasks'], 'bar')} done in {took}"
+    said = f"{event['failed']} of {_plural(event['tasks'], 'bar')} failed in {took}"
+    first = event.get("first_error")
+    if first:
+        said += "; first: " + _task_who(first)
+        summary = _error_summary(first.get("error") or "")
+        if summary:
+            said += ": " + _one_line(summary, NOTIFY_ERROR_CHARS)
+    return f"{NOTIFY_MARKS['error']} {who}: {said}"
+
+
+def event_line(event):
+    """One line a person reads, e.g. '(check mark) train (task abc): done 1000/1000 it in
+    1:02:03', '(cross) etl (task x): failed at 50/100 it: KeyError: 'date''; a run's end
+    as run_line() says it."""
     kind = event["event"]
+    if kind == "run":
+        return run_line(event)
+    who = _task_who(event)
     if kind == "close":
         said = f"done {_progress(event)} in {format_interval(event['duration'])}"
     elif kind == "error":
@@ -2654,7 +2714,12 @@ class Notifier:
     injected clock for the windows), handed to the webhook senders.
 
     Feed it every change with `observe()` and call `tick(now)` often (the broadcast loop
-    does both); `close(now)` sends the current window at once, at shutdown."""
+    does both), and the runs whose end is news with `runs_ended()` (the sweep does);
+    `close(now)` sends the current window at once, at shutdown.
+
+    A bar of a run is told when it fails, goes stale or stalls, never when it closes: its
+    run's end says that, once, in one line (close for a run whose bars all closed, error
+    for one with a failed bar; `notify_on` chooses these words for runs too)."""
 
     def __init__(self, notify_on=NOTIFY_DEFAULT_EVENTS, min_duration_s=0.0,
                  interval_s=NOTIFY_INTERVAL_S, server="", senders=(), clock=time.monotonic):
@@ -2707,13 +2772,28 @@ class Notifier:
             if notified.get(task_id) == status or task_duration(task) < self.min_duration_s:
                 continue
             notified[task_id] = status
-            if sending:
+            if sending and not (status == "close" and task.run is not None):
                 events.append(notify_event(task, status, now))
         # The feed lists tasks in the order they first changed; the sort is stable, so the
         # events of one request keep the order the sender gave them.
         events.sort(key=lambda event: event["updated_at"])
         for event in events:
             self.add(event)
+
+    def runs_ended(self, run_ids, runs, store, now):
+        """One event per run in `run_ids` (RunIndex.ended_runs: each is news once) whose
+        status, close or error, is in notify_on and which ran min_duration_s or more."""
+        if not getattr(store, "is_sweeper", True):  # with Redis, the sweeper tells
+            return
+        for run_id in run_ids:
+            summary = runs.summary(run_id, now)
+            if summary is None or summary["status"] not in self.notify_on:
+                continue
+            tasks = [task for task in map(store.get, runs.task_ids(run_id, now))
+                     if task is not None]
+            event = run_event(summary, tasks, now)
+            if event["duration"] >= self.min_duration_s:
+                self.add(event)
 
     def add(self, event):
         if self.window_ends_at is None:
@@ -4649,6 +4729,8 @@ class App:
         ended = self.runs.ended_runs(self.clock())
         if ended:
             self.feed.runs_ended(ended)
+            if self.notifier is not None:
+                self.notifier.runs_ended(ended, self.runs, self.store, self.clock())
 
     def reap(self):
         """Let every connection keep its deadlines: close the late, ping the listeners."""
