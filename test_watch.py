@@ -389,7 +389,7 @@ def test_once_prints_the_table_whole_when_not_a_terminal(shared_server):
     assert "\x1b" not in result.stdout
     assert result.stdout.startswith(f"progressista · {shared_server.url} · ")
     assert f"      {long_desc}:  50%|█████     | 5/10 [00:03<" in result.stdout
-    assert re.search(r"^error once-failed:  25%\|.*\]  OSError: disk full$", result.stdout,
+    assert re.search(r"^error once-failed: +25%\|.*\]  OSError: disk full$", result.stdout,
                      re.MULTILINE)
 
 
