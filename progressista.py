@@ -5001,7 +5001,9 @@ def build_parser():
         "watch", help="show the server's bars live in this terminal",
         description="Draw the server's tasks as live tqdm bars, one line each, redrawn in "
                     "place and fitted to the terminal: unfinished tasks first (oldest "
-                    "first), then errors and done tasks (latest first). Reconnects by itself.")
+                    "first), then errors and done tasks (latest first). With runs, one row "
+                    "per run with its bars indented under it (--runs: the run rows only; "
+                    "--bars: the flat list). Reconnects by itself.")
     watch.add_argument("--server", "--server-url", dest="server", metavar="URL",
                        help=f"the server; a client URL ending in /progress works too "
                             f"[env PROGRESSISTA_SERVER_URL; default {WATCH_DEFAULT_SERVER}]")
@@ -5555,7 +5557,8 @@ def _row_label(kind, item, depth):
     if kind == "run":
         label = _printable(item.get("name") or item.get("run") or "")
     else:
-        label = " " * (depth * INDENT_CELLS) + _printable(item.get("desc") or item.get("task_id") or "")
+        label = " " * (depth * INDENT_CELLS) + _printable(item.get("desc")
+                                                          or item.get("task_id") or "")
     return label + ":" if label.strip() else label
 
 
