@@ -461,6 +461,23 @@ def test_run_shorter_than_the_minimum_duration_is_not_told():
             assert [event.get("run") for event in told(server)] == ["long"]
 
 
+def test_run_that_ended_before_a_restart_is_not_told_again(tmp_path):
+    store = "sqlite://" + str(tmp_path / "tasks.db")
+    two_minutes_ago = Clock()
+    two_minutes_ago.offset = -120
+    with running_server(store=store, clock=two_minutes_ago) as server:
+        post_ok(server, [{"task_id": "a", "run": "old-run", "status": "close"},
+                         {"task_id": "b", "run": "old-run", "status": "error", "error": "x"}])
+    with receiver_at() as receiver:
+        with notifying(receiver, store=store, cleanup_interval=0.02) as server:
+            post_ok(server, {"task_id": "new", "n": 1, "status": "close"})
+            wait_for(lambda: events_for(receiver, "new"), message="the new close")
+            sweep(server)  # a sweep after the restart's first: the old run stays told
+            post_ok(server, {"task_id": "newer", "n": 1, "status": "close"})
+            wait_for(lambda: events_for(receiver, "newer"), message="the newer close")
+        assert [event.get("task_id") for event in receiver.events()] == ["new", "newer"]
+
+
 def test_with_redis_a_runs_end_comes_from_the_sweeper_only(redis_server):
     clock = FakeClock()
     with receiver_at() as receiver:
