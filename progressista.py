@@ -5443,15 +5443,21 @@ def run_matches(summary, text_filter=None, status=None):
     return any(needle in str(text).casefold() for text in haystack if text)
 
 
-def _bar_tree(bars):
-    # (bar, depth) in the order a tree reads: each bar's children right under it, at one
-    # more level; siblings as order_tasks() puts them. A bar whose parent is not listed
-    # (or a cycle of parents) starts at the top; depth stops growing at RUN_MAX_DEPTH.
+def _bar_tree(bars, fold=False):
+    # (kind, bar, depth) in the order a tree reads: each bar's children right under it,
+    # at one more level; siblings as order_tasks() puts them. A bar whose parent is not
+    # listed (or a cycle of parents) starts at the top; depth stops growing at
+    # RUN_MAX_DEPTH. With `fold`, a parent's finished leave=False children are one
+    # ("folded", count, depth) row under it, as the dashboard folds them: a 100-epoch
+    # job does not leave 100 finished inner rows.
     listed = {bar.get("task_id") for bar in bars}
-    children, top = {}, []
+    children, top, folded = {}, [], {}
     for bar in bars:
         parent = bar.get("parent")
         if isinstance(parent, str) and parent in listed and parent != bar.get("task_id"):
+            if fold and bar.get("transient") is True and bar.get("status") == "close":
+                folded[parent] = folded.get(parent, 0) + 1
+                continue
             children.setdefault(parent, []).append(bar)
         else:
             top.append(bar)
@@ -5459,10 +5465,13 @@ def _bar_tree(bars):
 
     def visit(bar, depth):
         seen.add(bar.get("task_id"))
-        rows.append((bar, depth))
+        rows.append(("bar", bar, depth))
+        inner = min(depth + 1, RUN_MAX_DEPTH)
         for child in order_tasks(children.get(bar.get("task_id"), ())):
             if child.get("task_id") not in seen:
-                visit(child, min(depth + 1, RUN_MAX_DEPTH))
+                visit(child, inner)
+        if bar.get("task_id") in folded:
+            rows.append(("folded", folded[bar.get("task_id")], inner))
 
     for bar in order_tasks(top):
         visit(bar, 0)
@@ -5472,14 +5481,15 @@ def _bar_tree(bars):
     return rows
 
 
-def watch_rows(tasks, runs, view="tree", text_filter=None, status=None):
-    """What `watch` lists, in order, as (kind, item, depth): ("run", summary, 0) rows and
-    ("bar", task, depth) rows. `view` "bars" is the flat list of matching tasks; "tree"
-    has one row per run (ordered as order_tasks orders bars) with its bars under it,
-    nested by parent; "runs" the run rows alone. In both, bars without a run (or whose
-    run has no summary) follow the runs, flat. A run is listed when its own row matches
-    the filters (run_matches) or one of its bars does; under it come the bars that match,
-    or all of them when only the run's row did."""
+def watch_rows(tasks, runs, view="tree", text_filter=None, status=None, fold=True):
+    """What `watch` lists, in order, as (kind, item, depth): ("run", summary, 0) rows,
+    ("bar", task, depth) rows and ("folded", count, depth) rows. `view` "bars" is the flat
+    list of matching tasks; "tree" has one row per run (ordered as order_tasks orders
+    bars) with its bars under it, nested by parent; "runs" the run rows alone. In both,
+    bars without a run (or whose run has no summary) follow the runs, flat. A run is
+    listed when its own row matches the filters (run_matches) or one of its bars does;
+    under it come the bars that match, or all of them when only the run's row did. In
+    "tree" with `fold` and no filter, finished leave=False bars fold into their parent."""
     if view == "bars" or not runs:
         matching = [task for task in tasks.values() if task_matches(task, text_filter, status)]
         return [("bar", task, 0) for task in order_tasks(matching)]
@@ -5499,7 +5509,8 @@ def watch_rows(tasks, runs, view="tree", text_filter=None, status=None):
             continue
         rows.append(("run", summary, 0))
         if view == "tree":
-            rows += [("bar", bar, depth + 1) for bar, depth in _bar_tree(matching or bars)]
+            nested = _bar_tree(matching or bars, fold and not text_filter and not status)
+            rows += [(kind, item, depth + 1) for kind, item, depth in nested]
     matching = [task for task in loose if task_matches(task, text_filter, status)]
     return rows + [("bar", task, 0) for task in order_tasks(matching)]
 
@@ -5554,6 +5565,8 @@ def _status_counts(tasks):
 
 def _row_label(kind, item, depth):
     # As _label_columns() shows it, colon included.
+    if kind == "folded":
+        return ""  # its text is not a label: it takes the row
     if kind == "run":
         label = _printable(item.get("name") or item.get("run") or "")
     else:
@@ -5595,8 +5608,8 @@ def render_table(tasks, now, width=None, height=None, text_filter=None, status=N
     shown = rows if room >= len(rows) else rows[:max(0, room - 1)]
     # The status column widens for "stalled" only when a row says it: the usual table
     # keeps its bars where they were.
-    column_cells = (STALLED_COLUMN_CELLS if any(item.get("status") == "stalled"
-                                                for _, item, _ in shown)
+    column_cells = (STALLED_COLUMN_CELLS if any(kind != "folded" and item.get("status") == "stalled"
+                                                for kind, item, _ in shown)
                     else STATUS_COLUMN_CELLS)
     label_cells = max((_cells(_row_label(kind, item, depth)) for kind, item, depth in shown),
                       default=0)
@@ -5605,10 +5618,13 @@ def render_table(tasks, now, width=None, height=None, text_filter=None, status=N
     label_cells = min(label_cells, WHOLE_LABEL_CELLS if width is None else max(
         MIN_LABEL_CELLS, int((width - column_cells) * LABEL_SHARE)))
     host_cells = min(HOST_COLUMN_MAX_CELLS, max(
-        (_cells(run_hosts(item) if kind == "run" else task_host(item)) for kind, item, _ in shown),
-        default=0))
+        (_cells(run_hosts(item) if kind == "run" else task_host(item))
+         for kind, item, _ in shown if kind != "folded"), default=0))
     for kind, item, depth in shown:
-        if kind == "run":
+        if kind == "folded":
+            lines.append(_fit(_status_column("close", column_cells) + " " * (depth * INDENT_CELLS)
+                              + f"+{item} finished inner bar{'' if item == 1 else 's'}", width))
+        elif kind == "run":
             lines.append(format_run_row(item, now, width, ascii=ascii, column_cells=column_cells,
                                         label_cells=label_cells, host_cells=host_cells))
         else:
@@ -5618,7 +5634,7 @@ def render_table(tasks, now, width=None, height=None, text_filter=None, status=N
     if len(shown) < len(rows):
         hidden = rows[len(shown):]
         hidden_bars = [item for kind, item, _ in hidden if kind == "bar"]
-        hidden_runs = len(hidden) - len(hidden_bars)
+        hidden_runs = sum(kind == "run" for kind, _, _ in hidden)
         said = ([f"{hidden_runs} run{'' if hidden_runs == 1 else 's'}"] if hidden_runs else []) + (
             [_status_counts(hidden_bars)] if hidden_bars else [])
         lines.append(f"+{len(hidden)} more ({'; '.join(said)})")
@@ -6009,7 +6025,7 @@ def _watch_once(args, base, headers, screen, ascii):
     now = _number_or(snapshot.get("now"), None) or time.time()
     if args.json:  # what the table would show, in its order
         rows = watch_rows(tasks, runs, view or ("tree" if runs else "bars"), args.filter,
-                          args.status)
+                          args.status, fold=False)  # data: every bar, folded or not
         shown = {"tasks": {item["task_id"]: item for kind, item, _ in rows if kind == "bar"}}
         if view != "bars":
             shown["runs"] = {item["run"]: item for kind, item, _ in rows if kind == "run"}

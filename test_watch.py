@@ -390,6 +390,24 @@ def test_run_table_cut_to_the_height_says_how_many_runs_and_bars_are_hidden():
     assert lines[-1] == "+5 more (1 run; 2 running, 1 done, 1 error)"
 
 
+def test_finished_leave_false_bars_fold_into_one_row_under_their_parent():
+    tasks, runs = a_run()
+    for index in range(3):  # three finished inner bars of a leave=False loop
+        tasks[f"old{index}"] = task(task_id=f"old{index}", desc="batch", run="exp-142",
+                                    parent="epoch", status="close", transient=True)
+    tasks["kept"] = task(task_id="kept", desc="kept", run="exp-142", parent="epoch",
+                         status="close")  # leave=True: stays a row
+    lines = progressista.render_table(tasks, NOW, 120, None, runs=runs)
+    assert [line[6:].split(":")[0] for line in lines[1:4]] == ["exp-142", "  epoch", "    batch"]
+    assert lines[4].startswith("done      kept:")
+    assert lines[5] == "done      +3 finished inner bars"
+    filtered = progressista.render_table(tasks, NOW, 120, None, status="close", runs=runs)
+    assert sum("batch" in line for line in filtered) == 3  # asked for: shown one by one
+    rows = progressista.watch_rows(tasks, runs, fold=False)
+    assert {"old0", "old1", "old2"} <= {item["task_id"] for kind, item, _ in rows
+                                        if kind == "bar"}
+
+
 def test_feed_messages_keep_the_runs_current():
     tasks, runs = {}, {"old": summary("old")}
     snapshot = {"type": "snapshot", "tasks": {}, "runs": {"a": summary("a")}, "more": True,
