@@ -2474,8 +2474,8 @@ def snapshot_chunks(store, clock, thresholds, runs=None, chunk_tasks=None):
 # When a task closes, fails or goes stale, or a run ends, a message to webhooks. The pure
 # part decides which changes are events and turns a window of them into one message
 # (`Notifier`, `notify_event()`, `run_event()`, `notify_message()`); one daemon thread per
-# webhook does the POSTs
-# (`WebhookSender`), so a slow or dead webhook never holds up the event loop or ingest.
+# webhook does the POSTs (`WebhookSender`), so a slow or dead webhook never holds up the
+# event loop or ingest.
 
 NOTIFY_TIMEOUT_S = 10.0  # one POST to a webhook is given up after this long
 NOTIFY_RETRY_INITIAL_S = 1.0  # the first retry waits this long; each next one twice as long
@@ -5142,8 +5142,7 @@ STATUS_WORDS = {"running": "", "stalled": "stalled", "stale": "stale", "close": 
 # SGR: magenta (alive, not moving), yellow (not heard from), green, red
 STATUS_COLOURS = {"stalled": "35", "stale": "33", "close": "32", "error": "31"}
 NATURAL_BAR_CELLS = 10  # tqdm's bar when it is given no ncols
-MIN_LABEL_CELLS = 8  # a description is cut to half the row, but never below this
-WATCH_VIEWS = ("tree", "runs", "bars")  # runs with their bars under them; runs only; flat
+MIN_LABEL_CELLS = 8  # a label is cut to its column (or tqdm's prefix to half the row), never below
 LABEL_SHARE = 0.4  # the label column takes at most this share of a row (MIN_LABEL_CELLS at least)
 WHOLE_LABEL_CELLS = 40  # the label column of a table not fitted to a width (not a terminal)
 INDENT_CELLS = 2  # a bar under its run, and each level of nesting under its parent bar
