@@ -418,8 +418,8 @@ SETTINGS_TABLE = (
              "webhook URL to POST to when a task closes, fails or goes stale (repeatable; "
              "the variable: comma-separated)"),
     _Setting("notify_on", "NOTIFY_ON", _notify_events,
-             "which of close, error, stale, stalled are notified (comma-separated; "
-             "default close,error,stale)"),
+             "which of close, error, stale, stalled are notified; close and error also "
+             "choose how a run's end is told (comma-separated; default close,error,stale)"),
     _Setting("notify_min_duration", "NOTIFY_MIN_DURATION", _seconds,
              "a task that ran less than this many seconds is not notified; 0 notifies all"),
     _Setting("notify_interval", "NOTIFY_INTERVAL", _positive_seconds,
@@ -2471,10 +2471,11 @@ def snapshot_chunks(store, clock, thresholds, runs=None, chunk_tasks=None):
 
 
 # --- Notifications ---------------------------------------------------------------------
-# When a task closes, fails or goes stale, a message to webhooks. The pure part decides
-# which changes are events and turns a window of them into one message (`Notifier`,
-# `notify_event()`, `notify_message()`); one daemon thread per webhook does the POSTs
-# (`WebhookSender`), so a slow or dead webhook never holds up the event loop or ingest.
+# When a task closes, fails or goes stale, or a run ends, a message to webhooks. The pure
+# part decides which changes are events and turns a window of them into one message
+# (`Notifier`, `notify_event()`, `run_event()`, `notify_message()`); one daemon thread per
+# webhook does the POSTs (`WebhookSender`), so a slow or dead webhook never holds up the
+# event loop or ingest.
 
 NOTIFY_TIMEOUT_S = 10.0  # one POST to a webhook is given up after this long
 NOTIFY_RETRY_INITIAL_S = 1.0  # the first retry waits this long; each next one twice as long
@@ -2487,6 +2488,7 @@ NOTIFY_MAX_EVENTS = 1000  # events listed in one message; its `count` has them a
 NOTIFY_MAX_LINES = 20  # event lines in a message's text, then "... and N more"
 NOTIFY_NAME_CHARS = 100  # of a desc or task id in a text line
 NOTIFY_ERROR_CHARS = 300  # of an error in a text line (the event has all of it)
+NOTIFY_RUN_HOSTS = 3  # hosts named in a run's line, then "and N more"
 NOTIFY_READ_BYTES = 1024  # of a webhook's answer: kept only for the log
 NOTIFY_LOG_BODY_CHARS = 200  # of a refusing webhook's answer, in the log
 DISCORD_MAX_CHARS = 2000  # Discord refuses a longer `content`
@@ -2510,6 +2512,27 @@ def notify_event(task, event, now):
     task's fields as GET /tasks shows them, plus `event`, `duration` and `at`."""
     return {"event": event, **task.as_dict(), "status": event,
             "duration": task_duration(task), "at": now}
+
+
+def run_event(summary, tasks, now):
+    """The JSON-able event for a run whose end is news (RunIndex.ended_runs): its summary
+    (PROTOCOL.md "Runs") plus `event` ("run"), `duration`, `failed`, `at` and, when a bar
+    failed, `first_error`: the task_id, desc, meta and whole error of the first to fail.
+
+    `duration` runs from the earliest start any bar reports (its `updated_at` less its
+    duration, so a sender's `elapsed` counts) to the run's `ended_at`."""
+    ended_at = summary["ended_at"] if summary["ended_at"] is not None else summary["updated_at"]
+    started_at = min((task.updated_at - task_duration(task) for task in tasks),
+                     default=summary["created_at"])
+    failed = sorted((task for task in tasks if task.status == "error"),
+                    key=lambda task: (task.updated_at, task.task_id))
+    event = {"event": "run", **summary, "duration": max(ended_at - started_at, 0.0),
+             "failed": len(failed), "at": now}
+    if failed:
+        first = failed[0]
+        event["first_error"] = {"task_id": first.task_id, "desc": first.desc,
+                                "meta": first.meta, "error": first.error}
+    return event
 
 
 def _one_line(text, limit):
@@ -2589,17 +2612,54 @@ def _error_summary(error):
     return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
-def event_line(event):
-    """One line a person reads, e.g. '(check mark) train (task abc): done 1000/1000 it in
-    1:02:03', '(cross) etl (task x): failed at 50/100 it: KeyError: 'date''."""
-    task_id = _one_line(event["task_id"], NOTIFY_NAME_CHARS)
-    who = f"task {task_id}"
-    if event.get("desc"):
-        who = f"{_one_line(event['desc'], NOTIFY_NAME_CHARS)} ({who})"
-    host = (event.get("meta") or {}).get("host")
+def _task_who(task):
+    # 'train (task abc) on node7' from a task's wire form (an event, a first_error).
+    who = "task " + _one_line(task["task_id"], NOTIFY_NAME_CHARS)
+    if task.get("desc"):
+        who = f"{_one_line(task['desc'], NOTIFY_NAME_CHARS)} ({who})"
+    host = (task.get("meta") or {}).get("host")
     if isinstance(host, str) and host:
         who += " on " + _one_line(host, NOTIFY_NAME_CHARS)
+    return who
+
+
+def _plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def run_line(event):
+    """A run's end in one line: '(check mark) exp-142 on gpu-01, gpu-02: 16 bars done in
+    1:02:03', '(cross) exp-142 on gpu-01: 2 of 16 bars failed in 05:07; first: rank3
+    (task r3) on gpu-01: KeyError: 'date''. The run id follows a name that differs."""
+    who = _one_line(event["name"], NOTIFY_NAME_CHARS)
+    if event["name"] != event["run"]:
+        who += f" (run {_one_line(event['run'], NOTIFY_NAME_CHARS)})"
+    hosts = [_one_line(host, NOTIFY_NAME_CHARS) for host in event.get("hosts") or ()]
+    if hosts:
+        who += " on " + ", ".join(hosts[:NOTIFY_RUN_HOSTS])
+        if len(hosts) > NOTIFY_RUN_HOSTS:
+            who += f" and {len(hosts) - NOTIFY_RUN_HOSTS} more"
+    took = format_interval(event["duration"])
+    if event["status"] != "error":
+        return f"{NOTIFY_MARKS['close']} {who}: {_plural(event['tasks'], 'bar')} done in {took}"
+    said = f"{event['failed']} of {_plural(event['tasks'], 'bar')} failed in {took}"
+    first = event.get("first_error")
+    if first:
+        said += "; first: " + _task_who(first)
+        summary = _error_summary(first.get("error") or "")
+        if summary:
+            said += ": " + _one_line(summary, NOTIFY_ERROR_CHARS)
+    return f"{NOTIFY_MARKS['error']} {who}: {said}"
+
+
+def event_line(event):
+    """One line a person reads, e.g. '(check mark) train (task abc): done 1000/1000 it in
+    1:02:03', '(cross) etl (task x): failed at 50/100 it: KeyError: 'date''; a run's end
+    as run_line() says it."""
     kind = event["event"]
+    if kind == "run":
+        return run_line(event)
+    who = _task_who(event)
     if kind == "close":
         said = f"done {_progress(event)} in {format_interval(event['duration'])}"
     elif kind == "error":
@@ -2654,7 +2714,12 @@ class Notifier:
     injected clock for the windows), handed to the webhook senders.
 
     Feed it every change with `observe()` and call `tick(now)` often (the broadcast loop
-    does both); `close(now)` sends the current window at once, at shutdown."""
+    does both), and the runs whose end is news with `runs_ended()` (the sweep does);
+    `close(now)` sends the current window at once, at shutdown.
+
+    A bar of a run is told when it fails, goes stale or stalls, never when it closes: its
+    run's end says that, once, in one line (close for a run whose bars all closed, error
+    for one with a failed bar; `notify_on` chooses these words for runs too)."""
 
     def __init__(self, notify_on=NOTIFY_DEFAULT_EVENTS, min_duration_s=0.0,
                  interval_s=NOTIFY_INTERVAL_S, server="", senders=(), clock=time.monotonic):
@@ -2707,13 +2772,28 @@ class Notifier:
             if notified.get(task_id) == status or task_duration(task) < self.min_duration_s:
                 continue
             notified[task_id] = status
-            if sending:
+            if sending and not (status == "close" and task.run is not None):
                 events.append(notify_event(task, status, now))
         # The feed lists tasks in the order they first changed; the sort is stable, so the
         # events of one request keep the order the sender gave them.
         events.sort(key=lambda event: event["updated_at"])
         for event in events:
             self.add(event)
+
+    def runs_ended(self, run_ids, runs, store, now):
+        """One event per run in `run_ids` (RunIndex.ended_runs: each is news once) whose
+        status, close or error, is in notify_on and which ran min_duration_s or more."""
+        if not getattr(store, "is_sweeper", True):  # with Redis, the sweeper tells
+            return
+        for run_id in run_ids:
+            summary = runs.summary(run_id, now)
+            if summary is None or summary["status"] not in self.notify_on:
+                continue
+            tasks = [task for task in map(store.get, runs.task_ids(run_id, now))
+                     if task is not None]
+            event = run_event(summary, tasks, now)
+            if event["duration"] >= self.min_duration_s:
+                self.add(event)
 
     def add(self, event):
         if self.window_ends_at is None:
@@ -3001,9 +3081,10 @@ def _family(name, kind, help_text, samples):
 
 def render_metrics(metrics, gauges):
     """The Prometheus text exposition of `metrics` (counters) and `gauges`, a dict of what
-    is true now: tasks_by_status, listeners, connections, store_kind, store_up,
-    store_errors, notifications (outcome -> count)."""
+    is true now: tasks_by_status, runs_by_status (optional), listeners, connections,
+    store_kind, store_up, store_errors, notifications (outcome -> count)."""
     tasks_by_status = gauges["tasks_by_status"]
+    runs_by_status = gauges.get("runs_by_status") or {}
     lines = []
     lines += _family("progressista_info", "gauge", "The server's version and store.",
                      [((("version", __version__), ("store", gauges["store_kind"])), 1)])
@@ -3012,6 +3093,10 @@ def render_metrics(metrics, gauges):
                      [((), repr(float(metrics.started_at)))])
     lines += _family("progressista_tasks", "gauge", "Tasks stored now, by status.",
                      [((("status", status),), tasks_by_status.get(status, 0))
+                      for status in STATUSES])
+    lines += _family("progressista_runs", "gauge",
+                     "Runs (the tasks sharing a run id) now, by the run's status.",
+                     [((("status", status),), runs_by_status.get(status, 0))
                       for status in STATUSES])
     lines += _family("progressista_updates_received_total", "counter",
                      "Valid task updates accepted by POST /progress.",
@@ -4579,7 +4664,15 @@ class App:
     def gauges(self):
         """What the server counts live, for /health and /metrics."""
         return {"listeners": len(self.hub), "connections": len(self.connections),
-                "notifications": self.notification_outcomes()}
+                "notifications": self.notification_outcomes(),
+                "runs_by_status": self.runs_by_status()}
+
+    def runs_by_status(self):
+        # From the run index's cached summaries: O(runs), not O(tasks), per scrape.
+        counts = dict.fromkeys(STATUSES, 0)
+        for summary in self.runs.summaries(self.clock()).values():
+            counts[summary["status"]] = counts.get(summary["status"], 0) + 1
+        return counts
 
     def notification_outcomes(self):
         outcomes = dict.fromkeys(NOTIFY_OUTCOMES, 0)
@@ -4636,6 +4729,8 @@ class App:
         ended = self.runs.ended_runs(self.clock())
         if ended:
             self.feed.runs_ended(ended)
+            if self.notifier is not None:
+                self.notifier.runs_ended(ended, self.runs, self.store, self.clock())
 
     def reap(self):
         """Let every connection keep its deadlines: close the late, ping the listeners."""
@@ -4906,7 +5001,9 @@ def build_parser():
         "watch", help="show the server's bars live in this terminal",
         description="Draw the server's tasks as live tqdm bars, one line each, redrawn in "
                     "place and fitted to the terminal: unfinished tasks first (oldest "
-                    "first), then errors and done tasks (latest first). Reconnects by itself.")
+                    "first), then errors and done tasks (latest first). With runs, one row "
+                    "per run with its bars indented under it (--runs: the run rows only; "
+                    "--bars: the flat list). Reconnects by itself.")
     watch.add_argument("--server", "--server-url", dest="server", metavar="URL",
                        help=f"the server; a client URL ending in /progress works too "
                             f"[env PROGRESSISTA_SERVER_URL; default {WATCH_DEFAULT_SERVER}]")
@@ -4920,10 +5017,17 @@ def build_parser():
                             "error, or active (running, stalled and stale)")
     watch.add_argument("--interval", type=_positive_seconds, default=WATCH_INTERVAL_S,
                        metavar="SEC", help=f"redraw at most every SEC s ({WATCH_INTERVAL_S:g})")
+    views = watch.add_mutually_exclusive_group()
+    views.add_argument("--runs", dest="view", action="store_const", const="runs",
+                       help="one row per run, without its bars (bars without a run still "
+                            "show); default: each run's row with its bars under it")
+    views.add_argument("--bars", dest="view", action="store_const", const="bars",
+                       help="every bar in one flat list, runs or not")
     watch.add_argument("--once", action="store_true",
                        help="print the table once and exit (for scripts and watch -n)")
     watch.add_argument("--json", action="store_true",
-                       help='print {"tasks": {...}, "now": T}, filtered, as JSON and exit')
+                       help='print {"tasks": {...}, "runs": {...}, "now": T}, what the table '
+                            'would show (no "runs" with --bars), as JSON and exit')
     parser.command_names = tuple(commands.choices)
     return parser
 
@@ -5038,7 +5142,14 @@ STATUS_WORDS = {"running": "", "stalled": "stalled", "stale": "stale", "close": 
 # SGR: magenta (alive, not moving), yellow (not heard from), green, red
 STATUS_COLOURS = {"stalled": "35", "stale": "33", "close": "32", "error": "31"}
 NATURAL_BAR_CELLS = 10  # tqdm's bar when it is given no ncols
-MIN_LABEL_CELLS = 8  # a description is cut to half the row, but never below this
+MIN_LABEL_CELLS = 8  # a label is cut to its column (or tqdm's prefix to half the row), never below
+LABEL_SHARE = 0.4  # the label column takes at most this share of a row (MIN_LABEL_CELLS at least)
+WHOLE_LABEL_CELLS = 40  # the label column of a table not fitted to a width (not a terminal)
+INDENT_CELLS = 2  # a bar under its run, and each level of nesting under its parent bar
+HOST_COLUMN_MAX_CELLS = 16  # the host column, when a row shown has a host
+RUN_ROW_HOSTS = 2  # hosts named on a run's row, then "+N"
+RUN_BAR_CHARS = " \u258f\u258e\u258d\u258c\u258b\u258a\u2589\u2588"  # tqdm's unicode blocks
+RUN_BAR_ASCII = " 123456789#"  # and tqdm's ascii ones
 # Every control character, and the bidirectional overrides that could reorder what a
 # row shows: task fields come from the network and must not drive the terminal.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -5192,16 +5303,47 @@ def _row_tail(task, status, now):
     return ""
 
 
+def _status_column(status, column_cells):
+    return _pad(_printable(STATUS_WORDS.get(status, status)), column_cells - 1) + " "
+
+
+def _label_columns(label, label_cells, host, host_cells, cut=True):
+    # The label, with tqdm's colon, padded to its column, then the host's column when
+    # there is one: the bars that follow start in one column whatever the labels' lengths.
+    # Without `cut` (no width to fit), a longer label or host is kept whole.
+    def column(text, cells):
+        return _pad(text, cells) if cut else text + " " * max(0, cells - _cells(text))
+    columns = column(label + ":" if label.strip() else label, label_cells) + " "
+    return columns + (column(host, host_cells) + " " if host_cells else "")
+
+
+def task_host(task):
+    """The host a bar (its wire form) runs on, as a row shows it: meta.host, and meta.rank
+    when the sender gave one ("gpu-01 r3"); "" when it gave neither."""
+    meta = task.get("meta") if isinstance(task.get("meta"), dict) else {}
+    host = meta.get("host") if isinstance(meta.get("host"), str) else ""
+    rank = meta.get("rank")
+    if isinstance(rank, (int, str)) and not isinstance(rank, bool) and str(rank) != "":
+        host = f"{host} r{rank}".strip()
+    return _printable(host)
+
+
 def format_row(task, now, width=None, *, meter=None, ascii=False,
-               column_cells=STATUS_COLUMN_CELLS):
+               column_cells=STATUS_COLUMN_CELLS, label_cells=None, host_cells=0, indent=0):
     """One line for one task at `now`: a status column of `column_cells` (blank while
     running), the bar as tqdm draws it, and why a stalled, stale or failed task stopped,
-    in at most `width` cells."""
+    in at most `width` cells. With `label_cells`, the description (after `indent` cells)
+    and the host (`host_cells`, 0: none) get columns of their own and the bar comes after
+    them; without, the description is tqdm's prefix, as tqdm prints it."""
     meter = meter or default_meter()
     status = task.get("status") or "running"
-    column = _pad(_printable(STATUS_WORDS.get(status, status)), column_cells - 1) + " "
+    column = _status_column(status, column_cells)
     fields = meter_fields(task, now, ascii)
     tail = _row_tail(task, status, now)
+    if label_cells is not None:
+        column += _label_columns(" " * indent + fields["prefix"], label_cells,
+                                 task_host(task), host_cells, cut=width is not None)
+        column_cells, fields["prefix"] = _cells(column), ""
     if width is None:
         return column + meter(fields, None) + tail
     room = width - column_cells
@@ -5218,6 +5360,158 @@ def format_row(task, now, width=None, *, meter=None, ascii=False,
     # Never so narrow that tqdm cuts the numbers itself: we cut, and show that we did.
     ncols = max(ncols, natural - NATURAL_BAR_CELLS + 1)
     return _fit(column + meter(fields, ncols) + tail, width)
+
+
+def _blocks(fraction, cells, ascii=False):
+    # tqdm's bar: whole blocks, then one partial block, then blanks.
+    chars = RUN_BAR_ASCII if ascii else RUN_BAR_CHARS
+    steps = len(chars) - 1
+    whole, part = divmod(int(fraction * cells * steps), steps)
+    if whole >= cells:
+        return chars[-1] * cells
+    return chars[-1] * whole + chars[part] + " " * (cells - whole - 1)
+
+
+def run_meter(summary, now, ncols=None, ascii=False):
+    """A run's progress in tqdm's layout: '40%|####      | 6/16 bars, 1 failed
+    [05:07<10:14]', from its summary (PROTOCOL.md "Runs") at `now`; the bar fills
+    `ncols` cells in all (None: a bar of tqdm's natural width). Without a progress, no
+    bar; the ETA is the summary's, counted down from its updated_at."""
+    counts = summary.get("counts") if isinstance(summary.get("counts"), dict) else {}
+    done, failed = _number_or(counts.get("close"), 0), _number_or(counts.get("error"), 0)
+    counted = f"{done}/{_number_or(summary.get('tasks'), 0)} bars"
+    if failed:
+        counted += f", {failed} failed"
+    status = summary.get("status") or "running"
+    created_at = _number_or(summary.get("created_at"), now)
+    ended_at = _number_or(summary.get("ended_at"), None)
+    elapsed = max(0.0, (now if ended_at is None else ended_at) - created_at)
+    eta_s = _number_or(summary.get("eta"), None)
+    # As a bar's: a stalled, stale or failed run has no honest ETA, a finished one none left.
+    if status == "close":
+        eta = "00:00"
+    elif status != "running" or eta_s is None:
+        eta = "?"
+    else:
+        eta = format_interval(_number_or(summary.get("updated_at"), now) + eta_s - now)
+    times = f"[{format_interval(elapsed)}<{eta}]"
+    progress = _number_or(summary.get("progress"), None)
+    if progress is None:
+        return f"{counted} {times}"
+    progress = min(1.0, max(0.0, progress))
+    left, right = f"{progress * 100:3.0f}%|", f"| {counted} {times}"
+    cells = max(1, ncols - _cells(left + right)) if ncols else NATURAL_BAR_CELLS
+    return left + _blocks(progress, cells, ascii) + right
+
+
+def run_hosts(summary):
+    """A run's hosts as its row shows them: 'gpu-01, gpu-02 +14'."""
+    hosts = [_printable(host) for host in summary.get("hosts") or () if isinstance(host, str)]
+    shown = ", ".join(hosts[:RUN_ROW_HOSTS])
+    return shown + (f" +{len(hosts) - RUN_ROW_HOSTS}" if len(hosts) > RUN_ROW_HOSTS else "")
+
+
+def format_run_row(summary, now, width=None, *, ascii=False, column_cells=STATUS_COLUMN_CELLS,
+                   label_cells=0, host_cells=0):
+    """One line for one run: its status column, its name and hosts in the bars' label and
+    host columns, then run_meter(), in at most `width` cells."""
+    status = summary.get("status") or "running"
+    name = summary.get("name") or summary.get("run") or ""
+    column = _status_column(status, column_cells) + _label_columns(
+        _printable(name), label_cells, run_hosts(summary), host_cells, cut=width is not None)
+    if width is None:
+        return column + run_meter(summary, now, None, ascii)
+    natural = _cells(run_meter(summary, now, None, ascii))
+    room = width - _cells(column)
+    # The bar fills the row, never so narrow that the numbers are cut by a shrunk bar.
+    return _fit(column + run_meter(summary, now, max(room, natural - NATURAL_BAR_CELLS + 1),
+                                   ascii), width)
+
+
+def run_matches(summary, text_filter=None, status=None):
+    """The filter, for a run's own row: `text_filter` in its id, name, status or hosts;
+    `status` its status, or active."""
+    shown = summary.get("status") or "running"
+    if status and (shown in FINAL_STATUSES if status == "active" else shown != status):
+        return False
+    if not text_filter:
+        return True
+    haystack = [summary.get("run"), summary.get("name"), shown, STATUS_WORDS.get(shown)] + [
+        host for host in summary.get("hosts") or () if isinstance(host, str)]
+    needle = text_filter.casefold()
+    return any(needle in str(text).casefold() for text in haystack if text)
+
+
+def _bar_tree(bars, fold=False):
+    # (kind, bar, depth) in the order a tree reads: each bar's children right under it,
+    # at one more level; siblings as order_tasks() puts them. A bar whose parent is not
+    # listed (or a cycle of parents) starts at the top; depth stops growing at
+    # RUN_MAX_DEPTH. With `fold`, a parent's finished leave=False children are one
+    # ("folded", count, depth) row under it, as the dashboard folds them: a 100-epoch
+    # job does not leave 100 finished inner rows.
+    listed = {bar.get("task_id") for bar in bars}
+    children, top, folded = {}, [], {}
+    for bar in bars:
+        parent = bar.get("parent")
+        if isinstance(parent, str) and parent in listed and parent != bar.get("task_id"):
+            if fold and bar.get("transient") is True and bar.get("status") == "close":
+                folded[parent] = folded.get(parent, 0) + 1
+                continue
+            children.setdefault(parent, []).append(bar)
+        else:
+            top.append(bar)
+    rows, seen = [], set()
+
+    def visit(bar, depth):
+        seen.add(bar.get("task_id"))
+        rows.append(("bar", bar, depth))
+        inner = min(depth + 1, RUN_MAX_DEPTH)
+        for child in order_tasks(children.get(bar.get("task_id"), ())):
+            if child.get("task_id") not in seen:
+                visit(child, inner)
+        if bar.get("task_id") in folded:
+            rows.append(("folded", folded[bar.get("task_id")], inner))
+
+    for bar in order_tasks(top):
+        visit(bar, 0)
+    for bar in order_tasks(bars):  # in a cycle: no way in from the top
+        if bar.get("task_id") not in seen:
+            visit(bar, 0)
+    return rows
+
+
+def watch_rows(tasks, runs, view="tree", text_filter=None, status=None, fold=True):
+    """What `watch` lists, in order, as (kind, item, depth): ("run", summary, 0) rows,
+    ("bar", task, depth) rows and ("folded", count, depth) rows. `view` "bars" is the flat
+    list of matching tasks; "tree" has one row per run (ordered as order_tasks orders
+    bars) with its bars under it, nested by parent; "runs" the run rows alone. In both,
+    bars without a run (or whose run has no summary) follow the runs, flat. A run is
+    listed when its own row matches the filters (run_matches) or one of its bars does;
+    under it come the bars that match, or all of them when only the run's row did. In
+    "tree" with `fold` and no filter, finished leave=False bars fold into their parent."""
+    if view == "bars" or not runs:
+        matching = [task for task in tasks.values() if task_matches(task, text_filter, status)]
+        return [("bar", task, 0) for task in order_tasks(matching)]
+    bars_of, loose = {}, []
+    for task in tasks.values():
+        run_id = task.get("run")
+        if isinstance(run_id, str) and run_id in runs:
+            bars_of.setdefault(run_id, []).append(task)
+        else:
+            loose.append(task)
+    rows = []
+    summaries = [summary for summary in runs.values() if isinstance(summary, dict)]
+    for summary in order_tasks(summaries):
+        bars = bars_of.get(summary.get("run"), [])
+        matching = [task for task in bars if task_matches(task, text_filter, status)]
+        if not matching and not run_matches(summary, text_filter, status):
+            continue
+        rows.append(("run", summary, 0))
+        if view == "tree":
+            nested = _bar_tree(matching or bars, fold and not text_filter and not status)
+            rows += [(kind, item, depth + 1) for kind, item, depth in nested]
+    matching = [task for task in loose if task_matches(task, text_filter, status)]
+    return rows + [("bar", task, 0) for task in order_tasks(matching)]
 
 
 def watch_status(text):
@@ -5268,55 +5562,111 @@ def _status_counts(tasks):
                                                  key=lambda item: order.get(item[0], 99)))
 
 
+def _row_label(kind, item, depth):
+    # As _label_columns() shows it, colon included.
+    if kind == "folded":
+        return ""  # its text is not a label: it takes the row
+    if kind == "run":
+        label = _printable(item.get("name") or item.get("run") or "")
+    else:
+        label = " " * (depth * INDENT_CELLS) + _printable(item.get("desc")
+                                                          or item.get("task_id") or "")
+    return label + ":" if label.strip() else label
+
+
 def render_table(tasks, now, width=None, height=None, text_filter=None, status=None, *,
-                 source=None, notice=None, meter=None, ascii=False):
-    """The lines `watch` shows for `tasks` (task_id -> task, in the server's order) at `now`:
-    a header, `notice` when given, one row per matching task (order_tasks), all within
-    `width` cells and `height` lines (None: no limit), with "+N more" for what is cut."""
+                 source=None, notice=None, meter=None, ascii=False, runs=None, view=None):
+    """The lines `watch` shows for `tasks` (task_id -> task, in the server's order) and
+    `runs` (run id -> summary) at `now`: a header, `notice` when given, the rows of
+    watch_rows() in `view` (None: "tree" when there are runs, else "bars"), all within
+    `width` cells and `height` lines (None: no limit), with "+N more" for what is cut.
+    Labels (indented under their run and parent) and hosts have columns of their own, so
+    that every bar starts in one column."""
+    runs = runs or {}
+    view = view or ("tree" if runs else "bars")
     matching = [task for task in tasks.values() if task_matches(task, text_filter, status)]
     summary = f"{len(matching)} task{'' if len(matching) == 1 else 's'}"
     if len(matching) != len(tasks):
         summary += f" of {len(tasks)}"
     if matching:
         summary += ": " + _status_counts(matching)
+    rows = watch_rows(tasks, runs, view, text_filter, status)
+    shown_runs = sum(kind == "run" for kind, _, _ in rows)
+    if view != "bars" and runs:
+        summary = f"{shown_runs} run{'' if shown_runs == 1 else 's'}" + (
+            f" of {len(runs)}" if shown_runs != len(runs) else "") + ", " + summary
     conditions = ([f"filter {text_filter!r}"] if text_filter else []) + (
         [f"status {STATUS_WORDS.get(status) or status}"] if status else [])
     header = " · ".join(["progressista"] + ([source] if source else []) + [summary] + conditions)
     lines = [_printable(header)] + ([_printable(notice)] if notice else [])
-    ordered = order_tasks(matching)
     meter = meter or default_meter()
-    if not ordered:
+    if not rows:
         body = ["no task matches" if tasks else "no tasks yet"]
         return [_fit(line, width) for line in (lines + body)[:height]]
-    room = len(ordered) if height is None else height - len(lines)
-    shown = ordered if room >= len(ordered) else ordered[:max(0, room - 1)]
+    room = len(rows) if height is None else height - len(lines)
+    shown = rows if room >= len(rows) else rows[:max(0, room - 1)]
     # The status column widens for "stalled" only when a row says it: the usual table
     # keeps its bars where they were.
-    column_cells = (STALLED_COLUMN_CELLS if any(task.get("status") == "stalled" for task in shown)
+    column_cells = (STALLED_COLUMN_CELLS if any(kind != "folded" and item.get("status") == "stalled"
+                                                for kind, item, _ in shown)
                     else STATUS_COLUMN_CELLS)
-    lines += [format_row(task, now, width, meter=meter, ascii=ascii, column_cells=column_cells)
-              for task in shown]
-    if len(shown) < len(ordered):
-        hidden = ordered[len(shown):]
-        lines.append(f"+{len(hidden)} more ({_status_counts(hidden)})")
+    label_cells = max((_cells(_row_label(kind, item, depth)) for kind, item, depth in shown),
+                      default=0)
+    # Fitted: at most a share of the row (longer labels are cut); whole (no width): the
+    # column stops at WHOLE_LABEL_CELLS and a longer label pushes its own row's bar on.
+    label_cells = min(label_cells, WHOLE_LABEL_CELLS if width is None else max(
+        MIN_LABEL_CELLS, int((width - column_cells) * LABEL_SHARE)))
+    host_cells = min(HOST_COLUMN_MAX_CELLS, max(
+        (_cells(run_hosts(item) if kind == "run" else task_host(item))
+         for kind, item, _ in shown if kind != "folded"), default=0))
+    for kind, item, depth in shown:
+        if kind == "folded":
+            lines.append(_fit(_status_column("close", column_cells) + " " * (depth * INDENT_CELLS)
+                              + f"+{item} finished inner bar{'' if item == 1 else 's'}", width))
+        elif kind == "run":
+            lines.append(format_run_row(item, now, width, ascii=ascii, column_cells=column_cells,
+                                        label_cells=label_cells, host_cells=host_cells))
+        else:
+            lines.append(format_row(item, now, width, meter=meter, ascii=ascii,
+                                    column_cells=column_cells, label_cells=label_cells,
+                                    host_cells=host_cells, indent=depth * INDENT_CELLS))
+    if len(shown) < len(rows):
+        hidden = rows[len(shown):]
+        hidden_bars = [item for kind, item, _ in hidden if kind == "bar"]
+        hidden_runs = sum(kind == "run" for kind, _, _ in hidden)
+        said = ([f"{hidden_runs} run{'' if hidden_runs == 1 else 's'}"] if hidden_runs else []) + (
+            [_status_counts(hidden_bars)] if hidden_bars else [])
+        lines.append(f"+{len(hidden)} more ({'; '.join(said)})")
     return [_fit(line, width) for line in lines[:height]]
 
 
-def apply_feed_message(tasks, message):
-    """Apply one /ws message (docs/PROTOCOL.md "The live feed") to `tasks`, task_id -> task, in
-    place; return the server's `now` it carries, or None for a message of another kind."""
+def apply_feed_message(tasks, message, runs=None):
+    """Apply one /ws message (docs/PROTOCOL.md "The live feed") to `tasks`, task_id -> task, and
+    to `runs`, run id -> summary, when given, in place; return the server's `now` it
+    carries, or None for a message of another kind."""
     kind = message.get("type") if isinstance(message, dict) else None
     sent = message.get("tasks") if kind in ("snapshot", "snapshot_more", "update") else None
     sent = {task_id: task for task_id, task in sent.items()
             if isinstance(task, dict)} if isinstance(sent, dict) else {}
+    sent_runs = message.get("runs") if kind in ("snapshot", "snapshot_more", "update") else None
+    sent_runs = {run_id: summary for run_id, summary in sent_runs.items()
+                 if isinstance(summary, dict)} if isinstance(sent_runs, dict) else {}
+    runs = {} if runs is None else runs  # without a dict to keep, runs are read and dropped
     if kind == "snapshot":
         tasks.clear()
         tasks.update(sent)
+        runs.clear()  # a v1 server's snapshot has none: no runs
+        runs.update(sent_runs)
     elif kind in ("update", "snapshot_more"):  # a big snapshot's later chunks add to it
         tasks.update(sent)  # a known task keeps its place
+        runs.update(sent_runs)
     elif kind == "remove":
         for task_id in message.get("ids") or ():
             tasks.pop(task_id, None)
+        gone = message.get("runs")
+        for run_id in gone if isinstance(gone, list) else ():
+            if isinstance(run_id, str):
+                runs.pop(run_id, None)
     else:
         return None  # a kind this version does not know: nothing to apply
     return _number_or(message.get("now"), None)
@@ -5383,6 +5733,26 @@ def fetch_tasks(base, headers, timeout=WATCH_TIMEOUT_S):
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("tasks"), dict):
         raise ValueError("the answer has no task list")
     return snapshot
+
+
+def fetch_runs(base, headers, timeout=WATCH_TIMEOUT_S):
+    """GET /runs once: run id -> summary; {} from a server of protocol version 1 (404).
+    Raises as fetch_tasks() does."""
+    request = urllib.request.Request(base + "/runs", headers=headers)
+    opener = urllib.request.build_opener(  # no redirects, as in fetch_tasks()
+        _NoRedirects, urllib.request.HTTPSHandler(context=client_tls_context()))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            error.close()
+            return {}
+        raise
+    if not isinstance(answer, dict) or not isinstance(answer.get("runs"), dict):
+        raise ValueError("the answer has no run list")
+    return {run_id: summary for run_id, summary in answer["runs"].items()
+            if isinstance(summary, dict)}
 
 
 class _Screen:
@@ -5492,6 +5862,7 @@ class _Watcher:
         self.screen, self.ascii, self.clock = screen, ascii, clock
         self.meter = default_meter()
         self.tasks = {}
+        self.runs = {}  # run id -> summary, kept from the feed as the tasks are
         self.server_now, self.received_at = None, None  # the server's clock, and when we read it
         self.notice = f"connecting to {ws_url}"
 
@@ -5505,7 +5876,8 @@ class _Watcher:
         width, height = self.screen.size()
         self.screen.draw(render_table(
             self.tasks, self.now(), width, height, self.args.filter, self.args.status,
-            source=self.base, notice=self.notice, meter=self.meter, ascii=self.ascii))
+            source=self.base, notice=self.notice, meter=self.meter, ascii=self.ascii,
+            runs=self.runs, view=self.args.view))
 
     def run(self):
         """Watch until interrupted; return 1 when the server refuses us for good."""
@@ -5573,7 +5945,7 @@ class _Watcher:
             except TimeoutError:
                 raw = None
             if raw is not None:
-                server_now = apply_feed_message(self.tasks, json.loads(raw))
+                server_now = apply_feed_message(self.tasks, json.loads(raw), self.runs)
                 if server_now is not None:
                     self.server_now, self.received_at = server_now, self.clock()
                 self.notice, changed = None, True
@@ -5626,8 +5998,10 @@ def cmd_watch(args):
 def _watch_once(args, base, headers, screen, ascii):
     import urllib.error
 
+    view = getattr(args, "view", None)
     try:
         snapshot = fetch_tasks(base, headers)
+        runs = fetch_runs(base, headers) if view != "bars" else {}
     except urllib.error.HTTPError as error:
         if 300 <= error.code < 400:  # followed, it would carry the token elsewhere
             print(f"progressista watch: {base}/tasks: HTTP {error.code}: redirected to "
@@ -5648,14 +6022,17 @@ def _watch_once(args, base, headers, screen, ascii):
     tasks = {task_id: task for task_id, task in snapshot["tasks"].items()
              if isinstance(task, dict)}
     now = _number_or(snapshot.get("now"), None) or time.time()
-    if args.json:
-        matching = {task_id: task for task_id, task in tasks.items()
-                    if task_matches(task, args.filter, args.status)}
-        print(json.dumps({"tasks": matching, "now": now}, indent=2 if screen.live else None))
+    if args.json:  # what the table would show, in its order
+        rows = watch_rows(tasks, runs, view or ("tree" if runs else "bars"), args.filter,
+                          args.status, fold=False)  # data: every bar, folded or not
+        shown = {"tasks": {item["task_id"]: item for kind, item, _ in rows if kind == "bar"}}
+        if view != "bars":
+            shown["runs"] = {item["run"]: item for kind, item, _ in rows if kind == "run"}
+        print(json.dumps({**shown, "now": now}, indent=2 if screen.live else None))
         return 0
     width, _ = screen.size()  # one table to read or scroll: every row, fitted to the width
     lines = render_table(tasks, now, width, None, args.filter, args.status, source=base,
-                         ascii=ascii)
+                         ascii=ascii, runs=runs, view=view)
     print("\n".join(screen._coloured(line) for line in lines))
     return 0
 

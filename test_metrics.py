@@ -11,8 +11,8 @@ import sqlite3
 import pytest
 
 import progressista
-from conftest import (bearer, http, missing, open_listener, post, raw_request, running_server,
-                      wait_for)
+from conftest import (FakeClock, bearer, http, missing, on_server_loop, open_listener, post,
+                      raw_request, running_server, wait_for)
 
 try:
     from prometheus_client.parser import text_string_to_metric_families
@@ -82,6 +82,30 @@ def test_stale_tasks_are_counted_as_stale():
         post(server, {"task_id": "quiet"})
         wait_for(lambda: value(scrape(server)[0], "progressista_tasks", status="stale") == 1,
                  message="the task to read stale")
+
+
+def test_runs_are_counted_by_the_runs_status():
+    clock = FakeClock()
+    with running_server(clock=clock, stale_seconds=60, cleanup_interval=3600) as server:
+        post(server, [{"task_id": "a1", "run": "going", "n": 1, "total": 9},
+                      {"task_id": "a2", "run": "going", "n": 9, "total": 9, "status": "close"},
+                      {"task_id": "b1", "run": "done", "n": 1, "status": "close"},
+                      {"task_id": "b2", "run": "done", "n": 1, "status": "close"},
+                      {"task_id": "c1", "run": "failed", "n": 1, "status": "close"},
+                      {"task_id": "c2", "run": "failed", "status": "error", "error": "boom"},
+                      {"task_id": "loose", "n": 1}])  # no run: counted as a task only
+        samples, types = scrape(server)
+        assert types["progressista_runs"] == "gauge"
+        assert {status: value(samples, "progressista_runs", status=status)
+                for status in progressista.STATUSES} == {
+            "running": 1, "stalled": 0, "stale": 0, "close": 1, "error": 1}
+        clock.now += 61  # "going" and "loose" fall silent; the sweep finds them stale
+        post(server, {"task_id": "d1", "run": "fresh", "n": 1})
+        on_server_loop(server, server.app.sweep)
+        samples, _ = scrape(server)
+    assert value(samples, "progressista_runs", status="stale") == 1
+    assert value(samples, "progressista_runs", status="running") == 1  # "fresh"
+    assert value(samples, "progressista_tasks", status="stale") == 2
 
 
 def test_listeners_and_broadcast_messages_and_bytes_are_counted():

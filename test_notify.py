@@ -6,6 +6,7 @@ it go. The pure parts (events, message text, the Notifier's detection and window
 backoff) are tested with an injected clock; the settings through the command line.
 """
 
+import asyncio
 import base64
 import contextlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,8 +19,8 @@ import time
 import pytest
 
 import progressista
-from conftest import (Clock, FakeClock, cli_server, http, post_ok, run_cli, running_server,
-                      wait_for)
+from conftest import (Clock, FakeClock, cli_server, http, on_server_loop, post_ok, run_cli,
+                      running_server, wait_for)
 
 SLACK_URL = "https://hooks.slack.com/services/T000/B000/XXXXSECRETXXXX"
 
@@ -98,7 +99,7 @@ def notifying(receiver, **settings):
 
 
 def events_for(receiver, task_id):
-    return [event for event in receiver.events() if event["task_id"] == task_id]
+    return [event for event in receiver.events() if event.get("task_id") == task_id]
 
 
 @pytest.fixture
@@ -330,6 +331,169 @@ def test_with_redis_one_message_comes_from_the_sweeper_only(redis_server):
         # Both servers stopped and sent all they had: still one event each.
         assert sorted(event["task_id"] for event in receiver.events()) == [
             "shared-1", "shared-2"]
+
+
+# --- Runs: one line per run that ends -------------------------------------------------
+# The server's clock is a FakeClock and its sweep (which finds the runs that ended) runs
+# only when the test calls it; `told()` runs the broadcast on the server's loop, so that
+# every change posted so far has been seen by the notifier before the test looks.
+
+
+def rank(task_id, host, **fields):
+    return {"task_id": task_id, "run": "exp-142", "desc": "train", "total": 10,
+            "meta": {"host": host}, **fields}
+
+
+def told(server):
+    """The events of the open window (tests that read it keep it open: notify_interval)."""
+    on_server_loop(server, server.app.broadcast)
+    return list(server.app.notifier.pending_events)
+
+
+def sweep(server):
+    """One sweep on the server's loop, waited for (Redis's is a coroutine)."""
+    async def swept():
+        await progressista.resolved(server.app.sweep())
+    asyncio.run_coroutine_threadsafe(swept(), server.loop).result(5)
+
+
+def run_server(receiver, clock, **settings):
+    return notifying(receiver, clock=clock, run_settle_seconds=10, cleanup_interval=3600,
+                     **settings)
+
+
+def test_run_whose_bars_end_one_after_another_is_one_line_after_the_settle_time():
+    clock = FakeClock()
+    with receiver_at() as receiver:
+        with run_server(receiver, clock) as server:
+            post_ok(server, [rank("r0", "gpu-01", n=0), rank("r1", "gpu-02", n=0)])
+            clock.now += 3600
+            post_ok(server, rank("r0", "gpu-01", n=10, elapsed=3600, status="close"))
+            sweep(server)
+            clock.now += 123
+            post_ok(server, rank("r1", "gpu-02", n=10, elapsed=3723, status="close"))
+            clock.now += 9  # all ended, not yet settled
+            sweep(server)
+            assert told(server) == []  # no line per bar, and the run has not settled
+            clock.now += 1
+            sweep(server)
+            (message,) = wait_for(receiver.messages, message="the run's message")
+            sweep(server)  # its end is news once
+            clock.now += 60
+            sweep(server)
+            assert told(server) == []
+        assert receiver.messages() == [message]
+    assert message["text"] == "\u2705 exp-142 on gpu-01, gpu-02: 2 bars done in 1:02:03"
+    (event,) = message["events"]
+    assert (event["event"], event["run"], event["status"], event["tasks"]) == (
+        "run", "exp-142", "close", 2)
+    assert (event["counts"], event["failed"], event["duration"]) == ({"close": 2}, 0, 3723)
+    assert "first_error" not in event
+
+
+def test_failed_rank_is_its_own_line_at_once_and_named_in_the_runs_line():
+    clock = FakeClock()
+    traceback = "Traceback (most recent call last):\n  File \"train.py\"\nKeyError: 'date'"
+    with receiver_at() as receiver:
+        with run_server(receiver, clock) as server:
+            post_ok(server, [rank("r0", "gpu-01", n=0, run_name="resnet"),
+                             rank("r1", "gpu-02", n=0, desc="rank1")])
+            clock.now += 65
+            post_ok(server, rank("r1", "gpu-02", n=4, desc="rank1", status="error",
+                                 error=traceback))
+            post_ok(server, rank("r0", "gpu-01", n=10, status="close"))
+            (first,) = wait_for(receiver.messages, message="the failed bar's message")
+            clock.now += 10
+            sweep(server)
+            wait_for(lambda: len(receiver.messages()) == 2, message="the run's message")
+        second = receiver.messages()[1]
+    assert first["text"] == "\u274c rank1 (task r1) on gpu-02: failed at 4/10 it: KeyError: 'date'"
+    assert [event["task_id"] for event in first["events"]] == ["r1"]  # r0's close: no line
+    assert second["text"] == (
+        "\u274c resnet (run exp-142) on gpu-01, gpu-02: 1 of 2 bars failed in 01:05; "
+        "first: rank1 (task r1) on gpu-02: KeyError: 'date'")
+    (event,) = second["events"]
+    assert (event["status"], event["failed"], event["counts"]) == (
+        "error", 1, {"close": 1, "error": 1})
+    assert event["first_error"]["task_id"] == "r1"
+    assert event["first_error"]["error"] == traceback
+
+
+def test_bars_without_a_run_still_notify_each_close():
+    clock = FakeClock()
+    with receiver_at() as receiver, run_server(receiver, clock, notify_interval=60) as server:
+        post_ok(server, [{"task_id": "lone", "n": 1, "status": "close"},
+                         rank("in-run", "gpu-01", n=10, status="close")])
+        assert [event["task_id"] for event in told(server)] == ["lone"]
+
+
+def test_notify_on_error_tells_a_failed_run_and_not_a_closed_one():
+    clock = FakeClock()
+    with receiver_at() as receiver:
+        with run_server(receiver, clock, notify_on="error", notify_interval=60) as server:
+            post_ok(server, [{"task_id": "a", "run": "fine", "n": 1, "status": "close"},
+                             {"task_id": "b", "run": "broken", "status": "error",
+                              "error": "boom"}])
+            assert [event["task_id"] for event in told(server)] == ["b"]
+            clock.now += 10
+            sweep(server)
+            assert [(event["event"], event.get("run")) for event in told(server)] == [
+                ("error", "broken"), ("run", "broken")]
+
+
+def test_run_shorter_than_the_minimum_duration_is_not_told():
+    clock = FakeClock()
+    with receiver_at() as receiver:
+        with run_server(receiver, clock, notify_min_duration=60,
+                        notify_interval=60) as server:
+            post_ok(server, [{"task_id": "q", "run": "quick", "status": "close", "elapsed": 5},
+                             {"task_id": "l1", "run": "long", "status": "close",
+                              "elapsed": 30},
+                             {"task_id": "l2", "run": "long", "status": "close"}])
+            clock.now += 50
+            post_ok(server, {"task_id": "l2", "run": "long", "status": "close",
+                             "elapsed": 50})  # started 50 s ago: the run ran 50 + ...
+            clock.now += 10
+            post_ok(server, {"task_id": "l3", "run": "long", "status": "close",
+                             "elapsed": 1})  # ... till now: 60 s in all
+            clock.now += 10
+            sweep(server)
+            assert [event.get("run") for event in told(server)] == ["long"]
+
+
+def test_run_that_ended_before_a_restart_is_not_told_again(tmp_path):
+    store = "sqlite://" + str(tmp_path / "tasks.db")
+    two_minutes_ago = Clock()
+    two_minutes_ago.offset = -120
+    with running_server(store=store, clock=two_minutes_ago) as server:
+        post_ok(server, [{"task_id": "a", "run": "old-run", "status": "close"},
+                         {"task_id": "b", "run": "old-run", "status": "error", "error": "x"}])
+    with receiver_at() as receiver:
+        with notifying(receiver, store=store, cleanup_interval=0.02) as server:
+            post_ok(server, {"task_id": "new", "n": 1, "status": "close"})
+            wait_for(lambda: events_for(receiver, "new"), message="the new close")
+            sweep(server)  # a sweep after the restart's first: the old run stays told
+            post_ok(server, {"task_id": "newer", "n": 1, "status": "close"})
+            wait_for(lambda: events_for(receiver, "newer"), message="the newer close")
+        assert [event.get("task_id") for event in receiver.events()] == ["new", "newer"]
+
+
+def test_with_redis_a_runs_end_comes_from_the_sweeper_only(redis_server):
+    clock = FakeClock()
+    with receiver_at() as receiver:
+        with run_server(receiver, clock, store=redis_server.url) as one, \
+                run_server(receiver, clock, store=redis_server.url) as two:
+            assert one.app.store.is_sweeper != two.app.store.is_sweeper
+            post_ok(one, {"task_id": "on-one", "run": "shared", "n": 1, "status": "close"})
+            post_ok(two, {"task_id": "on-two", "run": "shared", "n": 1, "status": "close"})
+            clock.now += 10
+            for server in (one, two):
+                wait_for(lambda: on_server_loop(server, lambda: server.app.runs.summary(
+                    "shared", clock()))["tasks"] == 2, message="both bars seen by each server")
+                sweep(server)
+            wait_for(receiver.messages, message="the run's message")
+        # Both servers stopped and sent all they had: one event.
+        assert [event["run"] for event in receiver.events()] == ["shared"]
 
 
 # --- The command line --------------------------------------------------------------------

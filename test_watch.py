@@ -279,6 +279,154 @@ def test_terminal_that_cannot_show_blocks_gets_tqdms_ascii_bar():
     assert row.isascii() and "|###" in row
 
 
+# --- Runs: run rows with their bars, --runs, --bars ---------------------------------------
+
+
+def summary(run="exp-142", **fields):
+    """A run's summary in its wire form (docs/PROTOCOL.md "Runs")."""
+    wire = {"run": run, "name": run, "status": "running", "counts": {"running": 2, "close": 1},
+            "tasks": 3, "hosts": ["gpu-01", "gpu-02"], "progress": 0.4, "eta": 30.0,
+            "created_at": NOW - 65, "updated_at": NOW - 10, "ended_at": None}
+    wire.update(fields)
+    return wire
+
+
+def a_run():
+    """exp-142: an epoch bar with a batch bar nested in it on gpu-01, a rank on gpu-02, a
+    failed rank; and a bar of no run."""
+    epoch = task(task_id="epoch", desc="epoch", run="exp-142", n=3, total=10, created_at=NOW - 60,
+                 meta={"host": "gpu-01"})
+    batch = task(task_id="batch", desc="batch", run="exp-142", parent="epoch", n=50, total=100,
+                 created_at=NOW - 50, meta={"host": "gpu-01", "rank": 0})
+    other = task(task_id="rank1", desc="a much longer description of rank 1", run="exp-142",
+                 created_at=NOW - 55, meta={"host": "gpu-02", "rank": 1})
+    failed = task(task_id="rank2", desc="rank2", run="exp-142", status="error",
+                  error="KeyError: 'date'", meta={"host": "gpu-02", "rank": 2})
+    loose = task(task_id="loose", desc="loose", created_at=NOW - 70)
+    runs = {"exp-142": summary(counts={"running": 3, "error": 1}, tasks=4)}
+    return tasks_by_id(epoch, batch, other, failed, loose), runs
+
+
+def bar_column(line):
+    """Where a row's bar starts: the cell of the "|" after its percentage."""
+    match = re.search(r"\d+%\|", line)
+    return cells(line[:match.end()]) if match else None
+
+
+def test_with_runs_each_run_row_has_its_bars_indented_under_it_children_under_parents():
+    tasks, runs = a_run()
+    lines = progressista.render_table(tasks, NOW, 120, None, runs=runs)
+    assert lines[0] == "progressista · 1 run, 5 tasks: 4 running, 1 error"
+    labels = [line[6:].split(":")[0] for line in lines[1:]]
+    assert labels == ["exp-142", "  epoch", "    batch", "  a much longer description of rank 1",
+                      "  rank2", "loose"]
+
+
+def test_run_row_shows_status_progress_bars_done_failed_hosts_and_eta():
+    row = progressista.format_run_row(summary(counts={"running": 2, "close": 1, "error": 1},
+                                              tasks=4), NOW, None, label_cells=10,
+                                      host_cells=16)
+    assert row == ("      exp-142:   gpu-01, gpu-02    40%|████      | 1/4 bars, 1 failed "
+                   "[01:05<00:20]")  # eta: 30 s after updated_at, 10 s ago
+    ended = summary(status="close", counts={"close": 3}, ended_at=NOW - 5, progress=1.0,
+                    eta=None, hosts=["a", "b", "c", "d"])
+    assert progressista.format_run_row(ended, NOW, None, label_cells=8, host_cells=8) == (
+        "done  exp-142: a, b +2  100%|██████████| 3/3 bars [01:00<00:00]")
+    unknown = summary(status="stale", progress=None, hosts=[])
+    assert progressista.format_run_row(unknown, NOW, None) == (
+        "stale exp-142: 1/3 bars [01:05<?]")
+
+
+def test_bars_start_in_one_column_whatever_their_descriptions_length_and_show_their_host():
+    tasks, runs = a_run()
+    for view in ("tree", "runs", "bars"):
+        lines = progressista.render_table(tasks, NOW, 120, None, runs=runs, view=view)
+        columns = {bar_column(line) for line in lines[1:] if bar_column(line)}
+        assert len(columns) == 1, (view, lines)
+    lines = progressista.render_table(tasks, NOW, 120, None, runs=runs)
+    assert re.search(r"    batch: +gpu-01 r0 +50%\|", lines[3])
+    assert re.search(r"exp-142: +gpu-01, gpu-02 +\d+%\|", lines[1])
+
+
+def test_runs_view_lists_run_rows_and_the_bars_without_a_run_only():
+    tasks, runs = a_run()
+    lines = progressista.render_table(tasks, NOW, 120, None, runs=runs, view="runs")
+    assert [line[6:].split(":")[0] for line in lines[1:]] == ["exp-142", "loose"]
+    assert "0/4 bars, 1 failed" in lines[1]
+
+
+def test_bars_view_is_the_flat_list_without_run_rows():
+    tasks, runs = a_run()
+    lines = progressista.render_table(tasks, NOW, 120, None, runs=runs, view="bars")
+    assert lines[0] == "progressista · 5 tasks: 4 running, 1 error"
+    assert [line[6:].split(":")[0] for line in lines[1:]] == [
+        "loose", "epoch", "a much longer description of rank 1", "batch", "rank2"]
+    assert progressista.render_table(tasks, NOW, 120, None)[1:] == lines[1:]  # no runs: flat
+
+
+def test_filter_keeps_a_run_for_its_matching_bars_or_for_its_own_name():
+    tasks, runs = a_run()
+    by_error = progressista.render_table(tasks, NOW, 120, None, status="error", runs=runs)
+    assert [line[6:].split(":")[0] for line in by_error[1:]] == ["exp-142", "  rank2"]
+    by_name = progressista.render_table(tasks, NOW, 120, None, "exp-142", runs=runs)
+    assert len(by_name) == 1 + 5  # the run matched: all its bars under it
+    by_bar = progressista.render_table(tasks, NOW, 120, None, "loose", runs=runs)
+    assert [line[6:].split(":")[0] for line in by_bar[1:]] == ["loose"]
+
+
+@pytest.mark.parametrize("width", [1, 7, 20, 40, 80, 200])
+@pytest.mark.parametrize("view", ["tree", "runs", "bars"])
+def test_run_tables_never_exceed_the_width_or_the_height(width, view):
+    tasks, runs = a_run()
+    lines = progressista.render_table(tasks, NOW, width, 5, runs=runs, view=view)
+    assert len(lines) <= 5 and all(cells(line) <= width for line in lines)
+
+
+def test_run_table_cut_to_the_height_says_how_many_runs_and_bars_are_hidden():
+    tasks, runs = a_run()
+    runs["other"] = summary("other", status="close", counts={"close": 1}, tasks=1)
+    tasks["o1"] = task(task_id="o1", run="other", status="close")
+    lines = progressista.render_table(tasks, NOW, 120, 5, runs=runs)
+    assert lines[-1] == "+5 more (1 run; 2 running, 1 done, 1 error)"
+
+
+def test_finished_leave_false_bars_fold_into_one_row_under_their_parent():
+    tasks, runs = a_run()
+    for index in range(3):  # three finished inner bars of a leave=False loop
+        tasks[f"old{index}"] = task(task_id=f"old{index}", desc="batch", run="exp-142",
+                                    parent="epoch", status="close", transient=True)
+    tasks["kept"] = task(task_id="kept", desc="kept", run="exp-142", parent="epoch",
+                         status="close")  # leave=True: stays a row
+    lines = progressista.render_table(tasks, NOW, 120, None, runs=runs)
+    assert [line[6:].split(":")[0] for line in lines[1:4]] == ["exp-142", "  epoch", "    batch"]
+    assert lines[4].startswith("done      kept:")
+    assert lines[5] == "done      +3 finished inner bars"
+    filtered = progressista.render_table(tasks, NOW, 120, None, status="close", runs=runs)
+    assert sum("batch" in line for line in filtered) == 3  # asked for: shown one by one
+    rows = progressista.watch_rows(tasks, runs, fold=False)
+    assert {"old0", "old1", "old2"} <= {item["task_id"] for kind, item, _ in rows
+                                        if kind == "bar"}
+
+
+def test_feed_messages_keep_the_runs_current():
+    tasks, runs = {}, {"old": summary("old")}
+    snapshot = {"type": "snapshot", "tasks": {}, "runs": {"a": summary("a")}, "more": True,
+                "now": NOW}
+    progressista.apply_feed_message(tasks, snapshot, runs)
+    assert list(runs) == ["a"]
+    progressista.apply_feed_message(tasks, {"type": "snapshot_more", "tasks": {}, "now": NOW},
+                                    runs)
+    update = {"type": "update", "tasks": {}, "runs": {"a": summary("a", progress=0.9),
+                                                       "b": summary("b")}, "now": NOW}
+    progressista.apply_feed_message(tasks, update, runs)
+    assert list(runs) == ["a", "b"] and runs["a"]["progress"] == 0.9
+    progressista.apply_feed_message(tasks, {"type": "remove", "ids": [], "runs": ["a"],
+                                            "now": NOW}, runs)
+    assert list(runs) == ["b"]
+    progressista.apply_feed_message(tasks, {"type": "snapshot", "tasks": {}, "now": NOW}, runs)
+    assert runs == {}  # a server without runs
+
+
 # --- The feed and the URLs ----------------------------------------------------------------
 
 
@@ -388,8 +536,10 @@ def test_once_prints_the_table_whole_when_not_a_terminal(shared_server):
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout
     assert result.stdout.startswith(f"progressista · {shared_server.url} · ")
-    assert f"      {long_desc}:  50%|█████     | 5/10 [00:03<" in result.stdout
-    assert re.search(r"^error once-failed:  25%\|.*\]  OSError: disk full$", result.stdout,
+    # Elapsed is 3 s as sent, plus however long a busy machine took to run watch.
+    assert re.search(rf"^      {re.escape(long_desc)}:  50%\|█████     \| 5/10 \[00:\d\d<",
+                     result.stdout, re.MULTILINE)
+    assert re.search(r"^error once-failed: +25%\|.*\]  OSError: disk full$", result.stdout,
                      re.MULTILINE)
 
 
@@ -705,3 +855,81 @@ def test_watch_not_in_a_terminal_says_when_it_reconnects(watching):
     watch = watching("--server", url)
     watch.wait_output(f"reconnecting to ws://{url[7:]}/ws: connection refused (next try in 0.5 s)")
     assert watch.stop() == 0
+
+
+# --- Runs against a real server: --once, --json, --runs, --bars, live --------------------
+
+
+RUN_BARS = [
+    {"task_id": "ep", "desc": "epoch", "run": "exp-142", "run_name": "resnet", "n": 3,
+     "total": 10, "meta": {"host": "gpu-01"}},
+    {"task_id": "bt", "desc": "batch", "run": "exp-142", "parent": "ep", "n": 50, "total": 100,
+     "meta": {"host": "gpu-01"}},
+    {"task_id": "r1", "desc": "rank 1 with a much longer description", "run": "exp-142",
+     "n": 1, "total": 4, "status": "error", "error": "KeyError: 'date'",
+     "meta": {"host": "gpu-02"}},
+    {"task_id": "solo", "desc": "solo", "n": 1, "total": 2},
+]
+
+
+def labels_of(text):
+    """The labels of a table's rows (not its header), indentation kept."""
+    return [line[6:].split(":")[0] for line in text.splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def run_server():
+    with running_server() as server:
+        post_ok(server, RUN_BARS)
+        yield server
+
+
+def test_once_shows_each_run_with_its_bars_indented_and_the_host(run_server):
+    result = run_watch("--once", "--server", run_server.url)
+    assert result.returncode == 0, result.stderr
+    assert labels_of(result.stdout) == [
+        "resnet", "  epoch", "    batch", "  rank 1 with a much longer description", "solo"]
+    lines = result.stdout.splitlines()
+    assert re.search(r"^      resnet: +gpu-01, gpu-02 +\d+%\|.*\| 0/3 bars, 1 failed \[", lines[1])
+    assert re.search(r"^error   rank 1 with a much longer description: +gpu-02 +25%\|", lines[4])
+    assert len({bar_column(line) for line in lines[1:]}) == 1  # the bars in one column
+
+
+def test_once_with_runs_shows_run_rows_only_and_with_bars_the_flat_list(run_server):
+    runs_only = run_watch("--once", "--runs", "--server", run_server.url)
+    assert labels_of(runs_only.stdout) == ["resnet", "solo"]
+    flat = run_watch("--once", "--bars", "--server", run_server.url)
+    assert labels_of(flat.stdout) == [
+        "epoch", "batch", "solo", "rank 1 with a much longer description"]
+    both = run_watch("--once", "--runs", "--bars", "--server", run_server.url)
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_json_includes_the_runs_shown_unless_bars_are_asked_for(run_server):
+    tree = json.loads(run_watch("--json", "--server", run_server.url).stdout)
+    assert list(tree["runs"]) == ["exp-142"] and tree["runs"]["exp-142"]["name"] == "resnet"
+    assert sorted(tree["tasks"]) == ["bt", "ep", "r1", "solo"]
+    runs_only = json.loads(run_watch("--json", "--runs", "--server", run_server.url).stdout)
+    assert list(runs_only["runs"]) == ["exp-142"] and list(runs_only["tasks"]) == ["solo"]
+    flat = json.loads(run_watch("--json", "--bars", "--server", run_server.url).stdout)
+    assert "runs" not in flat and sorted(flat["tasks"]) == ["bt", "ep", "r1", "solo"]
+    failed = json.loads(run_watch("--json", "--status", "error",
+                                  "--server", run_server.url).stdout)
+    assert list(failed["runs"]) == ["exp-142"] and list(failed["tasks"]) == ["r1"]
+
+
+def test_watch_live_shows_a_run_row_that_follows_its_bars_and_its_end(watching):
+    with running_server(broadcast_interval=0.02) as server:
+        post_ok(server, RUN_BARS[:2])
+        watch = watching("--server", server.url, pty_size=(20, 120))
+        frame = watch.wait_frame(lambda frame: "0/2 bars" in "".join(frame), "the run row")
+        assert [line[6:].split(":")[0] for line in frame[1:]] == ["resnet", "  epoch", "    batch"]
+        post_ok(server, [{"task_id": "bt", "run": "exp-142", "parent": "ep", "n": 100,
+                          "total": 100, "status": "close"},
+                         {"task_id": "ep", "run": "exp-142", "n": 10, "total": 10,
+                          "status": "close"}])
+        frame = watch.wait_frame(lambda frame: "2/2 bars" in "".join(frame), "the run's end")
+        assert frame[1].startswith("done  resnet:") and "100%|" in frame[1]
+        http("DELETE", server.url + "/tasks?run=exp-142")
+        watch.wait_frame(lambda frame: frame[1:] == ["no tasks yet"], "the run removed")
+        assert watch.stop() == 0
