@@ -857,7 +857,10 @@ HISTORY_MAX_UNITS = 0xFFFF  # the largest stored value, in units
 HISTORY_FIRST_T_EXP = -16
 HISTORY_FIRST_N_EXP = -16
 HISTORY_FIRST_STEP_S = 1.0  # least spacing of settled pairs until the first thinning
-MAX_HISTORY_SETTLED = MAX_HISTORY_PAIRS - 1  # the current state is the last pair
+# Settled pairs kept before a thinning halves them: the current state is one more pair,
+# so at most 101 of MAX_HISTORY_PAIRS are used. Stopping short of 119 keeps the fullest
+# history (an array grows in steps) within 1.5 KiB a task (bench/bench_memory.py).
+MAX_HISTORY_SETTLED = 100
 
 
 def settle_history(task, now):
@@ -2758,7 +2761,7 @@ class Notifier:
             notified.pop(task_id, None)
         # With Redis every server sees every change; only the sweeper tells. The others
         # still keep track, so that a new sweeper does not repeat what was sent.
-        sending = getattr(store, "is_sweeper", True)
+        sending = store.is_sweeper
         events = []
         for task_id in changed_ids:
             task = store.get(task_id)
@@ -2783,7 +2786,7 @@ class Notifier:
     def runs_ended(self, run_ids, runs, store, now):
         """One event per run in `run_ids` (RunIndex.ended_runs: each is news once) whose
         status, close or error, is in notify_on and which ran min_duration_s or more."""
-        if not getattr(store, "is_sweeper", True):  # with Redis, the sweeper tells
+        if not store.is_sweeper:  # with Redis, the sweeper tells
             return
         for run_id in run_ids:
             summary = runs.summary(run_id, now)
@@ -4938,6 +4941,8 @@ def _shown_default(name):
     default = Settings.__dataclass_fields__[name].default
     if isinstance(default, tuple):
         return ",".join(default) or "none"
+    if default == "" or default is None:
+        return "none"
     if isinstance(default, bool):
         return "on" if default else "off"
     return f"{default:g}" if isinstance(default, float) else str(default)

@@ -218,3 +218,46 @@ def test_token_cookie_is_secure_under_tls(tls_files, trusting):
         request = urllib.request.Request(server.url + "/tasks", headers={"Cookie": cookie})
         with urllib.request.urlopen(request, timeout=5, context=trusting) as response:
             assert response.status == 200
+
+
+def test_the_dashboard_over_https_connects_by_wss_and_keeps_the_token_in_a_secure_cookie(
+        tls_files, trusting):
+    """Chromium, over https://: the page and its CSP, the feed over wss://, and a share
+    link's token turned into an HttpOnly, Secure, SameSite=Strict cookie. The browser does
+    not know the test's CA: this one context ignores certificate errors, nothing else."""
+    import browsers
+
+    try:
+        chromium = browsers.launch("chromium")
+    except browsers.EngineMissing as reason:
+        from conftest import missing
+        missing(str(reason))
+    cert, key, _ = tls_files
+    try:
+        with running_server(tls_cert=cert, tls_key=key, api_tokens=("s3cret",)) as server:
+            body = json.dumps({"task_id": "over-tls", "n": 3, "total": 4}).encode()
+            request = urllib.request.Request(server.url + "/progress", data=body, headers={
+                "Authorization": "Bearer s3cret", "Content-Type": "application/json"})
+            urllib.request.urlopen(request, context=trusting, timeout=5).read()
+            context = chromium.browser.new_context(ignore_https_errors=True)
+            try:
+                page = context.new_page()
+                violations = []
+                page.on("console", lambda message: violations.append(message.text)
+                        if "Content Security Policy" in message.text else None)
+                page.goto(server.url + "/?token=s3cret")
+                page.wait_for_function(
+                    "() => document.querySelector('#conn').textContent === 'Connected'",
+                    timeout=10_000)
+                page.wait_for_function(
+                    "() => document.body.textContent.includes('over-tls')", timeout=10_000)
+                assert page.url.startswith("https://") and "token" not in page.url
+                assert page.evaluate("() => document.cookie") == ""
+                (cookie,) = [c for c in context.cookies() if c["name"] == "progressista_token"]
+                assert (cookie["httpOnly"], cookie["secure"], cookie["sameSite"]) == (
+                    True, True, "Strict")
+                assert violations == []
+            finally:
+                context.close()
+    finally:
+        chromium.close()

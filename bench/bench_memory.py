@@ -1,7 +1,7 @@
 """Memory per stored task, with and without its history, at 100,000 tasks.
 
     python bench/bench_memory.py                  # a few minutes on 2 cores
-    python bench/bench_memory.py --tasks 20000 --lengths 2,120
+    python bench/bench_memory.py --tasks 20000 --lengths 2,101
 
 For each history length it starts a fresh Python process (this script, --one), which
 builds the store the server builds, in process, with an injected clock: the realistic
@@ -13,8 +13,9 @@ and the bytes the history arrays themselves take.
 
 "without history" is the same store after two updates per task with the history never
 kept: what the task costs with the other v2 fields. The target (issue 11): at most 1.5 KiB
-per task with history at 100,000 tasks. A long-running bar's history holds between 61
-and 120 pairs (it is thinned from 120 to 61), about 90 on average: "realistic" below.
+per task with history at 100,000 tasks. A long-running bar's history holds between 51
+and 101 pairs (the server thins 101 to 51, MAX_HISTORY_SETTLED), about 75 on average:
+"realistic" below.
 """
 
 import argparse
@@ -76,8 +77,8 @@ def one(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=100_000)
-    parser.add_argument("--lengths", default="2,30,61,90,120",
-                        help="history lengths (pairs) to measure (default 2,30,61,90,120)")
+    parser.add_argument("--lengths", default="2,30,51,75,101",
+                        help="history lengths (pairs) to measure (default 2,30,51,75,101)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--drop-history", action="store_true", help=argparse.SUPPRESS)
@@ -85,7 +86,7 @@ def main(argv=None):
     if args.one:
         return one(args)
     runs = [("without history (2 updates)", 2, True)]
-    runs += [(f"history of {pairs} pairs" + (" (realistic)" if pairs == 90 else ""),
+    runs += [(f"history of {pairs} pairs" + (" (realistic)" if pairs == 75 else ""),
               pairs, False) for pairs in map(int, args.lengths.split(","))]
     rows = []
     for label, pairs, drop in runs:
