@@ -10,7 +10,6 @@ is not the point.
 
 import contextlib
 import datetime
-import http.server as http_server
 import io
 import json
 import logging
@@ -27,7 +26,8 @@ import time
 import pytest
 
 import progressista_client as pc
-from conftest import FakeClock, http, running_server, wait_for
+from conftest import (FakeClock, QuietHandler, http, http_server_thread, running_server,
+                      send_body, wait_for)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FAST_TIMEOUT_S = 0.3
@@ -481,26 +481,13 @@ def hanging_server():
 @contextlib.contextmanager
 def answering_server(answer):
     """An HTTP server on port 0 that answers each POST with `answer(body) -> (status, bytes)`."""
-    class Answering(http_server.BaseHTTPRequestHandler):
+    class Answering(QuietHandler):
         def do_POST(self):
             status, body = answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_body(self, body, status)
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield "http://127.0.0.1:%d" % httpd.server_address[1]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server_thread(Answering) as url:
+        yield url
 
 
 @pytest.fixture
