@@ -26,8 +26,8 @@ import time
 import pytest
 
 import progressista_client as pc
-from conftest import (FakeClock, QuietHandler, http, http_server_thread, running_server,
-                      send_body, wait_for)
+from conftest import (FakeClock, QuietHandler, free_port, http, http_server_thread,
+                      running_server, send_body, wait_for)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FAST_TIMEOUT_S = 0.3
@@ -91,12 +91,6 @@ def task(server, task_id, headers=None):
 
 def warnings_in(caplog):
     return [r for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-def closed_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_python(code, *args, env=None, timeout=SUBPROCESS_TIMEOUT_S, cwd=None):
@@ -500,7 +494,7 @@ def failing_server():
 @pytest.mark.parametrize("kind", ["down", "hanging", "failing"])
 def test_a_bad_server_never_slows_or_breaks_the_loop_and_is_warned_about_once(
         kind, sender, client_log, request):
-    url = {"down": lambda: "http://127.0.0.1:%d" % closed_port(),
+    url = {"down": lambda: "http://127.0.0.1:%d" % free_port(),
            "hanging": lambda: request.getfixturevalue("hanging_server"),
            "failing": lambda: request.getfixturevalue("failing_server")}[kind]()
     assert loop_and_time(url) < 1.0  # microseconds of work; the network is never awaited
@@ -980,7 +974,7 @@ def test_demo_with_a_malformed_url_fails_with_one_line():
 
 
 def test_demo_against_a_server_that_is_down_fails_with_a_message():
-    url = "http://127.0.0.1:%d" % closed_port()
+    url = "http://127.0.0.1:%d" % free_port()
     result = run_cli("demo", "--bars", "1", "--total", "2", "--delay", "0", "--server-url", url)
     assert result.returncode == 1 and "could not deliver" in result.stderr
 
