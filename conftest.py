@@ -11,11 +11,16 @@ The fixtures are named for the server they give: `memory_server` (a fresh one pe
 `token_server`, `read_token_server`, `cors_server`, `clocked_server` (its clock is the
 `clock` fixture), `quick_lifetimes_server`, `quick_timeouts_server`; `sqlite_url` and
 `redis_server` give a store to start servers on.
+
+Where the peer is not Progressista (a webhook, a proxy, a server that misbehaves), a test
+writes a `QuietHandler` subclass, answers with `send_body()` or `send_json()`, and serves
+it with `http_server_thread(handler_class)`, which yields the base URL.
 """
 
 import asyncio
 import contextlib
 from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import itertools
 import json
 import os
@@ -515,6 +520,48 @@ def cli_server(*args, **variables):
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait()
+
+
+# --- Stand-in HTTP servers --------------------------------------------------------------
+# Where a test needs a peer that is not Progressista (a webhook, a proxy, a server that
+# misbehaves), it writes a small http.server handler and serves it with these.
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that logs nothing: http.server writes every request to stderr."""
+
+    def log_message(self, *args):
+        pass
+
+
+def send_body(handler, body=b"", status=200, headers=()):
+    """Answer the request `handler` is serving: `status`, `headers` (name, value pairs), a
+    Content-Length and `body` (bytes)."""
+    handler.send_response(status)
+    for name, value in headers:
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def send_json(handler, payload, status=200, headers=()):
+    """Answer the request `handler` is serving with `payload` as JSON."""
+    send_body(handler, json.dumps(payload).encode(), status,
+              [("Content-Type", "application/json"), *headers])
+
+
+@contextlib.contextmanager
+def http_server_thread(handler_class):
+    """Serve `handler_class` on 127.0.0.1:0 from a daemon thread (one thread a connection);
+    yield its base URL, ``http://127.0.0.1:PORT``; shut it down at the end."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield "http://127.0.0.1:%d" % httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 # --- Redis -------------------------------------------------------------------------------

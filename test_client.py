@@ -10,7 +10,6 @@ is not the point.
 
 import contextlib
 import datetime
-import http.server as http_server
 import io
 import json
 import logging
@@ -27,7 +26,8 @@ import time
 import pytest
 
 import progressista_client as pc
-from conftest import FakeClock, http, running_server, wait_for
+from conftest import (FakeClock, QuietHandler, free_port, http, http_server_thread,
+                      running_server, send_body, wait_for)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FAST_TIMEOUT_S = 0.3
@@ -91,12 +91,6 @@ def task(server, task_id, headers=None):
 
 def warnings_in(caplog):
     return [r for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-def closed_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_python(code, *args, env=None, timeout=SUBPROCESS_TIMEOUT_S, cwd=None):
@@ -481,26 +475,13 @@ def hanging_server():
 @contextlib.contextmanager
 def answering_server(answer):
     """An HTTP server on port 0 that answers each POST with `answer(body) -> (status, bytes)`."""
-    class Answering(http_server.BaseHTTPRequestHandler):
+    class Answering(QuietHandler):
         def do_POST(self):
             status, body = answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_body(self, body, status)
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield "http://127.0.0.1:%d" % httpd.server_address[1]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server_thread(Answering) as url:
+        yield url
 
 
 @pytest.fixture
@@ -513,7 +494,7 @@ def failing_server():
 @pytest.mark.parametrize("kind", ["down", "hanging", "failing"])
 def test_a_bad_server_never_slows_or_breaks_the_loop_and_is_warned_about_once(
         kind, sender, client_log, request):
-    url = {"down": lambda: "http://127.0.0.1:%d" % closed_port(),
+    url = {"down": lambda: "http://127.0.0.1:%d" % free_port(),
            "hanging": lambda: request.getfixturevalue("hanging_server"),
            "failing": lambda: request.getfixturevalue("failing_server")}[kind]()
     assert loop_and_time(url) < 1.0  # microseconds of work; the network is never awaited
@@ -993,7 +974,7 @@ def test_demo_with_a_malformed_url_fails_with_one_line():
 
 
 def test_demo_against_a_server_that_is_down_fails_with_a_message():
-    url = "http://127.0.0.1:%d" % closed_port()
+    url = "http://127.0.0.1:%d" % free_port()
     result = run_cli("demo", "--bars", "1", "--total", "2", "--delay", "0", "--server-url", url)
     assert result.returncode == 1 and "could not deliver" in result.stderr
 

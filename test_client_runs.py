@@ -9,7 +9,6 @@ program starts, and the variables of SLURM and torchrun set by the test.
 """
 
 import contextlib
-import http.server as http_server
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import threading
 import pytest
 
 import progressista_client as pc
-from conftest import clean_env
+from conftest import QuietHandler, clean_env, http_server_thread, send_json
 from test_client import ROOT, SUBPROCESS_TIMEOUT_S, run_cli, sender  # noqa: F401
 
 
@@ -28,7 +27,7 @@ def recording_server():
     """Yield (base URL, the list of every update POSTed), answering each POST 200."""
     updates, lock = [], threading.Lock()
 
-    class Recording(http_server.BaseHTTPRequestHandler):
+    class Recording(QuietHandler):
         protocol_version = "HTTP/1.1"
 
         def do_POST(self):
@@ -36,25 +35,10 @@ def recording_server():
             sent = sent if isinstance(sent, list) else [sent]
             with lock:
                 updates.extend(sent)
-            body = json.dumps({"ok": True, "accepted": len(sent)}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, {"ok": True, "accepted": len(sent)})
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Recording)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield "http://127.0.0.1:%d" % httpd.server_address[1], updates
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server_thread(Recording) as url:
+        yield url, updates
 
 
 def finals(updates):

@@ -10,7 +10,6 @@ connection unanswered, redirect), a small http.server of the test's own plays it
 """
 
 import contextlib
-import http.server as http_server
 import select
 import socket
 import ssl
@@ -21,7 +20,8 @@ import threading
 import pytest
 
 import progressista_client as pc
-from conftest import clean_env, missing, running_server
+from conftest import (QuietHandler, clean_env, http_server_thread, missing, running_server,
+                      send_body)
 from test_client import (ROOT, SUBPROCESS_TIMEOUT_S, bar, client_log, run_cli,  # noqa: F401
                          sender, task, tasks, warnings_in)
 
@@ -158,7 +158,7 @@ def racing_server():
     next request without answering: the server's idle close crossing the client's reuse."""
     seen = {"connections": 0, "requests": 0, "answered": 0}
 
-    class Racing(http_server.BaseHTTPRequestHandler):
+    class Racing(QuietHandler):
         protocol_version = "HTTP/1.1"
 
         def setup(self):
@@ -174,23 +174,10 @@ def racing_server():
                 self.close_connection = True
                 return  # closed unanswered
             seen["answered"] += 1
-            body = b'{"ok": true, "accepted": 1}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_body(self, b'{"ok": true, "accepted": 1}')
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Racing)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield "http://127.0.0.1:%d" % httpd.server_address[1], seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server_thread(Racing) as url:
+        yield url, seen
 
 
 def test_a_kept_alive_connection_closed_unanswered_is_retried_once_on_a_new_one(persistent):
@@ -204,21 +191,13 @@ def test_a_kept_alive_connection_closed_unanswered_is_retried_once_on_a_new_one(
 def test_a_new_connection_closed_unanswered_is_a_failure_not_retried():
     poster = pc._PersistentPoster()
 
-    class Closing(http_server.BaseHTTPRequestHandler):
+    class Closing(QuietHandler):
         def do_POST(self):
             self.close_connection = True
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Closing)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with http_server_thread(Closing) as url:
         with pytest.raises(ConnectionError):
-            poster("http://127.0.0.1:%d/progress" % httpd.server_address[1], b"{}", {}, 2)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+            poster(url + "/progress", b"{}", {}, 2)
 
 
 # --- https:// ---
@@ -305,7 +284,7 @@ def forward_proxy():
     line and Proxy-Authorization header."""
     seen = {"connections": 0, "requests": []}
 
-    class Forward(http_server.BaseHTTPRequestHandler):
+    class Forward(QuietHandler):
         protocol_version = "HTTP/1.1"
 
         def setup(self):
@@ -315,23 +294,10 @@ def forward_proxy():
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             seen["requests"].append((self.requestline, self.headers.get("Proxy-Authorization")))
-            body = b'{"ok": true, "accepted": 1}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_body(self, b'{"ok": true, "accepted": 1}')
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield "http://user:p%%40ss@127.0.0.1:%d" % httpd.server_address[1], seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server_thread(Forward) as url:
+        yield url.replace("http://", "http://user:p%40ss@", 1), seen
 
 
 @pytest.fixture
@@ -378,44 +344,24 @@ def test_https_goes_through_a_connect_tunnel_of_the_https_proxy(
 def test_a_redirect_is_a_refusal_reported_once_and_never_followed(persistent, client_log):
     elsewhere = []
 
-    class Elsewhere(http_server.BaseHTTPRequestHandler):
+    class Elsewhere(QuietHandler):
         def do_POST(self):
             elsewhere.append(self.headers.get("Authorization"))
-            self.send_response(200)
-            self.end_headers()
+            send_body(self)
 
-        def log_message(self, *args):
-            pass
-
-    class Redirecting(http_server.BaseHTTPRequestHandler):
+    class Redirecting(QuietHandler):
         protocol_version = "HTTP/1.1"
 
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(307)
-            self.send_header("Location", target + "/progress")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            send_body(self, status=307, headers=[("Location", target + "/progress")])
 
-        def log_message(self, *args):
-            pass
-
-    servers = [http_server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-               for handler in (Elsewhere, Redirecting)]
-    for httpd in servers:
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    target = "http://127.0.0.1:%d" % servers[0].server_address[1]
-    try:
-        url = "http://127.0.0.1:%d" % servers[1].server_address[1]
+    with http_server_thread(Elsewhere) as target, http_server_thread(Redirecting) as url:
         for _ in range(2):
             remote = bar(url, total=3, token="secret")
             remote.update(3)
             remote.close()
             assert pc.flush(5) is False  # the final state was lost: never reported as sent
-    finally:
-        for httpd in servers:
-            httpd.shutdown()
-            httpd.server_close()
     assert elsewhere == []
     refusals = [r.getMessage() for r in warnings_in(client_log)]
     assert len(refusals) == 1 and "HTTP 307" in refusals[0] and "redirect" in refusals[0]

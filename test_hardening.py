@@ -13,13 +13,12 @@ import random
 import socket
 import sqlite3
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import h11
 import pytest
 
 import progressista
-from conftest import http, running_server, wait_for
+from conftest import QuietHandler, http, http_server_thread, running_server, send_body, wait_for
 
 
 # --- Helpers ---------------------------------------------------------------------------
@@ -571,50 +570,37 @@ def test_watch_escapes_a_hostile_close_reason():
     assert "\x1b" not in reason and "\x07" not in reason and "bye" in reason
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    """Records each request's path and Authorization; redirects to `server.location`."""
-
-    protocol_version = "HTTP/1.1"  # a WebSocket client refuses an HTTP/1.0 answer
+def watch_through_a_redirect(command, scheme, path):
+    """Run `progressista watch` with a token (`command` its subcommand and flags) against a
+    server that redirects to another one at `scheme`://host:port`path`; return its exit
+    status and each request the two servers saw, as (path, Authorization)."""
     seen = []
 
-    def do_GET(self):
-        _Recorder.seen.append((self.path, self.headers.get("Authorization")))
-        location = getattr(self.server, "location", None)
-        if location:
-            self.send_response(302)
-            self.send_header("Location", location)
-            self.send_header("Content-Length", "0")
-            self.send_header("Connection", "close")
-            self.end_headers()
-        else:
-            body = b'{"tasks": {}, "now": 1}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(body)
+    class Recorder(QuietHandler):
+        protocol_version = "HTTP/1.1"  # a WebSocket client refuses an HTTP/1.0 answer
+        location = None
 
-    def log_message(self, *args):
-        pass
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.location:
+                send_body(self, status=302, headers=[("Location", self.location),
+                                                     ("Connection", "close")])
+            else:
+                send_body(self, b'{"tasks": {}, "now": 1}', headers=[("Connection", "close")])
+
+    with http_server_thread(Recorder) as elsewhere:
+        class Redirector(Recorder):
+            location = f"{scheme}://{elsewhere.split('://', 1)[1]}{path}"
+
+        with http_server_thread(Redirector) as redirector:
+            status = progressista.main([*command, "--server", redirector, "--token", "s3cret"])
+    return status, seen
 
 
 def test_watch_once_follows_no_redirect_and_sends_the_token_nowhere_else(capsys):
-    elsewhere = HTTPServer(("127.0.0.1", 0), _Recorder)
-    redirector = HTTPServer(("127.0.0.1", 0), _Recorder)
-    redirector.location = f"http://127.0.0.1:{elsewhere.server_port}/tasks"
-    for server in (elsewhere, redirector):
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Recorder.seen = []
-    try:
-        status = progressista.main(["watch", "--once", "--server",
-                                    f"http://127.0.0.1:{redirector.server_port}",
-                                    "--token", "s3cret"])
-    finally:
-        for server in (elsewhere, redirector):
-            server.shutdown()
-            server.server_close()
+    status, seen = watch_through_a_redirect(["watch", "--once"], "http", "/tasks")
     assert status == 1
-    assert _Recorder.seen == [("/tasks", "Bearer s3cret")]  # the redirector only
+    assert seen == [("/tasks", "Bearer s3cret")]  # the redirector only
     error = capsys.readouterr().err
     assert error.count("302") == 1 and "not followed" in error
 
@@ -637,21 +623,8 @@ def test_debug_log_masks_every_token_spelling_and_escapes_control_bytes(caplog):
 
 @pytest.mark.timeout(20)
 def test_live_watch_follows_no_redirect_either(capsys):
-    elsewhere = HTTPServer(("127.0.0.1", 0), _Recorder)
-    redirector = HTTPServer(("127.0.0.1", 0), _Recorder)
-    redirector.location = f"ws://127.0.0.1:{elsewhere.server_port}/ws"
-    for server in (elsewhere, redirector):
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Recorder.seen = []
-    try:
-        status = progressista.main(["watch", "--server",
-                                    f"http://127.0.0.1:{redirector.server_port}",
-                                    "--token", "s3cret"])
-    finally:
-        for server in (elsewhere, redirector):
-            server.shutdown()
-            server.server_close()
+    status, seen = watch_through_a_redirect(["watch"], "ws", "/ws")
     assert status == 1
-    assert _Recorder.seen == [("/ws", "Bearer s3cret")]  # the redirector only
+    assert seen == [("/ws", "Bearer s3cret")]  # the redirector only
     error = capsys.readouterr().err
     assert error.count("302") == 1 and "not followed" in error

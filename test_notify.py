@@ -9,7 +9,6 @@ backoff) are tested with an injected clock; the settings through the command lin
 import asyncio
 import base64
 import contextlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import json
 import re
 import signal
@@ -19,8 +18,8 @@ import time
 import pytest
 
 import progressista
-from conftest import (Clock, FakeClock, cli_server, http, on_server_loop, post_ok, run_cli,
-                      running_server, wait_for)
+from conftest import (Clock, FakeClock, QuietHandler, cli_server, http, http_server_thread,
+                      on_server_loop, post_ok, run_cli, running_server, send_body, wait_for)
 
 SLACK_URL = "https://hooks.slack.com/services/T000/B000/XXXXSECRETXXXX"
 
@@ -43,7 +42,7 @@ class Receiver:
         self.arrived = 0  # POSTs received, answered or not
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with receiver.lock:
@@ -52,21 +51,11 @@ class Receiver:
                 with receiver.lock:
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
                     receiver.attempts.append((status, body, self.headers))
-                self.send_response(status)
-                for name, value in receiver.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
+                send_body(self, b"ok", status, receiver.headers.items())
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/SECRET-PATH"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.serving = contextlib.ExitStack()
+        self.base_url = self.serving.enter_context(http_server_thread(Handler))
+        self.url = self.base_url + "/hooks/SECRET-PATH"
 
     def messages(self):
         """The bodies it answered 200 to, oldest first."""
@@ -78,8 +67,7 @@ class Receiver:
 
     def close(self):
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.serving.close()
 
 
 @contextlib.contextmanager
@@ -507,7 +495,7 @@ def test_serve_announces_a_close_that_came_just_before_sigterm_and_logs_no_secre
             assert server.stop(signal.SIGTERM, timeout=15) == 0
         log = server.stderr
         assert [event["task_id"] for event in receiver.events()] == ["at-exit"]
-        assert "http://127.0.0.1:%d/***" % receiver.server.server_address[1] in log
+        assert receiver.base_url + "/***" in log  # http://127.0.0.1:PORT/***
         assert "SECRET-PATH" not in log
 
 

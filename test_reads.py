@@ -21,25 +21,27 @@ from conftest import FakeClock, http, post_ok as post, running_server, tasks_of 
 # --- ChangeLog (pure) ----------------------------------------------------------------------
 
 
-def test_change_log_lists_what_changed_at_or_after_a_time_oldest_change_first():
-    clock = FakeClock(100.0)
+def change_log_after(*steps):
+    """A ChangeLog on a FakeClock that went through `steps`, each (time, "changed" or
+    "removed", task ids), oldest first."""
+    clock = FakeClock(steps[0][0])
     log = progressista.ChangeLog(clock)
-    log.changed(["a", "b"])
-    clock.now = 110.0
-    log.changed(["c", "a"])
+    for now, what, ids in steps:
+        clock.now = now
+        getattr(log, what)(ids)
+    return log
+
+
+def test_change_log_lists_what_changed_at_or_after_a_time_oldest_change_first():
+    log = change_log_after((100.0, "changed", ["a", "b"]), (110.0, "changed", ["c", "a"]))
     assert log.since(105.0) == (["c", "a"], [], False)
     assert log.since(100.0) == (["b", "c", "a"], [], False)
     assert log.since(111.0) == ([], [], False)
 
 
 def test_change_log_lists_deletions_once_and_not_a_task_sent_again():
-    clock = FakeClock(100.0)
-    log = progressista.ChangeLog(clock)
-    log.changed(["a", "b"])
-    clock.now = 101.0
-    log.removed(["a", "b"])
-    clock.now = 102.0
-    log.changed(["b"])  # b came back
+    log = change_log_after((100.0, "changed", ["a", "b"]), (101.0, "removed", ["a", "b"]),
+                           (102.0, "changed", ["b"]))  # b came back
     assert log.since(100.5) == (["b"], ["a"], False)
 
 

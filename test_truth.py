@@ -13,7 +13,7 @@ import json
 import pytest
 
 import progressista
-from conftest import FakeClock, RedisServer, http, running_server, wait_for
+from conftest import FakeClock, RedisServer, http, post_ok, running_server, wait_for
 from progressista import (InvalidUpdate, MemoryStore, Task, Thresholds, apply_update,
                           validate_update)
 
@@ -276,8 +276,7 @@ def test_default_thresholds_are_the_protocols():
 
 
 def post(server, **fields):
-    status, body, _ = http("POST", server.url + "/progress", fields)
-    assert status == 200, body
+    post_ok(server, fields)
 
 
 def test_server_lists_stalled_tasks_and_counts_them():

@@ -70,6 +70,8 @@ TARGETS = {
 
 
 def free_port():
+    """A loopback port nothing listens on (bound a moment ago, then freed); the one copy
+    every script in bench/ uses."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -243,18 +245,25 @@ def run_wrk(args, port, seconds, mode, tag, watched, runs=0):
     wall = time.monotonic() - wall
     busy = machine_busy_ticks() - busy_before
     used = {child.name: cpu_ticks(child.pid) - before[child.name] for child in watched}
-    line = next((l for l in out.decode().splitlines() if l.startswith("WRK_JSON ")), None)
-    if wrk.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({wrk.returncode}): {err.decode()[-500:]}")
-    result = json.loads(line[len("WRK_JSON "):])
-    errors = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
-    if errors:
-        raise RuntimeError(f"wrk saw {errors} errors against port {port}: {result}")
+    result = wrk_figures(wrk.returncode, out, err, f"port {port}")
     seconds_run = result["duration_us"] / 1e6
     result["rps"] = result["requests"] / seconds_run
     result["cpu_s"] = {name: ticks / TICKS for name, ticks in used.items()}
     result["busy_ticks"] = busy - sum(used.values())  # wrk's own share comes off later
     result["wall_s"] = wall
+    return result
+
+
+def wrk_figures(returncode, out, err, target):
+    """The figures wrk_post.lua printed (its WRK_JSON line), from wrk's exit status and
+    output; RuntimeError if wrk failed or saw any error against `target`."""
+    line = next((line for line in out.decode().splitlines() if line.startswith("WRK_JSON ")), None)
+    if returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({returncode}): {err.decode()[-500:]}")
+    result = json.loads(line[len("WRK_JSON "):])
+    errors = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
+    if errors:
+        raise RuntimeError(f"wrk saw {errors} errors against {target}: {result}")
     return result
 
 

@@ -34,6 +34,10 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from bench_server import free_port  # noqa: E402  (bench/ is not a package)
+
 IDS = 1000
 BATCH = 100
 CONNECTIONS = 8
@@ -42,12 +46,6 @@ UPDATE = ('{"task_id":"task-%04d","desc":"shard %d","n":%d,"total":100000,"unit"
           '"unit_scale":false,"unit_divisor":1000,"rate":%d.5,"elapsed":%d.25,'
           '"postfix":"loss=0.%03d","status":"running","meta":{"host":"node%02d",'
           '"pid":%d,"job_id":"81234"},"seq":%d,"timestamp":1790000000.5}')
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until(condition, timeout, what):

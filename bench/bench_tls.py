@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_server import (  # noqa: E402  (bench/ is not a package)
-    IDS, LUA, ROOT, SEQ, Child, cpu_ticks, free_port, stop_all, TICKS)
+    IDS, LUA, ROOT, SEQ, Child, cpu_ticks, free_port, stop_all, TICKS, wrk_figures)
 
 TARGET_CPU_RATIO = 1.5  # TLS CPU per request at most this times plain HTTP's
 
@@ -82,14 +82,7 @@ def run_wrk(args, scheme, port, seconds, tag, server):
     before = cpu_ticks(server.pid)
     out = subprocess.run(argv, capture_output=True, timeout=seconds + 30)
     used_s = (cpu_ticks(server.pid) - before) / TICKS
-    line = next((line for line in out.stdout.decode().splitlines()
-                 if line.startswith("WRK_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.decode()[-500:]}")
-    result = json.loads(line[len("WRK_JSON "):])
-    errors = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
-    if errors:
-        raise RuntimeError(f"wrk saw {errors} errors against {scheme}://...:{port}: {result}")
+    result = wrk_figures(out.returncode, out.stdout, out.stderr, f"{scheme}://...:{port}")
     requests = result["requests"]
     return {"rps": requests / (result["duration_us"] / 1e6),
             "us_per_request": used_s * 1e6 / requests, "requests": requests}

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import multiprocessing
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -38,8 +37,9 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]  # the client; bench_server's free_port
 
+from bench_server import free_port  # noqa: E402  (bench/ is not a package)
 import progressista_client  # noqa: E402
 
 SERVER_START_TIMEOUT_S = 10.0
@@ -48,12 +48,6 @@ PUSH_INTERVAL_S = 0.25
 TARGET_RATIO = 0.5  # the persistent sender costs the server at most half of a new connection per push
 TLS_TARGET_RATIO = 1.5  # over TLS, the persistent sender costs at most 1.5x what it costs over HTTP
 MODES = ("persistent", "new connection per push")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_seconds(pid):

@@ -87,7 +87,11 @@ import threading
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)  # also when loaded by path (test_soak.py), not run from bench/
+
+from bench_server import free_port  # noqa: E402  (bench/ is not a package)
 
 # --- Settings ------------------------------------------------------------------------
 
@@ -459,12 +463,6 @@ def end_started_processes():
                 os.kill(process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(5)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_rss_kib(pid):
