@@ -299,7 +299,9 @@ def describe_exception(exc_type, exc, tb):
     head = exc_type.__name__ if exc_type is not None else "Exception"
     message = str(exc) if exc is not None else ""
     text = head + (": " + message if message else "")
-    lines = "".join(traceback.format_tb(tb)).rstrip("\n").splitlines() if tb is not None else []
+    # Our own frames (the sys.exit wrapper, the bar) say nothing about the program.
+    frames = [frame for frame in traceback.extract_tb(tb) if frame.filename != __file__]
+    lines = "".join(traceback.format_list(frames)).rstrip("\n").splitlines()
     if lines:
         text += "\n" + "\n".join(lines[-TRACEBACK_LINES:])
     return _clip(text, MAX_ERROR_CHARS)
@@ -1390,9 +1392,13 @@ def _reason_loop_was_left(frame):
     return "the loop was left by an exception at %s" % _where(frame)
 
 
-# thread ident -> (SystemExit, {(id(frame), f_lasti) of each frame that was calling}), for
-# the last sys.exit() of each thread: a loop left by it knows its exit status.
+# thread ident -> (SystemExit, {(id(frame), f_lasti) of each frame that was calling},
+# monotonic time), for the last sys.exit() of each thread: a loop left by it knows its exit
+# status, and so do the bars still open when the process ends (_at_exit).
 _exits = {}
+# A sys.exit() of the main thread this recent when the process ends is taken to be what
+# ends it (Python does not tell atexit the exit status); an older one was caught.
+EXIT_RECENT_S = 5.0
 
 
 class _RecordingExit:
@@ -1412,7 +1418,7 @@ class _RecordingExit:
             while frame is not None:
                 calling.add((id(frame), frame.f_lasti))
                 frame = frame.f_back
-            _exits[threading.get_ident()] = (exc, calling)
+            _exits[threading.get_ident()] = (exc, calling, time.monotonic())
             raise
 
 
@@ -1549,15 +1555,30 @@ def _at_exit():
     with _bars_lock:
         bars = list(_open_bars)
     watched = _watched_by_run()
+    failure = None if watched else _exit_failure()
     for bar in bars:
         if watched:
             # `run` ends these from the record, knowing the exit code or signal: record where
             # each bar stands now, not its last display (updates within mininterval of it).
             bar._remote_publish()
+        elif failure is not None:
+            bar._remote_end("error", failure)  # the program ended with a failing status
         else:
             # A bar the program never closed ends where it stands.
             bar._remote_end("close")
     sender.flush()
+
+
+def _exit_failure():
+    """'the program exited with sys.exit(3)' when a failing sys.exit() of the main thread
+    is what ends the process (as far as can be told), else None."""
+    exited = _exits.get(threading.main_thread().ident)
+    if exited is None or time.monotonic() - exited[2] > EXIT_RECENT_S:
+        return None
+    code = exited[0].code
+    if code in (None, 0):
+        return None
+    return "the program exited with sys.exit(%r)" % (code,)
 
 
 def _arm_worker_exit():

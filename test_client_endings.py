@@ -58,6 +58,34 @@ def test_a_loop_left_by_sys_exit_ends_error_unless_the_status_is_zero(server, tm
         assert ended["status"] == "close"
 
 
+OPEN_BARS_AT_EXIT = """\
+import sys
+from progressista_client import tqdm
+bar = tqdm(total=100, desc="manual")  # never closed
+bar.update(40)
+with tqdm(total=10, desc="with-block") as inner:
+    inner.update(4)
+    sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("exit_code", [3, 0])
+def test_bars_open_when_the_program_exits_failing_end_error_and_name_only_its_frames(
+        server, tmp_path, exit_code):
+    result = run_job(tmp_path, OPEN_BARS_AT_EXIT, server, str(exit_code))
+    assert result.returncode == exit_code, result.stderr
+    ended = by_desc(server)
+    if not exit_code:
+        assert (ended["manual"]["status"], ended["with-block"]["status"]) == ("close", "close")
+        return
+    assert ended["manual"]["status"] == "error"
+    assert ended["manual"]["error"] == "the program exited with sys.exit(3)"
+    assert ended["with-block"]["status"] == "error"
+    assert ended["with-block"]["error"].startswith("SystemExit: 3")
+    assert "job.py" in ended["with-block"]["error"]
+    assert "progressista_client.py" not in ended["with-block"]["error"]  # not our wrapper
+
+
 def test_a_loop_left_by_sys_exit_ends_error_under_run(server, tmp_path):
     script = tmp_path / "job.py"
     script.write_text(LOOP_LEFT_BY_EXIT.replace("progressista_client", "tqdm"))
