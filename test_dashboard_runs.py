@@ -20,7 +20,7 @@ import browsers
 from browsers import expect
 from conftest import http, running_server
 from test_dashboard import (  # fixtures and helpers of the dashboard tests; no tests imported
-    AUTH, TOKEN, browser, clean_server, open_dashboard, page, post, row, server, task)
+    ARTIFACTS, AUTH, TOKEN, browser, clean_server, open_dashboard, page, post, row, server, task)
 
 __all__ = ["browser", "clean_server", "page", "server"]  # fixtures used by name
 
@@ -249,3 +249,46 @@ def test_elapsed_ticks_between_updates(page, clean_server):
     expect(time_cell).to_have_text(re.compile(r"^00:3[2-9]<01:[0-2]\d$"), timeout=6)
     expect(row(page, "ticking").locator(".extra")).to_contain_text(
         re.compile(r"no update for 00:0[5-9]"), timeout=8)
+
+
+# --- Artifact -----------------------------------------------------------------------------------
+
+
+def test_screenshot_of_the_runs_view_is_saved_as_an_artifact(page, clean_server):
+    """A torchrun-like job (2 hosts x 4 ranks, epoch and batch bars, one failed rank) expanded
+    under three other runs, each bar updated a few times so that the sparklines have a shape."""
+    page.set_viewport(1100, 1000)
+    if page.engine != "webkit":
+        page.emulate_media(reduced_motion="reduce")
+    open_dashboard(page, clean_server)
+    for step in range(4):
+        job = torchrun_job(name="torchrun train.py --config vit-b16.yaml", folded_batches=step)
+        for item in job:
+            if item.get("status", "running") == "running":
+                item.update(n=item["n"] + step * (1 if "epoch" in item["task_id"] else 37 + step * 9),
+                            seq=step + 1)
+        post(clean_server, job)
+        expect(run_row(page, "torchrun").locator(".done")).to_have_text(f"{step}/{16 + step} bars done")
+    others = [
+        task("prep-1", desc="tokenize shards", n=512, total=512, unit="shard", rate=3.1, elapsed=165,
+             status="close", run="prep-7", run_name="prepare_data.py --shards 512",
+             meta={"host": "cpu-07"}),
+        task("eval-1", desc="evaluate checkpoint 12", n=430, total=1000, rate=9.8, elapsed=44,
+             run="eval-3", run_name="eval.py ckpt-12", meta={"host": "gpu-03"}),
+        task("sweep-1", desc="trial 4/20", n=4, total=20, rate=0.01, elapsed=400,
+             run="sweep-9", run_name="optuna sweep lr", meta={"host": "gpu-04"}),
+    ]
+    for step in range(3):
+        for item in others:
+            if item.get("status") != "close":
+                item.update(n=item["n"] + (10 * step + 1 if item["total"] > 100 else 1), seq=step + 1)
+        post(clean_server, others)
+        expect(run_row(page, "eval.py").locator(".pct")).to_have_text(["43%", "44%", "46%"][step])
+    run_row(page, "torchrun").locator(".name").click()
+    expect(row(page, "batch r0")).to_be_visible()
+    expect(run_row(page, "torchrun").locator(".spark path")).to_have_attribute("d", re.compile("L"))
+    page.mouse_move(1090, 10)   # no hover outline in the picture
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / ("runs.png" if page.engine == "chromium" else f"runs-{page.engine}.png")
+    page.screenshot(path)
+    assert path.stat().st_size > 10_000
