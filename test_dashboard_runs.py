@@ -20,7 +20,8 @@ import browsers
 from browsers import expect
 from conftest import http, running_server
 from test_dashboard import (  # fixtures and helpers of the dashboard tests; no tests imported
-    ARTIFACTS, AUTH, TOKEN, browser, clean_server, open_dashboard, page, post, row, server, task)
+    ARTIFACTS, AUTH, TOKEN, browser, clean_server, open_dashboard, page, path_prefix_proxy, post, row,
+    server, task)
 
 __all__ = ["browser", "clean_server", "page", "server"]  # fixtures used by name
 
@@ -175,6 +176,18 @@ def test_a_run_row_and_its_name_stay_readable_on_a_narrow_window(page, clean_ser
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 480
 
 
+def test_runs_come_from_get_runs_while_polling(page, clean_server):
+    # the GET /tasks?since= answers carry no runs: a polling page asks GET /runs alongside
+    post(clean_server, torchrun_job())
+    with path_prefix_proxy(clean_server.port, first_script="delete window.WebSocket;") as base:
+        page.goto(f"{base}/static/index.html?token={TOKEN}")
+        expect(page.locator("#conn")).to_have_text(re.compile(r"Connected \(polling"))
+        expect(run_row(page, "train.py").locator(".failed")).to_have_text("1 failed")
+        post(clean_server, task("exp-142-r2-batch", desc="batch r2", n=500, total=500, run="exp-142",
+                                status="error", error="killed", seq=9))
+        expect(run_row(page, "train.py").locator(".failed")).to_have_text("2 failed", timeout=10)
+
+
 # --- Statuses in words ------------------------------------------------------------------------
 
 
@@ -245,10 +258,13 @@ def test_elapsed_ticks_between_updates(page, clean_server):
     open_dashboard(page, clean_server)
     time_cell = row(page, "ticking").locator(".time")
     expect(time_cell).to_have_text(re.compile(r"^00:3[0-1]<01:[2-3]\d$"))
+    expect(row(page, "ticking").locator(".rate")).to_have_text(re.compile(r"^(1\.00it/s|[\d.]+s/it)$"))
     # no update arrives: the page's own clock moves elapsed on and counts the ETA down
     expect(time_cell).to_have_text(re.compile(r"^00:3[2-9]<01:[0-2]\d$"), timeout=6)
     expect(row(page, "ticking").locator(".extra")).to_contain_text(
         re.compile(r"no update for 00:0[5-9]"), timeout=8)
+    # and the shown rate decays: 1 it/s two seconds after the last update, less and less after
+    expect(row(page, "ticking").locator(".rate")).to_have_text(re.compile(r"^[\d.]+s/it$"))
 
 
 # --- Artifact -----------------------------------------------------------------------------------
