@@ -188,6 +188,20 @@ def test_runs_come_from_get_runs_while_polling(page, clean_server):
         expect(run_row(page, "train.py").locator(".failed")).to_have_text("2 failed", timeout=10)
 
 
+def test_runs_keep_their_places_under_the_pointer(page, clean_server):
+    post(clean_server, [task("a1", n=10, run="slow-run", run_name="slow run"),
+                        task("b1", n=50, run="fast-run", run_name="fast run")])
+    open_dashboard(page, clean_server, query=f"?token={TOKEN}&sort=progress")
+    names = page.locator(f"{RUN_ROWS} .name")
+    expect(names).to_have_text(["▸ slow run", "▸ fast run"])
+    run_row(page, "slow run").locator(".pct").hover()
+    post(clean_server, task("b1", n=5, run="fast-run", seq=2))
+    expect(run_row(page, "fast run").locator(".pct")).to_have_text("5%")
+    expect(names).to_have_text(["▸ slow run", "▸ fast run"])   # held while the pointer is over the list
+    page.mouse_move(5, 5)
+    expect(names).to_have_text(["▸ fast run", "▸ slow run"])
+
+
 # --- Statuses in words ------------------------------------------------------------------------
 
 
