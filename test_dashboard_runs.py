@@ -265,6 +265,14 @@ def test_sparklines_wall_clock_eta_and_the_history_chart(page, clean_server):
     expect(page.locator("#details-chart .count-line")).to_have_attribute("d", re.compile(r"^M.+L"))
     expect(page.locator("#details-legend")).to_contain_text("samples; peak rate")
     expect(page.locator("#details")).to_contain_text(re.compile(r"≈ (tomorrow )?\d\d:\d\d"))
+    # the wording of wall-clock times, whatever the engine's locale and zone: 24-hour, then
+    # "tomorrow", then a weekday within the week; and the step as the server's messages say it
+    said = page.evaluate("""() => { const p = window.progressista, now = p.state.clock.serverNow;
+        return [p.wallClock(now), p.wallClock(now + 86400), p.wallClock(now + 3 * 86400),
+                p.formatStep(3), p.formatStep(0.25), p.formatStep(45), p.formatStep(720)]; }""")
+    assert re.fullmatch(r"\d\d:\d\d", said[0]) and said[1] == "tomorrow " + said[0], said
+    assert re.fullmatch(r"\S+ \d\d:\d\d", said[2]) and not said[2].startswith("tomorrow"), said
+    assert said[3:] == ["3 s", "0.25 s", "45 s", "12 min"], said
 
 
 def test_elapsed_ticks_between_updates(page, clean_server):
