@@ -1,7 +1,11 @@
 """Dashboard benchmark: 10,000 tasks, 1,000 of them updating each second, in headless Chromium.
 
     python bench/bench_dashboard.py [--tasks 10000] [--updates-per-second 1000] [--seconds 10]
-                                    [--view 'sort=eta&group=host'] [--strict]
+                                    [--view 'sort=eta&group=host'] [--runs 200] [--strict]
+
+With `--runs N` the tasks belong to N runs (task i to run i % N; every other bar of a run
+nested in the one before it, as epoch and batch bars are), the page opens on its runs
+view, and the first run is expanded, so its tree is on screen while everything updates.
 
 Starts a real server (conftest.running_server), stores the tasks, opens the dashboard in
 /usr/bin/chromium and measures, from inside the page:
@@ -80,7 +84,7 @@ INSTRUMENTATION = """
       for (const record of records) {
         const target = record.target.nodeType === 1 ? record.target : record.target.parentElement;
         if (!target) continue;
-        if (bench.drawnAt === null && target.id === "summary" && target.textContent.startsWith("%(tasks)d tasks")) {
+        if (bench.drawnAt === null && target.id === "summary" && target.textContent.includes("%(tasks)d tasks")) {
           bench.drawnAt = performance.now();
         }
         if (target.classList.contains("count")) {
@@ -123,9 +127,15 @@ class Poster:
                     raise
 
 
-def make_task(i, n, seq):
-    return {"task_id": f"bench-{i:05d}", "desc": f"bench task {i:05d}", "n": n, "total": 1000,
+def make_task(i, n, seq, runs=0):
+    task = {"task_id": f"bench-{i:05d}", "desc": f"bench task {i:05d}", "n": n, "total": 1000,
             "rate": 10.0 + i % 50, "elapsed": 60.0, "seq": seq, "meta": {"host": f"node-{i % 40}"}}
+    if runs:
+        task.update(run=f"run-{i % runs:03d}", run_name=f"bench job {i % runs:03d}")
+        task["meta"]["rank"] = (i // runs) % 8
+        if (i // runs) % 2:  # nested in the bar before it in the same run
+            task["parent"] = f"bench-{i - runs:05d}"
+    return task
 
 
 def percentile(values, fraction):
@@ -142,9 +152,9 @@ def run_updates(poster, args, stop_at, probe_sent):
     next_tick, next_probe = time.monotonic(), time.monotonic() + PROBE_EVERY_S
     while time.monotonic() < stop_at:
         seq += 1
-        batch = [make_task(i, seq % 1000, seq) for i in newest[:per_tick]]
+        batch = [make_task(i, seq % 1000, seq, args.runs) for i in newest[:per_tick]]
         while len(batch) < per_tick:
-            batch.append(make_task(cursor, seq % 1000, seq))
+            batch.append(make_task(cursor, seq % 1000, seq, args.runs))
             cursor = (cursor + 1) % rotating
         poster.post(batch)
         tick += 1
@@ -165,6 +175,8 @@ def main(argv=None):
     parser.add_argument("--updates-per-second", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--view", default="", help="extra URL parameters, e.g. 'sort=eta&group=host'")
+    parser.add_argument("--runs", type=int, default=0,
+                        help="put the tasks in this many runs and measure the runs view (issue 12: 200)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
 
@@ -180,7 +192,8 @@ def main(argv=None):
     with running_server(api_tokens=[TOKEN]) as server, sync_playwright() as playwright:
         poster = Poster(server.port)
         for start in range(0, args.tasks, BATCH_MAX):
-            poster.post([make_task(i, i % 1000, 1) for i in range(start, min(args.tasks, start + BATCH_MAX))])
+            poster.post([make_task(i, i % 1000, 1, args.runs)
+                         for i in range(start, min(args.tasks, start + BATCH_MAX))])
         poster.post({"task_id": "probe", "desc": PROBE_DESC, "n": 1000, "total": 10 ** 6, "seq": 0})
         total_tasks = args.tasks + 1
 
@@ -191,6 +204,9 @@ def main(argv=None):
         page.goto(f"{server.url}/static/index.html?token={TOKEN}{view}")
         page.locator("#summary").filter(has_text=f"{total_tasks} tasks").wait_for(timeout=30_000)
         first = page.evaluate("() => ({snapshotAt: __bench.snapshotAt, drawnAt: __bench.drawnAt})")
+        if args.runs:  # the first run's tree on screen too
+            page.locator(".row.run:not([hidden]) .name").first.click()
+            page.locator(".row.head:not([hidden])").first.wait_for(timeout=10_000)
 
         load_started = page.evaluate("() => performance.now()")
         probe_sent = {}
@@ -222,7 +238,8 @@ def main(argv=None):
 
     chrome = measured["userAgent"].split("Chrome/")[-1].split(" ")[0]
     print(f"dashboard benchmark, {datetime.date.today()}, Chromium {chrome} headless, "
-          f"{os.cpu_count()} CPUs" + (f", view {args.view}" if args.view else ""))
+          f"{os.cpu_count()} CPUs" + (f", view {args.view}" if args.view else "")
+          + (f", runs view: {args.runs} runs, the first expanded" if args.runs else ""))
     print(f"  {total_tasks} tasks; {sent} updates in {args.seconds:g} s "
           f"({sent / args.seconds:.0f}/s); {measured['rows']} rows in the DOM")
     print(f"  first snapshot drawn:   {figures['first_draw_ms']:7.0f} ms after it arrived, "
