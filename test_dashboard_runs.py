@@ -21,9 +21,10 @@ from browsers import expect
 from conftest import http, running_server
 from test_dashboard import (  # fixtures and helpers of the dashboard tests; no tests imported
     ARTIFACTS, AUTH, TOKEN, browser, clean_server, open_dashboard, page, path_prefix_proxy, post, row,
-    server, task)
+    pytest_generate_tests, server, task)
 
-__all__ = ["browser", "clean_server", "page", "server"]  # fixtures used by name
+__all__ = ["browser", "clean_server", "page", "server",  # fixtures used by name
+           "pytest_generate_tests"]  # a test per engine, as in test_dashboard.py
 
 RUN_ROWS = ".row.run:not([hidden])"
 WALL_CLOCK = re.compile(r"ends ≈ (tomorrow |yesterday |\w+ )?\d\d:\d\d")
