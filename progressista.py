@@ -976,8 +976,11 @@ def moved(task, now):
     --stall-seconds floor, which is what decides for such a bar.)"""
     step_s = now - task.progressed_at
     typical_s = task.typical_step_s
-    task.typical_step_s = (step_s if typical_s is None
-                           else typical_s + TYPICAL_STEP_WEIGHT * (step_s - typical_s))
+    if step_s > 0 or typical_s is not None:
+        # A bar whose very first update already has n > 0 (tqdm(initial=...), a resumed
+        # job) took no step yet here: a zero interval would set a pace it never had.
+        task.typical_step_s = (step_s if typical_s is None
+                               else typical_s + TYPICAL_STEP_WEIGHT * (step_s - typical_s))
     task.progressed_at = now
     if task.status == "stalled":
         task.status = "running"
@@ -1192,9 +1195,15 @@ class MemoryStore(Store):
         start = 0
         if after is not None:
             held = self.by_id.get(after)
-            rank = held.rank if held is not None else self.gone_ranks.get(after)
+            gone_rank = self.gone_ranks.get(after)
+            rank = held.rank if held is not None else gone_rank
             if rank is None:
                 raise LookupError(after)
+            if gone_rank is not None and gone_rank < rank:
+                # Deleted and sent again since (a heartbeat after a ✕): the page that named
+                # it listed it at its old place, so go on from there; going on from its new
+                # place, at the end, would skip every task in between.
+                rank = gone_rank
             start = bisect.bisect_right(self.ranks, rank)
         by_id, ranked_ids, ranks = self.by_id, self.ranked_ids, self.ranks
 
@@ -1734,7 +1743,7 @@ class RunIndex:
             eta = max(0.0, run.eta_end - run.updated_at)
         progress = None
         if run.top_count:  # within 0..1 whatever rounding the running sum gathered
-            progress = min(1.0, max(0.0, run.top_sum / run.top_count))
+            progress = min(1.0, max(0.0, round(run.top_sum / run.top_count, 12)))
         cached = self.summary_by_run[run_id] = {
             "run": run_id,
             "name": run_id if run.name is None else run.name,
@@ -3559,7 +3568,7 @@ def _time_query(request, name):
         value = math.nan
     if not math.isfinite(value):
         raise HTTPError(400, f"{name}: must be a server time in Unix seconds (the `now` of "
-                             f"an earlier answer), not {raw!r}")
+                             f"an earlier answer), not {raw!r:.60}")
     return value
 
 
@@ -3570,7 +3579,7 @@ def _count_query(request, name, most):
         return None
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and 1 <= int(raw) <= most):
         raise HTTPError(400, f"{name}: must be a whole number from 1 to {most:,}, "
-                             f"not {raw!r}")
+                             f"not {raw!r:.60}")
     return int(raw)
 
 
@@ -3766,15 +3775,17 @@ class Api:
         if path in PUBLIC_PATHS or path.startswith("/static/"):
             return
         access = self.access(request)
-        if access is not None and request.method not in ("GET", "HEAD") and (
-                "origin" not in request.headers and offered_token(request)[1] == "cookie"):
+        if (access is not None and request.method not in ("GET", "HEAD")
+                and offered_token(request)[1] == "cookie"
+                and request.headers.get("origin") not in own_origins(request)):
             # CSRF: a browser attaches the cookie itself. SameSite=Strict keeps it off
-            # every request another site starts, and route() refuses a write whose Origin
-            # is foreign; a browser always sends Origin on POST and DELETE, so a cookie
-            # write without one is no page of ours: refuse it rather than trust its age.
-            raise HTTPError(403, "a change authenticated by the dashboard's cookie needs an "
-                                 "Origin header; send 'Authorization: Bearer <token>'",
-                            reason="origin")
+            # every request another *site* starts, but another port of the same host is
+            # the same site, and PROGRESSISTA_ALLOW_ORIGINS may say '*'. Only the page this
+            # server serves writes with its cookie: its own origin, sent by every browser
+            # on POST and DELETE. Anything else must send the token as a header.
+            raise HTTPError(403, "a change authenticated by the dashboard's cookie must come "
+                                 "from the dashboard's own origin; send 'Authorization: "
+                                 "Bearer <token>'", reason="origin")
         if access == "write" or (access == "read" and request.method in ("GET", "HEAD")):
             return
         if access == "read":
@@ -3860,8 +3871,8 @@ class Api:
             try:
                 page, next_id = self.store.page(after, limit or MAX_PAGE_TASKS, shown)
             except LookupError:
-                raise HTTPError(400, f"after: no task {after!r} here (deleted long ago, or "
-                                     "never): page again from the start") from None
+                raise HTTPError(400, f"after: no task {after!r:.300} here (deleted long "
+                                     "ago, or never): page again from the start") from None
         answer["tasks"] = {task.task_id: task.as_dict(now, settings) for task in page}
         answer["now"] = now
         if next_id is not None:
@@ -3882,7 +3893,7 @@ class Api:
         now = self.clock()
         summary = self.runs.summary(run, now)
         if summary is None:
-            raise HTTPError(404, f"no run {run!r}")
+            raise HTTPError(404, f"no run {run!r:.300}")
         tasks = {task.task_id: task.as_dict(now, self.settings)
                  for task in self.run_tasks(run, now)}
         return json_response({"run": summary, "tasks": tasks, "now": now})
@@ -3891,7 +3902,7 @@ class Api:
         task_id = _path_task_id(request)
         task = self.store.get(task_id)
         if task is None:
-            raise HTTPError(404, f"no task {task_id!r}")
+            raise HTTPError(404, f"no task {task_id!r:.300}")
         return json_response(task.as_detail(self.clock(), self.settings))
 
     def delete_tasks(self, request):
@@ -4463,7 +4474,8 @@ class Connection(asyncio.Protocol):
                     request = parse_head(head, self.peer)
                     request.started = time.perf_counter()
                     length = body_length(request, app.settings.max_body_bytes)
-                    if request.path == "/ws" and request.method == "GET":
+                    if (request.path == "/ws" and request.method == "GET"
+                            and "upgrade" in request.headers):  # else the API's 426
                         if length:
                             # Refused or not, its body must never be read as the next
                             # request: that would run a request no proxy saw.
@@ -5467,21 +5479,31 @@ def _bar_tree(bars, fold=False):
             top.append(bar)
     rows, seen = [], set()
 
-    def visit(bar, depth):
-        seen.add(bar.get("task_id"))
-        rows.append(("bar", bar, depth))
-        inner = min(depth + 1, RUN_MAX_DEPTH)
-        for child in order_tasks(children.get(bar.get("task_id"), ())):
-            if child.get("task_id") not in seen:
-                visit(child, inner)
-        if bar.get("task_id") in folded:
-            rows.append(("folded", folded[bar.get("task_id")], inner))
+    def visit(root):
+        # Depth first with a stack of its own, not recursion: any sender can nest bars
+        # as deep as it likes, and a deep chain must not break the view.
+        stack = [(root, 0)]
+        while stack:
+            bar, depth = stack.pop()
+            if isinstance(bar, tuple):  # a parent's folded count, after its children
+                rows.append(bar)
+                continue
+            if bar.get("task_id") in seen:
+                continue
+            seen.add(bar.get("task_id"))
+            rows.append(("bar", bar, depth))
+            inner = min(depth + 1, RUN_MAX_DEPTH)
+            if bar.get("task_id") in folded:
+                stack.append((("folded", folded[bar.get("task_id")], inner), inner))
+            kids = order_tasks(children.get(bar.get("task_id"), ()))
+            stack.extend((child, inner) for child in reversed(kids))
 
     for bar in order_tasks(top):
-        visit(bar, 0)
-    for bar in order_tasks(bars):  # in a cycle: no way in from the top
+        visit(bar)
+    # In a cycle of parents: no way in from the top (folded bars are counted, not shown).
+    for bar in order_tasks([child for kids in children.values() for child in kids]):
         if bar.get("task_id") not in seen:
-            visit(bar, 0)
+            visit(bar)
     return rows
 
 

@@ -2072,6 +2072,8 @@ def _end_leftover_bars(run_dir, program_pid, returncode, server_url, token, head
         state = dict(record["state"])
         if state.get("status") in FINAL_STATUSES:
             pass
+        elif pid != program_pid and _alive(pid):
+            continue  # still running (a detached child, a pool worker): it ends its own
         elif pid != program_pid:
             # Any other process ends its own bars at exit, as without `run`: one still
             # open was left by a process that died without exiting (the OOM killer's SIGKILL).

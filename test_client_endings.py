@@ -96,6 +96,28 @@ def test_a_loop_left_by_sys_exit_ends_error_under_run(server, tmp_path):
     assert ended["error"] == "sys.exit(3) at job.py:5: sys.exit(int(sys.argv[1]))"
 
 
+DETACHED_CHILD = """\
+import subprocess, sys, time
+from tqdm import tqdm
+for _ in tqdm(range(2), desc="main"):
+    pass
+subprocess.Popen([sys.executable, "-c", "import time\\nfrom tqdm import tqdm\\n"
+                  "for _ in tqdm(range(30), desc='bg-upload'):\\n    time.sleep(0.05)"])
+time.sleep(0.5)  # the child's bar has begun when the program ends
+"""
+
+
+def test_run_leaves_alone_the_bars_of_a_child_that_outlives_the_program(server, tmp_path):
+    script = tmp_path / "detach.py"
+    script.write_text(DETACHED_CHILD)
+    result = run_cli("run", "--server-url", server.url, str(script))
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: by_desc(server).get("bg-upload", {}).get("status") == "close", 10,
+             message="the child's bar to finish")
+    child = by_desc(server)["bg-upload"]
+    assert (child["n"], child["error"]) == (30, None)  # never called dead while it ran
+
+
 WORKER_RAISES_CAUGHT_BY_FUTURE = """\
 from concurrent.futures import ThreadPoolExecutor
 from progressista_client import tqdm

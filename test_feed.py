@@ -33,13 +33,15 @@ def test_ws_path_without_upgrade_headers_is_refused(shared_server):
     status, body, headers = http("GET", shared_server.url + "/ws")
     assert status == 426
     assert headers["Upgrade"] == "websocket"
-    assert "Connection header" in body["error"]
+    assert body == {"error": "/ws is a WebSocket: connect with a WebSocket client"}
 
 
 def test_head_on_ws_is_answered_like_a_get_without_upgrade(shared_server):
     status, body, headers = http("HEAD", shared_server.url + "/ws")
     assert status == 426
     assert headers["Upgrade"] == "websocket"
+    _, _, got = http("GET", shared_server.url + "/ws")
+    assert headers["Content-Length"] == got["Content-Length"]  # the same answer, no body
 
 
 # --- Messages: snapshot, update, remove --------------------------------------------------

@@ -196,6 +196,18 @@ def test_write_token_cookie_may_change_tasks_from_its_own_origin_only(share_link
     assert http("DELETE", share_link_server.url + "/tasks/c", headers=own)[1] == {"removed": True}
 
 
+def test_a_cookie_write_from_another_origin_is_refused_even_when_all_origins_are_allowed():
+    # Another port of localhost is the same site (SameSite does not stop it), and '*'
+    # lets its page through CORS: only the dashboard's own origin may write by cookie.
+    with running_server(api_tokens=(WRITE,), allow_origins=("*",)) as server:
+        cookie = cookie_header(page_cookie(server, WRITE))
+        status, body, _ = http("POST", server.url + "/progress", {"task_id": "csrf"},
+                               headers={"Cookie": cookie, "Origin": "http://localhost:3000"})
+        assert status == 403 and "own origin" in body["error"]
+        assert http("POST", server.url + "/progress", {"task_id": "csrf"}, headers={
+            "Authorization": "Bearer " + WRITE, "Origin": "http://localhost:3000"})[0] == 200
+
+
 def test_header_wins_over_the_cookie(share_link_server):
     cookie = cookie_header(page_cookie(share_link_server, WRITE))
     assert http("GET", share_link_server.url + "/tasks", headers={

@@ -277,3 +277,21 @@ def test_a_bad_page_request_is_refused_saying_what_to_fix(query, message):
         post(server, {"task_id": "a"})
         status, body, _ = http("GET", server.url + "/tasks?" + query)
     assert status == 400 and body["error"].startswith(message)
+
+
+def test_a_page_after_a_task_deleted_and_sent_again_goes_on_from_its_old_place():
+    with running_server() as server:
+        post(server, [{"task_id": f"rr{i}", "run": "rr"} for i in range(10)])
+        status, first, _ = http("GET", server.url + "/tasks?run=rr&limit=3")
+        assert first["next"] == "rr2"
+        http("DELETE", server.url + "/tasks/rr2")
+        post(server, {"task_id": "rr2", "run": "rr"})  # a heartbeat after a ✕
+        seen = list(first["tasks"])
+        after = first["next"]
+        while after is not None:
+            status, page, _ = http("GET", server.url + f"/tasks?run=rr&limit=3&after={after}")
+            seen.extend(page["tasks"])
+            after = page.get("next")
+    assert [task_id for task_id in seen if task_id != "rr2"] == [f"rr{i}" for i in range(10)
+                                                                 if i != 2]
+    assert seen.count("rr2") <= 2 and seen[:3] == ["rr0", "rr1", "rr2"]

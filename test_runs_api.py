@@ -166,3 +166,12 @@ def test_two_servers_on_one_redis_agree_on_a_run_whose_bars_went_to_both(redis_s
     assert seen[0]["hosts"] == ["gpu-01", "gpu-02"]
     assert seen[0]["counts"] == {"running": 1, "close": 1}
     assert seen[0]["progress"] == pytest.approx(0.75)
+
+
+def test_a_run_whose_bars_all_ended_reads_exactly_one_done():
+    with running_server() as server:
+        post_ok(server, [bar(f"b{i}", "thirds", n=i + 1, total=3 * (i + 1), seq=1)
+                         for i in range(7)])
+        post_ok(server, [bar(f"b{i}", "thirds", n=3 * (i + 1), total=3 * (i + 1),
+                             status="close", seq=2) for i in range(7)])
+        assert get(server, "/runs/thirds")[1]["run"]["progress"] == 1.0

@@ -584,3 +584,13 @@ def test_server_deletes_a_stale_task_after_retention_and_says_so_on_the_feed():
                 message = json.loads(ws.recv(timeout=5))
                 removed.update(message.get("ids", ()) if message["type"] == "remove" else ())
         assert http("GET", server.url + "/tasks/gone")[0] == 404
+
+
+def test_a_bar_whose_first_update_already_counts_has_no_pace_until_it_steps():
+    clock = FakeClock(1000.0)
+    with running_server(clock=clock) as server:
+        post(server, task_id="resumed", n=5, seq=1)  # tqdm(initial=5), a resumed job
+        assert http("GET", server.url + "/tasks/resumed")[1]["typical_step_s"] is None
+        clock.now += 2
+        post(server, task_id="resumed", n=6, seq=2)
+        assert http("GET", server.url + "/tasks/resumed")[1]["typical_step_s"] == 2.0

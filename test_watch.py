@@ -933,3 +933,27 @@ def test_watch_live_shows_a_run_row_that_follows_its_bars_and_its_end(watching):
         http("DELETE", server.url + "/tasks?run=exp-142")
         watch.wait_frame(lambda frame: frame[1:] == ["no tasks yet"], "the run removed")
         assert watch.stop() == 0
+
+
+def test_a_chain_of_a_thousand_nested_bars_is_drawn_not_a_recursion_error():
+    chain = {f"c{i}": task(task_id=f"c{i}", run="chain", parent=f"c{i - 1}" if i else None)
+             for i in range(1000)}
+    runs = {"chain": {"run": "chain", "name": "chain", "status": "running", "tasks": 1000,
+                      "counts": {"running": 1000}, "hosts": [], "progress": None,
+                      "eta": None, "created_at": NOW, "updated_at": NOW, "ended_at": None}}
+    rows = progressista.watch_rows(chain, runs)
+    assert [kind for kind, _, _ in rows].count("bar") == 1000
+    # indented under the run row, and no deeper than RUN_MAX_DEPTH levels below it
+    assert max(depth for kind, _, depth in rows if kind == "bar") == progressista.RUN_MAX_DEPTH + 1
+
+
+def test_folded_inner_bars_are_one_row_not_also_listed():
+    epoch = task(task_id="e", run="r", desc="epoch")
+    inner = {f"b{i}": task(task_id=f"b{i}", run="r", parent="e", transient=True,
+                           status="close", desc="batch") for i in range(3)}
+    runs = {"r": {"run": "r", "name": "r", "status": "running", "tasks": 4,
+                  "counts": {"running": 1, "close": 3}, "hosts": [], "progress": None,
+                  "eta": None, "created_at": NOW, "updated_at": NOW, "ended_at": None}}
+    rows = progressista.watch_rows({"e": epoch, **inner}, runs)
+    assert [(kind, item if kind == "folded" else None) for kind, item, _ in rows
+            if kind != "run"] == [("bar", None), ("folded", 3)]
