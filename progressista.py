@@ -236,7 +236,8 @@ class Settings:
         shown["notify"] = [masked_webhook(url) for url in self.notify]
         shown["notify_name"] = self.notify_name or socket.gethostname()  # what is sent
         shown["notify_on"] = list(self.notify_on)
-        shown["allowed_hosts"] = list(self.allowed_hosts)
+        names = allowed_host_names(self)  # the default is worked out: show what is in force
+        shown["allowed_hosts"] = ["*"] if names is None else sorted(names)
         return shown
 
 
@@ -3044,7 +3045,7 @@ REJECT_REASONS = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 411: "length_required", 413: "body_too_large",
     426: "upgrade_required", 429: "too_many_requests", 431: "headers_too_large",
-    500: "internal_error", 503: "unavailable",
+    500: "internal_error", 503: "unavailable", 505: "http_version",
 }
 
 
@@ -3155,6 +3156,7 @@ def render_metrics(metrics, gauges):
 
 # RFC 9112 section 3: the target is visible ASCII only (no controls, no 8-bit bytes).
 REQUEST_LINE = re.compile(r"([A-Z]+) ([!-~]+) (HTTP/1\.[01])\Z")
+OTHER_HTTP_VERSION = re.compile(r"[A-Z]+ [!-~]+ HTTP/[0-9](\.[0-9])?\Z")  # well formed, not 1.x
 FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")  # a token: no space, no control
 # In a field value: no control but HTAB. A bare CR or LF, or a NUL, is how a head that a
 # front proxy reads one way is read another way here (request smuggling).
@@ -3238,6 +3240,9 @@ def parse_head(head, peer=None):
     lines = text.split("\r\n")
     match = REQUEST_LINE.match(lines[0])
     if match is None:
+        if OTHER_HTTP_VERSION.match(lines[0]):
+            raise HTTPError(505, "this server speaks HTTP/1.1 (and 1.0): send the request "
+                                 "as HTTP/1.1")
         raise HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1' with "
                              "a target of visible ASCII (percent-encode the rest)")
     # Fast path: printable ASCII (or Latin-1) but for the line ends and tabs has no
@@ -3752,6 +3757,9 @@ class Api:
     def host_refusal(self, request):
         """None when the request's Host is one this server answers, else the 421."""
         host = request.headers.get("host")
+        if host is not None and not host.strip():
+            return error_response(HTTPError(400, "the Host header is empty: send the "
+                                                 "server's name (and port)"))
         if self.allowed_hosts is None or host is None or host_name(host) in self.allowed_hosts:
             return None  # no Host at all is HTTP/1.0, which no browser sends
         return error_response(HTTPError(
@@ -4512,7 +4520,8 @@ class Connection(asyncio.Protocol):
         line_end = buffer.find(b"\r\n")
         first = buffer[:line_end] if line_end >= 0 else buffer[:MAX_HEADER_BYTES]
         if (not b"A" <= first[:1] <= b"Z"
-                or (line_end >= 0 and not REQUEST_LINE.match(first.decode("latin-1")))):
+                or (line_end >= 0 and not REQUEST_LINE.match(first.decode("latin-1"))
+                    and not OTHER_HTTP_VERSION.match(first.decode("latin-1")))):
             self.fail(HTTPError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'"))
         elif b"\n\n" in buffer:  # a bare-LF head would otherwise wait for its timeout
             self.fail(HTTPError(400, "request lines must end with CRLF (\\r\\n)"))

@@ -299,3 +299,10 @@ def test_a_stale_timeout_below_twice_the_client_heartbeat_is_warned_about(caplog
 def test_the_server_knows_the_clients_default_heartbeat():
     import progressista_client
     assert progressista.CLIENT_HEARTBEAT_S == progressista_client.DEFAULT_HEARTBEAT_INTERVAL_S
+
+
+def test_show_config_shows_the_allowed_hosts_in_force_not_an_empty_default():
+    loopback = run_cli("show-config", "--host", "127.0.0.1")
+    assert json.loads(loopback.stdout)["allowed_hosts"] == ["127.0.0.1", "[::1]", "localhost"]
+    anywhere = run_cli("show-config", "--host", "0.0.0.0")
+    assert json.loads(anywhere.stdout)["allowed_hosts"] == ["*"]

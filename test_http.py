@@ -335,3 +335,18 @@ def test_stop_frees_the_port():
         http("GET", server.url + "/health")
         assert not port_is_free(port)
     assert port_is_free(port)
+
+
+def test_another_http_version_is_505_saying_which_this_server_speaks(memory_server):
+    with raw_connection(memory_server) as (sock, reader):
+        sock.sendall(b"GET /health HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, body = read_response(reader)
+    assert status == 505
+    assert json.loads(body)["error"].startswith("this server speaks HTTP/1.1")
+
+
+def test_an_empty_host_header_is_400_not_a_host_to_allow(memory_server):
+    with raw_connection(memory_server) as (sock, reader):
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: \r\n\r\n")
+        status, _, body = read_response(reader)
+    assert status == 400 and "Host header is empty" in json.loads(body)["error"]
