@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import difflib
 import hashlib
+import heapq
 import hmac
 import html.parser
 import http
@@ -722,8 +723,9 @@ class Task:
                  "created_at", "updated_at", "progressed_at", "typical_step_s",
                  # Kept, not shown in bulk: see "History" below.
                  "history", "history_step_s", "history_t_exp", "history_n_exp",
-                 # The store's creation order, for paging; not shown, not stored.
-                 "rank")
+                 # The store's own: creation order (paging) and the whole second of the
+                 # next sweep that must look at it (None: none yet). Not shown, not stored.
+                 "rank", "check_at_s")
 
     def __init__(self, task_id, now):
         self.task_id = task_id
@@ -754,6 +756,7 @@ class Task:
         self.history_t_exp = HISTORY_FIRST_T_EXP  # their units: 2**exp seconds...
         self.history_n_exp = HISTORY_FIRST_N_EXP  # ...and 2**exp of n
         self.rank = -1  # set by the store that holds it
+        self.check_at_s = None
 
     def shown_status(self, now, thresholds):
         """The status a reader sees at `now`, derived here and nowhere else: a silent
@@ -1014,6 +1017,25 @@ def sweep_plan(tasks, now, settings):
     return marked, expired_ids
 
 
+def next_check_at(task, settings, status=None):
+    """The earliest server time at which time alone could change what a sweep does with
+    `task` (in `status`, when given: the one a sweep is marking it with): read stale or
+    stalled, or expire. None: never, until an update changes it."""
+    status = task.status if status is None else status
+    times = []
+    if settings.max_task_age:
+        times.append(task.updated_at + settings.max_task_age)
+    if status == "running" or status == "stalled":
+        if settings.stale_seconds:
+            times.append(task.updated_at + settings.stale_seconds)
+        stall_s = task.stall_after_s(settings) if status == "running" else None
+        if stall_s is not None:
+            times.append(task.progressed_at + stall_s)
+    elif settings.retention_seconds:  # close, error, and stale: deleted after retention
+        times.append(task.updated_at + settings.retention_seconds)
+    return min(times) if times else None
+
+
 class Store:
     """The contract every store keeps, written once; subclass it for a store of your own.
 
@@ -1112,6 +1134,13 @@ class MemoryStore(Store):
         self.ranked_ids = []  # task ids in creation order; a deleted one until compaction
         self.ranks = []  # their ranks, increasing: what page() bisects
         self.gone_ranks = {}  # task_id -> rank of recently deleted tasks, oldest first
+        # The sweep's schedule (see plan_sweep()): ids to look at, by the whole second
+        # their next check comes; a heap of those seconds; and the ids changed with no
+        # check scheduled (new, or one that time alone never changes).
+        self.checks_at = {}
+        self.check_seconds = []
+        self.unchecked = {}
+        self.scheduled_rules = None  # the lifetimes the schedule was made for
 
     def __len__(self):
         return len(self.by_id)
@@ -1136,8 +1165,14 @@ class MemoryStore(Store):
                 self.rank(task)
             else:  # the dict key's string, not the equal one json.loads just made
                 update["task_id"] = task.task_id
+            status = task.status
             if apply_update(task, update, now):
                 changed.append(task_id)
+                # A new status may bring its time closer (closed: the retention period;
+                # revived: the stale timeout): the next sweep works out its check anew.
+                if task.check_at_s is None or task.status != status:
+                    self.unchecked[task_id] = None
+                    task.check_at_s = None
         return changed
 
     def rank(self, task):
@@ -1166,6 +1201,8 @@ class MemoryStore(Store):
         else:
             task.rank = held.rank
             self.by_id[task.task_id] = task
+        task.check_at_s = None  # a task as another server wrote it: check it anew
+        self.unchecked[task.task_id] = None
 
     def replace_all(self, tasks_by_id):
         """Hold exactly these tasks (a resync from a shared store), in their order."""
@@ -1219,11 +1256,75 @@ class MemoryStore(Store):
     def sweep(self, now, settings):
         """Mark tasks that went stale or stalled (or back to running), delete expired
         ones, as of `now`; return (the marked ids, the removed ids)."""
-        marked, removed_ids = sweep_plan(self.by_id.values(), now, settings)
+        marked, removed_ids = self.plan_sweep(now, settings)
         for task, status in marked:
             task.status = status
         self.forget(removed_ids)
         return [task.task_id for task, _ in marked], removed_ids
+
+    def plan_sweep(self, now, settings):
+        """sweep_plan() over the tasks whose time has come, not over every task: those
+        whose scheduled check is due at `now`, and those changed since the last sweep with
+        none scheduled. Each task looked at gets its next check (next_check_at()).
+
+        A million tasks must not cost a second a sweep: ingest never touches this
+        schedule, and a task is looked at when time alone could have changed it (an
+        update only ever moves its stale or expiry time later, so a check that comes
+        early just finds it not due and schedules the next). One that speeds up while
+        stale is off may read stalled up to its old pace's threshold late in the feed;
+        readers see its status at once, derived at read time."""
+        rules = (settings.stale_seconds, settings.stall_seconds, settings.stall_factor,
+                 settings.retention_seconds, settings.max_task_age)
+        if rules != self.scheduled_rules:  # the first sweep, or other rules: look at all
+            self.scheduled_rules = rules
+            self.checks_at, self.check_seconds = {}, []
+            for task in self.by_id.values():
+                task.check_at_s = None
+            self.unchecked = dict.fromkeys(self.by_id)
+        due = self.due_tasks(now)
+        marked, expired_ids = sweep_plan(due, now, settings)
+        gone = set(expired_ids)
+        marking = {task.task_id: status for task, status in marked}
+        for task in due:
+            if task.task_id not in gone:
+                self.schedule(task, next_check_at(task, settings,
+                                                  marking.get(task.task_id)))
+        return marked, expired_ids
+
+    def due_tasks(self, now):
+        """The tasks a sweep at `now` must look at, each once, taken off the schedule."""
+        by_id = self.by_id
+        due, seen = [], set()
+        for task_id in self.unchecked:
+            task = by_id.get(task_id)
+            if task is not None and task.check_at_s is None:
+                seen.add(task_id)
+                due.append(task)
+        self.unchecked = {}
+        seconds = self.check_seconds
+        while seconds and seconds[0] <= now:
+            second = heapq.heappop(seconds)
+            for task_id in self.checks_at.pop(second):
+                task = by_id.get(task_id)
+                # Its live entry only: a task deleted, or checked since, left old ones.
+                if task is not None and task.check_at_s == second and task_id not in seen:
+                    seen.add(task_id)
+                    due.append(task)
+        return due
+
+    def schedule(self, task, at):
+        """Have the sweep look at `task` again in the whole second of server time `at`
+        (None: only once an update changes it)."""
+        if at is None:
+            task.check_at_s = None
+            return
+        second = math.floor(at)
+        task.check_at_s = second
+        ids = self.checks_at.get(second)
+        if ids is None:
+            ids = self.checks_at[second] = []
+            heapq.heappush(self.check_seconds, second)
+        ids.append(task.task_id)
 
 
 # --- Runs (pure: no I/O) ---------------------------------------------------------------
@@ -2284,7 +2385,7 @@ class RedisStore(Store):
                                                            args=[self.origin, lease_ms]))
             if not self.is_sweeper:
                 return [], []
-            marked, doomed = sweep_plan(self.local.tasks(), now, settings)
+            marked, doomed = self.local.plan_sweep(now, settings)
             for task, status in marked:
                 task.status = status
             marked_tasks = [task for task, _ in marked]

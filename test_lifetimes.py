@@ -173,3 +173,36 @@ def test_sweep_max_age_deletes_every_status():
     store.sweep(61.0, lifetimes(stale=60, retention=0))  # s goes stale
     stale_ids, removed_ids = store.sweep(130.0, lifetimes(stale=60, retention=0, max_age=30))
     assert sorted(removed_ids) == ["c", "r", "s"] and len(store) == 0
+
+
+# --- The sweep's schedule: only tasks whose time has come ---------------------------------
+
+
+def test_a_sweep_looks_only_at_tasks_whose_time_has_come(monkeypatch):
+    looked_at = []
+    plan = progressista.sweep_plan
+    monkeypatch.setattr(progressista, "sweep_plan",
+                        lambda tasks, now, settings: (looked_at.append(len(tasks)),
+                                                      plan(tasks, now, settings))[1])
+    settings = lifetimes(stale=60, retention=3600)
+    store = memory_store_of(*({"task_id": f"t{i}"} for i in range(1000)), now=100.0,
+                            max_tasks=2000)
+    assert store.sweep(100.5, settings) == ([], [])  # the first sweep: every task, once
+    for now in (101.0, 120.0, 159.0):
+        assert store.sweep(now, settings) == ([], [])
+    store.apply([progressista.validate_update({"task_id": "t7", "n": 1})], 150.0)
+    assert store.sweep(159.5, settings) == ([], [])  # an update schedules nothing new
+    marked, removed = store.sweep(160.0, settings)  # 60 s after their update: stale
+    assert len(marked) == 999 and "t7" not in marked and removed == []
+    assert looked_at == [1000, 0, 0, 0, 0, 1000]
+    assert store.sweep(210.0, settings) == (["t7"], [])  # t7's own time
+    assert looked_at[-1] == 1
+
+
+def test_a_task_closed_after_its_check_was_made_still_expires_on_time():
+    settings = lifetimes(stale=0, retention=10)
+    store = memory_store_of({"task_id": "a"}, now=100.0)
+    store.sweep(100.0, settings)  # running, stale off: nothing will happen by time alone
+    store.apply([progressista.validate_update({"task_id": "a", "status": "close"})], 105.0)
+    assert store.sweep(114.0, settings) == ([], [])
+    assert store.sweep(115.0, settings) == ([], ["a"])
