@@ -6149,7 +6149,11 @@ def _watch_once(args, base, headers, screen, ascii):
               f"{_error_message(error.read())}", file=sys.stderr)
         return 1
     except urllib.error.URLError as error:
-        print(f"progressista watch: cannot reach {base}: {_printable(error.reason)}",
+        hint = ""
+        if isinstance(error.reason, ssl.SSLCertVerificationError):  # as live mode says it
+            hint = (f"; the server's certificate does not verify: set {ENV_PREFIX}CA_BUNDLE "
+                    "to the CA file that signed it")
+        print(f"progressista watch: cannot reach {base}: {_printable(error.reason)}{hint}",
               file=sys.stderr)
         return 1
     except (OSError, ValueError) as error:  # a timeout, or an answer that is not ours

@@ -187,6 +187,7 @@ def test_watch_says_once_that_the_certificate_does_not_verify(tls_server, monkey
     assert progressista.main(["watch", "--once", "--server", tls_server.url]) == 1
     once = capsys.readouterr().err
     assert once.count("\n") == 1 and "CERTIFICATE_VERIFY_FAILED" in once
+    assert "PROGRESSISTA_CA_BUNDLE" in once  # what to do, as in live mode
     assert progressista.main(["watch", "--server", tls_server.url]) == 1  # live: no retries
     live = capsys.readouterr().err
     assert live.count("\n") == 1 and "PROGRESSISTA_CA_BUNDLE" in live
