@@ -253,7 +253,9 @@ def _join_run():
     run = run_from_environment()
     if run is None:
         run = "run-" + uuid.uuid4().hex[:16]
-    os.environ.setdefault(ENV_RUN, run)
+    # Assigned, not setdefault: a blank PROGRESSISTA_RUN names no run, and children left
+    # with it would each make their own.
+    os.environ[ENV_RUN] = run
     return run
 
 
@@ -327,14 +329,14 @@ class _Entry:
                  "read_at", "heartbeat", "polled")
 
     def __init__(self, endpoint, state, push_every=0.0, final=False, not_before=0.0,
-                 source=None, read_at=-math.inf, heartbeat=False, polled=False):
+                 source=None, heartbeat=False, polled=False):
         self.endpoint = endpoint
         self.state = state
         self.push_every = push_every
         self.final = final
         self.not_before = not_before
         self.source = source
-        self.read_at = read_at
+        self.read_at = -math.inf  # not read yet
         self.heartbeat = heartbeat  # re-sent because heartbeat_s passed since the last send
         self.polled = polled        # only a read of a delivered task: sent if it changed
 
@@ -508,10 +510,10 @@ class _PersistentPoster:
         self._lock = threading.Lock()
 
 
-# The process's transport, shared by its senders. (bench/soak.py wraps the name _urllib_post
-# to count what is posted: the Sender's default is looked up by that name.)
+# The process's transport, shared by its senders; _default_opener is what a Sender made
+# without an opener uses (bench/soak.py wraps it to count what is posted).
 _transport = _PersistentPoster()
-_urllib_post = _transport
+_default_opener = _transport
 
 
 def _post_once(url, body, headers, timeout):
@@ -575,7 +577,7 @@ class Sender:
                  backoff_max_s=BACKOFF_MAX_S, run_dir=None, autostart=True):
         self._clock = clock
         self._wall_clock = wall_clock
-        self._open = opener or _urllib_post
+        self._open = opener or _default_opener
         if heartbeat_s is None:
             heartbeat_s = _env_seconds(ENV_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_INTERVAL_S)
         self.heartbeat_s = heartbeat_s or DEFAULT_HEARTBEAT_INTERVAL_S
@@ -1385,10 +1387,9 @@ def _reason_loop_was_left(frame):
         return None
     exited = _exits.get(threading.get_ident())
     if exited is not None and (id(frame), frame.f_lasti) in exited[1]:
-        code = exited[0].code
-        if code in (None, 0):
+        if _is_clean_exit(exited[0]):
             return None
-        return "sys.exit(%r) at %s" % (code, _where(frame))
+        return "sys.exit(%r) at %s" % (exited[0].code, _where(frame))
     return "the loop was left by an exception at %s" % _where(frame)
 
 
@@ -1575,10 +1576,9 @@ def _exit_failure():
     exited = _exits.get(threading.main_thread().ident)
     if exited is None or time.monotonic() - exited[2] > EXIT_RECENT_S:
         return None
-    code = exited[0].code
-    if code in (None, 0):
+    if _is_clean_exit(exited[0]):
         return None
-    return "the program exited with sys.exit(%r)" % (code,)
+    return "the program exited with sys.exit(%r)" % (exited[0].code,)
 
 
 def _arm_worker_exit():
@@ -1601,15 +1601,25 @@ def _arm_worker_exit():
 
 
 def _flush_then_die(signum, frame):
+    _then_die(signum, _flush)
+
+
+def _flush():
     sender = _sender
     if sender is not None:
-        # From another thread: the signal may have stopped this one inside the sender's lock,
-        # and then the join's bound is what ends the wait.
-        flusher = threading.Thread(target=sender.flush, daemon=True)
-        flusher.start()
-        flusher.join(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S) + 0.1)
+        sender.flush()
+
+
+def _then_die(signum, work):
+    """Run `work` (deliver what is pending), bounded by the flush timeout, then die by
+    `signum` as its default action would have. The work runs in another thread: the
+    signal may have stopped this one inside a lock, and then the join's bound is what
+    ends the wait."""
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S) + 0.1)
     signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)  # and end as the signal would have
+    os.kill(os.getpid(), signum)
 
 
 # Signals whose default action ends the process: a scheduler's SIGTERM (scancel, a pod
@@ -1634,15 +1644,8 @@ def _end_bars_on_signals():
 def _end_bars_then_die(signum, frame):
     def end_and_flush():
         end_bars_with_error("killed by %s" % signal.Signals(signum).name)
-        sender = _sender
-        if sender is not None:
-            sender.flush()
-    # In another thread, bounded: the signal may have stopped this one inside a lock.
-    ender = threading.Thread(target=end_and_flush, daemon=True)
-    ender.start()
-    ender.join(_env_seconds(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S) + 0.1)
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)  # and end as the signal would have
+        _flush()
+    _then_die(signum, end_and_flush)
 
 
 def _after_fork_in_child():

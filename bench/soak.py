@@ -381,8 +381,8 @@ def run_worker(config):
     sys.path.insert(0, ROOT)
     import progressista_client
     # Before the first bar makes the sender; the repo's own client, so it has this.
-    counting = CountingTransport(progressista_client._urllib_post)
-    progressista_client._urllib_post = counting
+    counting = CountingTransport(progressista_client._default_opener)
+    progressista_client._default_opener = counting
     warnings = CountingHandler()
     logging.getLogger("progressista.client").addHandler(warnings)
     outs = []
