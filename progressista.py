@@ -469,6 +469,8 @@ class StoreUnavailable(DomainError):
 
 STATUSES = ("running", "stalled", "stale", "close", "error")
 FINAL_STATUSES = ("close", "error")
+# Deleted the retention period after their last update: finished, or marked stale (v2).
+RETAINED_STATUSES = ("close", "error", "stale")
 # How much the newest time between two changes of n moves a task's typical_step_s.
 TYPICAL_STEP_WEIGHT = 0.2
 # Old (0.2.x) clients send start/update for a bar in progress.
@@ -999,7 +1001,7 @@ def expired(task, now, settings):
     if settings.max_task_age and silent_s >= settings.max_task_age:
         return True
     return bool(settings.retention_seconds and silent_s >= settings.retention_seconds
-                and (task.status in FINAL_STATUSES or task.status == "stale"))
+                and task.status in RETAINED_STATUSES)
 
 
 def sweep_plan(tasks, now, settings):
@@ -1031,7 +1033,7 @@ def next_check_at(task, settings, status=None):
         stall_s = task.stall_after_s(settings) if status == "running" else None
         if stall_s is not None:
             times.append(task.progressed_at + stall_s)
-    elif settings.retention_seconds:  # close, error, and stale: deleted after retention
+    elif settings.retention_seconds:  # RETAINED_STATUSES: deleted after retention
         times.append(task.updated_at + settings.retention_seconds)
     return min(times) if times else None
 
@@ -1350,6 +1352,15 @@ def _fraction(task, children, depth=0):
     return _steps_done(task, children, depth) / task.total if task.total else 1.0
 
 
+def run_status(counts, ended):
+    """A run's status from its tasks' counts by status (docs/PROTOCOL.md "Runs"): while
+    any task is open, stale before stalled before running; once all ended, error before
+    close."""
+    if not ended:
+        return "stale" if "stale" in counts else "stalled" if "stalled" in counts else "running"
+    return "error" if "error" in counts else "close"
+
+
 def run_summary(run_id, tasks, now, shown_status):
     """The summary of run `run_id` (PROTOCOL.md "Runs") from its tasks at `now`, with each
     task's status read through `shown_status(task, now)`.
@@ -1405,11 +1416,7 @@ def run_summary(run_id, tasks, now, shown_status):
             children.setdefault(parent, []).append(task)
 
     ended = all(status in FINAL_STATUSES for status in counts)
-    if not ended:
-        status = ("stale" if "stale" in counts else "stalled" if "stalled" in counts
-                  else "running")
-    else:
-        status = "error" if "error" in counts else "close"
+    status = run_status(counts, ended)
 
     fractions, ends = [], []
     for task in top:
@@ -1697,7 +1704,7 @@ class RunIndex:
             if member is None or member.total is None or member.task_id == stop_at:
                 return
             before = member.fraction()
-            member.done = min(member.n + fed.get(member.task_id, 0.0), member.total)
+            member.done = self._done(run, member)
             change = member.fraction() - before
             if member.is_top:
                 run.top_sum += change
@@ -1835,11 +1842,7 @@ class RunIndex:
             self._rescan_eta(run)
         counts = dict(run.counts)
         ended = self._has_ended(run)
-        if not ended:
-            status = ("stale" if "stale" in counts else "stalled" if "stalled" in counts
-                      else "running")
-        else:
-            status = "error" if "error" in counts else "close"
+        status = run_status(counts, ended)
         eta = None
         if run.eta_by is not None and not run.eta_unknown:
             eta = max(0.0, run.eta_end - run.updated_at)
@@ -2132,7 +2135,7 @@ def redis_ttl_ms(task, settings):
     limits = []
     if settings.max_task_age:
         limits.append(settings.max_task_age)
-    if (task.status in FINAL_STATUSES or task.status == "stale") and settings.retention_seconds:
+    if task.status in RETAINED_STATUSES and settings.retention_seconds:
         limits.append(settings.retention_seconds)
     # A margin past the sweep, so that the sweeper broadcasts the removal first.
     return int((min(limits) + 2 * settings.cleanup_interval) * 1000) if limits else 0
@@ -2516,6 +2519,17 @@ class Feed:
         self.changed_ids = {}
         self.removed_ids = set()
         self.ended_run_ids = {}
+
+    def pending(self):
+        """(the ids changed, the ids removed) since the last take, for the notifier."""
+        return self.changed_ids, self.removed_ids
+
+    def discard(self, now, runs=None):
+        """Forget what is pending, the runs' changes too: nobody listens, and a listener
+        that comes gets a snapshot of everything."""
+        self.clear()
+        if runs is not None:
+            runs.take_changed(now)
 
     def take(self, store, now, thresholds, runs=None):
         """Return the encoded messages pending (possibly none) and forget them. With
@@ -2926,6 +2940,14 @@ class Notifier:
         self.pending_events, self.unlisted, self.window_ends_at = [], 0, None
         return message
 
+    def outcomes(self):
+        """How many messages were sent, failed and dropped, over every webhook."""
+        outcomes = dict.fromkeys(NOTIFY_OUTCOMES, 0)
+        for sender in self.senders:
+            for outcome, count in sender.outcomes.items():
+                outcomes[outcome] += count
+        return outcomes
+
     def tick(self, now, flush=False):
         """Queue the window's message for every webhook when it is due; never blocks."""
         message = self.take_message(now, flush)
@@ -3177,6 +3199,15 @@ class Metrics:
     def broadcast(self, messages, listeners):
         self.broadcast_messages += len(messages) * listeners
         self.broadcast_bytes += sum(map(len, messages)) * listeners
+
+    def received(self, count):
+        self.updates_received += count
+
+    def applied(self, count):
+        self.updates_applied += count
+
+    def listener_opened(self):
+        self.listeners_opened += 1
 
 
 def _label(value):
@@ -3936,13 +3967,13 @@ class Api:
             updates = [validate_update(item, index) for index, item in enumerate(payload)]
         else:
             updates = [validate_update(payload)]
-        self.metrics.updates_received += len(updates)
+        self.metrics.received(len(updates))
         accepted = Response(200, b'{"ok":true,"accepted":%d}' % len(updates))
         return settle(self.store.apply(updates, self.clock()),
                       lambda changed: self.applied(changed, accepted))
 
     def applied(self, changed, response):
-        self.metrics.updates_applied += len(changed)
+        self.metrics.applied(len(changed))
         self.feed.changed(changed)
         return response
 
@@ -4059,7 +4090,8 @@ class Api:
         return json_response({"status": "ok" if store.get("ok") else "degraded",
                               "tasks": len(self.store),
                               "active": self.tasks_by_status()["running"],
-                              "listeners": self.server_gauges()["listeners"], "store": store,
+                              "listeners": self.server_gauges(scrape=False)["listeners"],
+                              "store": store,
                               "version": __version__})
 
     def get_metrics(self, request):
@@ -4323,7 +4355,7 @@ class Hub:
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
-        self.run_index = runs  # a RunIndex: run summaries go with the tasks
+        self.runs = runs  # a RunIndex: run summaries go with the tasks
         self.listeners = set()  # those that get the updates
         self.waiting = []  # listeners whose chunked snapshot starts at the next broadcast
         self.snapshot_runs = []  # [chunks, listeners, blocked since] of chunked snapshots
@@ -4333,7 +4365,7 @@ class Hub:
         return len(self.listeners) + len(self.waiting)
 
     def add(self, listener):
-        self.metrics.listeners_opened += 1
+        self.metrics.listener_opened()
         self.send_snapshot(listener)
 
     def discard(self, listener):
@@ -4353,7 +4385,7 @@ class Hub:
         goes to them with the next update."""
         if self.cached_snapshot is None:
             self.cached_snapshot = snapshot_message(self.store, self.clock(),
-                                                    self.settings, self.run_index)
+                                                    self.settings, self.runs)
         return self.cached_snapshot
 
     def send_snapshot(self, listener):
@@ -4369,14 +4401,13 @@ class Hub:
 
     def broadcast(self, loop_now):
         """Send what changed since the last call to every listener that keeps up, and
-        start the chunked snapshot of those waiting for one."""
+        start the chunked snapshot of those waiting for one; True while chunked snapshots
+        remain to send (pump() at the next steps of the loop)."""
         self.cached_snapshot = None  # from here on it would miss what the feed hands out
         if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
-            self.feed.clear()
-            if self.run_index is not None:  # nor of the runs: the snapshot has them all
-                self.run_index.take_changed(self.clock())
+            self.feed.discard(self.clock(), self.runs)
         else:
-            messages = self.feed.take(self.store, self.clock(), self.settings, self.run_index)
+            messages = self.feed.take(self.store, self.clock(), self.settings, self.runs)
             sent_to = 0
             for listener in list(self.listeners):
                 outcome = listener.offer(messages, loop_now)
@@ -4386,11 +4417,12 @@ class Hub:
                     self.send_snapshot(listener)
             self.metrics.broadcast(messages, sent_to)
         if self.waiting:
-            chunks = snapshot_chunks(self.store, self.clock, self.settings, self.run_index)
+            chunks = snapshot_chunks(self.store, self.clock, self.settings, self.runs)
             self.snapshot_runs.append([chunks, self.waiting, None])  # None: not waiting on a reader
             self.waiting = []
         if self.snapshot_runs:
             self.pump(loop_now)
+        return bool(self.snapshot_runs)
 
     def pump(self, loop_now):
         """Send the next chunk of each chunked snapshot under way whose listeners have
@@ -4786,11 +4818,14 @@ class App:
         """Wrap request handling (and /ws handshakes); see `Api.add_middleware()`."""
         return self.api.add_middleware(middleware)
 
-    def gauges(self):
-        """What the server counts live, for /health and /metrics."""
-        return {"listeners": len(self.hub), "connections": len(self.connections),
-                "notifications": self.notification_outcomes(),
-                "runs_by_status": self.runs_by_status()}
+    def gauges(self, scrape=True):
+        """What the server counts live: for /health the cheap counts, for a /metrics
+        scrape also the notifications and runs by status."""
+        counts = {"listeners": len(self.hub), "connections": len(self.connections)}
+        if scrape:
+            counts.update(notifications=self.notification_outcomes(),
+                          runs_by_status=self.runs_by_status())
+        return counts
 
     def runs_by_status(self):
         # From the run index's cached summaries: O(runs), not O(tasks), per scrape.
@@ -4800,11 +4835,9 @@ class App:
         return counts
 
     def notification_outcomes(self):
-        outcomes = dict.fromkeys(NOTIFY_OUTCOMES, 0)
-        for sender in self.notifier.senders if self.notifier is not None else ():
-            for outcome, count in sender.outcomes.items():
-                outcomes[outcome] += count
-        return outcomes
+        if self.notifier is None:
+            return dict.fromkeys(NOTIFY_OUTCOMES, 0)
+        return self.notifier.outcomes()
 
     # Connections
 
@@ -4831,11 +4864,11 @@ class App:
     def broadcast(self):
         """Tell the notifier and every listener what changed since the last call."""
         if self.notifier is not None:  # first: the hub clears the feed
-            self.notifier.observe(self.feed.changed_ids, self.feed.removed_ids, self.store,
-                                  self.clock(), self.settings)
+            changed_ids, removed_ids = self.feed.pending()
+            self.notifier.observe(changed_ids, removed_ids, self.store, self.clock(),
+                                  self.settings)
             self.notifier.tick(self.clock())
-        self.hub.broadcast(self.loop.time())
-        if self.hub.snapshot_runs:
+        if self.hub.broadcast(self.loop.time()):
             self.loop.call_soon(self.pump)
 
     def pump(self):
