@@ -100,6 +100,9 @@ MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they 
 MAX_REMOVED_REMEMBERED = 100_000  # deletions GET /tasks?since= can list; older: resync
 MAX_PAGE_TASKS = 100_000  # GET /tasks?limit= at most
 SNAPSHOT_CHUNK_TASKS = 2_000  # a /ws snapshot of more tasks goes out in chunks of this many
+# While updates come in, encoding snapshot parts takes at most this share of the loop.
+SNAPSHOT_CPU_SHARE = 0.25
+SNAPSHOT_CACHE_IDLE_S = 15.0  # encoded snapshot parts unused this long are dropped
 MAX_DISCARD_BYTES = 64 << 20  # of a refused body, read and dropped so the 413 arrives
 LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
 LISTENER_BUFFER_LOW_BYTES = 1 << 20  # ...and gets a fresh snapshot once drained to this
@@ -612,12 +615,39 @@ def _check_meta(value, where):
             raise InvalidUpdate(f"{where}.{key}: must be a string, number, true, false or null")
         interned[sys.intern(key) if len(key) <= 64 else key] = item
     value = interned
-    if bound <= MAX_META_BYTES:
-        return value
-    size = len(json.dumps(value, separators=(",", ":")))
-    if size > MAX_META_BYTES:
-        raise InvalidUpdate(f"{where}: must be at most {MAX_META_BYTES} bytes as JSON, not {size}")
-    return value
+    if bound > MAX_META_BYTES:
+        size = len(json.dumps(value, separators=(",", ":")))
+        if size > MAX_META_BYTES:
+            raise InvalidUpdate(f"{where}: must be at most {MAX_META_BYTES} bytes as JSON, "
+                                f"not {size}")
+    return shared_meta(value)
+
+
+# Every task's meta with the same items is one dict: the bars of one process all carry
+# its host, pid and job, and a dict of three costs about 200 bytes. Sharing is safe as
+# a task's meta is never changed in place, only replaced. Bounded: cleared when full.
+_SHARED_META = {}
+SHARED_META_HELD = 65_536
+
+
+def shared_meta(meta):
+    """The dict held for tasks with the same meta as `meta` (`meta` itself the first
+    time). Items compare with their types (1, 1.0 and true are equal in Python, not in
+    JSON); a meta with a float is not shared (0.0 and -0.0 are equal too)."""
+    kinds = tuple(map(type, meta.values()))
+    if float in kinds:
+        return meta
+    key = (tuple(meta.items()), kinds)
+    try:
+        held = _SHARED_META.get(key)
+    except TypeError:  # a value that is not a scalar: a store's, before its check
+        return meta
+    if held is not None:
+        return held
+    if len(_SHARED_META) >= SHARED_META_HELD:
+        _SHARED_META.clear()
+    _SHARED_META[key] = meta
+    return meta
 
 
 # field -> check(value, where) returning the value to store; unknown fields are ignored.
@@ -662,6 +692,12 @@ def validate_update(obj, index=None):
         if vtype is float or vtype is int:
             if key in _NON_NEGATIVE:
                 if 0 <= value <= _MAX_FLOAT and (value or key != "unit_divisor"):
+                    if vtype is int and key in _SHARED_NUMBERS:
+                        shared = _SHARED_INTS.get(value)
+                        if shared is not None:
+                            value = shared
+                        elif len(_SHARED_INTS) < SHARED_INTS_HELD:
+                            _SHARED_INTS[value] = value
                     update[key] = value
                     continue
             elif key == "seq":
@@ -705,6 +741,11 @@ def validate_update(obj, index=None):
 
 
 _MAX_FLOAT = sys.float_info.max  # also refuses inf, NaN and ints beyond any float
+# Whole totals and divisors repeat across tasks (1000, a dataset's size): one int object
+# each rather than 28 bytes per task. Only ints are keys (1 == 1.0 == True in a dict).
+_SHARED_NUMBERS = frozenset(("total", "unit_divisor"))
+_SHARED_INTS = {}
+SHARED_INTS_HELD = 4096  # the first ones seen; a later one is simply not shared
 _NON_NEGATIVE = frozenset(("n", "total", "rate", "elapsed", "unit_divisor", "unit_scale"))
 _TEXT_LIMITS = {"desc": MAX_DESC_CHARS, "unit": MAX_UNIT_CHARS, "postfix": MAX_POSTFIX_CHARS,
                 "error": MAX_ERROR_CHARS, "run_name": MAX_RUN_NAME_CHARS}
@@ -712,6 +753,9 @@ _ID_LIMITS = {"run": MAX_RUN_CHARS, "parent": MAX_TASK_ID_CHARS}  # 1 to N chara
 _NULLABLE = frozenset(("desc", "total", "rate", "postfix", "error", "run", "run_name",
                        "parent"))
 _BOOLEAN = frozenset(("unit_scale", "transient"))
+
+
+NO_META = {}  # the meta of every task sent none: shared, never changed in place
 
 
 class Task:
@@ -742,7 +786,7 @@ class Task:
         self.postfix = None
         self.status = "running"
         self.error = None
-        self.meta = {}
+        self.meta = NO_META
         self.seq = None
         self.timestamp = None
         self.run = None
@@ -826,6 +870,8 @@ class Task:
             task.progressed_at = task.updated_at
         if task.history is not None:
             task.history = history_from_text(task.history)
+        if type(task.meta) is dict:
+            task.meta = shared_meta(task.meta)
         return task
 
 
@@ -1090,6 +1136,12 @@ class Store:
             start = ids.index(after) + 1
         return page_of(iter(tasks[start:]), limit, keep)
 
+    def ranked(self):
+        """The MemoryStore that holds these tasks with their creation ranks (itself, or
+        a mirror), or None: big snapshots then go out without the shared cache of
+        encoded parts (`SnapshotParts`)."""
+        return None
+
     def health(self):
         """A JSON-able dict for GET /health; "ok" False marks the server degraded."""
         return {"kind": self.kind, "ok": True}
@@ -1230,6 +1282,23 @@ class MemoryStore(Store):
             self.ranked_ids = list(by_id)  # the dict is in creation order too
             self.ranks = [task.rank for task in by_id.values()]
         return removed
+
+    def ranked(self):
+        return self
+
+    def ranked_tasks(self, low_rank, high_rank, limit):
+        """Up to `limit` tasks whose creation rank is in [low_rank, high_rank), oldest
+        first, and the rank of the next one in that range (None: there is none)."""
+        by_id, ranked_ids, ranks = self.by_id, self.ranked_ids, self.ranks
+        tasks = []
+        for index in range(bisect.bisect_left(ranks, low_rank),
+                           bisect.bisect_left(ranks, high_rank)):
+            task = by_id.get(ranked_ids[index])
+            if task is not None and task.rank == ranks[index]:
+                if len(tasks) == limit:
+                    return tasks, task.rank
+                tasks.append(task)
+        return tasks, None
 
     def page(self, after, limit, keep):
         start = 0
@@ -2187,6 +2256,9 @@ class RedisStore(Store):
     def page(self, after, limit, keep):
         return self.local.page(after, limit, keep)
 
+    def ranked(self):
+        return self.local
+
     def key(self, task_id):
         return REDIS_PREFIX + "task:" + task_id
 
@@ -2572,30 +2644,133 @@ def snapshot_message(store, now, thresholds, runs=None):
     return _encode(message)
 
 
-def snapshot_chunks(store, clock, thresholds, runs=None, chunk_tasks=None):
-    """Yield a big store's snapshot as messages of at most `chunk_tasks` tasks, one per
-    step, so that no step of the loop encodes more than that: `snapshot` with "more":
-    true, then `snapshot_more` messages, the last with "more": false.
+class ListedTasks:
+    """A store without creation ranks (a custom Store) seen as a ranked one: its tasks as
+    listed at one moment, ranked by their place in that list, each read again from the
+    store when its part is encoded. Nothing of it is reused by a later snapshot."""
 
-    Each step reads the store as it is then: a task changed meanwhile goes out in its
-    latest state (its update message may come too, which is the same or newer); a task
-    deleted meanwhile is left out (its remove message tells the listener); a task
-    created meanwhile comes as an update, since the listener gets updates from the
-    first chunk on."""
-    chunk_tasks = chunk_tasks or SNAPSHOT_CHUNK_TASKS
-    held = store.tasks()  # the order, fixed now; each task is read again at its step
-    for start in range(0, max(len(held), 1), chunk_tasks):
-        now = clock()
-        tasks = {}
-        for old in held[start:start + chunk_tasks]:
-            task = store.get(old.task_id)
+    def __init__(self, store):
+        self.store = store
+        self.held = store.tasks()
+        self.next_rank = len(self.held)
+
+    def get(self, task_id):
+        return self.store.get(task_id)
+
+    def ranked_tasks(self, low_rank, high_rank, limit):
+        stop = min(high_rank, self.next_rank)
+        tasks = []
+        for rank in range(low_rank, stop):
+            if len(tasks) == limit:
+                return tasks, rank
+            task = self.store.get(self.held[rank].task_id)
             if task is not None:
-                tasks[task.task_id] = task.as_dict(now, thresholds)
-        message = {"type": "snapshot_more" if start else "snapshot", "tasks": tasks,
-                   "more": start + chunk_tasks < len(held), "now": now}
-        if runs is not None and not start:  # every run's summary, with the first part
-            message["runs"] = runs.summaries(now)
-        yield _encode(message)
+                tasks.append(task)
+        return tasks, None
+
+
+class _Part:
+    """One part of a big snapshot, as last encoded."""
+
+    __slots__ = ("body", "valid_until", "next_rank")
+
+    def __init__(self, tasks, body, next_rank):
+        self.body = body  # the inside of the `tasks` object: "id":{...},"id":{...}
+        # Time alone may change a shown status (stale, stalled) from the first whole
+        # second the sweep's schedule has for one of its tasks (Task.check_at_s).
+        self.valid_until = min((task.check_at_s for task in tasks
+                                if task.check_at_s is not None), default=math.inf)
+        self.next_rank = next_rank  # the store's next creation rank when it was built
+
+
+class SnapshotParts:
+    """A big store's snapshot cut into parts of at most `part_tasks` tasks by creation
+    rank, each part encoded once and reused by every later snapshot while it still holds:
+    at a million tasks a part costs milliseconds to encode and next to nothing to reuse,
+    so listeners that (re)connect every second cost the ingest little
+    (bench/bench_scale.py). What it costs is memory, about the size of the encoded
+    snapshot, while it is held: the Hub drops it once no snapshot has used it for
+    SNAPSHOT_CACHE_IDLE_S.
+
+    A part is encoded anew when one of its tasks changed or was deleted since (what the
+    ChangeLog `changes` lists since the last look marks its part), when tasks were created
+    within its range (the last part, whose range is open), or from the first second in
+    which time alone may change a status it shows (the sweep's schedule; a task changed
+    since the last sweep has none yet and is caught by the sweep that marks it, as
+    listeners are). Part boundaries (`lows`) only split, never move, so a part's range
+    stays the same between two snapshots. With `changes` None nothing is reused (a store
+    without ranks, seen through ListedTasks)."""
+
+    def __init__(self, source, thresholds, part_tasks, changes=None):
+        self.source = source  # a MemoryStore (or ListedTasks): ranked_tasks() and get()
+        self.thresholds = thresholds
+        self.part_tasks = part_tasks
+        self.changes = changes
+        self.lows = [0]  # the first rank of each part; the last part runs to the end
+        self.parts = {}  # a part's first rank -> _Part
+        self.looked_at = changes.clock() if changes is not None else 0.0
+        self.used_at = 0.0  # loop time, for the Hub to drop an idle cache
+
+    def first(self):
+        return self.lows[0]
+
+    def part(self, low, now):
+        """(the encoded tasks of the part starting at rank `low`, the next part's first
+        rank or None after the last, True when it was encoded now rather than reused)."""
+        self.forget_changed()
+        lows = self.lows
+        index = bisect.bisect_right(lows, low) - 1
+        high = lows[index + 1] if index + 1 < len(lows) else math.inf
+        held = self.parts.get(low)
+        if (held is not None and now < held.valid_until
+                and (high != math.inf or held.next_rank == self.source.next_rank)):
+            return held.body, (None if high == math.inf else high), False
+        tasks, rest = self.source.ranked_tasks(low, high, self.part_tasks)
+        if rest is not None:  # too many for one part: it ends where the rest begins
+            lows.insert(index + 1, rest)
+            high = rest
+        tasks_json = {task.task_id: task.as_dict(now, self.thresholds) for task in tasks}
+        body = _encode(tasks_json)[1:-1]
+        if self.changes is not None:
+            self.parts[low] = _Part(tasks, body, self.source.next_rank)
+        return body, (None if high == math.inf else high), True
+
+    def forget_changed(self):
+        """Drop the parts whose tasks changed or went since the last look."""
+        if self.changes is None:
+            return
+        now = self.changes.clock()
+        if not self.parts:
+            self.looked_at = now
+            return
+        changed, removed, forgotten = self.changes.since(self.looked_at)
+        self.looked_at = now  # since() counts changes at that time too: none is missed
+        if forgotten:
+            self.parts.clear()
+            return
+        ranks = [task.rank for task in map(self.source.get, changed) if task is not None]
+        gone_ranks = self.source.gone_ranks
+        for task_id in removed:
+            rank = gone_ranks.get(task_id)
+            if rank is None:  # deleted too long ago to know where: start over
+                self.parts.clear()
+                return
+            ranks.append(rank)
+        lows, parts = self.lows, self.parts
+        for rank in ranks:
+            parts.pop(lows[bisect.bisect_right(lows, rank) - 1], None)
+
+
+def snapshot_part_message(body, first, more, now, runs_json=None):
+    """One part of a chunked snapshot: `snapshot` for the `first` part (with every run's
+    summary, `runs_json`, encoded), `snapshot_more` for the others; `more` false on the
+    last. The same bytes as _encode() of the message as a dict."""
+    message = b'{"type":"%s","tasks":{%s},"more":%s,"now":%s' % (
+        b"snapshot" if first else b"snapshot_more", body, b"true" if more else b"false",
+        _encode(now))
+    if runs_json is not None:
+        message += b',"runs":' + runs_json
+    return message + b"}"
 
 
 # --- Notifications ---------------------------------------------------------------------
@@ -4270,8 +4445,7 @@ class Listener:
                 self.behind_since = None
                 return RESYNC
             if now - self.behind_since > LISTENER_BEHIND_TIMEOUT_S:
-                log.info("closing /ws listener %s: it stopped reading", self.connection.peer)
-                self.connection.abort()
+                self.drop("it stopped reading")
             return None
         if unsent > self.high_water:
             self.behind_since = now  # drop what it has pending, never block the others
@@ -4285,12 +4459,10 @@ class Listener:
         whose unsent bytes (its snapshot, say) have not shrunk for UNSENT_STALL_TIMEOUT_S:
         a client that answers pings but never reads must not hold a snapshot forever."""
         if self.drain.stalled(self.unsent_bytes(), now):
-            log.info("closing /ws listener %s: it stopped reading", self.connection.peer)
-            self.connection.abort()
+            self.drop("it stopped reading")
         elif self.ping_sent_at is not None:
             if now - self.ping_sent_at > WS_PING_TIMEOUT_S:
-                log.info("closing /ws listener %s: no pong", self.connection.peer)
-                self.connection.abort()
+                self.drop("no pong")
         elif (now - self.last_ping_at >= WS_PING_INTERVAL_S
               and self.protocol.state is State.OPEN):
             self.ping_sent_at = self.last_ping_at = now
@@ -4313,6 +4485,14 @@ class Listener:
         transport = self.connection.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
+    def is_open(self):
+        return self.connection.transport is not None
+
+    def drop(self, reason):
+        """Close at once, what is unsent with it, and say why in the log."""
+        log.info("closing /ws listener %s: %s", self.connection.peer, reason)
+        self.connection.abort()
+
     def receive(self, data):
         protocol = self.protocol
         protocol.receive_data(data)
@@ -4327,9 +4507,7 @@ class Listener:
             self.connection.close()
         elif self.unsent_bytes() > self.high_water + LISTENER_PONG_BACKLOG_BYTES:
             # What we sent is within high_water: the rest is pongs to its pings.
-            log.info("closing /ws listener %s: it pings but does not read",
-                     self.connection.peer)
-            self.connection.abort()
+            self.drop("it pings but does not read")
 
     def close(self, code=1001, reason="server shutting down"):
         if self.protocol.state is State.OPEN:
@@ -4340,26 +4518,45 @@ class Listener:
 SENT, RESYNC = "sent", "resync"  # what Listener.offer() did
 
 
+class _SnapshotPass:
+    """One chunked snapshot under way, to the listeners that asked within one broadcast
+    interval: the part to send next, by its first rank (None: all sent)."""
+
+    __slots__ = ("parts", "low", "listeners", "first", "blocked_since")
+
+    def __init__(self, parts, listeners):
+        self.parts = parts
+        self.low = parts.first()
+        self.listeners = listeners
+        self.first = True  # the next part is the first: a `snapshot`, with the runs
+        self.blocked_since = None  # loop time a listener began to hold it up
+
+
 class Hub:
     """The live feed's listeners: a snapshot for each newcomer, each broadcast offered to
     every listener (one that falls behind never slows the others), and their pings.
 
     A store of at most SNAPSHOT_CHUNK_TASKS tasks gets one snapshot message, built once
     per broadcast interval however many listeners (re)connect in it. A bigger one goes
-    out in chunks, one per loop step (`pump()`), to all the listeners that asked within
-    one broadcast interval at once; they get the updates from their first chunk on."""
+    out in parts (`pump()`), to all the listeners that asked within one broadcast interval
+    at once; they get the updates from their first part on. The parts are encoded once
+    and shared by later snapshots while they hold (`SnapshotParts`), and encoding them
+    takes at most SNAPSHOT_CPU_SHARE of the loop while updates are coming in."""
 
-    def __init__(self, feed, store, settings, clock, metrics, runs=None):
+    def __init__(self, feed, store, settings, clock, metrics, runs=None, changes=None):
         self.feed = feed
         self.store = store
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
         self.runs = runs  # a RunIndex: run summaries go with the tasks
+        self.changes = changes  # the ChangeLog: which shared parts still hold
         self.listeners = set()  # those that get the updates
         self.waiting = []  # listeners whose chunked snapshot starts at the next broadcast
-        self.snapshot_runs = []  # [chunks, listeners, blocked since] of chunked snapshots
+        self.passes = []  # chunked snapshots under way
+        self.shared_parts = None  # SnapshotParts of a ranked store, while in use
         self.cached_snapshot = None
+        self.updates_seen = 0  # metrics.updates_received at the last pump
 
     def __len__(self):
         return len(self.listeners) + len(self.waiting)
@@ -4375,9 +4572,9 @@ class Hub:
     def leave_snapshots(self, listener):
         if listener in self.waiting:
             self.waiting.remove(listener)
-        for run in self.snapshot_runs:
-            if listener in run[1]:
-                run[1].remove(listener)
+        for snapshot_pass in self.passes:
+            if listener in snapshot_pass.listeners:
+                snapshot_pass.listeners.remove(listener)
 
     def snapshot(self):
         """The one-message snapshot, built once per broadcast interval however many
@@ -4402,7 +4599,7 @@ class Hub:
     def broadcast(self, loop_now):
         """Send what changed since the last call to every listener that keeps up, and
         start the chunked snapshot of those waiting for one; True while chunked snapshots
-        remain to send (pump() at the next steps of the loop)."""
+        remain to send (pump() them)."""
         self.cached_snapshot = None  # from here on it would miss what the feed hands out
         if not self.listeners:  # nobody to tell: a listener that comes gets a snapshot
             self.feed.discard(self.clock(), self.runs)
@@ -4417,44 +4614,84 @@ class Hub:
                     self.send_snapshot(listener)
             self.metrics.broadcast(messages, sent_to)
         if self.waiting:
-            chunks = snapshot_chunks(self.store, self.clock, self.settings, self.runs)
-            self.snapshot_runs.append([chunks, self.waiting, None])  # None: not waiting on a reader
+            self.passes.append(_SnapshotPass(self.parts_for_pass(loop_now), self.waiting))
             self.waiting = []
-        if self.snapshot_runs:
-            self.pump(loop_now)
-        return bool(self.snapshot_runs)
+        elif (self.shared_parts is not None and not self.passes
+              and loop_now - self.shared_parts.used_at > SNAPSHOT_CACHE_IDLE_S):
+            self.shared_parts = None  # its memory is worth more than a later snapshot
+        return bool(self.passes)
+
+    def parts_for_pass(self, loop_now):
+        ranked = self.store.ranked()
+        if ranked is None or self.changes is None:
+            return SnapshotParts(ListedTasks(self.store), self.settings, SNAPSHOT_CHUNK_TASKS)
+        if self.shared_parts is None or self.shared_parts.source is not ranked:
+            self.shared_parts = SnapshotParts(ranked, self.settings, SNAPSHOT_CHUNK_TASKS,
+                                              self.changes)
+        self.shared_parts.used_at = loop_now
+        return self.shared_parts
 
     def pump(self, loop_now):
-        """Send the next chunk of each chunked snapshot under way whose listeners have
-        drained the last one; True when a chunk went out and more remain (call again at
-        the next step of the loop; the next broadcast calls it anyway)."""
+        """Send the next part of each chunked snapshot under way whose listeners have
+        drained the last one. Return the seconds to wait before the next call, or None
+        when nothing went out (the next broadcast calls again while passes remain).
+
+        Parts are encoded between requests: while updates come in, the wait after a
+        step is such that encoding takes at most SNAPSHOT_CPU_SHARE of the loop; when
+        none come, the snapshot goes out at full speed."""
+        encoding_s = 0.0
         advanced = False
-        for run in list(self.snapshot_runs):
-            chunks, listeners, blocked_since = run
-            listeners[:] = [listener for listener in listeners
-                            if listener.connection.transport is not None]
+        for snapshot_pass in list(self.passes):
+            listeners = snapshot_pass.listeners
+            listeners[:] = [listener for listener in listeners if listener.is_open()]
             slow = [listener for listener in listeners
                     if listener.unsent_bytes() > LISTENER_BUFFER_HIGH_BYTES]
-            if slow:  # wait for them: the chunks of a big store must not pile up unsent
-                if run[2] is None:
-                    run[2] = loop_now
-                elif loop_now - blocked_since > LISTENER_BEHIND_TIMEOUT_S:
+            if slow:  # wait for them: the parts of a big store must not pile up unsent
+                if snapshot_pass.blocked_since is None:
+                    snapshot_pass.blocked_since = loop_now
+                elif loop_now - snapshot_pass.blocked_since > LISTENER_BEHIND_TIMEOUT_S:
                     for listener in slow:
-                        log.info("closing /ws listener %s: it stopped reading its "
-                                 "snapshot", listener.connection.peer)
-                        listener.connection.abort()
+                        listener.drop("it stopped reading its snapshot")
                 continue
-            run[2] = None
-            chunk = next(chunks, None)
-            if chunk is None or not listeners:
-                self.snapshot_runs.remove(run)
+            snapshot_pass.blocked_since = None
+            if snapshot_pass.low is None or not listeners:
+                self.passes.remove(snapshot_pass)
                 continue
-            self.metrics.broadcast((chunk,), len(listeners))
+            message, spent_s = self.next_part(snapshot_pass)
+            encoding_s += spent_s
+            self.metrics.broadcast((message,), len(listeners))
             for listener in listeners:
-                listener.send_snapshot(chunk)
+                listener.send_snapshot(message)
                 self.listeners.add(listener)
             advanced = True
-        return advanced and bool(self.snapshot_runs)
+        if not advanced:
+            return None
+        updates_seen, self.updates_seen = self.updates_seen, self.metrics.updates_received
+        if updates_seen == self.updates_seen:
+            return 0.0  # nothing else wants the loop
+        return encoding_s * (1 - SNAPSHOT_CPU_SHARE) / SNAPSHOT_CPU_SHARE
+
+    def next_part(self, snapshot_pass):
+        """The pass's next message, skipping empty parts (but never the first or the
+        last); and the seconds spent encoding."""
+        started = time.perf_counter()
+        spent_s = 0.0
+        parts = snapshot_pass.parts
+        while True:
+            now = self.clock()
+            body, high, encoded = parts.part(snapshot_pass.low, now)
+            if encoded:  # a reused part costs next to nothing
+                spent_s = time.perf_counter() - started
+            snapshot_pass.low = high
+            if body or snapshot_pass.first or high is None:
+                break
+        runs_json = None
+        if snapshot_pass.first and self.runs is not None:  # every run's summary, once
+            runs_json = _encode(self.runs.summaries(now))
+        message = snapshot_part_message(body, snapshot_pass.first, high is not None, now,
+                                        runs_json)
+        snapshot_pass.first = False
+        return message, spent_s
 
     def close_all(self):
         for listener in [*self.listeners, *self.waiting]:
@@ -4800,7 +5037,8 @@ class App:
         self.feed = Feed(self.changes, self.runs)
         self.metrics = Metrics(clock())
         self.notifier = Notifier.from_settings(settings)  # None without --notify
-        self.hub = Hub(self.feed, self.store, settings, clock, self.metrics, self.runs)
+        self.hub = Hub(self.feed, self.store, settings, clock, self.metrics, self.runs,
+                       self.changes)
         self.api = Api(settings, self.store, self.feed, self.metrics, clock, self.gauges,
                        changes=self.changes, runs=self.runs)
         self.tls = (server_tls_context(settings.tls_cert, settings.tls_key)
@@ -4813,6 +5051,7 @@ class App:
         self.refusals_logged_at = -math.inf
         self.background = []
         self.stopping = False
+        self.pump_handle = None  # the next step of the chunked snapshots, when one is due
 
     def add_middleware(self, middleware):
         """Wrap request handling (and /ws handshakes); see `Api.add_middleware()`."""
@@ -4868,13 +5107,16 @@ class App:
             self.notifier.observe(changed_ids, removed_ids, self.store, self.clock(),
                                   self.settings)
             self.notifier.tick(self.clock())
-        if self.hub.broadcast(self.loop.time()):
-            self.loop.call_soon(self.pump)
+        if self.hub.broadcast(self.loop.time()) and self.pump_handle is None:
+            self.pump()
 
     def pump(self):
-        # One chunk of each snapshot under way per loop step: requests go on in between.
-        if not self.stopping and self.hub.pump(self.loop.time()):
-            self.loop.call_soon(self.pump)
+        # One part of each snapshot under way per step, paced by the hub: requests go on
+        # in between. One chain of steps at a time: the broadcast only starts one.
+        self.pump_handle = None
+        delay_s = None if self.stopping else self.hub.pump(self.loop.time())
+        if delay_s is not None:
+            self.pump_handle = self.loop.call_later(delay_s, self.pump)
 
     def sweep(self):
         return settle(self.store.sweep(self.clock(), self.settings), self.swept)

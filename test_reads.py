@@ -6,6 +6,7 @@ server on an ephemeral port and checks that a reader who applies what it was sen
 equal to what GET /tasks says, while other threads add, update and delete tasks.
 """
 
+import contextlib
 import json
 import threading
 import time
@@ -182,23 +183,136 @@ def test_a_big_snapshot_comes_in_chunks_and_ends_equal_to_the_store_despite_upda
         assert tasks == all_tasks(server)
 
 
-def test_each_chunk_reads_the_store_as_it_is_at_its_step():
+def test_listeners_that_come_one_after_another_share_parts_and_each_ends_equal_to_the_store(
+        monkeypatch):
+    monkeypatch.setattr(progressista, "SNAPSHOT_CHUNK_TASKS", 40)
+    with running_server() as server:
+        post(server, [{"task_id": f"t{i:03}", "n": 0, "seq": 1} for i in range(400)])
+        stop = threading.Event()
+
+        def churn():  # a few tasks change, some go, some come: most parts hold
+            seq = 2
+            while not stop.is_set():
+                post(server, {"task_id": f"t{(seq * 37) % 400:03}", "n": seq, "seq": seq})
+                post(server, {"task_id": f"late{seq}"})
+                http("DELETE", server.url + f"/tasks/t{(seq * 11) % 400:03}")
+                seq += 1
+
+        worker = threading.Thread(target=churn, daemon=True)
+        worker.start()
+        copies = []
+        try:
+            with contextlib.ExitStack() as sockets:
+                for _ in range(3):
+                    socket = sockets.enter_context(
+                        ws_connect(server.url.replace("http", "ws") + "/ws"))
+                    tasks = {}
+                    read_feed(socket, tasks, until=("snapshot_more", False), quiet_s=5.0)
+                    copies.append((socket, tasks))
+                shared = server.app.hub.shared_parts
+                assert shared is not None and len(shared.lows) >= 10
+                stop.set()
+                worker.join(10)
+                for socket, tasks in copies:
+                    read_feed(socket, tasks, quiet_s=1.0)  # what changed until the churn stopped
+        finally:
+            stop.set()
+            worker.join(10)
+        expected = all_tasks(server)
+    for _, tasks in copies:
+        assert tasks == expected
+
+
+def store_of(count, now=100.0):
     store = progressista.MemoryStore()
     store.apply([progressista.validate_update({"task_id": f"t{i}", "seq": 1})
-                 for i in range(7)], 100.0)
-    clock = FakeClock(100.0)
-    chunks = progressista.snapshot_chunks(store, clock, progressista.Thresholds(), chunk_tasks=3)
-    first = json.loads(next(chunks))
-    assert (first["type"], first["more"], list(first["tasks"])) == ("snapshot", True,
-                                                                     ["t0", "t1", "t2"])
+                 for i in range(count)], now)
+    return store
+
+
+def parts_read(parts, now):
+    """Every part from the first, as ({task_id: task}, encoded now) pairs."""
+    read, low = [], parts.first()
+    while low is not None:
+        body, low, encoded = parts.part(low, now)
+        read.append((json.loads(b"{" + body + b"}"), encoded))
+    return read
+
+
+def test_each_part_reads_the_store_as_it_is_when_it_is_encoded():
+    store = store_of(7)
+    parts = progressista.SnapshotParts(store, progressista.Thresholds(), 3)
+    body, low, _ = parts.part(parts.first(), 100.0)
+    assert list(json.loads(b"{" + body + b"}")) == ["t0", "t1", "t2"]
     store.delete(["t4"])
     store.apply([progressista.validate_update({"task_id": "t5", "n": 9, "seq": 2}),
                  progressista.validate_update({"task_id": "new", "seq": 1})], 101.0)
-    second, third = (json.loads(chunk) for chunk in chunks)
-    assert (second["type"], second["more"]) == ("snapshot_more", True)
-    assert list(second["tasks"]) == ["t3", "t5"] and second["tasks"]["t5"]["n"] == 9
-    assert (third["type"], third["more"], list(third["tasks"])) == ("snapshot_more", False,
-                                                                    ["t6"])
+    second, low, _ = parts.part(low, 101.0)
+    second = json.loads(b"{" + second + b"}")
+    assert list(second) == ["t3", "t5", "t6"] and second["t5"]["n"] == 9
+    third, low, _ = parts.part(low, 101.0)
+    assert list(json.loads(b"{" + third + b"}")) == ["new"] and low is None
+
+
+def test_a_part_message_is_the_bytes_of_the_message_as_a_dict():
+    store = store_of(2)
+    parts = progressista.SnapshotParts(store, progressista.Thresholds(), 5)
+    body, _, _ = parts.part(parts.first(), 100.5)
+    tasks = {task.task_id: task.as_dict(100.5, progressista.Thresholds())
+             for task in store.tasks()}
+    runs = {"r": {"tasks": 1}}
+    for first, more, runs_json, expected in [
+            (True, True, progressista._encode(runs),
+             {"type": "snapshot", "tasks": tasks, "more": True, "now": 100.5, "runs": runs}),
+            (False, False, None,
+             {"type": "snapshot_more", "tasks": tasks, "more": False, "now": 100.5})]:
+        message = progressista.snapshot_part_message(body, first, more, 100.5, runs_json)
+        assert message == progressista._encode(expected)
+
+
+def test_shared_parts_are_reused_until_a_task_in_them_changes_or_goes():
+    clock = FakeClock(100.0)
+    store = store_of(9)
+    changes = progressista.ChangeLog(clock)
+    changes.changed([task.task_id for task in store.tasks()])
+    parts = progressista.SnapshotParts(store, progressista.Thresholds(), 3, changes)
+    clock.now = 101.0
+    assert [encoded for _, encoded in parts_read(parts, 101.0)] == [True, True, True]
+    assert [encoded for _, encoded in parts_read(parts, 102.0)] == [False, False, False]
+
+    clock.now = 103.0
+    store.apply([progressista.validate_update({"task_id": "t4", "n": 5, "seq": 2})], 103.0)
+    changes.changed(["t4"])
+    store.delete(["t7"])
+    changes.removed(["t7"])
+    clock.now = 104.0  # (a change at the very time of a look is taken again, to be safe)
+    read = parts_read(parts, 104.0)
+    assert [encoded for _, encoded in read] == [False, True, True]
+    assert read[1][0]["t4"]["n"] == 5 and "t7" not in read[2][0]
+
+    clock.now = 105.0
+    store.apply([progressista.validate_update({"task_id": f"new{i}"}) for i in range(4)], 105.0)
+    changes.changed([f"new{i}" for i in range(4)])
+    read = parts_read(parts, 106.0)
+    # Only the last part takes new tasks, and splits when they are too many for it.
+    assert [encoded for _, encoded in read] == [False, False, True, True]
+    assert [list(tasks) for tasks, _ in read[2:]] == [["t6", "t8", "new0"],
+                                                      ["new1", "new2", "new3"]]
+
+
+def test_shared_parts_are_encoded_again_when_time_alone_may_change_a_status():
+    settings = progressista.Settings(stale_seconds=60.0)
+    clock = FakeClock(100.0)
+    store = store_of(4)
+    changes = progressista.ChangeLog(clock)
+    changes.changed([task.task_id for task in store.tasks()])
+    store.plan_sweep(100.0, settings)  # the schedule: each task looked at again at 160
+    parts = progressista.SnapshotParts(store, settings, 10, changes)
+    clock.now = 101.0
+    assert parts_read(parts, 101.0)[0][1] is True
+    assert parts_read(parts, 159.0)[0][1] is False
+    (tasks, encoded), = parts_read(parts, 160.5)
+    assert encoded and {task["status"] for task in tasks.values()} == {"stale"}
 
 
 def test_a_small_store_still_gets_one_snapshot_message():

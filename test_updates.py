@@ -225,3 +225,26 @@ def test_fifty_concurrent_senders_end_with_correct_final_states():
         top = max(steps * 100 + i for i in range(senders) if i % shared_count == shared)
         assert tasks[f"{prefix}-shared-{shared}"]["n"] == top
     assert len(tasks) == senders + shared_count
+
+
+# --- Memory: what equal tasks share ------------------------------------------------------
+
+
+def test_tasks_with_equal_meta_share_one_dict_but_json_types_stay_apart():
+    store = progressista.MemoryStore()
+    metas = [{"host": "n1", "pid": 7}, {"host": "n1", "pid": 7}, {"host": "n1", "pid": True},
+             {"host": "n1", "pid": 7.0}, {"host": "n1", "pid": -0.0}, {"host": "n1", "pid": 0.0}]
+    store.apply([progressista.validate_update({"task_id": f"t{i}", "meta": meta})
+                 for i, meta in enumerate(metas)], 1.0)
+    held = [store.get(f"t{i}").meta for i in range(len(metas))]
+    assert held[0] is held[1]  # one dict for the bars of one process
+    wire = [json.dumps(store.get(f"t{i}").as_dict()["meta"]) for i in range(len(metas))]
+    assert wire == [json.dumps(meta) for meta in metas]  # 7, true, 7.0, -0.0, 0.0 apart
+
+
+def test_equal_whole_totals_share_one_int_but_a_float_total_stays_a_float():
+    bodies = ['{"task_id": "a", "total": 1000001}', '{"task_id": "b", "total": 1000001}',
+              '{"task_id": "c", "total": 1000001.0}']
+    updates = [progressista.validate_update(json.loads(body)) for body in bodies]
+    assert updates[0]["total"] is updates[1]["total"]
+    assert type(updates[2]["total"]) is float
