@@ -2761,6 +2761,23 @@ class SnapshotParts:
             parts.pop(lows[bisect.bisect_right(lows, rank) - 1], None)
 
 
+class Pacer:
+    """How long the encoding of a big snapshot (or GET /tasks) waits after a step: not at
+    all while no updates come in, else long enough that encoding takes at most
+    SNAPSHOT_CPU_SHARE of the loop: a big read takes longer on a busy server rather than
+    slowing its ingest."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.updates_seen = metrics.updates_received
+
+    def pause_s(self, encoding_s):
+        seen, self.updates_seen = self.updates_seen, self.metrics.updates_received
+        if seen == self.updates_seen:
+            return 0.0
+        return encoding_s * (1 - SNAPSHOT_CPU_SHARE) / SNAPSHOT_CPU_SHARE
+
+
 def snapshot_part_message(body, first, more, now, runs_json=None):
     """One part of a chunked snapshot: `snapshot` for the `first` part (with every run's
     summary, `runs_json`, encoded), `snapshot_more` for the others; `more` false on the
@@ -3947,6 +3964,9 @@ class Api:
         self.feed = feed
         self.changes = changes  # a ChangeLog, for GET /tasks?since=
         self.runs = runs  # a RunIndex, for GET /runs and ?run=
+        # () -> the SnapshotParts of the store (the server's Hub shares its own), or None:
+        # GET /tasks of a big store is then encoded in one go.
+        self.shared_parts = None
         self.metrics = metrics
         self.clock = clock
         self.server_gauges = server_gauges  # () -> live counts the server keeps (listeners...)
@@ -4147,6 +4167,24 @@ class Api:
         return settle(self.store.apply(updates, self.clock()),
                       lambda changed: self.applied(changed, accepted))
 
+    async def every_task_in_parts(self, now, resync):
+        """GET /tasks of a big store: the parts of the /ws snapshot (SnapshotParts, shared
+        and paced), one per step of the loop, so that one answer never holds the loop
+        for seconds. Its `now` is when it began: a poller that passes it as ?since= next
+        gets everything that changed while the answer was being made."""
+        parts, pacer = self.shared_parts(), Pacer(self.metrics)
+        pieces = [b'{"resync":true,"tasks":{' if resync else b'{"tasks":{']
+        low = parts.first()
+        while low is not None:
+            started = time.perf_counter()
+            body, low, encoded = parts.part(low, self.clock())
+            if body:
+                pieces.append(body if len(pieces) == 1 else b"," + body)
+            await asyncio.sleep(
+                pacer.pause_s(time.perf_counter() - started) if encoded else 0)
+        pieces.append(b'},"now":%s}' % _encode(now))
+        return Response(200, b"".join(pieces))
+
     def applied(self, changed, response):
         self.metrics.applied(len(changed))
         self.feed.changed(changed)
@@ -4180,6 +4218,9 @@ class Api:
                 return json_response({"tasks": tasks, "now": now, "removed": removed})
             answer["resync"] = True  # the answer holds every task: replace your copy
         if limit is None and after is None:
+            if (run is None and status is None and self.shared_parts is not None
+                    and len(self.store) > SNAPSHOT_CHUNK_TASKS):
+                return self.every_task_in_parts(now, resync=bool(answer))
             candidates = self.run_tasks(run, now) if run is not None else self.store.tasks()
             page, next_id = [task for task in candidates if shown(task)], None
         else:
@@ -4556,7 +4597,7 @@ class Hub:
         self.passes = []  # chunked snapshots under way
         self.shared_parts = None  # SnapshotParts of a ranked store, while in use
         self.cached_snapshot = None
-        self.updates_seen = 0  # metrics.updates_received at the last pump
+        self.pacer = Pacer(metrics)
 
     def __len__(self):
         return len(self.listeners) + len(self.waiting)
@@ -4614,14 +4655,14 @@ class Hub:
                     self.send_snapshot(listener)
             self.metrics.broadcast(messages, sent_to)
         if self.waiting:
-            self.passes.append(_SnapshotPass(self.parts_for_pass(loop_now), self.waiting))
+            self.passes.append(_SnapshotPass(self.snapshot_parts(loop_now), self.waiting))
             self.waiting = []
         elif (self.shared_parts is not None and not self.passes
               and loop_now - self.shared_parts.used_at > SNAPSHOT_CACHE_IDLE_S):
             self.shared_parts = None  # its memory is worth more than a later snapshot
         return bool(self.passes)
 
-    def parts_for_pass(self, loop_now):
+    def snapshot_parts(self, loop_now):
         ranked = self.store.ranked()
         if ranked is None or self.changes is None:
             return SnapshotParts(ListedTasks(self.store), self.settings, SNAPSHOT_CHUNK_TASKS)
@@ -4664,12 +4705,7 @@ class Hub:
                 listener.send_snapshot(message)
                 self.listeners.add(listener)
             advanced = True
-        if not advanced:
-            return None
-        updates_seen, self.updates_seen = self.updates_seen, self.metrics.updates_received
-        if updates_seen == self.updates_seen:
-            return 0.0  # nothing else wants the loop
-        return encoding_s * (1 - SNAPSHOT_CPU_SHARE) / SNAPSHOT_CPU_SHARE
+        return self.pacer.pause_s(encoding_s) if advanced else None
 
     def next_part(self, snapshot_pass):
         """The pass's next message, skipping empty parts (but never the first or the
@@ -5041,6 +5077,8 @@ class App:
                        self.changes)
         self.api = Api(settings, self.store, self.feed, self.metrics, clock, self.gauges,
                        changes=self.changes, runs=self.runs)
+        if self.store.ranked() is not None:
+            self.api.shared_parts = lambda: self.hub.snapshot_parts(self.loop.time())
         self.tls = (server_tls_context(settings.tls_cert, settings.tls_key)
                     if settings.tls_cert else None)  # None: plain HTTP
         self.loop = None

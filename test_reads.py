@@ -409,3 +409,55 @@ def test_a_page_after_a_task_deleted_and_sent_again_goes_on_from_its_old_place()
     assert [task_id for task_id in seen if task_id != "rr2"] == [f"rr{i}" for i in range(10)
                                                                  if i != 2]
     assert seen.count("rr2") <= 2 and seen[:3] == ["rr0", "rr1", "rr2"]
+
+
+def test_get_tasks_of_a_big_store_comes_in_parts_equal_to_the_pages(monkeypatch):
+    monkeypatch.setattr(progressista, "SNAPSHOT_CHUNK_TASKS", 40)
+    with running_server() as server:
+        post(server, [{"task_id": f"t{i:03}", "n": i, "seq": 1} for i in range(300)])
+        http("DELETE", server.url + "/tasks/t100")
+        status, whole, _ = http("GET", server.url + "/tasks")
+        assert status == 200 and "resync" not in whole
+        pages = read_pages(server, 70)
+        assert list(whole["tasks"]) == pages and len(pages) == 299  # oldest first, once each
+        post(server, {"task_id": "t005", "n": 99, "seq": 2})
+        status, again, _ = http("GET", server.url + "/tasks")  # a part encoded anew
+        assert again["tasks"]["t005"]["n"] == 99 and len(again["tasks"]) == 299
+        status, resync, _ = http("GET", server.url + "/tasks?since=1")
+    assert status == 200 and resync["resync"] is True and resync["tasks"] == again["tasks"]
+
+
+def test_a_poller_that_starts_from_a_big_listing_misses_nothing_changed_meanwhile(monkeypatch):
+    monkeypatch.setattr(progressista, "SNAPSHOT_CHUNK_TASKS", 40)
+    with running_server() as server:
+        post(server, [{"task_id": f"t{i:03}", "n": 0, "seq": 1} for i in range(400)])
+        stop = threading.Event()
+
+        def churn():
+            seq = 2
+            while not stop.is_set():
+                post(server, {"task_id": f"t{(seq * 37) % 400:03}", "n": seq, "seq": seq})
+                http("DELETE", server.url + f"/tasks/t{(seq * 11) % 400:03}")
+                seq += 1
+
+        worker = threading.Thread(target=churn, daemon=True)
+        worker.start()
+        try:
+            status, listing, _ = http("GET", server.url + "/tasks")
+            tasks, since = listing["tasks"], listing["now"]
+            for _ in range(3):
+                status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
+                assert status == 200 and "resync" not in delta
+                tasks.update(delta["tasks"])
+                for task_id in delta["removed"]:
+                    tasks.pop(task_id, None)
+                since = delta["now"]
+        finally:
+            stop.set()
+            worker.join(10)
+        status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
+        tasks.update(delta["tasks"])
+        for task_id in delta["removed"]:
+            tasks.pop(task_id, None)
+        held = {task.task_id: task.as_dict() for task in server.app.store.tasks()}
+    assert json.loads(json.dumps(held)) == tasks  # the store itself, not another listing
