@@ -3891,14 +3891,16 @@ def _time_query(request, name):
     raw = request.query.get(name)
     if raw is None:
         return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    # A JSON number, as `now` is written: float() alone would also take "1_000", " 5",
+    # "infinity" or a Unicode digit.
+    value = float(raw) if _JSON_NUMBER.fullmatch(raw) else math.nan
     if not math.isfinite(value):
         raise HTTPError(400, f"{name}: must be a server time in Unix seconds (the `now` of "
                              f"an earlier answer), not {raw!r:.60}")
     return value
+
+
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?", re.ASCII)
 
 
 def _count_query(request, name, most):

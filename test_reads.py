@@ -120,7 +120,8 @@ def test_a_delta_from_before_a_restart_says_resync_and_holds_every_task(tmp_path
     assert sorted(delta["tasks"]) == ["a", "b"] and "removed" not in delta
 
 
-@pytest.mark.parametrize("since", ["yesterday", "nan", "inf"])
+@pytest.mark.parametrize("since", ["yesterday", "nan", "inf", "1_000", "%205", "%2B5", "%D9%A1",
+                                   "1e400", "5."])
 def test_a_since_that_is_not_a_time_is_refused_naming_the_parameter(since):
     with running_server() as server:
         status, body, _ = http("GET", server.url + f"/tasks?since={since}")
