@@ -48,6 +48,11 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
+try:  # optional: a faster decoder of request bodies (--json-parser)
+    import orjson
+except ImportError:
+    orjson = None
+
 __all__ = [
     "App",
     "DomainError",
@@ -145,6 +150,9 @@ NOTIFY_INTERVAL_S = 10.0  # default batching window of notifications; --notify-i
 
 ENV_PREFIX = "PROGRESSISTA_"
 INDEX_FILE = "index.html"
+# What decodes request bodies: orjson when importable (auto), or always the standard
+# library; either way the answers are the standard library's (see Request.json).
+JSON_PARSERS = ("auto", "stdlib", "orjson")
 
 
 def masked_url(url):
@@ -188,6 +196,7 @@ class Settings:
     allowed_hosts: tuple = ()  # () is PROTOCOL.md's default; see allowed_host_names()
     tls_cert: str = ""
     tls_key: str = ""
+    json_parser: str = "auto"
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -221,6 +230,11 @@ class Settings:
                              "(or --api-token) for the senders, and give the read token "
                              "to viewers")
         _check_notify(values)
+        if "json_parser" in values:  # flags are parsed already; keywords (create_app) not
+            try:
+                values["json_parser"] = _json_parser(values["json_parser"])
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(f"--json-parser / {ENV_PREFIX}JSON_PARSER: {error}") from None
         if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
             raise ValueError("TLS needs both --tls-cert and --tls-key (PROGRESSISTA_TLS_CERT, "
                              "PROGRESSISTA_TLS_KEY): give the certificate and its key, or "
@@ -305,6 +319,14 @@ def _flag(text):
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"must be true or false, not {text}")
+
+
+def _json_parser(text):
+    choice = text.strip().lower()
+    if choice not in JSON_PARSERS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(JSON_PARSERS)}, "
+                                         f"not {text!r}")
+    return choice
 
 
 def _notify_events(text):
@@ -435,6 +457,9 @@ SETTINGS_TABLE = (
     _Setting("tls_cert", "TLS_CERT", str,
              "certificate file (PEM, with its chain): serve https:// and wss://"),
     _Setting("tls_key", "TLS_KEY", str, "the certificate's private key file (PEM)"),
+    _Setting("json_parser", "JSON_PARSER", _json_parser,
+             "what decodes request bodies: auto (orjson when it is installed, else the "
+             "standard library), stdlib or orjson; the answers are the same"),
 )
 
 
@@ -3339,12 +3364,19 @@ class Request:
             return "keep-alive" in connection
         return "close" not in connection
 
-    def json(self):
-        """The body as JSON; 400 for bad JSON, NaN or Infinity."""
+    def json(self, fast_loads=None):
+        """The body as JSON; 400 for bad JSON, NaN or Infinity. `fast_loads` (orjson's,
+        see `fast_json_loads()`) decodes first where its value is sure to be the standard
+        library's; anything else, and every error, the standard library decides."""
+        body = self.body
+        # UTF-8 is what docs/PROTOCOL.md ("Transport") asks for: the fast path
+        utf8 = body[:1] in (b"{", b"[") and body[1:2] != b"\x00"
+        if utf8 and fast_loads is not None:
+            value = _fast_json(fast_loads, body)
+            if value is not _UNSURE:
+                return value
         try:
-            body = self.body
-            # UTF-8 is what docs/PROTOCOL.md ("Transport") asks for: the fast path
-            if body[:1] in (b"{", b"[") and body[1:2] != b"\x00":
+            if utf8:
                 text = body.decode()
                 value, end = _JSON_DECODER.raw_decode(text)
                 if end != len(text) and text[end:].strip(" \t\n\r"):
@@ -3363,6 +3395,59 @@ def _reject_constant(name):
 
 
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+# orjson and the standard library read valid JSON alike but for two things: orjson makes
+# an integer beyond 64 bits a float, and it reads nesting up to 1,024 deep, where the
+# standard library's recursion limit (about 1,000 frames, less the caller's) refuses it.
+# Every error orjson raises is left to the standard library, which words the answer; so
+# orjson's value is kept only where neither difference can arise. test_json_paths.py
+# checks both paths give the same on every body it can think of.
+FAST_JSON_MAX_NESTING = 256  # far below the recursion limit, far above any real update
+_UNSURE = object()  # what _fast_json() gives when the standard library must decide
+# A body's shape for those checks: each digit a "0", each "[" or "{" a "[", the rest " ".
+_SHAPE = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x5B if byte in b"[{" else 0x20
+               for byte in range(256))
+_LONG_INTEGER = b"0" * 19  # maybe an integer beyond 64 bits (strings are not told apart)
+
+
+def fast_json_loads(choice):
+    """The `loads` that Request.json() tries first for a --json-parser choice ("auto",
+    "stdlib" or "orjson"): orjson's, or None for the standard library alone. Raise
+    StartupError when "orjson" is asked for and cannot be imported."""
+    if choice == "stdlib" or (choice == "auto" and orjson is None):
+        return None
+    if orjson is None:
+        raise StartupError(f"--json-parser orjson ({ENV_PREFIX}JSON_PARSER): orjson cannot be "
+                           "imported: pip install orjson (or 'progressista[fast]'), or use "
+                           "auto or stdlib")
+    return orjson.loads
+
+
+def _fast_json(loads, body):
+    """`loads(body)` where that is sure to be what the standard library decodes, else
+    _UNSURE (an error, a long run of digits, deep nesting)."""
+    shape = body.translate(_SHAPE)
+    if _LONG_INTEGER in shape:
+        return _UNSURE
+    try:
+        value = loads(body)
+    except ValueError:  # orjson.JSONDecodeError: the standard library words the error
+        return _UNSURE
+    if (shape.count(b"[") > FAST_JSON_MAX_NESTING
+            and not _nests_within(value, FAST_JSON_MAX_NESTING)):
+        return _UNSURE
+    return value
+
+
+def _nests_within(value, levels):
+    """True when `value`, a list or a dict, holds no list or dict more than `levels`
+    deep (itself at depth 1)."""
+    if levels <= 0:
+        return False
+    for child in (value.values() if type(value) is dict else value):
+        if (type(child) is dict or type(child) is list) and not _nests_within(child, levels - 1):
+            return False
+    return True
 
 
 def parse_head(head, peer=None):
@@ -3778,6 +3863,7 @@ class Api:
         self.middleware = []
         self.log_requests = False  # set at start: one debug line per request
         self.allowed_hosts = allowed_host_names(settings)  # None: any
+        self.fast_json = fast_json_loads(settings.json_parser)  # None: the stdlib alone
         self.page, self.script_hashes, self.page_source = load_dashboard()
         self.routes = {
             "/progress": {"POST": self.post_progress},
@@ -3959,7 +4045,7 @@ class Api:
     # Routes: one small handler each
 
     def post_progress(self, request):
-        payload = request.json()
+        payload = request.json(self.fast_json)
         if type(payload) is list:
             if len(payload) > MAX_BATCH_ITEMS:
                 raise HTTPError(400, f"batch of {len(payload)} updates is over the limit of "
