@@ -3450,9 +3450,39 @@ def _nests_within(value, levels):
     return True
 
 
+# parse_head() is a function of the head's bytes alone, and a client sends the same head
+# again and again (only Content-Length moves): what it parsed is kept for the next time.
+MAX_REMEMBERED_HEADS = 256  # heads remembered; all are forgotten when full
+MAX_REMEMBERED_HEAD_BYTES = 2048  # a longer head is parsed each time
+_parsed_heads = {}  # head -> (method, target, path, query, version, headers), never handed out
+
+
 def parse_head(head, peer=None):
     """Parse a request head (without its final blank line); raise HTTPError(400) for
-    anything RFC 9112 does not allow (sections 3.2 and 5), rather than guess."""
+    anything RFC 9112 does not allow (sections 3.2 and 5), rather than guess. Each call
+    gives a new Request, with its own `headers` and `query`."""
+    parsed = _parsed_heads.get(head)
+    if parsed is None:
+        request = _parse_head(head, peer)
+        if len(head) <= MAX_REMEMBERED_HEAD_BYTES:
+            if len(_parsed_heads) >= MAX_REMEMBERED_HEADS:
+                _parsed_heads.clear()
+            # Copies: a middleware may change the request's own dicts.
+            _parsed_heads[head] = (request.method, request.target, request.path,
+                                   dict(request.query), request.version, dict(request.headers))
+        return request
+    request = Request.__new__(Request)
+    (request.method, request.target, request.path, query, request.version,
+     headers) = parsed
+    request.query = dict(query) if query else {}
+    request.headers = dict(headers)
+    request.body = b""
+    request.peer = peer
+    request.started = 0.0
+    return request
+
+
+def _parse_head(head, peer):
     text = head.decode("latin-1")
     lines = text.split("\r\n")
     match = REQUEST_LINE.match(lines[0])
