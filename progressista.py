@@ -4739,7 +4739,8 @@ class Connection(asyncio.Protocol):
                 self.head_started = False
                 try:
                     request = parse_head(head, self.peer)
-                    request.started = time.perf_counter()
+                    if app.api.log_requests:  # the only reader of the start time
+                        request.started = time.perf_counter()
                     length = body_length(request, app.settings.max_body_bytes)
                     if (request.path == "/ws" and request.method == "GET"
                             and "upgrade" in request.headers):  # else the API's 426
@@ -4814,7 +4815,11 @@ class Connection(asyncio.Protocol):
             self.process()  # the requests that waited behind this one
 
     def respond(self, request):
-        self.after(self.app.api.handle(request), lambda response: self.write(request, response))
+        response = self.app.api.handle(request)
+        if is_pending(response):
+            self.after(response, lambda response: self.write(request, response))
+        else:  # the common case, without a closure
+            self.write(request, response)
 
     def write(self, request, response):
         keep_alive = request.keep_alive
