@@ -3404,10 +3404,13 @@ _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 # checks both paths give the same on every body it can think of.
 FAST_JSON_MAX_NESTING = 256  # far below the recursion limit, far above any real update
 _UNSURE = object()  # what _fast_json() gives when the standard library must decide
-# A body's shape for those checks: each digit a "0", each "[" or "{" a "[", the rest " ".
-_SHAPE = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x5B if byte in b"[{" else 0x20
-               for byte in range(256))
-_LONG_INTEGER = b"0" * 19  # maybe an integer beyond 64 bits (strings are not told apart)
+# A body's shape for those checks: each digit a "0", each "[" or "{" a "[", each byte
+# that may come just before the digits of a number a "+", the rest " ". A run of 19
+# digits after "[" or "+" may be a number beyond 64 bits; after anything else (a letter,
+# a quote: an id like "a1000000000000000000" or a hex uuid) it is inside a string.
+_SHAPE = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x5B if byte in b"[{"
+               else 0x2B if byte in b",:-+.eE \t\n\r" else 0x20 for byte in range(256))
+_LONG_NUMBERS = (b"+" + b"0" * 19, b"[" + b"0" * 19)
 
 
 def fast_json_loads(choice):
@@ -3427,7 +3430,7 @@ def _fast_json(loads, body):
     """`loads(body)` where that is sure to be what the standard library decodes, else
     _UNSURE (an error, a long run of digits, deep nesting)."""
     shape = body.translate(_SHAPE)
-    if _LONG_INTEGER in shape:
+    if _LONG_NUMBERS[0] in shape or _LONG_NUMBERS[1] in shape:
         return _UNSURE
     try:
         value = loads(body)

@@ -307,7 +307,9 @@ def struct_double(bits):
 
 def test_the_fast_path_is_taken_for_updates_and_batches(orjson_loads):
     # Else the differential tests would pass by never using orjson.
-    for payload in (REALISTIC, [REALISTIC] * 100, [REALISTIC] * 1000):
+    wrk_id = "a1000000" + "0000" + "9e37" + "%016x" % 100  # bench/wrk_post.lua's ids
+    for payload in (REALISTIC, [REALISTIC] * 100, [REALISTIC] * 1000,
+                    dict(REALISTIC, task_id=wrk_id), dict(REALISTIC, task_id="1" * 40)):
         body = json.dumps(payload).encode()
         assert progressista._fast_json(orjson_loads, body) == payload
 
@@ -315,6 +317,8 @@ def test_the_fast_path_is_taken_for_updates_and_batches(orjson_loads):
 @pytest.mark.parametrize("body", [
     b"[100000000000000000000]",  # orjson: a float
     b"[-9223372036854775809]",  # orjson: a float
+    b'{"a": 1, "n":100000000000000000000}',
+    b'{"n":\n-100000000000000000000}',
     b"[" * 300 + b"]" * 300,  # the standard library's recursion limit decides
     b"[NaN]",  # an error: the standard library words it
     b'["\\ud800"]',  # orjson refuses a lone surrogate the standard library reads
