@@ -206,9 +206,9 @@ def wait_http(port, child, timeout=15.0):
     raise RuntimeError(f"{child.name} did not answer on port {port} within {timeout} s")
 
 
-def start_server(args, logdir, name="server", extra=()):
+def start_server(args, logdir, name="server", extra=(), script=None):
     port = free_port()
-    child = Child(name, [sys.executable, args.server, "--host", "127.0.0.1", "--port",
+    child = Child(name, [sys.executable, script or args.server, "--host", "127.0.0.1", "--port",
                          str(port), "--log-level", "warning", "--max-tasks", "200000",
                          *extra], logdir=logdir)
     wait_http(port, child)
@@ -226,6 +226,8 @@ def default_json_parser():
 
 
 def parser_label(variant):
+    if variant == "baseline":
+        return "baseline"
     if variant == "default":
         return f"default ({default_json_parser()})"
     return variant
@@ -238,6 +240,9 @@ def start_servers(args, logdir):
         for variant in args.json_parsers:
             servers[variant] = start_server(args, logdir, f"server-{variant}",
                                             JSON_PARSER_FLAGS[variant])
+        if args.baseline:  # older code, measured in the same rounds
+            servers["baseline"] = start_server(args, logdir, "server-baseline",
+                                               script=args.baseline)
     except BaseException:
         for child, _ in servers.values():
             child.stop()
@@ -679,6 +684,10 @@ def main(argv=None):
                              "given: auto), stdlib, orjson; the first gives the headline "
                              "figures (default: default,stdlib; an older --server takes "
                              "only default)")
+    parser.add_argument("--baseline", metavar="SCRIPT",
+                        help="also run parts 1 and 2 against this server script (older "
+                             "code, started with its defaults) in the same rounds: a "
+                             "before/after comparison on a busy machine")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     args.json_parsers = [name.strip() for name in args.json_parsers.split(",") if name.strip()]
