@@ -3455,8 +3455,8 @@ def _nests_within(value, levels):
 
 # parse_head() is a function of the head's bytes alone, and a client sends the same head
 # again and again (only Content-Length moves): what it parsed is kept for the next time.
-MAX_REMEMBERED_HEADS = 256  # heads remembered; all are forgotten when full
-MAX_REMEMBERED_HEAD_BYTES = 2048  # a longer head is parsed each time
+PARSED_HEADS_KEPT = 256  # heads remembered; all are forgotten when full
+PARSED_HEAD_KEPT_BYTES = 2048  # a longer head is parsed each time
 _parsed_heads = {}  # head -> (method, target, path, query, version, headers), never handed out
 
 
@@ -3467,8 +3467,8 @@ def parse_head(head, peer=None):
     parsed = _parsed_heads.get(head)
     if parsed is None:
         request = _parse_head(head, peer)
-        if len(head) <= MAX_REMEMBERED_HEAD_BYTES:
-            if len(_parsed_heads) >= MAX_REMEMBERED_HEADS:
+        if len(head) <= PARSED_HEAD_KEPT_BYTES:
+            if len(_parsed_heads) >= PARSED_HEADS_KEPT:
                 _parsed_heads.clear()
             # Copies: a middleware may change the request's own dicts.
             _parsed_heads[head] = (request.method, request.target, request.path,
