@@ -48,6 +48,11 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
+try:  # optional: a faster decoder of request bodies (--json-parser)
+    import orjson
+except ImportError:
+    orjson = None
+
 __all__ = [
     "App",
     "DomainError",
@@ -148,6 +153,9 @@ NOTIFY_INTERVAL_S = 10.0  # default batching window of notifications; --notify-i
 
 ENV_PREFIX = "PROGRESSISTA_"
 INDEX_FILE = "index.html"
+# What decodes request bodies: orjson when importable (auto), or always the standard
+# library; either way the answers are the standard library's (see Request.json).
+JSON_PARSERS = ("auto", "stdlib", "orjson")
 
 
 def masked_url(url):
@@ -191,6 +199,7 @@ class Settings:
     allowed_hosts: tuple = ()  # () is PROTOCOL.md's default; see allowed_host_names()
     tls_cert: str = ""
     tls_key: str = ""
+    json_parser: str = "auto"
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -224,6 +233,11 @@ class Settings:
                              "(or --api-token) for the senders, and give the read token "
                              "to viewers")
         _check_notify(values)
+        if "json_parser" in values:  # flags are parsed already; keywords (create_app) not
+            try:
+                values["json_parser"] = _json_parser(values["json_parser"])
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(f"--json-parser / {ENV_PREFIX}JSON_PARSER: {error}") from None
         if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
             raise ValueError("TLS needs both --tls-cert and --tls-key (PROGRESSISTA_TLS_CERT, "
                              "PROGRESSISTA_TLS_KEY): give the certificate and its key, or "
@@ -308,6 +322,14 @@ def _flag(text):
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"must be true or false, not {text}")
+
+
+def _json_parser(text):
+    choice = text.strip().lower()
+    if choice not in JSON_PARSERS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(JSON_PARSERS)}, "
+                                         f"not {text!r}")
+    return choice
 
 
 def _notify_events(text):
@@ -438,6 +460,9 @@ SETTINGS_TABLE = (
     _Setting("tls_cert", "TLS_CERT", str,
              "certificate file (PEM, with its chain): serve https:// and wss://"),
     _Setting("tls_key", "TLS_KEY", str, "the certificate's private key file (PEM)"),
+    _Setting("json_parser", "JSON_PARSER", _json_parser,
+             "what decodes request bodies: auto (orjson when it is installed, else the "
+             "standard library), stdlib or orjson; the answers are the same"),
 )
 
 
@@ -3531,12 +3556,19 @@ class Request:
             return "keep-alive" in connection
         return "close" not in connection
 
-    def json(self):
-        """The body as JSON; 400 for bad JSON, NaN or Infinity."""
+    def json(self, fast_loads=None):
+        """The body as JSON; 400 for bad JSON, NaN or Infinity. `fast_loads` (orjson's,
+        see `fast_json_loads()`) decodes first where its value is sure to be the standard
+        library's; anything else, and every error, the standard library decides."""
+        body = self.body
+        # UTF-8 is what docs/PROTOCOL.md ("Transport") asks for: the fast path
+        utf8 = body[:1] in (b"{", b"[") and body[1:2] != b"\x00"
+        if utf8 and fast_loads is not None:
+            value = _fast_json(fast_loads, body)
+            if value is not _UNSURE:
+                return value
         try:
-            body = self.body
-            # UTF-8 is what docs/PROTOCOL.md ("Transport") asks for: the fast path
-            if body[:1] in (b"{", b"[") and body[1:2] != b"\x00":
+            if utf8:
                 text = body.decode()
                 value, end = _JSON_DECODER.raw_decode(text)
                 if end != len(text) and text[end:].strip(" \t\n\r"):
@@ -3556,10 +3588,96 @@ def _reject_constant(name):
 
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
+# orjson and the standard library read valid JSON alike but for two things: orjson makes
+# an integer beyond 64 bits a float, and it reads nesting up to 1,024 deep, where the
+# standard library's recursion limit (about 1,000 frames, less the caller's) refuses it.
+# Every error orjson raises is left to the standard library, which words the answer; so
+# orjson's value is kept only where neither difference can arise. test_json_paths.py
+# checks both paths give the same on every body it can think of.
+FAST_JSON_MAX_NESTING = 256  # far below the recursion limit, far above any real update
+_UNSURE = object()  # what _fast_json() gives when the standard library must decide
+# A body's shape for those checks: each digit a "0", each "[" or "{" a "[", each byte
+# that may come just before the digits of a number a "+", the rest " ". A run of 19
+# digits after "[" or "+" may be a number beyond 64 bits; after anything else (a letter,
+# a quote: an id like "a1000000000000000000" or a hex uuid) it is inside a string.
+_SHAPE = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x5B if byte in b"[{"
+               else 0x2B if byte in b",:-+.eE \t\n\r" else 0x20 for byte in range(256))
+_LONG_NUMBERS = (b"+" + b"0" * 19, b"[" + b"0" * 19)
+
+
+def fast_json_loads(choice):
+    """The `loads` that Request.json() tries first for a --json-parser choice ("auto",
+    "stdlib" or "orjson"): orjson's, or None for the standard library alone. Raise
+    StartupError when "orjson" is asked for and cannot be imported."""
+    if choice == "stdlib" or (choice == "auto" and orjson is None):
+        return None
+    if orjson is None:
+        raise StartupError(f"--json-parser orjson ({ENV_PREFIX}JSON_PARSER): orjson cannot be "
+                           "imported: pip install orjson (or 'progressista[fast]'), or use "
+                           "auto or stdlib")
+    return orjson.loads
+
+
+def _fast_json(loads, body):
+    """`loads(body)` where that is sure to be what the standard library decodes, else
+    _UNSURE (an error, a long run of digits, deep nesting)."""
+    shape = body.translate(_SHAPE)
+    if _LONG_NUMBERS[0] in shape or _LONG_NUMBERS[1] in shape:
+        return _UNSURE
+    try:
+        value = loads(body)
+    except ValueError:  # orjson.JSONDecodeError: the standard library words the error
+        return _UNSURE
+    if (shape.count(b"[") > FAST_JSON_MAX_NESTING
+            and not _nests_within(value, FAST_JSON_MAX_NESTING)):
+        return _UNSURE
+    return value
+
+
+def _nests_within(value, levels):
+    """True when `value`, a list or a dict, holds no list or dict more than `levels`
+    deep (itself at depth 1)."""
+    if levels <= 0:
+        return False
+    for child in (value.values() if type(value) is dict else value):
+        if (type(child) is dict or type(child) is list) and not _nests_within(child, levels - 1):
+            return False
+    return True
+
+
+# parse_head() is a function of the head's bytes alone, and a client sends the same head
+# again and again (only Content-Length moves): what it parsed is kept for the next time.
+PARSED_HEADS_KEPT = 256  # heads remembered; all are forgotten when full
+PARSED_HEAD_KEPT_BYTES = 2048  # a longer head is parsed each time
+_parsed_heads = {}  # head -> (method, target, path, query, version, headers), never handed out
+
 
 def parse_head(head, peer=None):
     """Parse a request head (without its final blank line); raise HTTPError(400) for
-    anything RFC 9112 does not allow (sections 3.2 and 5), rather than guess."""
+    anything RFC 9112 does not allow (sections 3.2 and 5), rather than guess. Each call
+    gives a new Request, with its own `headers` and `query`."""
+    parsed = _parsed_heads.get(head)
+    if parsed is None:
+        request = _parse_head(head, peer)
+        if len(head) <= PARSED_HEAD_KEPT_BYTES:
+            if len(_parsed_heads) >= PARSED_HEADS_KEPT:
+                _parsed_heads.clear()
+            # Copies: a middleware may change the request's own dicts.
+            _parsed_heads[head] = (request.method, request.target, request.path,
+                                   dict(request.query), request.version, dict(request.headers))
+        return request
+    request = Request.__new__(Request)
+    (request.method, request.target, request.path, query, request.version,
+     headers) = parsed
+    request.query = dict(query) if query else {}
+    request.headers = dict(headers)
+    request.body = b""
+    request.peer = peer
+    request.started = 0.0
+    return request
+
+
+def _parse_head(head, peer):
     text = head.decode("latin-1")
     lines = text.split("\r\n")
     match = REQUEST_LINE.match(lines[0])
@@ -3926,11 +4044,21 @@ def _status_query(request):
 
 
 
+# What a route, a middleware chain or a store gives when it is done at once: telling
+# these by type first spares the request path asyncio.iscoroutine()'s slower test.
+_READY_TYPES = frozenset((Response, list, set, dict, tuple, bool, int, type(None)))
+
+
+def is_pending(result):
+    """True when `result` is a coroutine still to await (middleware, an asynchronous
+    store), False for a value. The one test of the two; settle() and the server use it."""
+    return type(result) not in _READY_TYPES and asyncio.iscoroutine(result)
+
+
 def settle(result, then):
     """`then(result)`: at once when `result` is a value, or as a coroutine that awaits it
-    first. The one place that tells a store's (or a middleware's) value from a coroutine,
-    so that the in-memory store's requests never leave the synchronous fast path."""
-    if asyncio.iscoroutine(result):
+    first, so that the in-memory store's requests never leave the synchronous fast path."""
+    if is_pending(result):
         return _settled_later(result, then)
     return then(result)
 
@@ -3975,6 +4103,7 @@ class Api:
         self.middleware = []
         self.log_requests = False  # set at start: one debug line per request
         self.allowed_hosts = allowed_host_names(settings)  # None: any
+        self.fast_json = fast_json_loads(settings.json_parser)  # None: the stdlib alone
         self.page, self.script_hashes, self.page_source = load_dashboard()
         self.routes = {
             "/progress": {"POST": self.post_progress},
@@ -4039,7 +4168,7 @@ class Api:
             response = error_response(error)
         except Exception:
             response = internal_error(request)
-        if asyncio.iscoroutine(response):  # an asynchronous store is still at work
+        if is_pending(response):  # an asynchronous store is still at work
             return self.completed(request, response, cors)
         response.headers.extend(cors)
         return response
@@ -4156,7 +4285,7 @@ class Api:
     # Routes: one small handler each
 
     def post_progress(self, request):
-        payload = request.json()
+        payload = request.json(self.fast_json)
         if type(payload) is list:
             if len(payload) > MAX_BATCH_ITEMS:
                 raise HTTPError(400, f"batch of {len(payload)} updates is over the limit of "
@@ -4888,7 +5017,8 @@ class Connection(asyncio.Protocol):
                 self.head_started = False
                 try:
                     request = parse_head(head, self.peer)
-                    request.started = time.perf_counter()
+                    if app.api.log_requests:  # the only reader of the start time
+                        request.started = time.perf_counter()
                     length = body_length(request, app.settings.max_body_bytes)
                     if (request.path == "/ws" and request.method == "GET"
                             and "upgrade" in request.headers):  # else the API's 426
@@ -4944,7 +5074,7 @@ class Connection(asyncio.Protocol):
         """`then(result)` at once, or, when `result` is a coroutine (middleware, an
         asynchronous store), once it is done; reading pauses meanwhile, so requests
         pipelined behind this one wait their turn."""
-        if not asyncio.iscoroutine(result):
+        if not is_pending(result):
             then(result)
             return
         self.busy = True
@@ -4963,7 +5093,11 @@ class Connection(asyncio.Protocol):
             self.process()  # the requests that waited behind this one
 
     def respond(self, request):
-        self.after(self.app.api.handle(request), lambda response: self.write(request, response))
+        response = self.app.api.handle(request)
+        if is_pending(response):
+            self.after(response, lambda response: self.write(request, response))
+        else:  # the common case, without a closure
+            self.write(request, response)
 
     def write(self, request, response):
         keep_alive = request.keep_alive

@@ -350,3 +350,26 @@ def test_an_empty_host_header_is_400_not_a_host_to_allow(memory_server):
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: \r\n\r\n")
         status, _, body = read_response(reader)
     assert status == 400 and "Host header is empty" in json.loads(body)["error"]
+
+
+def test_a_head_parsed_again_gives_a_new_request_with_its_own_headers_and_query():
+    # parse_head() remembers what it parsed; nothing a middleware changes may carry over.
+    head = b"POST /progress?token=t&x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 2"
+    first = progressista.parse_head(head, peer=("10.0.0.1", 1))
+    first.headers["host"] = "changed"
+    first.query["x"] = "changed"
+    first.body = b"{}"
+    second = progressista.parse_head(head, peer=("10.0.0.2", 2))
+    assert second is not first
+    assert second.headers == {"host": "h", "content-length": "2"}
+    assert second.query == {"token": "t", "x": "1"}
+    assert (second.method, second.path, second.target, second.version, second.body,
+            second.peer) == ("POST", "/progress", "/progress?token=t&x=1", "HTTP/1.1", b"",
+                             ("10.0.0.2", 2))
+
+
+def test_a_head_refused_once_is_refused_again():
+    head = b"GET /health HTTP/1.1\r\nHost: h\r\nBad Header: x"
+    for _ in range(2):
+        with pytest.raises(progressista.HTTPError):
+            progressista.parse_head(head)

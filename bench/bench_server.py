@@ -18,8 +18,11 @@ bench/ws_listeners.py (100 /ws listeners that read and discard). It measures
 
 1. single-update ingest: requests/s and server CPU microseconds per request, for the
    server and the floor, and their ratios (targets: CPU/request <= 2x the floor's,
-   requests/s >= 0.5x the floor's);
-2. batched ingest, 100 updates per POST: task-updates/s (target >= 150,000);
+   requests/s >= 0.5x the floor's), for the server as it starts by default
+   (``--json-parser auto``: orjson when it is installed) and with ``--json-parser
+   stdlib`` (``--json-parsers`` chooses; the table says which one the default is);
+2. batched ingest, 100 updates per POST: task-updates/s (target >= 150,000), for the
+   same servers;
 3. single-update ingest with 100 /ws listeners connected (default broadcast interval)
    against the same without them (target: ratio >= 0.70);
 4. memory per stored task: the server's VmRSS growth from posting 100,000 realistic
@@ -35,6 +38,7 @@ Ratios within one run are what matter.
 import argparse
 import datetime
 import http.client
+import importlib.util
 import json
 import os
 import platform
@@ -202,13 +206,48 @@ def wait_http(port, child, timeout=15.0):
     raise RuntimeError(f"{child.name} did not answer on port {port} within {timeout} s")
 
 
-def start_server(args, logdir, name="server"):
+def start_server(args, logdir, name="server", extra=(), script=None):
     port = free_port()
-    child = Child(name, [sys.executable, args.server, "--host", "127.0.0.1", "--port",
-                         str(port), "--log-level", "warning", "--max-tasks", "200000"],
-                  logdir=logdir)
+    child = Child(name, [sys.executable, script or args.server, "--host", "127.0.0.1", "--port",
+                         str(port), "--log-level", "warning", "--max-tasks", "200000",
+                         *extra], logdir=logdir)
     wait_http(port, child)
     return child, port
+
+
+# The servers parts 1 and 2 compare: "default" is started without --json-parser.
+JSON_PARSER_FLAGS = {"default": (), "stdlib": ("--json-parser", "stdlib"),
+                     "orjson": ("--json-parser", "orjson")}
+
+
+def default_json_parser():
+    """What the server's --json-parser auto picks: it runs on this interpreter."""
+    return "orjson" if importlib.util.find_spec("orjson") is not None else "stdlib"
+
+
+def parser_label(variant):
+    if variant == "baseline":
+        return "baseline"
+    if variant == "default":
+        return f"default ({default_json_parser()})"
+    return variant
+
+
+def start_servers(args, logdir):
+    """{variant: (child, port)}: one server per --json-parsers variant."""
+    servers = {}
+    try:
+        for variant in args.json_parsers:
+            servers[variant] = start_server(args, logdir, f"server-{variant}",
+                                            JSON_PARSER_FLAGS[variant])
+        if args.baseline:  # older code, measured in the same rounds
+            servers["baseline"] = start_server(args, logdir, "server-baseline",
+                                               script=args.baseline)
+    except BaseException:
+        for child, _ in servers.values():
+            child.stop()
+        raise
+    return servers
 
 
 def start_floor(logdir):
@@ -295,59 +334,81 @@ def show(label, run, child_name, per="request", count=None):
 
 def part_single(args, logdir, results):
     print("1. single-update ingest (POST /progress, ~260 B, 1,000 ids, keep-alive, "
-          f"{args.connections} connections, wrk -t{args.threads})", flush=True)
+          f"{args.connections} connections, wrk -t{args.threads}); --json-parser auto "
+          f"picks {default_json_parser()} here", flush=True)
     floor, floor_port = start_floor(logdir)
-    server, port = start_server(args, logdir)
+    servers = start_servers(args, logdir)
+    floor_runs, server_runs = [], {variant: [] for variant in servers}
     try:
         run_wrk_timed(args, floor_port, 1, "single", "f1000000", [floor])  # warm-up
-        run_wrk_timed(args, port, 1, "single", "a1000000", [server])
-        floor_runs, server_runs = [], []
+        for child, port in servers.values():
+            run_wrk_timed(args, port, 1, "single", "a1000000", [child])
         for round_ in range(args.rounds):
             run = run_wrk_timed(args, floor_port, args.seconds, "single", "f1000000", [floor])
             show(f"floor, round {round_ + 1}", run, "floor")
             floor_runs.append(run)
-            run = run_wrk_timed(args, port, args.seconds, "single", "a1000000", [server])
-            show(f"progressista, round {round_ + 1}", run, "server")
-            server_runs.append(run)
-        status, body = request(port, "GET", "/health")
-        health = json.loads(body)
+            for variant, (child, port) in servers.items():
+                run = run_wrk_timed(args, port, args.seconds, "single", "a1000000", [child])
+                show(f"progressista {parser_label(variant)}, round {round_ + 1}", run,
+                     child.name)
+                server_runs[variant].append(run)
         expected = IDS * args.threads  # wrk_post.lua gives each wrk thread its own ids
-        if health.get("tasks") != expected:
-            raise RuntimeError(f"expected {expected} tasks after the run, /health says {health}")
+        for child, port in servers.values():
+            status, body = request(port, "GET", "/health")
+            health = json.loads(body)
+            if health.get("tasks") != expected:
+                raise RuntimeError(f"{child.name}: expected {expected} tasks after the run, "
+                                   f"/health says {health}")
     finally:
         floor.stop()
-        server.stop()
+        for child, _ in servers.values():
+            child.stop()
 
     def best(runs, name):
         return (max(run["rps"] for run in runs),
                 min(run["cpu_s"][name] * 1e6 / run["requests"] for run in runs))
 
     results["floor_rps"], results["floor_us"] = best(floor_runs, "floor")
-    results["server_rps"], results["server_us"] = best(server_runs, "server")
-    results["rps_ratio"] = results["server_rps"] / results["floor_rps"]
-    results["cpu_ratio"] = results["server_us"] / results["floor_us"]
+    results["json_default"] = default_json_parser()
+    results["single"] = {}
+    for variant, (child, _) in servers.items():
+        rps, us = best(server_runs[variant], child.name)
+        results["single"][variant] = {"rps": rps, "us": us,
+                                      "rps_ratio": rps / results["floor_rps"],
+                                      "cpu_ratio": us / results["floor_us"]}
+    first = results["single"][args.json_parsers[0]]  # the headline figures
+    results["server_rps"], results["server_us"] = first["rps"], first["us"]
+    results["rps_ratio"], results["cpu_ratio"] = first["rps_ratio"], first["cpu_ratio"]
     results["wrk_cpu_floor"] = max(r["wrk_cpu_s"] / r["wall_s"] for r in floor_runs)
 
 
 def part_batched(args, logdir, results):
     print(f"2. batched ingest ({BATCH} updates per POST, ~26 KB bodies)", flush=True)
-    server, port = start_server(args, logdir)
+    servers = start_servers(args, logdir)
+    runs = {variant: [] for variant in servers}
     try:
-        run_wrk_timed(args, port, 1, "batch", "b1000000", [server])  # warm-up
-        runs = []
+        for child, port in servers.values():
+            run_wrk_timed(args, port, 1, "batch", "b1000000", [child])  # warm-up
         for round_ in range(args.rounds):
-            run = run_wrk_timed(args, port, args.seconds, "batch", "b1000000", [server])
-            run["ups"] = run["rps"] * BATCH
-            show(f"progressista, round {round_ + 1}", run, "server", per="update",
-                 count=run["requests"] * BATCH)
-            print(f"  {'':<34} {run['ups']:>10,.0f} task-updates/s", flush=True)
-            runs.append(run)
+            for variant, (child, port) in servers.items():
+                run = run_wrk_timed(args, port, args.seconds, "batch", "b1000000", [child])
+                run["ups"] = run["rps"] * BATCH
+                show(f"progressista {parser_label(variant)}, round {round_ + 1}", run,
+                     child.name, per="update", count=run["requests"] * BATCH)
+                print(f"  {'':<34} {run['ups']:>10,.0f} task-updates/s", flush=True)
+                runs[variant].append(run)
     finally:
-        server.stop()
-    results["batched_ups"] = max(run["ups"] for run in runs)
-    results["batched_us"] = min(run["cpu_s"]["server"] * 1e6 / (run["requests"] * BATCH)
-                                for run in runs)
-    results["batched_capacity"] = 1e6 / results["batched_us"]
+        for child, _ in servers.values():
+            child.stop()
+    results["batched"] = {}
+    for variant, (child, _) in servers.items():
+        us = min(run["cpu_s"][child.name] * 1e6 / (run["requests"] * BATCH)
+                 for run in runs[variant])
+        results["batched"][variant] = {"ups": max(run["ups"] for run in runs[variant]),
+                                       "us": us, "capacity": 1e6 / us}
+    first = results["batched"][args.json_parsers[0]]
+    results["batched_ups"], results["batched_us"] = first["ups"], first["us"]
+    results["batched_capacity"] = first["capacity"]
 
 
 def part_listeners(args, logdir, results):
@@ -509,22 +570,24 @@ def verdict(ok):
 
 def table(results, args, started, command):
     rows = []
-    if "server_rps" in results:
-        rows.append(("single-update CPU/request (floor)",
-                     f"{results['server_us']:.1f} us ({results['floor_us']:.1f} us)",
-                     f"x{results['cpu_ratio']:.2f}", "<= x2.00",
-                     verdict(results["cpu_ratio"] <= TARGETS["cpu_ratio"])))
-        rows.append(("single-update req/s (floor)",
-                     f"{results['server_rps']:,.0f} ({results['floor_rps']:,.0f})",
-                     f"x{results['rps_ratio']:.2f}", ">= x0.50",
-                     verdict(results["rps_ratio"] >= TARGETS["rps_ratio"])))
-    if "batched_ups" in results:
-        rows.append(("batched ingest, 100/POST", f"{results['batched_ups']:,.0f} upd/s",
-                     f"{results['batched_us']:.2f} us CPU/upd", ">= 150,000/s",
-                     verdict(results["batched_ups"] >= TARGETS["batched"])))
-        rows.append(("  same, per server CPU-second", f"{results['batched_capacity']:,.0f} upd",
+    for variant, single in results.get("single", {}).items():
+        label = parser_label(variant)
+        rows.append((f"single-update CPU/request, {label} (floor)",
+                     f"{single['us']:.1f} us ({results['floor_us']:.1f} us)",
+                     f"x{single['cpu_ratio']:.2f}", "<= x2.00",
+                     verdict(single["cpu_ratio"] <= TARGETS["cpu_ratio"])))
+        rows.append((f"single-update req/s, {label} (floor)",
+                     f"{single['rps']:,.0f} ({results['floor_rps']:,.0f})",
+                     f"x{single['rps_ratio']:.2f}", ">= x0.50",
+                     verdict(single["rps_ratio"] >= TARGETS["rps_ratio"])))
+    for variant, batched in results.get("batched", {}).items():
+        label = parser_label(variant)
+        rows.append((f"batched ingest, 100/POST, {label}", f"{batched['ups']:,.0f} upd/s",
+                     f"{batched['us']:.2f} us CPU/upd", ">= 150,000/s",
+                     verdict(batched["ups"] >= TARGETS["batched"])))
+        rows.append(("  same, per server CPU-second", f"{batched['capacity']:,.0f} upd",
                      "(1 / CPU per upd)", ">= 150,000",
-                     verdict(results["batched_capacity"] >= TARGETS["batched"])))
+                     verdict(batched["capacity"] >= TARGETS["batched"])))
     if "listeners_ratio" in results:
         rows.append((f"{args.listeners} /ws listeners: req/s (none)",
                      f"{results['listeners_rps']:,.0f} ({results['no_listeners_rps']:,.0f})",
@@ -616,8 +679,21 @@ def main(argv=None):
     parser.add_argument("--server", default=os.path.join(ROOT, "progressista.py"),
                         help="the server script to benchmark (default: the repo's)")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
+    parser.add_argument("--json-parsers", default="default,stdlib",
+                        help="servers of parts 1 and 2, by --json-parser: default (none "
+                             "given: auto), stdlib, orjson; the first gives the headline "
+                             "figures (default: default,stdlib; an older --server takes "
+                             "only default)")
+    parser.add_argument("--baseline", metavar="SCRIPT",
+                        help="also run parts 1 and 2 against this server script (older "
+                             "code, started with its defaults) in the same rounds: a "
+                             "before/after comparison on a busy machine")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
+    args.json_parsers = [name.strip() for name in args.json_parsers.split(",") if name.strip()]
+    unknown = [name for name in args.json_parsers if name not in JSON_PARSER_FLAGS]
+    if unknown or not args.json_parsers:
+        parser.error(f"--json-parsers: name one or more of {', '.join(JSON_PARSER_FLAGS)}")
     if not os.path.exists(args.wrk):
         parser.error(f"wrk not found at {args.wrk}: apt-get install wrk")
     parts = {part.strip() for part in args.parts.split(",")}
