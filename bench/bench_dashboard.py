@@ -344,7 +344,7 @@ def measure_filter(page):
         if drawn["matched"] and not (drawn["top"] or "").lower().count(needle):
             problems.append(f"after {drawn['q']!r} the top row reads {drawn['top']!r}")
         time.sleep(PAUSE_BETWEEN_INPUTS_S)  # a person's pace between keys, not synchronisation
-    return {"latencies": latencies, "longest_frame": longest_frame, "longest_task": longest_task,
+    return {"latencies": latencies, "keys": keys, "longest_frame": longest_frame, "longest_task": longest_task,
             "problems": problems}
 
 
@@ -469,6 +469,8 @@ def report(label, result, targets):
             print(f"    filter keystroke:       {len(values)} keys, median {statistics.median(values):.0f} ms, "
                   f"max {max(values):.0f} ms; longest frame {filtering['longest_frame']:.0f} ms, longest task "
                   f"{filtering['longest_task']:.0f} ms   (target: max < {targets['filter_max_ms'][0]} ms)")
+            print("      each key (ms):      " + " ".join(
+                f"{key if key != 'Backspace' else '⌫'}:{ms:.0f}" for key, ms in zip(filtering["keys"], values)))
         for problem in filtering["problems"]:
             print(f"    filter PROBLEM: {problem}")
     sorting = result["sorting"]
