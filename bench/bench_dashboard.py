@@ -41,6 +41,7 @@ unless something broke; `--strict` exits 1 when a target is missed. Bounded: abo
 
 import argparse
 import base64
+import contextlib
 import datetime
 import hashlib
 import http.client
@@ -128,8 +129,8 @@ INSTRUMENTATION = """
       this.addEventListener("message", (event) => {
         const now = performance.now(), text = event.data;
         if (bench.snapshotAt === null) bench.snapshotAt = now;
-        // compact JSON: a snapshot's last part ends with "more":false (no message parse here)
-        if (bench.lastPartAt === null && text.startsWith('{"type":"snapshot') && text.slice(-300).includes('"more":false')) {
+        // compact JSON, not parsed again here: a snapshot's last part, or a snapshot in one message, has no "more":true
+        if (bench.lastPartAt === null && text.startsWith('{"type":"snapshot') && !text.includes('"more":true')) {
           bench.lastPartAt = now;
         }
       });
@@ -282,30 +283,24 @@ def reference_page(revision):
         sys.exit(f"--reference {revision}: {error.stderr.decode().strip()}")
 
 
-def script_hashes(html):
-    """The CSP source of each inline script of a page, as the server computes them."""
+@contextlib.contextmanager
+def serving_page(server, html):
+    """The server answers /static/index.html with `html` meanwhile, its CSP naming that page's
+    script. It sets what the server loaded at start (Api.page and Api.script_hashes): a page
+    served by the server itself, as the one measured after it, where intercepting the request
+    in the browser would make Chromium treat the page as another origin and block its feed."""
     finder = progressista._InlineScripts()  # the server's own parser, so the same scripts
     finder.feed(html.decode("utf-8"))
     finder.close()
-    return ["sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-            for script in finder.scripts]
-
-
-def serve_page_instead(page, html):
-    """Answer /static/index.html with `html`, its CSP allowing that page's own script (the
-    server's header names the working tree's script)."""
-    with open(os.path.join(ROOT, "index.html"), "rb") as file:
-        ours = script_hashes(file.read())
-    theirs = script_hashes(html)
-
-    def fulfil(route):
-        response = route.fetch()
-        headers = dict(response.headers)
-        for old, new in zip(ours, theirs):
-            headers["content-security-policy"] = headers["content-security-policy"].replace(old, new)
-        route.fulfill(status=response.status, headers=headers, body=html)
-
-    page.route("**/static/index.html*", fulfil)
+    api = server.app.api
+    saved = api.page, api.script_hashes
+    api.page = html
+    api.script_hashes = tuple("'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+                              for script in finder.scripts)
+    try:
+        yield
+    finally:
+        api.page, api.script_hashes = saved
 
 
 def wait_for_input(page, index, timeout=INPUT_APPLIED_TIMEOUT_S):
@@ -369,10 +364,9 @@ def measure_page(browser, server, load, args, total_tasks, html=None):
     """Open the page (the working tree's, or `html`), measure it under load, close it."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.add_init_script(INSTRUMENTATION % {"tasks": total_tasks, "probe": PROBE_DESC})
-    if html is not None:
-        serve_page_instead(page, html)
     view = f"&{args.view}" if args.view else ""
-    page.goto(f"{server.url}/static/index.html?token={TOKEN}{view}")
+    with serving_page(server, html) if html is not None else contextlib.nullcontext():
+        page.goto(f"{server.url}/static/index.html?token={TOKEN}{view}")
     page.locator("#summary").filter(has_text=f"{total_tasks} tasks").wait_for(timeout=120_000)
     first = page.evaluate("() => ({snapshotAt: __bench.snapshotAt, lastPartAt: __bench.lastPartAt,"
                           " drawnAt: __bench.drawnAt})")
@@ -385,6 +379,7 @@ def measure_page(browser, server, load, args, total_tasks, html=None):
     load_started = page.evaluate("() => performance.now()")
     time.sleep(args.seconds)  # the measured window: the load runs meanwhile
     load_ended = page.evaluate("() => performance.now()")
+    probes_sent = dict(load.probe_sent)  # the probe leaves the screen once filtering and sorting start
     filtering = sorting = None
     if not args.runs:
         filtering = measure_filter(page)
@@ -400,7 +395,7 @@ def measure_page(browser, server, load, args, total_tasks, html=None):
     page.close()
 
     intervals = measured["intervals"]
-    latencies = [extra["probeSeen"][n] - sent_at for n, sent_at in load.probe_sent.items()
+    latencies = [extra["probeSeen"][n] - sent_at for n, sent_at in probes_sent.items()
                  if n in extra["probeSeen"]]
     window_ms = load_ended - load_started
     first_part_at = first["lastPartAt"] if first["lastPartAt"] is not None else first["snapshotAt"]
