@@ -569,6 +569,20 @@ def test_text_and_status_filters_and_sort_work_and_are_kept_in_the_url(page, cle
     assert "token=" not in page.url  # a shared view never carries the token
 
 
+def test_typed_filter_text_applies_at_once_and_reaches_the_url(page, clean_server):
+    post(clean_server, mixed_tasks())
+    open_dashboard(page, clean_server)
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(5)
+    page.locator("#filter").focus()
+    page.type("beta")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(2)
+    # the URL is rewritten once the typing pauses (browsers limit how often a page may)
+    wait_for(lambda: "q=beta" in page.url, message="q=beta in the URL")
+    page.type(" e")
+    expect(page.locator(VISIBLE_TASK_ROWS)).to_have_count(1)
+    wait_for(lambda: "q=beta+e" in page.url, message="q=beta+e in the URL")
+
+
 def test_a_shared_url_restores_the_view(page, clean_server):
     post(clean_server, mixed_tasks())
     open_dashboard(page, clean_server, query=f"?token={TOKEN}&q=train&status=running&sort=name&group=job")
