@@ -618,6 +618,10 @@ def _check_timestamp(value, where):
 def _check_meta(value, where):
     if type(value) is not dict:
         raise InvalidUpdate(f"{where}: must be an object of string keys and scalar values")
+    shared_key = _meta_key(value)
+    held = _SHARED_META.get(shared_key) if shared_key is not None else None
+    if held is not None:  # one seen before (a client sends its meta each time): checked
+        return held
     bound = 2  # an upper bound of the compact JSON size: 12 bytes a character at worst
     interned = {}  # keys and short strings shared by every task (json.loads copies them)
     for key, item in value.items():
@@ -645,7 +649,7 @@ def _check_meta(value, where):
         if size > MAX_META_BYTES:
             raise InvalidUpdate(f"{where}: must be at most {MAX_META_BYTES} bytes as JSON, "
                                 f"not {size}")
-    return shared_meta(value)
+    return shared_meta(value, shared_key)
 
 
 # Every task's meta with the same items is one dict: the bars of one process all carry
@@ -655,24 +659,34 @@ _SHARED_META = {}
 SHARED_META_HELD = 65_536
 
 
-def shared_meta(meta):
+def shared_meta(meta, key=False):
     """The dict held for tasks with the same meta as `meta` (`meta` itself the first
-    time). Items compare with their types (1, 1.0 and true are equal in Python, not in
-    JSON); a meta with a float is not shared (0.0 and -0.0 are equal too)."""
-    kinds = tuple(map(type, meta.values()))
-    if float in kinds:
+    time); `key`: its _meta_key(), when known."""
+    if key is False:
+        key = _meta_key(meta)
+    if key is None:
         return meta
-    key = (tuple(meta.items()), kinds)
-    try:
-        held = _SHARED_META.get(key)
-    except TypeError:  # a value that is not a scalar: a store's, before its check
-        return meta
+    held = _SHARED_META.get(key)
     if held is not None:
         return held
     if len(_SHARED_META) >= SHARED_META_HELD:
         _SHARED_META.clear()
     _SHARED_META[key] = meta
     return meta
+
+
+def _meta_key(meta):
+    """What tells one meta from another, or None for one that is not shared. Items
+    compare with their types (1, 1.0 and true are equal in Python, not in JSON); a meta
+    with a float is not shared (0.0 and -0.0 are equal too), nor one that cannot be a
+    dict key (a value that is not a scalar, before its check)."""
+    kinds = tuple(map(type, meta.values()))
+    if float in kinds or not set(kinds) <= _SCALAR_TYPES:
+        return None
+    return tuple(meta.items()), kinds
+
+
+_SCALAR_TYPES = {str, int, bool, type(None)}
 
 
 # field -> check(value, where) returning the value to store; unknown fields are ignored.

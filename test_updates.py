@@ -248,3 +248,13 @@ def test_equal_whole_totals_share_one_int_but_a_float_total_stays_a_float():
     updates = [progressista.validate_update(json.loads(body)) for body in bodies]
     assert updates[0]["total"] is updates[1]["total"]
     assert type(updates[2]["total"]) is float
+
+
+def test_a_meta_seen_before_is_not_let_through_unchecked_when_it_differs_in_type_or_size():
+    good = progressista.validate_update({"task_id": "a", "meta": {"k": "v", "n": 1}})
+    assert progressista.validate_update({"task_id": "b", "meta": {"k": "v", "n": 1}})["meta"] \
+        is good["meta"]
+    for bad in ({"k": "v", "n": [1]}, {"k": "v", "n": {"x": 1}}, {"k": "\ud800", "n": 1},
+                {"k": "v" * 5000, "n": 1}, {"k": "v", "n": float("nan")}):
+        with pytest.raises(progressista.InvalidUpdate):
+            progressista.validate_update({"task_id": "c", "meta": bad})
