@@ -26,6 +26,7 @@ import html.parser
 import http
 import http.client
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -683,7 +684,8 @@ def _meta_key(meta):
     kinds = tuple(map(type, meta.values()))
     if float in kinds or not set(kinds) <= _SCALAR_TYPES:
         return None
-    return tuple(meta.items()), kinds
+    # One flat tuple: a tuple of pairs would cost twice as much memory per meta held.
+    return (*itertools.chain.from_iterable(meta.items()), *kinds)
 
 
 _SCALAR_TYPES = {str, int, bool, type(None)}
@@ -1232,6 +1234,7 @@ class MemoryStore(Store):
         # check scheduled (new, or one that time alone never changes).
         self.checks_at = {}
         self.check_seconds = []
+        self.second_objects = {}  # each second in check_seconds -> that same int
         self.unchecked = {}
         self.scheduled_rules = None  # the lifetimes the schedule was made for
 
@@ -1387,7 +1390,7 @@ class MemoryStore(Store):
                  settings.retention_seconds, settings.max_task_age)
         if rules != self.scheduled_rules:  # the first sweep, or other rules: look at all
             self.scheduled_rules = rules
-            self.checks_at, self.check_seconds = {}, []
+            self.checks_at, self.check_seconds, self.second_objects = {}, [], {}
             for task in self.by_id.values():
                 task.check_at_s = None
             self.unchecked = dict.fromkeys(self.by_id)
@@ -1414,6 +1417,7 @@ class MemoryStore(Store):
         seconds = self.check_seconds
         while seconds and seconds[0] <= now:
             second = heapq.heappop(seconds)
+            del self.second_objects[second]
             for task_id in self.checks_at.pop(second):
                 task = by_id.get(task_id)
                 # Its live entry only: a task deleted, or checked since, left old ones.
@@ -1429,11 +1433,13 @@ class MemoryStore(Store):
             task.check_at_s = None
             return
         second = math.floor(at)
-        task.check_at_s = second
         ids = self.checks_at.get(second)
         if ids is None:
             ids = self.checks_at[second] = []
             heapq.heappush(self.check_seconds, second)
+            self.second_objects[second] = second
+        # The one int object for that second: a new one per task would cost 28 bytes each.
+        task.check_at_s = self.second_objects[second]
         ids.append(task.task_id)
 
 
