@@ -619,10 +619,6 @@ def _check_timestamp(value, where):
 def _check_meta(value, where):
     if type(value) is not dict:
         raise InvalidUpdate(f"{where}: must be an object of string keys and scalar values")
-    shared_key = _meta_key(value)
-    held = _SHARED_META.get(shared_key) if shared_key is not None else None
-    if held is not None:  # one seen before (a client sends its meta each time): checked
-        return held
     bound = 2  # an upper bound of the compact JSON size: 12 bytes a character at worst
     interned = {}  # keys and short strings shared by every task (json.loads copies them)
     for key, item in value.items():
@@ -650,7 +646,7 @@ def _check_meta(value, where):
         if size > MAX_META_BYTES:
             raise InvalidUpdate(f"{where}: must be at most {MAX_META_BYTES} bytes as JSON, "
                                 f"not {size}")
-    return shared_meta(value, shared_key)
+    return shared_meta(value)
 
 
 # Every task's meta with the same items is one dict: the bars of one process all carry
@@ -660,11 +656,10 @@ _SHARED_META = {}
 SHARED_META_HELD = 65_536
 
 
-def shared_meta(meta, key=False):
+def shared_meta(meta):
     """The dict held for tasks with the same meta as `meta` (`meta` itself the first
-    time); `key`: its _meta_key(), when known."""
-    if key is False:
-        key = _meta_key(meta)
+    time). validate_update() takes a meta it finds here as checked."""
+    key = _meta_key(meta)
     if key is None:
         return meta
     held = _SHARED_META.get(key)
@@ -752,11 +747,12 @@ def validate_update(obj, index=None):
         elif vtype is str:
             limit = _TEXT_LIMITS.get(key)
             if limit is not None:
-                if len(value) <= limit and _is_unicode(value):
+                if len(value) <= limit and (value.isascii() or _is_unicode(value)):
                     update[key] = sys.intern(value) if len(value) <= 32 else value
                     continue
             elif key == "task_id":
-                if 0 < len(value) <= MAX_TASK_ID_CHARS and _is_unicode(value):
+                if 0 < len(value) <= MAX_TASK_ID_CHARS and (value.isascii()
+                                                             or _is_unicode(value)):
                     update[key] = value
                     continue
             elif key == "status":
@@ -775,6 +771,12 @@ def validate_update(obj, index=None):
         elif vtype is bool and key in _BOOLEAN:
             update[key] = value
             continue
+        elif vtype is dict and key == "meta":
+            shared_key = _meta_key(value)
+            held = _SHARED_META.get(shared_key) if shared_key is not None else None
+            if held is not None:  # one seen before (sent with every push): checked then
+                update[key] = held
+                continue
         check = FIELD_CHECKS.get(key)
         if check is not None:  # unknown fields are ignored and not stored
             update[key] = check(value, key if index is None else f"tasks[{index}].{key}")
