@@ -109,6 +109,7 @@ SNAPSHOT_CHUNK_TASKS = 2_000  # a /ws snapshot of more tasks goes out in chunks 
 # While updates come in, encoding snapshot parts takes at most this share of the loop.
 SNAPSHOT_CPU_SHARE = 0.25
 SNAPSHOT_CACHE_IDLE_S = 15.0  # encoded snapshot parts unused this long are dropped
+SNAPSHOT_DRAIN_POLL_S = 0.005  # how often a snapshot held up by a reader looks again
 MAX_DISCARD_BYTES = 64 << 20  # of a refused body, read and dropped so the 413 arrives
 LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
 LISTENER_BUFFER_LOW_BYTES = 1 << 20  # ...and gets a fresh snapshot once drained to this
@@ -4828,13 +4829,13 @@ class Hub:
     def pump(self, loop_now):
         """Send the next part of each chunked snapshot under way whose listeners have
         drained the last one. Return the seconds to wait before the next call, or None
-        when nothing went out (the next broadcast calls again while passes remain).
+        when no pass is under way or waits for a reader.
 
         Parts are encoded between requests: while updates come in, the wait after a
         step is such that encoding takes at most SNAPSHOT_CPU_SHARE of the loop; when
         none come, the snapshot goes out at full speed."""
         encoding_s = 0.0
-        advanced = False
+        advanced = blocked = False
         for snapshot_pass in list(self.passes):
             listeners = snapshot_pass.listeners
             listeners[:] = [listener for listener in listeners if listener.is_open()]
@@ -4846,6 +4847,7 @@ class Hub:
                 elif loop_now - snapshot_pass.blocked_since > LISTENER_BEHIND_TIMEOUT_S:
                     for listener in slow:
                         listener.drop("it stopped reading its snapshot")
+                blocked = True
                 continue
             snapshot_pass.blocked_since = None
             if snapshot_pass.low is None or not listeners:
@@ -4858,7 +4860,11 @@ class Hub:
                 listener.send_snapshot(message)
                 self.listeners.add(listener)
             advanced = True
-        return self.pacer.pause_s(encoding_s) if advanced else None
+        if advanced:
+            return self.pacer.pause_s(encoding_s)
+        # A reader that drains its buffer in milliseconds must not wait for the next
+        # broadcast between two parts: a million tasks are 500 of them.
+        return SNAPSHOT_DRAIN_POLL_S if blocked else None
 
     def next_part(self, snapshot_pass):
         """The pass's next message, skipping empty parts (but never the first or the
