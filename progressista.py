@@ -106,7 +106,8 @@ MAX_WS_MESSAGE_BYTES = 64 * 1024  # clients have nothing to say; keep what they 
 MAX_REMOVED_REMEMBERED = 100_000  # deletions GET /tasks?since= can list; older: resync
 MAX_PAGE_TASKS = 100_000  # GET /tasks?limit= at most
 SNAPSHOT_CHUNK_TASKS = 2_000  # a /ws snapshot of more tasks goes out in chunks of this many
-# While updates come in, encoding snapshot parts takes at most this share of the loop.
+# While updates come in, making and sending snapshot parts takes at most this share of
+# the loop (the rest is the ingest's).
 SNAPSHOT_CPU_SHARE = 0.25
 SNAPSHOT_CACHE_IDLE_S = 15.0  # encoded snapshot parts unused this long are dropped
 SNAPSHOT_DRAIN_POLL_S = 0.005  # how often a snapshot held up by a reader looks again
@@ -2819,11 +2820,12 @@ class Pacer:
         self.metrics = metrics
         self.updates_seen = metrics.updates_received
 
-    def pause_s(self, encoding_s):
+    def pause_s(self, step_s):
+        """The pause after a step that took `step_s` (encoding and sending)."""
         seen, self.updates_seen = self.updates_seen, self.metrics.updates_received
         if seen == self.updates_seen:
             return 0.0
-        return encoding_s * (1 - SNAPSHOT_CPU_SHARE) / SNAPSHOT_CPU_SHARE
+        return step_s * (1 - SNAPSHOT_CPU_SHARE) / SNAPSHOT_CPU_SHARE
 
 
 def snapshot_part_message(body, first, more, now, runs_json=None):
@@ -4331,11 +4333,10 @@ class Api:
         low = parts.first()
         while low is not None:
             started = time.perf_counter()
-            body, low, encoded = parts.part(low, self.clock())
+            body, low, _ = parts.part(low, self.clock())
             if body:
                 pieces.append(body if len(pieces) == 1 else b"," + body)
-            await asyncio.sleep(
-                pacer.pause_s(time.perf_counter() - started) if encoded else 0)
+            await asyncio.sleep(pacer.pause_s(time.perf_counter() - started))
         pieces.append(b'},"now":%s}' % _encode(now))
         return Response(200, b"".join(pieces))
 
@@ -4735,8 +4736,8 @@ class Hub:
     per broadcast interval however many listeners (re)connect in it. A bigger one goes
     out in parts (`pump()`), to all the listeners that asked within one broadcast interval
     at once; they get the updates from their first part on. The parts are encoded once
-    and shared by later snapshots while they hold (`SnapshotParts`), and encoding them
-    takes at most SNAPSHOT_CPU_SHARE of the loop while updates are coming in."""
+    and shared by later snapshots while they hold (`SnapshotParts`); while updates are
+    coming in, making and sending them takes at most SNAPSHOT_CPU_SHARE of the loop."""
 
     def __init__(self, feed, store, settings, clock, metrics, runs=None, changes=None):
         self.feed = feed
@@ -4831,10 +4832,10 @@ class Hub:
         drained the last one. Return the seconds to wait before the next call, or None
         when no pass is under way or waits for a reader.
 
-        Parts are encoded between requests: while updates come in, the wait after a
-        step is such that encoding takes at most SNAPSHOT_CPU_SHARE of the loop; when
-        none come, the snapshot goes out at full speed."""
-        encoding_s = 0.0
+        Parts go out between requests: while updates come in, the wait after a step is
+        such that the steps take at most SNAPSHOT_CPU_SHARE of the loop; when none come,
+        the snapshot goes out at full speed."""
+        started = time.perf_counter()
         advanced = blocked = False
         for snapshot_pass in list(self.passes):
             listeners = snapshot_pass.listeners
@@ -4853,30 +4854,25 @@ class Hub:
             if snapshot_pass.low is None or not listeners:
                 self.passes.remove(snapshot_pass)
                 continue
-            message, spent_s = self.next_part(snapshot_pass)
-            encoding_s += spent_s
+            message = self.next_part(snapshot_pass)
             self.metrics.broadcast((message,), len(listeners))
             for listener in listeners:
                 listener.send_snapshot(message)
                 self.listeners.add(listener)
             advanced = True
         if advanced:
-            return self.pacer.pause_s(encoding_s)
+            return self.pacer.pause_s(time.perf_counter() - started)
         # A reader that drains its buffer in milliseconds must not wait for the next
         # broadcast between two parts: a million tasks are 500 of them.
         return SNAPSHOT_DRAIN_POLL_S if blocked else None
 
     def next_part(self, snapshot_pass):
         """The pass's next message, skipping empty parts (but never the first or the
-        last); and the seconds spent encoding."""
-        started = time.perf_counter()
-        spent_s = 0.0
+        last)."""
         parts = snapshot_pass.parts
         while True:
             now = self.clock()
-            body, high, encoded = parts.part(snapshot_pass.low, now)
-            if encoded:  # a reused part costs next to nothing
-                spent_s = time.perf_counter() - started
+            body, high, _ = parts.part(snapshot_pass.low, now)
             snapshot_pass.low = high
             if body or snapshot_pass.first or high is None:
                 break
@@ -4886,7 +4882,7 @@ class Hub:
         message = snapshot_part_message(body, snapshot_pass.first, high is not None, now,
                                         runs_json)
         snapshot_pass.first = False
-        return message, spent_s
+        return message
 
     def close_all(self):
         for listener in [*self.listeners, *self.waiting]:
