@@ -108,9 +108,12 @@ MAX_PAGE_TASKS = 100_000  # GET /tasks?limit= at most
 SNAPSHOT_CHUNK_TASKS = 2_000  # a /ws snapshot of more tasks goes out in chunks of this many
 # While updates come in, making and sending snapshot parts takes at most this share of
 # the loop (the rest is the ingest's).
-SNAPSHOT_CPU_SHARE = 0.25
+SNAPSHOT_CPU_SHARE = 0.1
 SNAPSHOT_CACHE_IDLE_S = 15.0  # encoded snapshot parts unused this long are dropped
 SNAPSHOT_DRAIN_POLL_S = 0.005  # how often a snapshot held up by a reader looks again
+# A snapshot's next part waits until each reader has at most this much unsent: more
+# would only sit in the transport's buffer, which costs a copy per send to keep.
+SNAPSHOT_AHEAD_BYTES = 1 << 20
 MAX_DISCARD_BYTES = 64 << 20  # of a refused body, read and dropped so the 413 arrives
 LISTENER_BUFFER_HIGH_BYTES = 8 << 20  # a listener with this much unsent falls behind...
 LISTENER_BUFFER_LOW_BYTES = 1 << 20  # ...and gets a fresh snapshot once drained to this
@@ -4841,7 +4844,7 @@ class Hub:
             listeners = snapshot_pass.listeners
             listeners[:] = [listener for listener in listeners if listener.is_open()]
             slow = [listener for listener in listeners
-                    if listener.unsent_bytes() > LISTENER_BUFFER_HIGH_BYTES]
+                    if listener.unsent_bytes() > SNAPSHOT_AHEAD_BYTES]
             if slow:  # wait for them: the parts of a big store must not pile up unsent
                 if snapshot_pass.blocked_since is None:
                     snapshot_pass.blocked_since = loop_now

@@ -38,9 +38,11 @@ TARGETS = {"bytes_per_task": 1024, "rps_ratio": 0.7, "p99_ms": 50.0, "snapshot_s
 
 def start_server(args, logdir):
     port = bench.free_port()
+    store = args.store.replace("LOGDIR", logdir)
     child = bench.Child("server", [sys.executable, args.server, "--host", "127.0.0.1",
                                    "--port", str(port), "--log-level", "warning",
-                                   "--max-tasks", str(args.tasks + 10_000)], logdir=logdir)
+                                   "--max-tasks", str(args.tasks + 10_000),
+                                   "--store", store], logdir=logdir)
     bench.wait_http(port, child)
     return child, port
 
@@ -152,7 +154,8 @@ def table(results, args, started, command):
         ("first whole snapshot delivered", f"{results['snapshot_s']:.1f} s",
          f"< {TARGETS['snapshot_s']:g} s", results["snapshot_s"] < TARGETS["snapshot_s"]),
     ]
-    print(f"\n{args.tasks:,} tasks ({args.running:.0%} running); {started:%Y-%m-%d %H:%M} UTC; "
+    print(f"\n{args.tasks:,} tasks ({args.running:.0%} running, {args.store}); "
+          f"{started:%Y-%m-%d %H:%M} UTC; "
           f"{command}")
     print("| figure | measured | target | result |\n| --- | --- | --- | --- |")
     for name, measured, target, ok in rows:
@@ -163,6 +166,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=int, default=8, help="seconds per wrk measurement")
+    parser.add_argument("--store", default="memory://",
+                        help="the server's --store; LOGDIR is replaced by the run's "
+                             "directory, e.g. sqlite://LOGDIR/tasks.db")
     parser.add_argument("--running", type=float, default=0.01,
                         help="the share of stored tasks still running (default 0.01: the "
                              "others finished); at 1.0 they all go stale during the run")
