@@ -1233,6 +1233,7 @@ class MemoryStore(Store):
         self.max_tasks = max_tasks
         self.by_id = {}
         self.next_rank = 0
+        self.rank_epoch = 0  # moves when the ranks start over (replace_all)
         self.ranked_ids = []  # task ids in creation order; a deleted one until compaction
         self.ranks = []  # their ranks, increasing: what page() bisects
         self.gone_ranks = {}  # task_id -> rank of recently deleted tasks, oldest first
@@ -1311,6 +1312,7 @@ class MemoryStore(Store):
         """Hold exactly these tasks (a resync from a shared store), in their order."""
         self.by_id = {}
         self.ranked_ids, self.ranks = [], []
+        self.rank_epoch += 1  # every task gets a new rank: what was cut by rank is void
         for task in tasks_by_id.values():
             self.put(task)
 
@@ -2761,6 +2763,7 @@ class SnapshotParts:
         self.lows = [0]  # the first rank of each part; the last part runs to the end
         self.parts = {}  # a part's first rank -> _Part
         self.looked_at = changes.clock() if changes is not None else 0.0
+        self.rank_epoch = getattr(source, "rank_epoch", 0)
         self.used_at = 0.0  # loop time, for the Hub to drop an idle cache
 
     def first(self):
@@ -2797,11 +2800,15 @@ class SnapshotParts:
             return
         changed, removed, forgotten = self.changes.since(self.looked_at)
         self.looked_at = now  # since() counts changes at that time too: none is missed
-        if forgotten:
+        if forgotten or self.source.rank_epoch != self.rank_epoch:
             self.parts.clear()
+            self.rank_epoch = self.source.rank_epoch
             return
         ranks = [task.rank for task in map(self.source.get, changed) if task is not None]
         gone_ranks = self.source.gone_ranks
+        # A task deleted and sent again since the last look has a new rank, at the end,
+        # and is still in the part of its old one.
+        ranks.extend(rank for rank in map(gone_ranks.get, changed) if rank is not None)
         for task_id in removed:
             rank = gone_ranks.get(task_id)
             if rank is None:  # deleted too long ago to know where: start over

@@ -462,3 +462,36 @@ def test_a_poller_that_starts_from_a_big_listing_misses_nothing_changed_meanwhil
             tasks.pop(task_id, None)
         held = {task.task_id: task.as_dict() for task in server.app.store.tasks()}
     assert json.loads(json.dumps(held)) == tasks  # the store itself, not another listing
+
+
+def test_a_task_deleted_and_sent_again_leaves_its_old_part_and_comes_once():
+    clock = FakeClock(100.0)
+    store = store_of(9)
+    changes = progressista.ChangeLog(clock)
+    parts = progressista.SnapshotParts(store, progressista.Thresholds(), 3, changes)
+    clock.now = 101.0
+    parts_read(parts, 101.0)
+    clock.now = 102.0
+    store.delete(["t4"])
+    changes.removed(["t4"])
+    store.apply([progressista.validate_update({"task_id": "t4", "n": 7})], 102.0)
+    changes.changed(["t4"])  # between two looks: the log says changed, not removed
+    clock.now = 103.0
+    read = [tasks for tasks, _ in parts_read(parts, 103.0)]
+    assert [list(tasks) for tasks in read] == [["t0", "t1", "t2"], ["t3", "t5"],
+                                               ["t6", "t7", "t8"], ["t4"]]
+    assert read[3]["t4"]["n"] == 7
+
+
+def test_parts_start_over_when_the_store_ranks_its_tasks_anew():
+    clock = FakeClock(100.0)
+    store = store_of(6)
+    changes = progressista.ChangeLog(clock)
+    parts = progressista.SnapshotParts(store, progressista.Thresholds(), 3, changes)
+    clock.now = 101.0
+    parts_read(parts, 101.0)
+    store.replace_all({task.task_id: task for task in reversed(store.tasks())})  # a resync
+    clock.now = 102.0
+    read = parts_read(parts, 102.0)
+    ids = [task_id for tasks, _ in read for task_id in tasks]
+    assert sorted(ids) == [f"t{i}" for i in range(6)] and len(ids) == 6
