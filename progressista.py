@@ -2821,10 +2821,9 @@ class SnapshotParts:
 
 
 class Pacer:
-    """How long the encoding of a big snapshot (or GET /tasks) waits after a step: not at
-    all while no updates come in, else long enough that encoding takes at most
-    SNAPSHOT_CPU_SHARE of the loop: a big read takes longer on a busy server rather than
-    slowing its ingest."""
+    """How long a big snapshot (or GET /tasks) waits after a step: not at all while no
+    updates come in, else long enough that its steps take at most SNAPSHOT_CPU_SHARE of
+    the loop: a big read takes longer on a busy server rather than slowing its ingest."""
 
     def __init__(self, metrics):
         self.metrics = metrics
