@@ -61,40 +61,60 @@ def test_change_log_asks_for_a_resync_once_it_forgot_deletions_or_before_it_star
 # --- GET /tasks?since= ---------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def churning(step):
+    """Run `step(seq)` for seq = 2, 3, ... in a thread while the block runs; the block gets
+    a `stop()` that ends it early (and waits for the step under way)."""
+    stopping = threading.Event()
+
+    def run():
+        seq = 2
+        while not stopping.is_set():
+            step(seq)
+            seq += 1
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+
+    def stop():
+        stopping.set()
+        worker.join(10)
+
+    try:
+        yield stop
+    finally:
+        stop()
+
+
+def poll_deltas(server, tasks, since, times=1):
+    """Apply `times` GET /tasks?since= answers to the poller's copy `tasks`, each since
+    the last one's `now`; return the last `now`."""
+    for _ in range(times):
+        status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
+        assert status == 200 and "resync" not in delta
+        for task_id in delta["removed"]:
+            tasks.pop(task_id, None)
+        tasks.update(delta["tasks"])
+        since = delta["now"]
+    return since
+
+
 def test_a_poller_that_applies_deltas_ends_equal_to_get_tasks_while_tasks_churn():
     with running_server() as server:
         post(server, [{"task_id": f"t{i}", "n": 0, "seq": 1} for i in range(50)])
         status, first, _ = http("GET", server.url + "/tasks?since=0")
         assert status == 200 and first.get("resync") is True  # before the server started
         copy, since = dict(first["tasks"]), first["now"]
-        stop = threading.Event()
 
-        def churn():
-            seq = 2
-            while not stop.is_set():
-                post(server, [{"task_id": f"t{i}", "n": seq, "seq": seq} for i in range(0, 50, 3)])
-                post(server, [{"task_id": f"new{seq}", "seq": 1}])
-                http("DELETE", server.url + f"/tasks/new{seq - 1}")
-                http("DELETE", server.url + f"/tasks/t{seq % 50}")
-                seq += 1
+        def churn(seq):
+            post(server, [{"task_id": f"t{i}", "n": seq, "seq": seq} for i in range(0, 50, 3)])
+            post(server, [{"task_id": f"new{seq}", "seq": 1}])
+            http("DELETE", server.url + f"/tasks/new{seq - 1}")
+            http("DELETE", server.url + f"/tasks/t{seq % 50}")
 
-        worker = threading.Thread(target=churn, daemon=True)
-        worker.start()
-        try:
-            for _ in range(30):
-                status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
-                assert status == 200 and "resync" not in delta
-                for task_id in delta["removed"]:
-                    copy.pop(task_id, None)
-                copy.update(delta["tasks"])
-                since = delta["now"]
-        finally:
-            stop.set()
-            worker.join(10)
-        status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
-        for task_id in delta["removed"]:
-            copy.pop(task_id, None)
-        copy.update(delta["tasks"])
+        with churning(churn):
+            since = poll_deltas(server, copy, since, times=30)
+        poll_deltas(server, copy, since)  # what changed until the churn stopped
         assert copy == all_tasks(server)
 
 
@@ -153,21 +173,15 @@ def test_a_big_snapshot_comes_in_chunks_and_ends_equal_to_the_store_despite_upda
     monkeypatch.setattr(progressista, "SNAPSHOT_CHUNK_TASKS", 40)
     with running_server() as server:
         post(server, [{"task_id": f"t{i:03}", "n": 0, "seq": 1} for i in range(400)])
-        stop = threading.Event()
 
-        def churn():
-            seq = 2
-            while not stop.is_set():
-                post(server, [{"task_id": f"t{i:03}", "n": seq, "seq": seq}
-                              for i in range(seq % 7, 400, 37)])
-                post(server, {"task_id": f"late{seq}"})
-                http("DELETE", server.url + f"/tasks/t{seq % 400:03}")
-                seq += 1
+        def churn(seq):
+            post(server, [{"task_id": f"t{i:03}", "n": seq, "seq": seq}
+                          for i in range(seq % 7, 400, 37)])
+            post(server, {"task_id": f"late{seq}"})
+            http("DELETE", server.url + f"/tasks/t{seq % 400:03}")
 
-        worker = threading.Thread(target=churn, daemon=True)
-        worker.start()
         tasks = {}
-        try:
+        with churning(churn) as stop:
             with ws_connect(server.url.replace("http", "ws") + "/ws") as socket:
                 first = json.loads(socket.recv(timeout=5))
                 assert first["type"] == "snapshot" and first["more"] is True
@@ -175,12 +189,8 @@ def test_a_big_snapshot_comes_in_chunks_and_ends_equal_to_the_store_despite_upda
                 progressista.apply_feed_message(tasks, first)
                 kinds = read_feed(socket, tasks, until=("snapshot_more", False), quiet_s=5.0)
                 assert kinds[-1] == ("snapshot_more", False)
-                stop.set()
-                worker.join(10)
+                stop()
                 read_feed(socket, tasks, quiet_s=1.0)  # what changed until the churn stopped
-        finally:
-            stop.set()
-            worker.join(10)
         assert tasks == all_tasks(server)
 
 
@@ -189,20 +199,14 @@ def test_listeners_that_come_one_after_another_share_parts_and_each_ends_equal_t
     monkeypatch.setattr(progressista, "SNAPSHOT_CHUNK_TASKS", 40)
     with running_server() as server:
         post(server, [{"task_id": f"t{i:03}", "n": 0, "seq": 1} for i in range(400)])
-        stop = threading.Event()
 
-        def churn():  # a few tasks change, some go, some come: most parts hold
-            seq = 2
-            while not stop.is_set():
-                post(server, {"task_id": f"t{(seq * 37) % 400:03}", "n": seq, "seq": seq})
-                post(server, {"task_id": f"late{seq}"})
-                http("DELETE", server.url + f"/tasks/t{(seq * 11) % 400:03}")
-                seq += 1
+        def churn(seq):  # a few tasks change, some go, some come: most parts hold
+            post(server, {"task_id": f"t{(seq * 37) % 400:03}", "n": seq, "seq": seq})
+            post(server, {"task_id": f"late{seq}"})
+            http("DELETE", server.url + f"/tasks/t{(seq * 11) % 400:03}")
 
-        worker = threading.Thread(target=churn, daemon=True)
-        worker.start()
         copies = []
-        try:
+        with churning(churn) as stop:
             with contextlib.ExitStack() as sockets:
                 for _ in range(3):
                     socket = sockets.enter_context(
@@ -212,13 +216,9 @@ def test_listeners_that_come_one_after_another_share_parts_and_each_ends_equal_t
                     copies.append((socket, tasks))
                 shared = server.app.hub.shared_parts
                 assert shared is not None and len(shared.lows) >= 10
-                stop.set()
-                worker.join(10)
+                stop()
                 for socket, tasks in copies:
                     read_feed(socket, tasks, quiet_s=1.0)  # what changed until the churn stopped
-        finally:
-            stop.set()
-            worker.join(10)
         expected = all_tasks(server)
     for _, tasks in copies:
         assert tasks == expected
@@ -432,45 +432,34 @@ def test_a_poller_that_starts_from_a_big_listing_misses_nothing_changed_meanwhil
     monkeypatch.setattr(progressista, "SNAPSHOT_CHUNK_TASKS", 40)
     with running_server() as server:
         post(server, [{"task_id": f"t{i:03}", "n": 0, "seq": 1} for i in range(400)])
-        stop = threading.Event()
 
-        def churn():
-            seq = 2
-            while not stop.is_set():
-                post(server, {"task_id": f"t{(seq * 37) % 400:03}", "n": seq, "seq": seq})
-                http("DELETE", server.url + f"/tasks/t{(seq * 11) % 400:03}")
-                seq += 1
+        def churn(seq):
+            post(server, {"task_id": f"t{(seq * 37) % 400:03}", "n": seq, "seq": seq})
+            http("DELETE", server.url + f"/tasks/t{(seq * 11) % 400:03}")
 
-        worker = threading.Thread(target=churn, daemon=True)
-        worker.start()
-        try:
+        with churning(churn):
             status, listing, _ = http("GET", server.url + "/tasks")
             tasks, since = listing["tasks"], listing["now"]
-            for _ in range(3):
-                status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
-                assert status == 200 and "resync" not in delta
-                tasks.update(delta["tasks"])
-                for task_id in delta["removed"]:
-                    tasks.pop(task_id, None)
-                since = delta["now"]
-        finally:
-            stop.set()
-            worker.join(10)
-        status, delta, _ = http("GET", server.url + f"/tasks?since={since}")
-        tasks.update(delta["tasks"])
-        for task_id in delta["removed"]:
-            tasks.pop(task_id, None)
+            since = poll_deltas(server, tasks, since, times=3)
+        poll_deltas(server, tasks, since)
         held = {task.task_id: task.as_dict() for task in server.app.store.tasks()}
     assert json.loads(json.dumps(held)) == tasks  # the store itself, not another listing
 
 
-def test_a_task_deleted_and_sent_again_leaves_its_old_part_and_comes_once():
+def parts_read_once(count):
+    """A store of `count` tasks, its ChangeLog, and SnapshotParts of 3 tasks each, every
+    part read once at 101 on the clock returned."""
     clock = FakeClock(100.0)
-    store = store_of(9)
+    store = store_of(count)
     changes = progressista.ChangeLog(clock)
     parts = progressista.SnapshotParts(store, progressista.Thresholds(), 3, changes)
     clock.now = 101.0
     parts_read(parts, 101.0)
+    return clock, store, changes, parts
+
+
+def test_a_task_deleted_and_sent_again_leaves_its_old_part_and_comes_once():
+    clock, store, changes, parts = parts_read_once(9)
     clock.now = 102.0
     store.delete(["t4"])
     changes.removed(["t4"])
@@ -484,12 +473,7 @@ def test_a_task_deleted_and_sent_again_leaves_its_old_part_and_comes_once():
 
 
 def test_parts_start_over_when_the_store_ranks_its_tasks_anew():
-    clock = FakeClock(100.0)
-    store = store_of(6)
-    changes = progressista.ChangeLog(clock)
-    parts = progressista.SnapshotParts(store, progressista.Thresholds(), 3, changes)
-    clock.now = 101.0
-    parts_read(parts, 101.0)
+    clock, store, _, parts = parts_read_once(6)
     store.replace_all({task.task_id: task for task in reversed(store.tasks())})  # a resync
     clock.now = 102.0
     read = parts_read(parts, 102.0)
