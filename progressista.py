@@ -641,6 +641,8 @@ def _check_meta(value, where):
         elif item is None or kind is bool or (kind is int and -10**20 < item < 10**20):
             bound += 12 * len(key) + 30
         elif kind is int:
+            if not -_MAX_FLOAT <= item <= _MAX_FLOAT:  # as in every other field
+                raise InvalidUpdate(f"{where}.{key}: must be a number a float can hold")
             bound += MAX_META_BYTES  # a huge int: let json.dumps measure it
         else:
             raise InvalidUpdate(f"{where}.{key}: must be a string, number, true, false or null")
@@ -879,6 +881,21 @@ class Task:
         if self.typical_step_s is None:  # not moved yet: its pace is not known
             return thresholds.stall_seconds
         return max(thresholds.stall_seconds, thresholds.stall_factor * self.typical_step_s)
+
+    def shown_until(self, now, thresholds):
+        """The earliest server time after `now` at which time alone may change what
+        shown_status() says (None: not before an update), at the earliest: a reader that
+        keeps what it read until then is never wrong."""
+        if self.status != "running" and self.status != "stalled":
+            return None
+        times = []
+        if thresholds.stale_seconds:
+            times.append(self.updated_at + thresholds.stale_seconds)
+        stall_s = self.stall_after_s(thresholds)
+        if stall_s is not None and self.updated_at > self.progressed_at:  # as shown_status
+            times.append(self.progressed_at + stall_s)
+        later = [time_s for time_s in times if time_s > now]
+        return min(later) if later else None
 
     def as_dict(self, now=None, thresholds=None):
         """The bulk wire form; `status` as of `now` when given (see shown_status())."""
@@ -1237,6 +1254,10 @@ class MemoryStore(Store):
         self.ranked_ids = []  # task ids in creation order; a deleted one until compaction
         self.ranks = []  # their ranks, increasing: what page() bisects
         self.gone_ranks = {}  # task_id -> rank of recently deleted tasks, oldest first
+        # The rank of every deletion, the last MAX_REMOVED_REMEMBERED of them, and how many
+        # there were: what SnapshotParts reads to drop the parts that held them.
+        self.forgotten_ranks = collections.deque(maxlen=MAX_REMOVED_REMEMBERED)
+        self.forgotten_count = 0
         # The sweep's schedule (see plan_sweep()): ids to look at, by the whole second
         # their next check comes; a heap of those seconds; and the ids changed with no
         # check scheduled (new, or one that time alone never changes).
@@ -1327,6 +1348,8 @@ class MemoryStore(Store):
             if task is not None:
                 removed.append(task_id)
                 gone[task_id] = task.rank
+                self.forgotten_ranks.append(task.rank)
+        self.forgotten_count += len(removed)
         while len(gone) > MAX_REMOVED_REMEMBERED:
             del gone[next(iter(gone))]
         if len(self.ranked_ids) > 2 * len(by_id) + 1024:
@@ -2728,12 +2751,12 @@ class _Part:
 
     __slots__ = ("body", "valid_until", "next_rank")
 
-    def __init__(self, tasks, body, next_rank):
+    def __init__(self, tasks, body, now, thresholds, next_rank):
         self.body = body  # the inside of the `tasks` object: "id":{...},"id":{...}
-        # Time alone may change a shown status (stale, stalled) from the first whole
-        # second the sweep's schedule has for one of its tasks (Task.check_at_s).
-        self.valid_until = min((task.check_at_s for task in tasks
-                                if task.check_at_s is not None), default=math.inf)
+        # From then on time alone may change a status it shows (stale, stalled).
+        changes_at = (task.shown_until(now, thresholds) for task in tasks)
+        self.valid_until = min((time_s for time_s in changes_at if time_s is not None),
+                               default=math.inf)
         self.next_rank = next_rank  # the store's next creation rank when it was built
 
 
@@ -2746,12 +2769,11 @@ class SnapshotParts:
     snapshot, while it is held: the Hub drops it once no snapshot has used it for
     SNAPSHOT_CACHE_IDLE_S.
 
-    A part is encoded anew when one of its tasks changed or was deleted since (what the
-    ChangeLog `changes` lists since the last look marks its part), when tasks were created
-    within its range (the last part, whose range is open), or from the first second in
-    which time alone may change a status it shows (the sweep's schedule; a task changed
-    since the last sweep has none yet and is caught by the sweep that marks it, as
-    listeners are). Part boundaries (`lows`) only split, never move, so a part's range
+    A part is encoded anew when one of its tasks changed (the ChangeLog `changes` lists
+    them since the last look) or was deleted (the store logs every deletion's rank) since,
+    when tasks were created within its range (the last part, whose range is open), or
+    from the moment time alone may change a status it shows (Task.shown_until()). Part
+    boundaries (`lows`) only split, never move, so a part's range
     stays the same between two snapshots. With `changes` None nothing is reused (a store
     without ranks, seen through ListedTasks)."""
 
@@ -2764,6 +2786,7 @@ class SnapshotParts:
         self.parts = {}  # a part's first rank -> _Part
         self.looked_at = changes.clock() if changes is not None else 0.0
         self.rank_epoch = getattr(source, "rank_epoch", 0)
+        self.forgotten_seen = getattr(source, "forgotten_count", 0)
         self.used_at = 0.0  # loop time, for the Hub to drop an idle cache
 
     def first(self):
@@ -2787,34 +2810,32 @@ class SnapshotParts:
         tasks_json = {task.task_id: task.as_dict(now, self.thresholds) for task in tasks}
         body = _encode(tasks_json)[1:-1]
         if self.changes is not None:
-            self.parts[low] = _Part(tasks, body, self.source.next_rank)
+            self.parts[low] = _Part(tasks, body, now, self.thresholds, self.source.next_rank)
         return body, (None if high == math.inf else high), True
 
     def forget_changed(self):
-        """Drop the parts whose tasks changed or went since the last look."""
+        """Drop the parts whose tasks changed or went since the last look: a changed task
+        is in the part of its rank; every deletion's rank is in the store's log, also a
+        task's that was deleted, sent again and deleted again in between."""
         if self.changes is None:
             return
+        source = self.source
         now = self.changes.clock()
+        deletions = source.forgotten_count - self.forgotten_seen
+        self.forgotten_seen = source.forgotten_count
         if not self.parts:
             self.looked_at = now
             return
-        changed, removed, forgotten = self.changes.since(self.looked_at)
+        changed = self.changes.since(self.looked_at)[0]
         self.looked_at = now  # since() counts changes at that time too: none is missed
-        if forgotten or self.source.rank_epoch != self.rank_epoch:
+        if (source.rank_epoch != self.rank_epoch
+                or deletions > len(source.forgotten_ranks)):  # more than it remembers
             self.parts.clear()
-            self.rank_epoch = self.source.rank_epoch
+            self.rank_epoch = source.rank_epoch
             return
-        ranks = [task.rank for task in map(self.source.get, changed) if task is not None]
-        gone_ranks = self.source.gone_ranks
-        # A task deleted and sent again since the last look has a new rank, at the end,
-        # and is still in the part of its old one.
-        ranks.extend(rank for rank in map(gone_ranks.get, changed) if rank is not None)
-        for task_id in removed:
-            rank = gone_ranks.get(task_id)
-            if rank is None:  # deleted too long ago to know where: start over
-                self.parts.clear()
-                return
-            ranks.append(rank)
+        ranks = [task.rank for task in map(source.get, changed) if task is not None]
+        if deletions:
+            ranks.extend(itertools.islice(reversed(source.forgotten_ranks), deletions))
         lows, parts = self.lows, self.parts
         for rank in ranks:
             parts.pop(lows[bisect.bisect_right(lows, rank) - 1], None)

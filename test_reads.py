@@ -301,19 +301,42 @@ def test_shared_parts_are_reused_until_a_task_in_them_changes_or_goes():
                                                       ["new1", "new2", "new3"]]
 
 
-def test_shared_parts_are_encoded_again_when_time_alone_may_change_a_status():
-    settings = progressista.Settings(stale_seconds=60.0)
+def test_shared_parts_are_encoded_again_the_moment_time_alone_changes_a_status():
+    thresholds = progressista.Thresholds(stale_seconds=60.0, stall_seconds=5.0,
+                                         stall_factor=10.0)
     clock = FakeClock(100.0)
-    store = store_of(4)
-    changes = progressista.ChangeLog(clock)
-    changes.changed([task.task_id for task in store.tasks()])
-    store.plan_sweep(100.0, settings)  # the schedule: each task looked at again at 160
-    parts = progressista.SnapshotParts(store, settings, 10, changes)
+    store = store_of(4)  # created and last heard of at 100
+    store.apply([progressista.validate_update({"task_id": "t1", "n": 1, "seq": 2})], 100.2)
+    store.apply([progressista.validate_update({"task_id": "t1", "n": 2, "seq": 3})], 100.3)
+    store.apply([progressista.validate_update({"task_id": "t1", "seq": 4})], 101.0)
+    changes = progressista.ChangeLog(clock)  # no sweep runs here: nothing marks a task
+    parts = progressista.SnapshotParts(store, thresholds, 10, changes)
     clock.now = 101.0
-    assert parts_read(parts, 101.0)[0][1] is True
-    assert parts_read(parts, 159.0)[0][1] is False
-    (tasks, encoded), = parts_read(parts, 160.5)
-    assert encoded and {task["status"] for task in tasks.values()} == {"stale"}
+    status_at = {}
+    for now in (101.0, 105.2, 105.4, 159.9, 160.0):
+        (tasks, encoded), = parts_read(parts, now)
+        status_at[now] = (encoded, tasks["t0"]["status"], tasks["t1"]["status"])
+    assert status_at == {
+        101.0: (True, "running", "running"),
+        105.2: (False, "running", "running"),
+        105.4: (True, "running", "stalled"),  # its pace: 0.1 s a step, heard from since
+        159.9: (False, "running", "stalled"),
+        160.0: (True, "stale", "stalled"),  # 60 s after its last word, not a sweep later
+    }
+
+
+def test_a_task_deleted_sent_again_and_deleted_again_between_two_looks_leaves_no_trace():
+    clock, store, changes, parts = parts_read_once(9)
+    clock.now = 102.0
+    for step, what in enumerate(["delete", "send", "delete"]):
+        if what == "delete":
+            changes.removed(store.forget(["t4"]))
+        else:
+            store.apply([progressista.validate_update({"task_id": "t4", "n": 7})], 102.0)
+            changes.changed(["t4"])
+    clock.now = 103.0
+    ids = [task_id for tasks, _ in parts_read(parts, 103.0) for task_id in tasks]
+    assert "t4" not in ids and len(ids) == 8
 
 
 def test_a_small_store_still_gets_one_snapshot_message():

@@ -255,6 +255,7 @@ def test_a_meta_seen_before_is_not_let_through_unchecked_when_it_differs_in_type
     assert progressista.validate_update({"task_id": "b", "meta": {"k": "v", "n": 1}})["meta"] \
         is good["meta"]
     for bad in ({"k": "v", "n": [1]}, {"k": "v", "n": {"x": 1}}, {"k": "\ud800", "n": 1},
-                {"k": "v" * 5000, "n": 1}, {"k": "v", "n": float("nan")}):
+                {"k": "v" * 5000, "n": 1}, {"k": "v", "n": float("nan")},
+                {"k": "v", "n": 10**400}):
         with pytest.raises(progressista.InvalidUpdate):
             progressista.validate_update({"task_id": "c", "meta": bad})
