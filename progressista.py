@@ -3916,11 +3916,6 @@ def token_in(offered, tokens):
     return any(matches)
 
 
-def token_ok(request, tokens):
-    """True when `request` carries one of `tokens`."""
-    return token_in(offered_token(request)[0], tokens)
-
-
 def own_origins(request):
     """The origins the request's own host answers to (as sent, and through a proxy)."""
     hosts = {request.headers.get("host", "")} | set(
@@ -4127,6 +4122,26 @@ async def resolved(result):
     return await result if asyncio.iscoroutine(result) else result
 
 
+async def answer_of(request, pending):
+    """The Response `pending` (awaitable) gives, or the answer to what it raised: the
+    asynchronous side of Api.dispatch()'s catch-all."""
+    try:
+        return await pending
+    except ANSWERED_ERRORS as error:
+        return error_response(error)
+    except asyncio.CancelledError:  # only at shutdown
+        return shutting_down()
+    except Exception:
+        return internal_error(request)
+
+
+async def _response_from(call, request):
+    response = await call(request)
+    if not isinstance(response, Response):
+        raise TypeError(f"a middleware returned {type(response).__name__}, not a Response")
+    return response
+
+
 def _calling(middleware, call_next):
     """One link of the middleware chain: `middleware` with what comes after it."""
     return lambda request: middleware(request, call_next)
@@ -4200,18 +4215,7 @@ class Api:
         call = innermost
         for middleware in reversed(self.middleware):
             call = _calling(middleware, call)
-        try:
-            response = await call(request)
-            if not isinstance(response, Response):
-                raise TypeError(f"a middleware returned {type(response).__name__}, "
-                                "not a Response")
-            return response
-        except ANSWERED_ERRORS as error:
-            return error_response(error)
-        except asyncio.CancelledError:  # only at shutdown
-            return shutting_down()
-        except Exception:
-            return internal_error(request)
+        return await answer_of(request, _response_from(call, request))
 
     def dispatch(self, request):
         """Route one request. The one catch-all: an unexpected error is logged and
@@ -4229,14 +4233,7 @@ class Api:
         return response
 
     async def completed(self, request, pending, cors):
-        try:
-            response = await pending
-        except ANSWERED_ERRORS as error:
-            response = error_response(error)
-        except asyncio.CancelledError:  # only at shutdown
-            response = shutting_down()
-        except Exception:
-            response = internal_error(request)
+        response = await answer_of(request, pending)
         response.headers.extend(cors)
         return response
 
@@ -4282,10 +4279,13 @@ class Api:
     def access(self, request):
         """What the request's token allows: "write" (every route; also when no tokens
         are configured), "read" (GET and HEAD only), or None (no valid token)."""
+        return self.access_of(offered_token(request)[0])
+
+    def access_of(self, token):
         settings = self.settings
-        if not settings.api_tokens or token_ok(request, settings.api_tokens):
+        if not settings.api_tokens or token_in(token, settings.api_tokens):
             return "write"
-        if settings.read_tokens and token_ok(request, settings.read_tokens):
+        if settings.read_tokens and token_in(token, settings.read_tokens):
             return "read"
         return None
 
@@ -4295,9 +4295,10 @@ class Api:
         path = request.path
         if path in PUBLIC_PATHS or path.startswith("/static/"):
             return
-        access = self.access(request)
+        token, where = offered_token(request)  # read once: it is on the ingest path
+        access = self.access_of(token)
         if (access is not None and request.method not in ("GET", "HEAD")
-                and offered_token(request)[1] == "cookie"
+                and where == "cookie"
                 and request.headers.get("origin") not in own_origins(request)):
             # CSRF: a browser attaches the cookie itself. SameSite=Strict keeps it off
             # every request another *site* starts, but another port of the same host is
