@@ -2731,9 +2731,6 @@ class ListedTasks:
         self.held = store.tasks()
         self.next_rank = len(self.held)
 
-    def get(self, task_id):
-        return self.store.get(task_id)
-
     def ranked_tasks(self, low_rank, high_rank, limit):
         stop = min(high_rank, self.next_rank)
         tasks = []
@@ -2778,15 +2775,17 @@ class SnapshotParts:
     without ranks, seen through ListedTasks)."""
 
     def __init__(self, source, thresholds, part_tasks, changes=None):
-        self.source = source  # a MemoryStore (or ListedTasks): ranked_tasks() and get()
+        self.source = source  # a MemoryStore, or ListedTasks (then `changes` is None)
         self.thresholds = thresholds
         self.part_tasks = part_tasks
         self.changes = changes
         self.lows = [0]  # the first rank of each part; the last part runs to the end
         self.parts = {}  # a part's first rank -> _Part
-        self.looked_at = changes.clock() if changes is not None else 0.0
-        self.rank_epoch = getattr(source, "rank_epoch", 0)
-        self.forgotten_seen = getattr(source, "forgotten_count", 0)
+        self.looked_at = self.rank_epoch = self.forgotten_seen = 0  # what was looked at
+        if changes is not None:  # (only a MemoryStore's parts are reused)
+            self.looked_at = changes.clock()
+            self.rank_epoch = source.rank_epoch
+            self.forgotten_seen = source.forgotten_count
         self.used_at = 0.0  # loop time, for the Hub to drop an idle cache
 
     def first(self):
