@@ -6358,18 +6358,21 @@ def client_tls_context():
     return ssl.create_default_context(cafile=cafile or None)
 
 
+def get_json(base, path, headers, timeout=WATCH_TIMEOUT_S):
+    """GET `path` once, parsed. Raises urllib's errors. No redirects: a 301/302 to another
+    host would carry the token there."""
+    request = urllib.request.Request(base + path, headers=headers)
+    opener = urllib.request.build_opener(
+        _NoRedirects, urllib.request.HTTPSHandler(context=client_tls_context()))
+    with opener.open(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
 def fetch_tasks(base, headers, timeout=WATCH_TIMEOUT_S):
     """GET /tasks once: the parsed {"tasks": ..., "now": ...}. Raises urllib's errors, or
     ValueError when the answer is not a task list. Every task, not ?status=: the header
     counts all of them ("3 tasks of 10"), and --status filters here as in live mode."""
-    import urllib.request
-
-    request = urllib.request.Request(base + "/tasks", headers=headers)
-    # No redirects: a 301/302 to another host would carry the token there.
-    opener = urllib.request.build_opener(
-        _NoRedirects, urllib.request.HTTPSHandler(context=client_tls_context()))
-    with opener.open(request, timeout=timeout) as response:
-        snapshot = json.loads(response.read())
+    snapshot = get_json(base, "/tasks", headers, timeout)
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("tasks"), dict):
         raise ValueError("the answer has no task list")
     return snapshot
@@ -6378,12 +6381,8 @@ def fetch_tasks(base, headers, timeout=WATCH_TIMEOUT_S):
 def fetch_runs(base, headers, timeout=WATCH_TIMEOUT_S):
     """GET /runs once: run id -> summary; {} from a server of protocol version 1 (404).
     Raises as fetch_tasks() does."""
-    request = urllib.request.Request(base + "/runs", headers=headers)
-    opener = urllib.request.build_opener(  # no redirects, as in fetch_tasks()
-        _NoRedirects, urllib.request.HTTPSHandler(context=client_tls_context()))
     try:
-        with opener.open(request, timeout=timeout) as response:
-            answer = json.loads(response.read())
+        answer = get_json(base, "/runs", headers, timeout)
     except urllib.error.HTTPError as error:
         if error.code == 404:
             error.close()
