@@ -693,26 +693,36 @@ def _meta_key(meta):
 _SCALAR_TYPES = {str, int, bool, type(None)}
 
 
+# The text and id fields' limits, written once: FIELD_CHECKS and validate_update()'s
+# fast path both read them.
+_TEXT_LIMITS = {"desc": MAX_DESC_CHARS, "unit": MAX_UNIT_CHARS, "postfix": MAX_POSTFIX_CHARS,
+                "error": MAX_ERROR_CHARS, "run_name": MAX_RUN_NAME_CHARS}
+_ID_LIMITS = {"run": MAX_RUN_CHARS, "parent": MAX_TASK_ID_CHARS}  # 1 to N characters
+
+
+def _text_check(limit, nullable):
+    return lambda value, where: _text(value, where, limit, nullable=nullable)
+
+
+def _id_check(limit):
+    return lambda value, where: _id_or_null(value, where, limit)
+
+
 # field -> check(value, where) returning the value to store; unknown fields are ignored.
 FIELD_CHECKS = {
     "task_id": _check_task_id,
-    "desc": lambda value, where: _text(value, where, MAX_DESC_CHARS),
+    **{name: _text_check(limit, nullable=name != "unit") for name, limit in _TEXT_LIMITS.items()},
+    **{name: _id_check(limit) for name, limit in _ID_LIMITS.items()},
     "n": lambda value, where: _number(value, where),
     "total": lambda value, where: _number(value, where, nullable=True),
-    "unit": lambda value, where: _text(value, where, MAX_UNIT_CHARS, nullable=False),
     "unit_scale": _check_unit_scale,
     "unit_divisor": _check_unit_divisor,
     "rate": lambda value, where: _number(value, where, nullable=True),
     "elapsed": lambda value, where: _number(value, where),
-    "postfix": lambda value, where: _text(value, where, MAX_POSTFIX_CHARS),
     "status": _check_status,
-    "error": lambda value, where: _text(value, where, MAX_ERROR_CHARS),
     "meta": _check_meta,
     "seq": _check_seq,
     "timestamp": _check_timestamp,
-    "run": lambda value, where: _id_or_null(value, where, MAX_RUN_CHARS),
-    "run_name": lambda value, where: _text(value, where, MAX_RUN_NAME_CHARS),
-    "parent": lambda value, where: _id_or_null(value, where, MAX_TASK_ID_CHARS),
     "transient": _check_bool,
 }
 
@@ -797,9 +807,6 @@ _SHARED_NUMBERS = frozenset(("total", "unit_divisor"))
 _SHARED_INTS = {}
 SHARED_INTS_HELD = 4096  # the first ones seen; a later one is simply not shared
 _NON_NEGATIVE = frozenset(("n", "total", "rate", "elapsed", "unit_divisor", "unit_scale"))
-_TEXT_LIMITS = {"desc": MAX_DESC_CHARS, "unit": MAX_UNIT_CHARS, "postfix": MAX_POSTFIX_CHARS,
-                "error": MAX_ERROR_CHARS, "run_name": MAX_RUN_NAME_CHARS}
-_ID_LIMITS = {"run": MAX_RUN_CHARS, "parent": MAX_TASK_ID_CHARS}  # 1 to N characters
 _NULLABLE = frozenset(("desc", "total", "rate", "postfix", "error", "run", "run_name",
                        "parent"))
 _BOOLEAN = frozenset(("unit_scale", "transient"))
