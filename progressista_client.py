@@ -1593,15 +1593,9 @@ def _arm_worker_exit():
         return
     import multiprocessing.util
     multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
-    # Only where SIGTERM would kill the process anyway: a handler of the program's own wins.
-    # (A fork child inherits the parent's _end_bars_then_die, which also flushes.)
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _flush_then_die)
-
-
-def _flush_then_die(signum, frame):
-    _then_die(signum, _flush)
+    # Its open bars end "killed by SIGTERM" as a program's do (a fork child may inherit
+    # that handler already; one under `run` does not, its parent being watched).
+    _end_bars_on_signals()
 
 
 def _flush():
